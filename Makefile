@@ -1,0 +1,23 @@
+.DEFAULT_GOAL := help
+PYTHON ?= python
+
+help:  ## Show this help
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+install:  ## Install covidseg with its test extras (CPU build of torch when torch is absent)
+	$(PYTHON) -m pip show torch >/dev/null 2>&1 || $(PYTHON) -m pip install torch==2.13.0
+	$(PYTHON) -m pip install -e ".[test]"
+
+test:  ## Run the test suite
+	$(PYTHON) -m pytest
+
+train:  ## Train on synthetic data for two epochs (a first run that needs no download)
+	$(PYTHON) -m covidseg.train data=synthetic trainer.max_epochs=2
+
+bench:  ## Measure CPU training/inference throughput against the machine's matmul rate
+	$(PYTHON) -m covidseg.bench
+
+tensorboard:  ## Open TensorBoard on every run under outputs/
+	tensorboard --logdir outputs/
+
+.PHONY: help install test train bench tensorboard

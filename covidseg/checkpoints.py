@@ -1,0 +1,71 @@
+"""Find, load and describe checkpoints without ever unpickling arbitrary objects."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+CONFIG_KEY = "covidseg_config"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unsafe or does not fit the model: the message says which."""
+
+
+class EmbedRunConfig(L.Callback):
+    """Stores the run's resolved config in every checkpoint, so that a checkpoint alone
+    rebuilds its network (eval, predict, export) with no pickled objects."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[CONFIG_KEY] = self.config
+
+
+def resolve_ckpt_path(value: str | None, log_dir: str | Path, task_name: str) -> Path | None:
+    """``None`` stays ``None``; ``last`` is the newest ``last.ckpt`` of ``task_name``'s runs."""
+    if value is None:
+        return None
+    if value == "last":
+        candidates = sorted(Path(log_dir, task_name).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise CheckpointError(
+                f"ckpt_path=last: no checkpoints/last.ckpt under {str(Path(log_dir, task_name))!r}"
+            )
+        return candidates[-1]
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"ckpt_path {value!r} does not exist or is not a file")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"ckpt_path {str(path)!r} holds objects other than tensors and plain containers; "
+            f"refusing to unpickle it ({str(error).splitlines()[0]})"
+        ) from error
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"ckpt_path {str(path)!r} is not a readable checkpoint: {error}") from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"ckpt_path {str(path)!r} has no 'state_dict': it is not a covidseg checkpoint")
+    return checkpoint
+
+
+def load_weights(module: torch.nn.Module, checkpoint: dict[str, Any], path: str | Path) -> None:
+    """Copy the checkpoint's weights into ``module``, naming what does not fit."""
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        first_lines = "; ".join(str(error).splitlines()[:3])
+        raise CheckpointError(
+            f"ckpt_path {str(path)!r} belongs to another model than the one configured: {first_lines}"
+        ) from error

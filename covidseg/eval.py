@@ -1,0 +1,59 @@
+"""Evaluate a checkpoint on any split: metrics.json and a per-image CSV in the run folder.
+
+python -m covidseg.eval ckpt_path=outputs/train/runs/.../checkpoints/last.ckpt data.split=Val
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from covidseg.builders import build_run
+from covidseg.checkpoints import CONFIG_KEY, load_checkpoint, load_weights, resolve_ckpt_path
+from covidseg.reporting import print_summary, user_errors, write_metrics, write_per_image, write_run_info
+
+
+def apply_checkpoint_config(cfg: DictConfig, checkpoint: dict) -> None:
+    """Take the network, its targets and the image size from the checkpoint's own config."""
+    saved = checkpoint.get(CONFIG_KEY)
+    if not saved:
+        return
+    with open_dict(cfg):
+        cfg.model = OmegaConf.create(saved["model"])
+        cfg.data.targets = saved["data"]["targets"]
+        cfg.data.image_size = saved["data"]["image_size"]
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Test the checkpoint on ``data.split`` and write its metrics and per-image rows."""
+    L.seed_everything(cfg.seed, workers=True)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, "train")
+    checkpoint = load_checkpoint(ckpt_path)
+    apply_checkpoint_config(cfg, checkpoint)
+    output_dir = Path(cfg.paths.output_dir)
+    write_run_info(output_dir)
+    run = build_run(cfg)
+    load_weights(run.module, checkpoint, ckpt_path)
+    run.trainer.test(run.module, datamodule=run.datamodule)
+    metrics = {name: float(value) for name, value in run.trainer.callback_metrics.items()}
+    metrics_path = write_metrics(output_dir, metrics)
+    csv_path = write_per_image(output_dir, run.module.test_names, run.module.test_per_image)
+    print_summary(
+        f"eval on {run.datamodule.split}: {ckpt_path}",
+        metrics,
+        {"metrics": metrics_path, "per-image": csv_path},
+    )
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    with user_errors():
+        evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

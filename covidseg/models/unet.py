@@ -1,0 +1,60 @@
+"""The classic U-Net (Ronneberger et al., 2015) as used by the reference study."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from covidseg.models.blocks import DoubleConv
+
+
+class UNet(nn.Module):
+    """Encoder-decoder with skip connections; widths ``base_width * 2**level``.
+
+    The defaults (widths 32-64-128-256-512, BatchNorm, ReLU) give the study's 7.76M parameters.
+    Inputs must have sides divisible by ``2**depth``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        base_width: int = 32,
+        depth: int = 4,
+        norm_layer: type[nn.Module] = nn.BatchNorm2d,
+        act_layer: type[nn.Module] = nn.ReLU,
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.depth = depth
+        widths = [base_width * 2**level for level in range(depth + 1)]
+        blocks = {"norm_layer": norm_layer, "act_layer": act_layer}
+        self.encoder = nn.ModuleList(
+            DoubleConv(c_in, c_out, **blocks)
+            for c_in, c_out in zip([in_channels, *widths[:-1]], widths, strict=True)
+        )
+        self.pool = nn.MaxPool2d(2)
+        self.upsample = nn.ModuleList(
+            nn.ConvTranspose2d(widths[level + 1], widths[level], 2, stride=2) for level in reversed(range(depth))
+        )
+        self.decoder = nn.ModuleList(
+            DoubleConv(2 * widths[level], widths[level], **blocks) for level in reversed(range(depth))
+        )
+        self.head = nn.Conv2d(widths[0], out_channels, 1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for level, block in enumerate(self.encoder):
+            x = block(x if level == 0 else self.pool(x))
+            skips.append(x)
+        x = skips.pop()
+        for up, block in zip(self.upsample, self.decoder, strict=True):
+            x = block(torch.cat([skips.pop(), up(x)], dim=1))
+        return x
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

@@ -1,0 +1,93 @@
+"""What a run leaves for people: run info, metric files, a summary table, user-facing errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import platform
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import lightning
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import covidseg
+from covidseg.checkpoints import CheckpointError
+from covidseg.data import DataError
+
+log = logging.getLogger(__name__)
+USER_ERRORS = (DataError, CheckpointError, FloatingPointError, PermissionError)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn mistakes in the user's data, paths or settings into one clear line and exit code 2."""
+    try:
+        yield
+    except USER_ERRORS as error:
+        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(covidseg.__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None
+
+
+def write_run_info(output_dir: str | Path) -> None:
+    """Record the exact command, versions and commit next to Hydra's composed config."""
+    info = {
+        "command": [Path(sys.executable).name, *sys.argv],
+        "covidseg": covidseg.__version__,
+        "git_commit": _git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    Path(output_dir, "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def write_metrics(output_dir: str | Path, metrics: Mapping[str, float]) -> Path:
+    path = Path(output_dir, "metrics.json")
+    path.write_text(json.dumps(dict(metrics), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def write_per_image(output_dir: str | Path, names: Sequence[str], columns: Mapping[str, Sequence[float]]) -> Path:
+    """One CSV row per image: its file name and each per-image value (Dice, IoU, areas)."""
+    path = Path(output_dir, "per_image.csv")
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", *columns])
+        for row, name in enumerate(names):
+            writer.writerow([name, *(f"{values[row]:.6g}" for values in columns.values())])
+    return path
+
+
+def print_summary(title: str, metrics: Mapping[str, float], locations: Mapping[str, str | Path | None]) -> None:
+    """A compact table of the final metrics, then where the outputs are."""
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name in sorted(metrics):
+        if name.split("/")[0] in ("val", "test") and not name.endswith("_epoch"):
+            table.add_row(name, f"{metrics[name]:.4f}")
+    console = Console()
+    console.print(table)
+    for label, location in locations.items():
+        if location:
+            console.print(f"{label}: {location}", highlight=False, soft_wrap=True)

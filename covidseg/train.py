@@ -1,0 +1,70 @@
+"""Train a segmentation model, then test its best checkpoint.
+
+python -m covidseg.train [experiment=seed_paper] [data=synthetic] [trainer.max_epochs=3] [-m ...]
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from covidseg.builders import build_run
+from covidseg.checkpoints import resolve_ckpt_path
+from covidseg.reporting import print_summary, user_errors, write_run_info
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
+    """Fit (unless ``train=false``) and test; returns all final metrics and the sweep objective."""
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    write_run_info(output_dir)
+    run = build_run(cfg)
+    trainer = run.trainer
+    if cfg.train:
+        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
+        trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=ckpt_path)
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+
+    checkpoint = trainer.checkpoint_callback
+    best_path = checkpoint.best_model_path if checkpoint is not None else ""
+    if cfg.test and run.datamodule.has_split(run.datamodule.split):
+        trainer.test(run.module, datamodule=run.datamodule, ckpt_path=best_path or None, weights_only=True)
+        metrics |= {name: float(value) for name, value in trainer.callback_metrics.items()}
+    elif cfg.test:
+        log.warning("test skipped: split %r is not under %s", run.datamodule.split, run.datamodule.root)
+
+    objective = None
+    if checkpoint is not None and checkpoint.monitor == cfg.optimized_metric and checkpoint.best_model_score is not None:
+        objective = float(checkpoint.best_model_score)
+    elif cfg.optimized_metric in metrics:
+        objective = metrics[cfg.optimized_metric]
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True), metrics={"hp/objective": objective or 0.0})
+    print_summary(
+        f"{cfg.task_name}: final metrics",
+        metrics,
+        {
+            "best checkpoint": best_path,
+            "config": output_dir / ".hydra" / "config.yaml",
+            "TensorBoard": f"tensorboard --logdir {output_dir}" if trainer.loggers else None,
+        },
+    )
+    return metrics, objective
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    with user_errors():
+        _, objective = train(cfg)
+    return objective
+
+
+if __name__ == "__main__":
+    main()
