@@ -27,6 +27,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     write_run_info(output_dir)
     run = build_run(cfg)
     trainer = run.trainer
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     if cfg.train:
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
         trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=ckpt_path)
@@ -45,8 +47,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
         objective = float(checkpoint.best_model_score)
     elif cfg.optimized_metric in metrics:
         objective = metrics[cfg.optimized_metric]
-    for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True), metrics={"hp/objective": objective or 0.0})
+    if objective is not None:  # TensorBoard's HParams tab pairs this with the hyper-parameters
+        for logger in trainer.loggers:
+            logger.log_metrics({"hp_metric": objective}, step=trainer.global_step)
     print_summary(
         f"{cfg.task_name}: final metrics",
         metrics,

@@ -1,0 +1,188 @@
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from covidseg.data import CovidQuExDataModule, DataError, SyntheticPhantoms
+from covidseg.data.decode import decode_samples
+from covidseg.data.index import find_split_root, index_split
+
+
+@pytest.fixture
+def dataset_root(tmp_path: Path) -> Path:
+    """A small synthetic copy that each test may damage."""
+    return SyntheticPhantoms({"Train": 4, "Val": 2}, image_size=32, seed=1).write(tmp_path / "data")
+
+
+def test_synthetic_is_reproducible_and_has_the_dataset_layout(tmp_path: Path) -> None:
+    first = SyntheticPhantoms({"Train": 3}, image_size=32, seed=5).write(tmp_path / "a")
+    second = SyntheticPhantoms({"Train": 3}, image_size=32, seed=5).write(tmp_path / "b")
+    files = sorted(p.relative_to(first) for p in first.rglob("*.png"))
+    assert len(files) == 3 * 3 * 3  # classes x (image, infection, lung) x count
+    for relative in files:
+        assert (first / relative).read_bytes() == (second / relative).read_bytes()
+    covid = [cv2.imread(str(p), 0) for p in (first / "Train/COVID-19/infection masks").glob("*.png")]
+    normal = [cv2.imread(str(p), 0) for p in (first / "Train/Normal/infection masks").glob("*.png")]
+    assert all(mask.any() for mask in covid) and not any(mask.any() for mask in normal)
+
+
+def test_infection_lies_inside_the_lungs(dataset_root: Path) -> None:
+    samples = index_split(dataset_root, "Train", ["COVID-19"], ["infection", "lung"])
+    _, masks = decode_samples(samples, 32)
+    infection, lung = masks[:, 0].astype(bool), masks[:, 1].astype(bool)
+    assert infection.any() and not (infection & ~lung).any()
+
+
+def test_synthetic_refuses_to_overwrite_foreign_data(tmp_path: Path) -> None:
+    (tmp_path / "mine.txt").write_text("precious")
+    with pytest.raises(DataError, match="not empty"):
+        SyntheticPhantoms({"Train": 1}).write(tmp_path)
+    assert (tmp_path / "mine.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("levels", [0, 1, 2])
+def test_root_may_be_up_to_two_levels_above_the_splits(dataset_root: Path, tmp_path: Path, levels: int) -> None:
+    parent = tmp_path / "outer"
+    nested = parent / "Infection Segmentation Data" / "Infection Segmentation Data"
+    nested.parent.mkdir(parents=True)
+    shutil.copytree(dataset_root, nested)
+    root = [nested, nested.parent, parent][levels]
+    assert find_split_root(root) == nested
+    assert len(index_split(root, "train")) == 4
+
+
+def test_index_selects_classes_and_targets(dataset_root: Path) -> None:
+    samples = index_split(dataset_root, "VAL", ["COVID-19", "Normal"], ["lung", "infection"])
+    assert len(samples) == 4
+    assert {s.label for s in samples} == {"COVID-19", "Normal"}
+    assert [m.parent.name for m in samples[0].masks] == ["lung masks", "infection masks"]
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda root: shutil.rmtree(root / "Val"), "split folder .*Val.* is missing"),
+        (lambda root: (root / "Train/COVID-19/infection masks/covid-19_0001.png").unlink(), "have no mask.*covid-19_0001"),
+        (lambda root: (root / "Train/COVID-19/images/covid-19_0002.png").unlink(), "have no image.*covid-19_0002"),
+        (lambda root: shutil.rmtree(root / "Train/COVID-19"), "class folder .*COVID-19.* is missing"),
+    ],
+)
+def test_index_errors_name_the_problem(dataset_root: Path, damage, message: str) -> None:
+    damage(dataset_root)
+    split = "Val" if "split" in message else "Train"
+    with pytest.raises(DataError, match=message):
+        index_split(dataset_root, split)
+
+
+def test_missing_root_explains_how_to_get_data(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist.*data=synthetic"):
+        index_split(tmp_path / "nowhere", "Train")
+    with pytest.raises(DataError, match="no Train/Val/Test folder"):
+        index_split(tmp_path, "Train")
+
+
+def test_unknown_split_class_filter_and_target_are_refused(dataset_root: Path) -> None:
+    with pytest.raises(DataError, match="data.split='Dev'"):
+        index_split(dataset_root, "Dev")
+    with pytest.raises(DataError, match="data.classes is empty"):
+        index_split(dataset_root, "Train", [])
+    with pytest.raises(DataError, match="data.targets"):
+        index_split(dataset_root, "Train", ["COVID-19"], ["heart"])
+
+
+def test_empty_split_is_refused(dataset_root: Path) -> None:
+    for folder in (dataset_root / "Val/Normal").iterdir():
+        shutil.rmtree(folder)
+        folder.mkdir()
+    with pytest.raises(DataError, match="has no images"):
+        index_split(dataset_root, "Val", ["Normal"])
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"", "is empty"), (b"not a png at all", "could not be decoded"), ("truncate", "could not be decoded")],
+)
+def test_unreadable_images_are_named(dataset_root: Path, content, message: str) -> None:
+    path = dataset_root / "Train/COVID-19/images/covid-19_0003.png"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3] if content == "truncate" else content)
+    samples = index_split(dataset_root, "Train")
+    with pytest.raises(DataError, match=f"covid-19_0003.png.*{message}"):
+        decode_samples(samples, 32)
+
+
+def test_mask_of_another_size_is_refused(dataset_root: Path) -> None:
+    cv2.imwrite(str(dataset_root / "Train/COVID-19/infection masks/covid-19_0000.png"), np.zeros((16, 16), np.uint8))
+    with pytest.raises(DataError, match="covid-19_0000.png.* is 16x16 but its image .* is 32x32"):
+        decode_samples(index_split(dataset_root, "Train"), 32)
+
+
+def test_rgb_16bit_and_soft_masks_are_converted(dataset_root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = dataset_root / "Train/COVID-19"
+    gray = cv2.imread(str(folder / "images/covid-19_0000.png"), 0)
+    cv2.imwrite(str(folder / "images/covid-19_0000.png"), cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR))
+    cv2.imwrite(str(folder / "images/covid-19_0001.png"), gray.astype(np.uint16) * 257)
+    soft = np.zeros((32, 32), np.uint8)
+    soft[:, :10], soft[:, 10:20] = 200, 100
+    cv2.imwrite(str(folder / "infection masks/covid-19_0002.png"), soft)
+    with caplog.at_level(logging.WARNING):
+        images, masks = decode_samples(index_split(dataset_root, "Train"), 32)
+    assert images.dtype == np.uint8 and images.shape == (4, 32, 32)
+    assert np.array_equal(images[0], gray)
+    stretched = (gray.astype(float) - gray.min()) / (gray.max() - gray.min()) * 255  # 16-bit: min-max
+    assert np.abs(images[1] - stretched).max() <= 1
+    assert set(np.unique(masks)) <= {0, 1}
+    assert masks[2, 0, :, :10].all() and not masks[2, 0, :, 10:].any()
+    assert "binarised" in caplog.text
+
+
+def test_decode_resizes_with_nearest_masks(dataset_root: Path) -> None:
+    images, masks = decode_samples(index_split(dataset_root, "Train", targets=["infection", "lung"]), 16)
+    assert images.shape == (4, 16, 16) and masks.shape == (4, 2, 16, 16)
+    assert set(np.unique(masks)) <= {0, 1}
+
+
+def test_cache_is_reused_and_invalidated_by_a_changed_file(dataset_root: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    samples = index_split(dataset_root, "Train")
+    first, _ = decode_samples(samples, 32, cache)
+    assert len(list(cache.glob("*-images.npy"))) == 1
+    path = samples[0].image
+    cv2.imwrite(str(path), np.full((32, 32), 7, np.uint8))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    second, _ = decode_samples(samples, 32, cache)
+    assert len(list(cache.glob("*-images.npy"))) == 2
+    assert (second[0] == 7).all() and not (first[0] == 7).all()
+    again, _ = decode_samples(samples, 32, cache)
+    assert np.array_equal(again, second)
+
+
+def test_datamodule_batches_and_augments_only_training(dataset_root: Path) -> None:
+    import albumentations as A
+
+    datamodule = CovidQuExDataModule(
+        dataset_root, image_size=32, batch_size=2, split="val", train_transform=A.HorizontalFlip(p=1.0)
+    )
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.val_dataloader()))
+    assert batch["image"].shape == (2, 1, 32, 32) and batch["mask"].shape == (2, 1, 32, 32)
+    assert 0 <= batch["image"].min() and batch["image"].max() <= 1
+    train_set, val_set = datamodule.dataset("Train", train=True), datamodule.dataset("Train")
+    assert (train_set[0]["image"].flip(-1) == val_set[0]["image"]).all()
+    assert (train_set[0]["mask"].flip(-1) == val_set[0]["mask"]).all()
+    assert datamodule.has_split("Val") and not datamodule.has_split("Test")
+
+
+def test_real_data_subset_indexes_and_decodes(real_data: Path) -> None:
+    samples = index_split(real_data, "Val", ["COVID-19", "Normal"], ["infection", "lung"])
+    assert len(samples) == 466 + 233
+    subset = samples[:3] + samples[-3:]
+    images, masks = decode_samples(subset, 256)
+    assert images.shape == (6, 256, 256) and masks.shape == (6, 2, 256, 256)
+    assert masks[:3, 0].any(axis=(1, 2)).all(), "every COVID-19 infection mask is non-empty"
+    assert not masks[3:, 0].any(), "Normal images have empty infection masks"
+    assert not (masks[:, 0].astype(bool) & ~masks[:, 1].astype(bool)).any()

@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from covidseg.metrics import SegmentationScores
+from covidseg.models import BCEDiceLoss, UNet
+
+
+def test_unet_has_the_studys_parameter_count() -> None:
+    parameters = sum(p.numel() for p in UNet().parameters())
+    assert abs(parameters - 7.76e6) <= 0.01e6
+
+
+@pytest.mark.parametrize(("base_width", "depth", "out_channels"), [(4, 4, 1), (8, 3, 2)])
+def test_unet_output_matches_input_size(base_width: int, depth: int, out_channels: int) -> None:
+    net = UNet(base_width=base_width, depth=depth, out_channels=out_channels)
+    assert net(torch.zeros(2, 1, 64, 48)).shape == (2, out_channels, 64, 48)
+
+
+def test_loss_is_low_for_confident_right_answers_and_high_for_wrong_ones() -> None:
+    target = torch.zeros(1, 1, 4, 4)
+    target[..., :2, :] = 1
+    right = (target * 2 - 1) * 20
+    loss = BCEDiceLoss()
+    assert loss(right, target) < 1e-3
+    assert loss(-right, target) > 10
+
+
+def test_loss_weights_select_terms() -> None:
+    logits = torch.zeros(1, 1, 2, 2)
+    target = torch.ones(1, 1, 2, 2)
+    bce_only = BCEDiceLoss(bce_weight=1, dice_weight=0)(logits, target)
+    dice_only = BCEDiceLoss(bce_weight=0, dice_weight=1)(logits, target)
+    assert bce_only == pytest.approx(torch.log(torch.tensor(2.0)).item())
+    # soft Dice with p = 0.5 everywhere: 1 - (2*2 + 1) / (2 + 4 + 1)
+    assert dice_only == pytest.approx(1 - 5 / 7)
+
+
+def _masks(*rows: list[int]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), 1, 1, -1)
+
+
+def test_scores_per_image_and_pooled_by_hand() -> None:
+    metric = SegmentationScores(from_logits=False)
+    predicted = _masks([0, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0])
+    truth = _masks([0, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0])
+    metric.update(predicted, truth)
+    scores = metric.compute()
+    # both empty -> 1; 2*1/(2+1); empty prediction -> 0; false positive on empty truth -> 0
+    assert scores["dice"] == pytest.approx((1 + 2 / 3 + 0 + 0) / 4)
+    assert scores["iou"] == pytest.approx((1 + 1 / 2 + 0 + 0) / 4)
+    # pooled: intersection 1, predicted 3, truth 2
+    assert scores["dice_pooled"] == pytest.approx(2 / 5)
+    assert scores["iou_pooled"] == pytest.approx(1 / 4)
+    rows = metric.per_image()
+    assert rows["predicted_area"].tolist() == [0, 2, 0, 1]
+    assert rows["truth_area"].tolist() == [0, 1, 1, 0]
+
+
+def test_scores_threshold_logits() -> None:
+    metric = SegmentationScores(threshold=0.5)
+    metric.update(torch.tensor([[[3.0, -3.0]]]), torch.tensor([[[1.0, 0.0]]]))
+    assert metric.compute()["dice"] == pytest.approx(1.0)
+
+
+def test_scores_all_empty_split_is_perfect() -> None:
+    metric = SegmentationScores(from_logits=False)
+    metric.update(torch.zeros(3, 1, 4, 4), torch.zeros(3, 1, 4, 4))
+    assert all(value == pytest.approx(1.0) for value in metric.compute().values())

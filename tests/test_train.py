@@ -1,0 +1,131 @@
+import csv
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from conftest import CONF_DIR, FAST
+from covidseg.checkpoints import CONFIG_KEY, CheckpointError, load_checkpoint
+from covidseg.eval import evaluate
+from covidseg.train import train
+
+ROOT = CONF_DIR.parent
+GROUPS = ["data", "model", "trainer", "callbacks", "logger", "debug", "experiment"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "override", [f"{group}={option}" for group in GROUPS for option in _options(group)]
+)
+def test_every_config_option_composes_and_instantiates(compose_cfg, override: str) -> None:
+    cfg = compose_cfg("train", [override])
+    module = instantiate(cfg.model)
+    assert module.net.out_channels == len(cfg.data.targets)
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+
+
+def test_eval_config_composes(compose_cfg) -> None:
+    cfg = compose_cfg("eval", ["ckpt_path=x.ckpt", "data.split=val"])
+    assert instantiate(cfg.data).split == "Val"
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_trains_one_batch(compose_cfg, experiment: str) -> None:
+    cfg = compose_cfg("train", [f"experiment={experiment}", *FAST, "debug=fast_dev_run"])
+    metrics, _ = train(cfg)
+    assert "val/dice" in metrics and "test/dice" in metrics
+
+
+def test_train_then_eval_round_trip(compose_cfg, tmp_path: Path) -> None:
+    cfg = compose_cfg("train", [*FAST, "trainer.max_epochs=2"])
+    metrics, objective = train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    checkpoints = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    assert {p.name for p in checkpoints} >= {"last.ckpt"} and len(checkpoints) == 2
+    best = next(p for p in checkpoints if p.name != "last.ckpt")
+    assert objective == pytest.approx(float(best.stem.split("dice")[-1]), abs=1e-4)
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["torch"] == torch.__version__ and info["command"]
+
+    checkpoint = load_checkpoint(best)
+    assert checkpoint[CONFIG_KEY]["model"]["net"]["base_width"] == 4
+
+    same_data = [o for o in FAST if o.startswith("data") and not o.startswith("data.image_size")]
+    eval_cfg = compose_cfg("eval", [f"ckpt_path={best}", *same_data, "data.split=Test"])
+    # image size and network come from the checkpoint, not from eval's defaults
+    eval_metrics = evaluate(eval_cfg)
+    assert eval_metrics["test/dice"] == pytest.approx(metrics["test/dice"], abs=1e-5)
+    eval_dir = Path(eval_cfg.paths.output_dir)
+    assert json.loads((eval_dir / "metrics.json").read_text())["test/dice"] == pytest.approx(eval_metrics["test/dice"])
+    with (eval_dir / "per_image.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4 and rows[0]["file"].startswith("COVID-19/")
+    mean_dice = sum(float(row["dice_infection"]) for row in rows) / len(rows)
+    assert mean_dice == pytest.approx(eval_metrics["test/dice"], abs=1e-4)
+
+
+def test_same_seed_gives_identical_metrics(compose_cfg) -> None:
+    fast = [o for o in FAST if not o.startswith("~callbacks")]
+    overrides = [*fast, "trainer.deterministic=true", "logger=csv", "callbacks=none"]
+    first, _ = train(compose_cfg("train", overrides))
+    second, _ = train(compose_cfg("train", overrides))
+    assert first == second
+
+
+def test_malicious_pickle_is_refused(tmp_path: Path) -> None:
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    path = tmp_path / "evil.ckpt"
+    path.write_bytes(pickle.dumps({"state_dict": {}, "payload": Exploit()}))
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_checkpoint_of_another_model_is_refused(compose_cfg, tmp_path: Path) -> None:
+    cfg = compose_cfg("train", FAST)
+    train(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    del checkpoint[CONFIG_KEY]  # without its config, eval builds the default-width U-Net
+    torch.save(checkpoint, tmp_path / "bare.ckpt")
+    with pytest.raises(CheckpointError, match="belongs to another model"):
+        same_data = [o for o in FAST if o.startswith("data")]
+        evaluate(compose_cfg("eval", [f"ckpt_path={tmp_path / 'bare.ckpt'}", *same_data]))
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COVIDSEG_CACHE": str(cwd / "cache")}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_multirun_sweeps_two_jobs(tmp_path: Path) -> None:
+    overrides = [o.replace("{Train: 8, Val: 4, Test: 4}", "{Train:8,Val:4,Test:4}") for o in FAST]
+    result = _run(
+        "-m", "covidseg.train", "-m", *overrides, "model.optimizer.lr=1e-3,3e-4", "test=false",
+        f"paths.log_dir={tmp_path / 'outputs'}", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted((tmp_path / "outputs/train/multiruns").glob("*/[0-9]"))
+    assert [job.name for job in jobs] == ["0", "1"]
+    assert all((job / "checkpoints/last.ckpt").is_file() for job in jobs)
+
+
+def test_user_errors_exit_cleanly_with_the_key_named(tmp_path: Path) -> None:
+    result = _run("-m", "covidseg.train", f"data.root={tmp_path / 'missing'}", f"paths.log_dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "data.root" in result.stderr and "missing" in result.stderr and "Traceback" not in result.stderr
+    result = _run("-m", "covidseg.eval", "ckpt_path=nope.ckpt", f"paths.log_dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2 and "ckpt_path 'nope.ckpt' does not exist" in result.stderr
