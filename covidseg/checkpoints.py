@@ -34,9 +34,7 @@ def resolve_ckpt_path(value: str | None, log_dir: str | Path, task_name: str) ->
     if value == "last":
         candidates = sorted(Path(log_dir, task_name).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not candidates:
-            raise CheckpointError(
-                f"ckpt_path=last: no checkpoints/last.ckpt under {str(Path(log_dir, task_name))!r}"
-            )
+            raise CheckpointError(f"ckpt_path=last: no checkpoints/last.ckpt under {str(Path(log_dir, task_name))!r}")
         return candidates[-1]
     path = Path(value).expanduser()
     if not path.is_file():

@@ -43,7 +43,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
         log.warning("test skipped: split %r is not under %s", run.datamodule.split, run.datamodule.root)
 
     objective = None
-    if checkpoint is not None and checkpoint.monitor == cfg.optimized_metric and checkpoint.best_model_score is not None:
+    if (
+        checkpoint is not None
+        and checkpoint.monitor == cfg.optimized_metric
+        and checkpoint.best_model_score is not None
+    ):
         objective = float(checkpoint.best_model_score)
     elif cfg.optimized_metric in metrics:
         objective = metrics[cfg.optimized_metric]

@@ -24,7 +24,7 @@ FAST = [
     "data.batch_size=4",
     "model.net.base_width=4",
     "trainer.max_epochs=1",
-    "++trainer.enable_progress_bar=false",
+    "trainer.enable_progress_bar=false",
     "~callbacks.rich_progress_bar",
     "~callbacks.model_summary",
 ]

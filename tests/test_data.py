@@ -66,7 +66,10 @@ def test_index_selects_classes_and_targets(dataset_root: Path) -> None:
     ("damage", "message"),
     [
         (lambda root: shutil.rmtree(root / "Val"), "split folder .*Val.* is missing"),
-        (lambda root: (root / "Train/COVID-19/infection masks/covid-19_0001.png").unlink(), "have no mask.*covid-19_0001"),
+        (
+            lambda root: (root / "Train/COVID-19/infection masks/covid-19_0001.png").unlink(),
+            "have no mask.*covid-19_0001",
+        ),
         (lambda root: (root / "Train/COVID-19/images/covid-19_0002.png").unlink(), "have no image.*covid-19_0002"),
         (lambda root: shutil.rmtree(root / "Train/COVID-19"), "class folder .*COVID-19.* is missing"),
     ],
@@ -170,7 +173,7 @@ def test_datamodule_batches_and_augments_only_training(dataset_root: Path) -> No
     datamodule.setup("fit")
     batch = next(iter(datamodule.val_dataloader()))
     assert batch["image"].shape == (2, 1, 32, 32) and batch["mask"].shape == (2, 1, 32, 32)
-    assert 0 <= batch["image"].min() and batch["image"].max() <= 1
+    assert batch["image"].min() >= 0 and batch["image"].max() <= 1
     train_set, val_set = datamodule.dataset("Train", train=True), datamodule.dataset("Train")
     assert (train_set[0]["image"].flip(-1) == val_set[0]["image"]).all()
     assert (train_set[0]["mask"].flip(-1) == val_set[0]["mask"]).all()

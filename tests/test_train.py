@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONF_DIR, FAST
 from hydra.utils import instantiate
 
-from conftest import CONF_DIR, FAST
 from covidseg.checkpoints import CONFIG_KEY, CheckpointError, load_checkpoint
 from covidseg.eval import evaluate
 from covidseg.train import train
@@ -23,9 +23,7 @@ def _options(group: str) -> list[str]:
     return sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize(
-    "override", [f"{group}={option}" for group in GROUPS for option in _options(group)]
-)
+@pytest.mark.parametrize("override", [f"{group}={option}" for group in GROUPS for option in _options(group)])
 def test_every_config_option_composes_and_instantiates(compose_cfg, override: str) -> None:
     cfg = compose_cfg("train", [override])
     module = instantiate(cfg.model)
@@ -114,8 +112,14 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_multirun_sweeps_two_jobs(tmp_path: Path) -> None:
     overrides = [o.replace("{Train: 8, Val: 4, Test: 4}", "{Train:8,Val:4,Test:4}") for o in FAST]
     result = _run(
-        "-m", "covidseg.train", "-m", *overrides, "model.optimizer.lr=1e-3,3e-4", "test=false",
-        f"paths.log_dir={tmp_path / 'outputs'}", cwd=tmp_path,
+        "-m",
+        "covidseg.train",
+        "-m",
+        *overrides,
+        "model.optimizer.lr=1e-3,3e-4",
+        "test=false",
+        f"paths.log_dir={tmp_path / 'outputs'}",
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted((tmp_path / "outputs/train/multiruns").glob("*/[0-9]"))
@@ -124,7 +128,9 @@ def test_multirun_sweeps_two_jobs(tmp_path: Path) -> None:
 
 
 def test_user_errors_exit_cleanly_with_the_key_named(tmp_path: Path) -> None:
-    result = _run("-m", "covidseg.train", f"data.root={tmp_path / 'missing'}", f"paths.log_dir={tmp_path}", cwd=tmp_path)
+    result = _run(
+        "-m", "covidseg.train", f"data.root={tmp_path / 'missing'}", f"paths.log_dir={tmp_path}", cwd=tmp_path
+    )
     assert result.returncode == 2
     assert "data.root" in result.stderr and "missing" in result.stderr and "Traceback" not in result.stderr
     result = _run("-m", "covidseg.eval", "ckpt_path=nope.ckpt", f"paths.log_dir={tmp_path}", cwd=tmp_path)

@@ -31,8 +31,7 @@ class UNet(nn.Module):
         widths = [base_width * 2**level for level in range(depth + 1)]
         blocks = {"norm_layer": norm_layer, "act_layer": act_layer}
         self.encoder = nn.ModuleList(
-            DoubleConv(c_in, c_out, **blocks)
-            for c_in, c_out in zip([in_channels, *widths[:-1]], widths, strict=True)
+            DoubleConv(c_in, c_out, **blocks) for c_in, c_out in zip([in_channels, *widths[:-1]], widths, strict=True)
         )
         self.pool = nn.MaxPool2d(2)
         self.upsample = nn.ModuleList(

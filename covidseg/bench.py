@@ -1,0 +1,238 @@
+"""CPU throughput benchmark: covidseg's Lightning loop vs a bare PyTorch loop vs the machine's GEMM rate.
+
+python -m covidseg.bench [--steps N] [--out DIR] [hydra overrides, e.g. model.channels_last=true]
+
+Runs on the real data when ../shared/covid-qu-ex (or data.root) is there, else on synthetic data.
+Writes bench.json and bench.md; prints the table. It asserts nothing: targets are read off the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+from torch.utils.flop_counter import FlopCounterMode
+
+import covidseg.builders  # noqa: F401  (registers the ${len:} resolver)
+from covidseg.data.index import DataError, find_split_root
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "covid-qu-ex"
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
+    """The machine's fp32 GEMM rate: the yardstick for model efficiency."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def count_gflops(module: torch.nn.Module, loss: torch.nn.Module, batch: dict, train: bool) -> float:
+    """FLOPs per image of one forward (and backward when ``train``), counted by PyTorch."""
+    images, masks = batch["image"][:1], batch["mask"][:1]
+    with FlopCounterMode(display=False) as counter:
+        if train:
+            loss(module(images), masks).backward()
+        else:
+            with torch.no_grad():
+                module(images)
+    module.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 1e9
+
+
+class ThroughputTimer(L.Callback):
+    """Times training batches after ``warmup`` steps, and the wait for the first one."""
+
+    def __init__(self, warmup: int, start: float) -> None:
+        self.warmup = warmup
+        self.start = start
+        self.first_batch_s: float | None = None
+        self.timed_from: float | None = None
+        self.images = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self.first_batch_s is None:
+            self.first_batch_s = time.perf_counter() - self.start
+        if batch_idx == self.warmup:
+            self.timed_from = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if batch_idx >= self.warmup:
+            self.images += len(batch["image"])
+            self.elapsed = time.perf_counter() - self.timed_from
+
+
+def lightning_train(cfg: DictConfig, steps: int, warmup: int) -> dict[str, float]:
+    """covidseg's own Lightning loop and datamodule, with validation, logging and checkpoints off."""
+    start = time.perf_counter()
+    timer = ThroughputTimer(warmup, start)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.model)
+    trainer = instantiate(
+        cfg.trainer,
+        max_epochs=1,
+        limit_train_batches=warmup + steps,
+        limit_val_batches=0,
+        logger=False,
+        callbacks=[timer],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return {"train_img_s": timer.images / timer.elapsed, "first_batch_s": timer.first_batch_s}
+
+
+def plain_train(cfg: DictConfig, datamodule, steps: int, warmup: int) -> float:
+    """The same network, loss, optimizer and batches in a minimal hand-written loop."""
+    module = instantiate(cfg.model)
+    optimizer = module.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    module.train()
+    images = 0
+    batches = iter(datamodule.train_dataloader())
+    for step in range(warmup + steps):
+        if step == warmup:
+            started = time.perf_counter()
+        batch = next(batches)
+        loss = module.loss(module(batch["image"]), batch["mask"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        images += len(batch["image"]) if step >= warmup else 0
+    return images / (time.perf_counter() - started)
+
+
+def inference(module: torch.nn.Module, batches: list[dict]) -> float:
+    """Images per second of the prediction path (eval mode, no autograd), after one warm-up batch."""
+    module.eval()
+    with torch.inference_mode():
+        module(batches[0]["image"])
+        started = time.perf_counter()
+        for batch in batches:
+            module(batch["image"]).sigmoid()
+    return sum(len(b["image"]) for b in batches) / (time.perf_counter() - started)
+
+
+def data_throughput(datamodule, batches: int) -> float:
+    """The datamodule alone: indexing the cache, augmentation and collation."""
+    loader = iter(datamodule.train_dataloader())
+    next(loader)
+    started, images = time.perf_counter(), 0
+    for _ in range(batches):
+        images += len(next(loader)["image"])
+    return images / (time.perf_counter() - started)
+
+
+def compose_bench_config(overrides: list[str]) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        probe = compose("train", overrides=overrides)
+        if not any(o.startswith(("data=", "data.root=")) for o in overrides):
+            try:
+                find_split_root(probe.data.root)
+            except DataError:
+                extra = (
+                    [f"data.root={SHARED_DATA}"] if SHARED_DATA.is_dir() else ["data=synthetic", "data.image_size=256"]
+                )
+                overrides = [*extra, *overrides]
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = "unused"
+        del cfg["hydra"]
+    return cfg
+
+
+def run(cfg: DictConfig, steps: int, warmup: int) -> dict:
+    results: dict = {
+        "model": cfg.model.net._target_.rsplit(".", 1)[-1],
+        "data": str(cfg.data.root),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "batch_size": cfg.data.batch_size,
+        "image_size": cfg.data.image_size,
+        "channels_last": cfg.model.get("channels_last", False),
+        "matmul_gflops": matmul_gflops(),
+    }
+    L.seed_everything(cfg.seed)
+    results |= lightning_train(cfg, steps, warmup)
+    results["train_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    results["data_img_s"] = data_throughput(datamodule, batches=20)
+    results["train_plain_img_s"] = plain_train(cfg, datamodule, steps, warmup)
+
+    module = instantiate(cfg.model)
+    sample = next(iter(datamodule.train_dataloader()))
+    results["params_m"] = sum(p.numel() for p in module.parameters()) / 1e6
+    train_gflop = count_gflops(module, module.loss, sample, train=True)
+    infer_gflop = count_gflops(module, module.loss, sample, train=False)
+    results["train_gflop_per_img"] = train_gflop
+    results["infer_gflop_per_img"] = infer_gflop
+    eval_batches = list(iter(datamodule.val_dataloader()))[: max(2, 48 // datamodule.eval_batch_size)]
+    results["infer_img_s"] = inference(module, eval_batches)
+
+    results["train_gflops"] = results["train_img_s"] * train_gflop
+    results["train_efficiency"] = results["train_gflops"] / results["matmul_gflops"]
+    results["infer_gflops"] = results["infer_img_s"] * infer_gflop
+    results["infer_efficiency"] = results["infer_gflops"] / results["matmul_gflops"]
+    results["framework_overhead_ratio"] = results["train_img_s"] / results["train_plain_img_s"]
+    results["data_to_train_ratio"] = results["data_img_s"] / results["train_img_s"]
+    return results
+
+
+TARGETS = {
+    "framework_overhead_ratio": (">=", 0.97),
+    "train_efficiency": (">=", 0.70),
+    "infer_efficiency": (">=", 0.85),
+    "data_to_train_ratio": (">=", 20),
+    "train_peak_rss_mb": ("<=", 3000),
+    "first_batch_s": ("<=", 5),
+}
+
+
+def markdown(results: dict) -> str:
+    lines = ["| figure | value | target |", "|---|---:|---|"]
+    for name, value in results.items():
+        shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+        target = ""
+        if name in TARGETS:
+            op, bound = TARGETS[name]
+            met = value >= bound if op == ">=" else value <= bound
+            target = f"{op} {bound} ({'met' if met else 'not met'})"
+        lines.append(f"| {name} | {shown} | {target} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps per loop")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed training steps first")
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench"), help="folder for bench.json/bench.md")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the train config")
+    args = parser.parse_args()
+    cfg = compose_bench_config(args.overrides)
+    results = run(cfg, args.steps, args.warmup)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown(results)
+    (args.out / "bench.md").write_text(table)
+    print(table)
+    print(f"written: {args.out / 'bench.json'}, {args.out / 'bench.md'}")
+
+
+if __name__ == "__main__":
+    main()
