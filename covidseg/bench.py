@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -52,38 +53,44 @@ def count_gflops(module: torch.nn.Module, loss: torch.nn.Module, batch: dict, tr
     return counter.get_total_flops() / 1e9
 
 
-class ThroughputTimer(L.Callback):
-    """Times training batches after ``warmup`` steps, and the wait for the first one."""
+def images_per_second(batch_size: int, step_seconds: list[float]) -> float:
+    """From the median step: robust to the odd slow step on a shared machine."""
+    return batch_size / float(np.median(step_seconds))
+
+
+class StepTimer(L.Callback):
+    """Times each training step from one batch start to the next (data loading included),
+    after ``warmup`` steps, and the wait for the first batch."""
 
     def __init__(self, warmup: int, start: float) -> None:
         self.warmup = warmup
         self.start = start
         self.first_batch_s: float | None = None
-        self.timed_from: float | None = None
-        self.images = 0
+        self.last_start: float | None = None
+        self.step_seconds: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        now = time.perf_counter()
         if self.first_batch_s is None:
-            self.first_batch_s = time.perf_counter() - self.start
-        if batch_idx == self.warmup:
-            self.timed_from = time.perf_counter()
+            self.first_batch_s = now - self.start
+        if trainer.global_step > self.warmup:
+            self.step_seconds.append(now - self.last_start)
+        self.last_start = now
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if batch_idx >= self.warmup:
-            self.images += len(batch["image"])
-            self.elapsed = time.perf_counter() - self.timed_from
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.step_seconds.append(time.perf_counter() - self.last_start)
 
 
 def lightning_train(cfg: DictConfig, steps: int, warmup: int) -> dict[str, float]:
     """covidseg's own Lightning loop and datamodule, with validation, logging and checkpoints off."""
     start = time.perf_counter()
-    timer = ThroughputTimer(warmup, start)
+    timer = StepTimer(warmup, start)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model)
     trainer = instantiate(
         cfg.trainer,
-        max_epochs=1,
-        limit_train_batches=warmup + steps,
+        max_epochs=None,
+        max_steps=warmup + steps,
         limit_val_batches=0,
         logger=False,
         callbacks=[timer],
@@ -92,7 +99,10 @@ def lightning_train(cfg: DictConfig, steps: int, warmup: int) -> dict[str, float
         enable_model_summary=False,
     )
     trainer.fit(module, datamodule=datamodule)
-    return {"train_img_s": timer.images / timer.elapsed, "first_batch_s": timer.first_batch_s}
+    return {
+        "train_img_s": images_per_second(cfg.data.batch_size, timer.step_seconds),
+        "first_batch_s": timer.first_batch_s,
+    }
 
 
 def plain_train(cfg: DictConfig, datamodule, steps: int, warmup: int) -> float:
@@ -101,18 +111,18 @@ def plain_train(cfg: DictConfig, datamodule, steps: int, warmup: int) -> float:
     optimizer = module.configure_optimizers()
     optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
     module.train()
-    images = 0
-    batches = iter(datamodule.train_dataloader())
+    step_seconds = []
+    batches = (batch for _ in range(warmup + steps) for batch in datamodule.train_dataloader())
     for step in range(warmup + steps):
-        if step == warmup:
-            started = time.perf_counter()
+        started = time.perf_counter()
         batch = next(batches)
         loss = module.loss(module(batch["image"]), batch["mask"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        images += len(batch["image"]) if step >= warmup else 0
-    return images / (time.perf_counter() - started)
+        if step >= warmup:
+            step_seconds.append(time.perf_counter() - started)
+    return images_per_second(cfg.data.batch_size, step_seconds)
 
 
 def inference(module: torch.nn.Module, batches: list[dict]) -> float:
@@ -128,7 +138,7 @@ def inference(module: torch.nn.Module, batches: list[dict]) -> float:
 
 def data_throughput(datamodule, batches: int) -> float:
     """The datamodule alone: indexing the cache, augmentation and collation."""
-    loader = iter(datamodule.train_dataloader())
+    loader = (batch for _ in range(batches + 1) for batch in datamodule.train_dataloader())
     next(loader)
     started, images = time.perf_counter(), 0
     for _ in range(batches):
@@ -219,8 +229,8 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps per loop")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed training steps first")
+    parser.add_argument("--steps", type=int, default=6, help="timed training steps per loop")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"), help="folder for bench.json/bench.md")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the train config")
     args = parser.parse_args()

@@ -1,0 +1,31 @@
+from pathlib import Path
+
+from conftest import FAST
+
+from covidseg import bench
+from covidseg.models import UNet
+
+
+def test_bench_reports_every_figure_on_a_tiny_model(compose_cfg, tmp_path: Path) -> None:
+    cfg = compose_cfg("train", FAST)
+    results = bench.run(cfg, steps=2, warmup=1)
+    for figure in [
+        "matmul_gflops", "train_img_s", "train_plain_img_s", "train_gflops", "train_efficiency",
+        "infer_img_s", "infer_gflops", "infer_efficiency", "data_img_s", "train_peak_rss_mb", "first_batch_s",
+    ]:  # fmt: skip
+        assert results[figure] > 0, figure
+    assert results["train_gflop_per_img"] > 2.5 * results["infer_gflop_per_img"] > 0
+    assert "not met" in bench.markdown({"first_batch_s": 6.0}) and "(met)" in bench.markdown({"first_batch_s": 4.0})
+
+
+def test_channels_last_gives_the_same_outputs() -> None:
+    import torch
+
+    torch.manual_seed(0)
+    net = UNet(base_width=4).eval()
+    images = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        expected = net(images)
+        net = net.to(memory_format=torch.channels_last)
+        actual = net(images.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
