@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from covidseg.metrics import SegmentationScores
@@ -30,6 +32,8 @@ class SegmentationModule(L.LightningModule):
         threshold: probability above which a pixel counts as positive.
         channels_last: run the network in NHWC memory format (faster oneDNN convolutions on CPU).
         compile: compile the network with ``torch.compile`` (faster steps after a slow first one).
+        input_size: run the network at this side (area-downsampled input, bilinear-upsampled
+            logits), so that loss and metrics stay at the data's full resolution.
     """
 
     def __init__(
@@ -43,6 +47,7 @@ class SegmentationModule(L.LightningModule):
         threshold: float = 0.5,
         channels_last: bool = False,
         compile: bool = False,
+        input_size: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"], logger=False)
@@ -69,9 +74,17 @@ class SegmentationModule(L.LightningModule):
         self.test_per_image: dict[str, list[float]] = {}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits at the input's resolution, whatever ``input_size`` the network runs at."""
+        size = images.shape[-2:]
+        input_size = self.hparams.input_size
+        if input_size and tuple(size) != (input_size, input_size):
+            images = F.interpolate(images, size=(input_size, input_size), mode="area")
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.net(images)
+        logits = self.net(images)
+        if logits.shape[-2:] != size:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return logits
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         logits = self(batch["image"])
@@ -130,10 +143,13 @@ class SegmentationModule(L.LightningModule):
         optimizer = self.optimizer_factory(params=self.parameters())
         if self.scheduler_factory is None:
             return optimizer
+        extra = {}
+        if "total_steps" in inspect.signature(self.scheduler_factory).parameters:
+            extra["total_steps"] = int(self.trainer.estimated_stepping_batches)  # e.g. OneCycleLR
         return {
             "optimizer": optimizer,
             "lr_scheduler": {
-                "scheduler": self.scheduler_factory(optimizer=optimizer),
+                "scheduler": self.scheduler_factory(optimizer=optimizer, **extra),
                 "interval": self.hparams.scheduler_interval,
                 "monitor": "val/dice",
             },
