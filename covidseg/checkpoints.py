@@ -8,8 +8,12 @@ from typing import Any
 
 import lightning as L
 import torch
+import yaml
+from hydra.utils import instantiate
+from safetensors.torch import load_file
 
 CONFIG_KEY = "covidseg_config"
+PRETRAINED = Path(__file__).parent / "pretrained" / "best_cpu.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -28,9 +32,14 @@ class EmbedRunConfig(L.Callback):
 
 
 def resolve_ckpt_path(value: str | None, log_dir: str | Path, task_name: str) -> Path | None:
-    """``None`` stays ``None``; ``last`` is the newest ``last.ckpt`` of ``task_name``'s runs."""
+    """``None`` stays ``None``; ``last`` is the newest ``last.ckpt`` of ``task_name``'s runs;
+    ``pretrained`` is the model shipped in the package."""
     if value is None:
         return None
+    if value == "pretrained":
+        if not PRETRAINED.is_file():
+            raise CheckpointError(f"ckpt_path=pretrained: {str(PRETRAINED)!r} is not installed")
+        return PRETRAINED
     if value == "last":
         candidates = sorted(Path(log_dir, task_name).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not candidates:
@@ -43,7 +52,15 @@ def resolve_ckpt_path(value: str | None, log_dir: str | Path, task_name: str) ->
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only."""
+    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only.
+
+    A ``.safetensors`` file (shipped weights) has its config in a ``.yaml`` file beside it.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        state_dict = {name: tensor.float() for name, tensor in load_file(path).items()}
+        config = yaml.safe_load(path.with_suffix(".yaml").read_text())
+        return {"state_dict": state_dict, CONFIG_KEY: config}
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -67,3 +84,14 @@ def load_weights(module: torch.nn.Module, checkpoint: dict[str, Any], path: str 
         raise CheckpointError(
             f"ckpt_path {str(path)!r} belongs to another model than the one configured: {first_lines}"
         ) from error
+
+
+def module_from_checkpoint(path: str | Path) -> tuple[L.LightningModule, dict[str, Any]]:
+    """Rebuild the module a checkpoint was trained as, in eval mode, and return its run config."""
+    checkpoint = load_checkpoint(path)
+    config = checkpoint.get(CONFIG_KEY)
+    if not config:
+        raise CheckpointError(f"ckpt_path {str(path)!r} has no covidseg config: it was not written by covidseg.train")
+    module = instantiate({**config["model"], "compile": False})
+    load_weights(module, checkpoint, path)
+    return module.eval(), config

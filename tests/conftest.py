@@ -36,23 +36,24 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+def compose_config(config_name: str, overrides: list[str], out_dir: Path, cache_dir: Path) -> DictConfig:
+    """Compose as the entry points do, with run outputs under ``out_dir``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # resolves ${hydra:...} as in a real run
+    with open_dict(cfg):
+        cfg.paths.log_dir = str(out_dir / "outputs")
+        cfg.paths.output_dir = str(out_dir / "outputs" / "run")
+        cfg.paths.cache_dir = str(cache_dir)
+        del cfg["hydra"]
+    return cfg
+
+
 @pytest.fixture
 def compose_cfg(tmp_path: Path, cache_dir: Path):
     """``compose_cfg(name, overrides)`` -> a config whose outputs go to ``tmp_path``."""
-
-    def _compose(config_name: str = "train", overrides: list[str] | None = None) -> DictConfig:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-            cfg = compose(config_name, overrides=overrides or [], return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            cfg.paths.log_dir = str(tmp_path / "outputs")
-            cfg.paths.output_dir = str(tmp_path / "outputs" / "run")
-            cfg.paths.cache_dir = str(cache_dir)
-            del cfg["hydra"]
-        return cfg
-
-    return _compose
+    return lambda config_name="train", overrides=None: compose_config(config_name, overrides or [], tmp_path, cache_dir)
 
 
 @pytest.fixture
