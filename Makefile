@@ -17,7 +17,10 @@ train:  ## Train on synthetic data for two epochs (a first run that needs no dow
 bench:  ## Measure CPU training/inference throughput against the machine's matmul rate
 	$(PYTHON) -m covidseg.bench
 
+report:  ## Render learning curves of a run (RUN=outputs/<task>/runs/<date>, default: the newest) to PNG
+	$(PYTHON) -m covidseg.report $(or $(RUN),$(shell ls -td outputs/*/runs/*/ | head -1))
+
 tensorboard:  ## Open TensorBoard on every run under outputs/
 	tensorboard --logdir outputs/
 
-.PHONY: help install test train bench tensorboard
+.PHONY: help install test train bench report tensorboard

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from covidseg.builders import build_run
 from covidseg.checkpoints import CONFIG_KEY, load_checkpoint, load_weights, resolve_ckpt_path
+from covidseg.report import write_eval_report
 from covidseg.reporting import print_summary, user_errors, write_metrics, write_per_image, write_run_info
 
 
@@ -40,12 +41,21 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     run.trainer.test(run.module, datamodule=run.datamodule)
     metrics = {name: float(value) for name, value in run.trainer.callback_metrics.items()}
     metrics_path = write_metrics(output_dir, metrics)
-    csv_path = write_per_image(output_dir, run.module.test_names, run.module.test_per_image)
-    print_summary(
-        f"eval on {run.datamodule.split}: {ckpt_path}",
+    module = run.module
+    csv_path = write_per_image(output_dir, module.test_names, module.test_per_image)
+    title = f"eval on {run.datamodule.split}: {ckpt_path}"
+    report_path = write_eval_report(
+        output_dir,
+        title,
         metrics,
-        {"metrics": metrics_path, "per-image": csv_path},
+        module.test_names,
+        module.test_per_image[f"dice_{module.primary_target}"],
+        module,
+        run.datamodule.dataset(run.datamodule.split),
+        channel=module.targets.index(module.primary_target),
+        threshold=module.hparams.threshold,
     )
+    print_summary(title, metrics, {"metrics": metrics_path, "per-image": csv_path, "report": report_path})
     return metrics
 
 

@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 
 from covidseg.checkpoints import CONFIG_KEY, CheckpointError, load_checkpoint
 from covidseg.eval import evaluate
+from covidseg.report import learning_curves
 from covidseg.train import train
 
 ROOT = CONF_DIR.parent
@@ -70,6 +71,24 @@ def test_train_then_eval_round_trip(compose_cfg, tmp_path: Path) -> None:
     assert len(rows) == 4 and rows[0]["file"].startswith("COVID-19/")
     mean_dice = sum(float(row["dice_infection"]) for row in rows) / len(rows)
     assert mean_dice == pytest.approx(eval_metrics["test/dice"], abs=1e-4)
+    report = (eval_dir / "report.html").read_text()
+    assert report.count("data:image/png;base64,") == 4  # histogram + three galleries
+    assert {p.name for p in (eval_dir / "gallery").iterdir()} == {"best.png", "median.png", "worst.png"}
+
+
+def test_tensorboard_gets_charts_and_learning_curves_render(compose_cfg) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = compose_cfg("train", [*FAST, "trainer.max_epochs=2", "test=false"])
+    train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()
+    assert {"val/dice", "val/iou", "val/dice_pooled", "train/loss_epoch"} <= set(tags["scalars"])
+    assert "val/per_image_dice" in tags["histograms"] and "val/examples" in tags["images"]
+    assert any("pr_curve" in tag for tag in tags["tensors"])
+    assert learning_curves(run_dir).stat().st_size > 10_000
 
 
 def test_same_seed_gives_identical_metrics(compose_cfg) -> None:

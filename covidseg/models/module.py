@@ -86,7 +86,7 @@ class SegmentationModule(L.LightningModule):
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return logits
 
-    def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+    def _shared_step(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self(batch["image"])
         masks = batch["mask"]
         loss = self.loss(logits, masks)
@@ -99,13 +99,14 @@ class SegmentationModule(L.LightningModule):
         detached = logits.detach()
         for channel, target in enumerate(self.targets):
             self.scores[f"{stage}_scores"][target].update(detached[:, channel], masks[:, channel])
-        return loss
+        return loss, detached
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
+        return self._shared_step(batch, "train")[0]
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Returns the logits, for callbacks that chart them (precision-recall curve)."""
+        return {"logits": self._shared_step(batch, "val")[1]}
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._shared_step(batch, "test")

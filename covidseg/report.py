@@ -1,0 +1,141 @@
+"""Reports people would rather look at than read: an HTML evaluation report with galleries,
+and learning curves rendered from TensorBoard events.
+
+python -m covidseg.report <run folder>    (learning_curves.png from the run's TensorBoard events)
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import cv2
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from covidseg.visualize import comparison_row  # noqa: E402
+
+GALLERY_SIZE = 4
+
+
+def _png_bytes(rgb: np.ndarray) -> bytes:
+    return cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
+
+
+def _figure_png(figure: plt.Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _img_tag(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def gallery_indices(dice: Sequence[float], size: int = GALLERY_SIZE) -> dict[str, list[int]]:
+    """Indices of the best, median and worst images by Dice."""
+    order = [int(i) for i in np.argsort(np.asarray(dice), kind="stable")]
+    middle = max(0, len(order) // 2 - size // 2)
+    return {"best": order[::-1][:size], "median": order[middle : middle + size], "worst": order[:size]}
+
+
+def write_eval_report(
+    output_dir: Path,
+    title: str,
+    metrics: Mapping[str, float],
+    names: Sequence[str],
+    dice: Sequence[float],
+    module: torch.nn.Module,
+    dataset: torch.utils.data.Dataset,
+    channel: int,
+    threshold: float,
+) -> Path:
+    """``report.html`` (self-contained) plus ``gallery/{best,median,worst}.png``."""
+    figure, axes = plt.subplots(figsize=(6, 3))
+    axes.hist(dice, bins=20, range=(0, 1), color="#c0392b")
+    axes.set_xlabel("per-image Dice")
+    axes.set_ylabel("images")
+    histogram = _figure_png(figure)
+
+    gallery_dir = output_dir / "gallery"
+    gallery_dir.mkdir(parents=True, exist_ok=True)
+    sections = []
+    module.eval()
+    for label, indices in gallery_indices(dice).items():
+        samples = [dataset[index] for index in indices]
+        with torch.inference_mode():
+            probability = module(torch.stack([s["image"] for s in samples])).sigmoid()[:, channel].numpy()
+        rows = [
+            comparison_row((s["image"][0].numpy() * 255).astype(np.uint8), s["mask"][channel].numpy(), p > threshold)
+            for s, p in zip(samples, probability, strict=True)
+        ]
+        png = _png_bytes(np.concatenate(rows, axis=0))
+        (gallery_dir / f"{label}.png").write_bytes(png)
+        captions = ", ".join(f"{html.escape(names[i])} (Dice {dice[i]:.3f})" for i in indices)
+        sections.append(f"<h2>{label.title()} cases</h2><p>{captions}</p>{_img_tag(png, label)}")
+
+    table = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>" for k, v in sorted(metrics.items()))
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}td{{padding:2px 12px}}
+img{{max-width:100%}}</style></head><body>
+<h1>{html.escape(title)}</h1>
+<table>{table}</table>
+<p>Dice and IoU are per-image means (an image with empty truth and prediction scores 1); *_pooled
+pool all pixels. Columns: X-ray | truth (green) | prediction (red).</p>
+<h2>Per-image Dice</h2>{_img_tag(histogram, "histogram of per-image Dice")}
+{"".join(sections)}
+</body></html>
+"""
+    path = output_dir / "report.html"
+    path.write_text(page)
+    return path
+
+
+def learning_curves(run_dir: Path) -> Path:
+    """Plot every ``*/loss`` and ``val/*`` scalar of a run's TensorBoard events to one PNG."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    event_files = sorted(run_dir.rglob("events.out.tfevents.*"))
+    if not event_files:
+        raise FileNotFoundError(f"no TensorBoard events under {str(run_dir)!r}")
+    scalars: dict[str, tuple[list[int], list[float]]] = {}
+    for event_file in event_files:
+        events = EventAccumulator(str(event_file), size_guidance={"scalars": 0})
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            if tag.endswith("loss_epoch") or tag.startswith("val/") or tag == "train/loss":
+                points = events.Scalars(tag)
+                scalars[tag] = ([p.step for p in points], [p.value for p in points])
+    losses = {tag: v for tag, v in scalars.items() if "loss" in tag}
+    scores = {tag: v for tag, v in scalars.items() if "loss" not in tag}
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for axes, group, ylabel in ((left, losses, "loss"), (right, scores, "score")):
+        for tag, (steps, values) in sorted(group.items()):
+            axes.plot(steps, values, label=tag, marker="." if len(steps) < 50 else None)
+        axes.set_xlabel("training step")
+        axes.set_ylabel(ylabel)
+        axes.legend(fontsize=8)
+        axes.grid(alpha=0.3)
+    path = run_dir / "learning_curves.png"
+    path.write_bytes(_figure_png(figure))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Render a run's learning curves from its TensorBoard events.")
+    parser.add_argument("run_dir", type=Path, help="a run folder under outputs/")
+    print(learning_curves(parser.parse_args().run_dir))
+
+
+if __name__ == "__main__":
+    main()
