@@ -11,7 +11,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from covidseg.checkpoints import EmbedRunConfig
+from covidseg.checkpoints import EmbedRunConfig, SaveOnInterrupt
 from covidseg.data import CovidQuExDataModule
 
 OmegaConf.register_new_resolver("len", len, replace=True)
@@ -35,6 +35,8 @@ def build_run(cfg: DictConfig) -> Run:
     """Everything a Lightning run needs; the run's resolved config is embedded in checkpoints."""
     callbacks = instantiate_each(cfg.get("callbacks"))
     callbacks.append(EmbedRunConfig(OmegaConf.to_container(cfg, resolve=True)))
+    if cfg.get("callbacks") and "model_checkpoint" in cfg.callbacks:
+        callbacks.append(SaveOnInterrupt(cfg.callbacks.model_checkpoint.dirpath))
     loggers = instantiate_each(cfg.get("logger"))
     return Run(
         datamodule=instantiate(cfg.data),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +13,8 @@ import lightning as L
 import torch
 import yaml
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from safetensors.torch import load_file
 
 CONFIG_KEY = "covidseg_config"
@@ -29,6 +34,42 @@ class EmbedRunConfig(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint[CONFIG_KEY] = self.config
+
+
+class SaveOnInterrupt(L.Callback):
+    """Ctrl-C or SIGTERM (a closed laptop, a pre-empted job): finish the current batch, write a
+    resumable ``last.ckpt`` and say how to resume. A second Ctrl-C stops at once.
+
+    The first Ctrl-C is turned into SIGTERM, so that Lightning stops where its loop state is whole.
+    """
+
+    def __init__(self, dirpath: str | Path) -> None:
+        self.dirpath = Path(dirpath)
+        self._previous_handler: Any = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGINT, self._stop_after_batch)
+
+    def _stop_after_batch(self, signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, self._previous_handler or signal.default_int_handler)
+        rank_zero_info("\nInterrupted: saving a checkpoint after this batch (Ctrl-C again to stop at once)")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException | KeyboardInterrupt) or trainer.sanity_checking:
+            return
+        path = self.dirpath / "last.ckpt"
+        trainer.save_checkpoint(path)
+        rank_zero_info(
+            f"Saved {path} at epoch {trainer.current_epoch}, step {trainer.global_step}. Resume with:\n"
+            f"  python -m covidseg.train <same overrides> ckpt_path={path}   (or ckpt_path=last)"
+        )
 
 
 def resolve_ckpt_path(value: str | None, log_dir: str | Path, task_name: str) -> Path | None:

@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import platform
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import lightning
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from rich.table import Table
 
@@ -33,6 +35,8 @@ def user_errors() -> Iterator[None]:
     except USER_ERRORS as error:
         Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except SIGTERMException:
+        sys.exit(128 + signal.SIGTERM)  # stopped on request; the checkpoint is saved
 
 
 def _git_commit() -> str | None:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from covidseg.builders import build_run
 from covidseg.checkpoints import resolve_ckpt_path
-from covidseg.reporting import print_summary, user_errors, write_run_info
+from covidseg.reporting import print_summary, user_errors, write_metrics, write_run_info
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     """Fit (unless ``train=false``) and test; returns all final metrics and the sweep objective."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
+    if cfg.train and ckpt_path is not None and (ckpt_path.parent.parent / ".hydra").is_dir():
+        with open_dict(cfg):  # continue the interrupted run's folder, checkpoints and TensorBoard run
+            cfg.paths.output_dir = str(ckpt_path.parent.parent)
+        log.info("resuming %s", cfg.paths.output_dir)
     output_dir = Path(cfg.paths.output_dir)
     write_run_info(output_dir)
     run = build_run(cfg)
@@ -30,7 +35,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     if cfg.train:
-        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
         trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=ckpt_path)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
 
@@ -54,6 +58,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     if objective is not None:  # TensorBoard's HParams tab pairs this with the hyper-parameters
         for logger in trainer.loggers:
             logger.log_metrics({"hp_metric": objective}, step=trainer.global_step)
+    metrics["global_step"] = trainer.global_step
+    write_metrics(output_dir, metrics)
     print_summary(
         f"{cfg.task_name}: final metrics",
         metrics,

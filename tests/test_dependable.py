@@ -1,0 +1,107 @@
+"""Interruption, resume, and what happens to bad input during training."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST
+
+from covidseg.train import train
+
+TESTS = Path(__file__).resolve().parent
+RESUMABLE = [
+    o.replace("{Train: 8, Val: 4, Test: 4}", "{Train:32,Val:4,Test:4}") for o in FAST if not o.startswith("~")
+] + [
+    "trainer.max_epochs=3",
+    "trainer.deterministic=true",
+    "callbacks.last_checkpoint.every_n_train_steps=1",
+    "~callbacks.rich_progress_bar",
+    "~callbacks.model_summary",
+    "logger=csv",
+    "test=false",
+]
+
+
+def _start(log_dir: Path, *overrides: str, slow: float = 0.0) -> subprocess.Popen:
+    env = {**os.environ, "COVIDSEG_CACHE": str(log_dir.parent / "cache"), "PYTHONPATH": str(TESTS)}
+    extra = ["+callbacks.slow._target_=helpers.SlowSteps", f"+callbacks.slow.seconds={slow}"] if slow else []
+    command = [sys.executable, "-m", "covidseg.train", *RESUMABLE, *extra, f"paths.log_dir={log_dir}", *overrides]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def _final_metrics(log_dir: Path) -> dict:
+    (path,) = log_dir.glob("train/runs/*/metrics.json")
+    return json.loads(path.read_text())
+
+
+def _wait_for_step(log_dir: Path, step: int, process: subprocess.Popen) -> Path:
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        for last in log_dir.glob("train/runs/*/checkpoints/last.ckpt"):
+            try:
+                if torch.load(last, weights_only=True)["global_step"] >= step:
+                    return last
+            except (EOFError, RuntimeError, KeyError):
+                pass  # being replaced right now
+        time.sleep(0.1)
+    raise AssertionError(f"no checkpoint at step {step}: {process.communicate()[0][-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    log_dir = tmp_path_factory.mktemp("uninterrupted") / "outputs"
+    _finish(_start(log_dir))
+    return _final_metrics(log_dir)
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path: Path, uninterrupted: dict) -> None:
+    log_dir = tmp_path / "outputs"
+    process = _start(log_dir, slow=0.3)
+    _wait_for_step(log_dir, 11, process)  # 8 steps per epoch: in the middle of the second epoch
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    output = _finish(_start(log_dir, "ckpt_path=last"))
+    assert "resuming" in output
+    resumed = _final_metrics(log_dir)  # one run folder: the resumed run continued the killed one
+    assert resumed["global_step"] == uninterrupted["global_step"] == 24
+    for name in ("val/dice", "val/loss", "val/iou_pooled"):
+        assert resumed[name] == pytest.approx(uninterrupted[name], rel=1e-4, abs=1e-6), name
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path: Path, uninterrupted: dict) -> None:
+    log_dir = tmp_path / "outputs"
+    process = _start(log_dir, "callbacks.last_checkpoint.every_n_train_steps=1000", slow=0.3)
+    _wait_for_step(log_dir, 8, process)  # the epoch-end checkpoint of the first epoch
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
+    assert "Resume with" in output and "ckpt_path=" in output
+    (last,) = log_dir.glob("train/runs/*/checkpoints/last.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] > 8
+    _finish(_start(log_dir, f"ckpt_path={last}"))
+    assert _final_metrics(log_dir)["val/dice"] == pytest.approx(uninterrupted["val/dice"], rel=1e-4, abs=1e-6)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(compose_cfg) -> None:
+    sys.path.insert(0, str(TESTS))
+    cfg = compose_cfg(
+        "train", [*FAST, "trainer.max_epochs=3", "model.loss._target_=helpers.NaNAfter", "+model.loss.step=5"]
+    )
+    with pytest.raises(FloatingPointError, match="train loss is nan at global step 2 .*batch starting with"):
+        train(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True)
+    assert state["global_step"] == 2 and all(torch.isfinite(t).all() for t in state["state_dict"].values())
