@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
 import platform
@@ -24,7 +25,7 @@ from covidseg.checkpoints import CheckpointError
 from covidseg.data import DataError
 
 log = logging.getLogger(__name__)
-USER_ERRORS = (DataError, CheckpointError, FloatingPointError, PermissionError)
+USER_ERRORS = (DataError, CheckpointError, FloatingPointError)
 
 
 @contextmanager
@@ -34,6 +35,16 @@ def user_errors() -> Iterator[None]:
         yield
     except USER_ERRORS as error:
         Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+            raise
+        Console(stderr=True).print(
+            f"[bold red]error:[/] {error}. Free space or choose a writable paths.log_dir; "
+            "checkpoints are written atomically, so the last complete one is intact.",
+            highlight=False,
+            soft_wrap=True,
+        )
         sys.exit(2)
     except SIGTERMException:
         sys.exit(128 + signal.SIGTERM)  # stopped on request; the checkpoint is saved

@@ -105,3 +105,31 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(compose
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     state = torch.load(last, weights_only=True)
     assert state["global_step"] == 2 and all(torch.isfinite(t).all() for t in state["state_dict"].values())
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(compose_cfg, monkeypatch) -> None:
+    import errno
+
+    from fsspec.implementations.local import LocalFileOpener
+
+    from covidseg.reporting import user_errors
+
+    real_write, writes = LocalFileOpener.write, []
+
+    def write_until_full(self, data):
+        if not str(self.path).endswith(".ckpt"):
+            return real_write(self, data)
+        writes.append(self.path)
+        if len(writes) <= 2:  # the first epoch's best and last checkpoints
+            return real_write(self, data)
+        real_write(self, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(LocalFileOpener, "write", write_until_full)
+    cfg = compose_cfg("train", [*FAST, "trainer.max_epochs=3"])
+    with pytest.raises(SystemExit) as stopped, user_errors():
+        train(cfg)
+    assert stopped.value.code == 2
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True)
+    assert state["global_step"] == 2 and len(writes) == 3

@@ -152,5 +152,7 @@ def test_user_errors_exit_cleanly_with_the_key_named(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "data.root" in result.stderr and "missing" in result.stderr and "Traceback" not in result.stderr
+    result = _run("-m", "covidseg.train", "model=nope", "trainer.max_epoch=3", cwd=tmp_path)
+    assert result.returncode != 0 and "nope" in result.stderr  # Hydra's own message
     result = _run("-m", "covidseg.eval", "ckpt_path=nope.ckpt", f"paths.log_dir={tmp_path}", cwd=tmp_path)
     assert result.returncode == 2 and "ckpt_path 'nope.ckpt' does not exist" in result.stderr
