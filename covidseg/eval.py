@@ -15,6 +15,7 @@ from covidseg.builders import build_run
 from covidseg.checkpoints import CONFIG_KEY, load_checkpoint, load_weights, resolve_ckpt_path
 from covidseg.report import write_eval_report
 from covidseg.reporting import print_summary, user_errors, write_metrics, write_per_image, write_run_info
+from covidseg.severity import SeverityOnTest
 
 
 def apply_checkpoint_config(cfg: DictConfig, checkpoint: dict) -> None:
@@ -42,7 +43,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     metrics = {name: float(value) for name, value in run.trainer.callback_metrics.items()}
     metrics_path = write_metrics(output_dir, metrics)
     module = run.module
-    csv_path = write_per_image(output_dir, module.test_names, module.test_per_image)
+    columns = dict(module.test_per_image)
+    for callback in run.trainer.callbacks:
+        if isinstance(callback, SeverityOnTest) and callback.rows:
+            for prefix, rows in (("predicted", callback.rows), ("true", callback.truth_rows)):
+                columns |= {f"{prefix}_{key}": [row[key] for row in rows] for key in rows[0]}
+    csv_path = write_per_image(output_dir, module.test_names, columns)
     title = f"eval on {run.datamodule.split}: {ckpt_path}"
     report_path = write_eval_report(
         output_dir,

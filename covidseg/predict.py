@@ -25,7 +25,8 @@ from covidseg.data.decode import read_gray, resize_image
 from covidseg.data.index import IMAGE_SUFFIXES, DataError
 from covidseg.export import export_onnx, read_metadata
 from covidseg.reporting import user_errors, write_run_info
-from covidseg.visualize import PREDICTION_COLOR, overlay
+from covidseg.severity import severity
+from covidseg.visualize import LUNG_COLOR, PREDICTION_COLOR, outline, overlay
 
 log = logging.getLogger(__name__)
 Backend = Callable[[np.ndarray], np.ndarray]  # (N, 1, S, S) float32 in [0, 1] -> logits (N, T, S, S)
@@ -101,6 +102,7 @@ def predict(cfg: DictConfig) -> Path:
     size, targets = meta["image_size"], meta["targets"]
     threshold = cfg.threshold if cfg.threshold is not None else meta["threshold"]
     channel = targets.index("infection") if "infection" in targets else 0
+    lung_channel = targets.index("lung") if "lung" in targets and len(targets) > 1 else None
     input_set = {p.resolve() for p in files}
     rows, skipped = [], []
     batches = [files[start : start + cfg.batch_size] for start in range(0, len(files), cfg.batch_size)]
@@ -116,11 +118,13 @@ def predict(cfg: DictConfig) -> Path:
         if not images:
             continue
         stacked = np.stack([resize_image(image, size) for image in images])[:, None].astype(np.float32) / 255
-        probabilities = 1 / (1 + np.exp(-backend(stacked)[:, channel]))
+        probabilities = 1 / (1 + np.exp(-backend(stacked)))
         seconds = (time.perf_counter() - started) / len(images)
         for path, image, probability in zip(readable, images, probabilities, strict=True):
-            rows.append(_write_outputs(path, base, output, image, probability, threshold, cfg.save_probability,
-                                       input_set, seconds))  # fmt: skip
+            lung = probability[lung_channel] if lung_channel is not None else None
+            outputs = ImageOutputs(path, image, probability[channel], lung, threshold)
+            rows.append(outputs.write(output / path.relative_to(base).with_suffix(""), cfg.save_probability, input_set)
+                        | {"seconds": round(seconds, 4)})  # fmt: skip
     csv_path = output / "predictions.csv"
     with csv_path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["file"])
@@ -132,34 +136,52 @@ def predict(cfg: DictConfig) -> Path:
     return csv_path
 
 
-def _write_outputs(path, base, output, image, probability, threshold, save_probability, input_set, seconds) -> dict:
-    height, width = image.shape
-    probability = cv2.resize(probability, (width, height), interpolation=cv2.INTER_LINEAR)
-    mask = probability > threshold
-    stem = output / path.relative_to(base).with_suffix("")
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    written = {
-        stem.with_name(stem.name + "_mask.png"): mask.astype(np.uint8) * 255,
-        stem.with_name(stem.name + "_overlay.png"): cv2.cvtColor(
-            overlay(image, mask, PREDICTION_COLOR), cv2.COLOR_RGB2BGR
-        ),
-    }
-    if save_probability:
-        written[stem.with_name(stem.name + "_probability.png")] = (probability * 255).round().astype(np.uint8)
-    for target, array in written.items():
-        if target.resolve() in input_set:
-            raise DataError(f"refusing to overwrite the input {str(target)!r}")
-        cv2.imwrite(str(target), array)
-    infected = int(mask.sum())
-    return {
-        "file": str(path),
-        "width": width,
-        "height": height,
-        "infected_pixels": infected,
-        "infected_percent": round(100 * infected / mask.size, 4),
-        "mean_probability": round(float(probability[mask].mean()) if infected else 0.0, 4),
-        "seconds": round(seconds, 4),
-    }
+class ImageOutputs:
+    """One image's masks at its own size, the files drawn from them and its CSV row."""
+
+    def __init__(
+        self, path: Path, image: np.ndarray, probability: np.ndarray, lung: np.ndarray | None, threshold: float
+    ) -> None:
+        height, width = image.shape
+        self.path, self.image = path, image
+        self.probability = cv2.resize(probability, (width, height), interpolation=cv2.INTER_LINEAR)
+        self.mask = self.probability > threshold
+        self.lung = None
+        if lung is not None:
+            self.lung = cv2.resize(lung, (width, height), interpolation=cv2.INTER_LINEAR) > threshold
+
+    def write(self, stem: Path, save_probability: bool, inputs: set[Path]) -> dict:
+        """Write ``<stem>_mask.png``, ``_overlay.png`` (and ``_probability.png``, ``_lung.png``)."""
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        drawn = overlay(self.image, self.mask, PREDICTION_COLOR)
+        files = {"mask": self.mask.astype(np.uint8) * 255}
+        if self.lung is not None:
+            files["lung"] = self.lung.astype(np.uint8) * 255
+            outline(drawn, self.lung, LUNG_COLOR)
+        files["overlay"] = cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR)
+        if save_probability:
+            files["probability"] = (self.probability * 255).round().astype(np.uint8)
+        for suffix, array in files.items():
+            target = stem.with_name(f"{stem.name}_{suffix}.png")
+            if target.resolve() in inputs:
+                raise DataError(f"refusing to overwrite the input {str(target)!r}")
+            cv2.imwrite(str(target), array)
+        return self.row()
+
+    def row(self) -> dict:
+        height, width = self.image.shape
+        infected = int(self.mask.sum())
+        row = {
+            "file": str(self.path),
+            "width": width,
+            "height": height,
+            "infected_pixels": infected,
+            "infected_percent": round(100 * infected / self.mask.size, 4),
+            "mean_probability": round(float(self.probability[self.mask].mean()) if infected else 0.0, 4),
+        }
+        if self.lung is not None:
+            row |= {key: round(value, 4) for key, value in severity(self.lung, self.mask).items()}
+        return row
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")

@@ -7,6 +7,7 @@ import numpy as np
 
 TRUTH_COLOR = (0, 200, 0)  # RGB
 PREDICTION_COLOR = (230, 40, 40)
+LUNG_COLOR = (240, 200, 0)
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int], alpha: float = 0.35) -> np.ndarray:
@@ -17,10 +18,13 @@ def overlay(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int], al
     rgb = np.repeat(image[..., None], 3, axis=2).astype(np.float32)
     positive = mask.astype(bool)
     rgb[positive] = (1 - alpha) * rgb[positive] + alpha * np.asarray(color, np.float32)
-    rgb = rgb.astype(np.uint8)
-    contours, _ = cv2.findContours(positive.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    thickness = max(1, image.shape[0] // 256)
-    cv2.drawContours(rgb, contours, -1, color, thickness)
+    return outline(rgb.astype(np.uint8), positive, color)
+
+
+def outline(rgb: np.ndarray, mask: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:
+    """Draw the outer contours of ``mask`` on an RGB uint8 image, in place; returns it."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(rgb, contours, -1, color, max(1, rgb.shape[0] // 256))
     return rgb
 
 

@@ -108,9 +108,9 @@ class SegmentationModule(L.LightningModule):
         """Returns the logits, for callbacks that chart them (precision-recall curve)."""
         return {"logits": self._shared_step(batch, "val")[1]}
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         self.test_names.extend(batch["name"])
+        return {"logits": self._shared_step(batch, "test")[1]}
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         return {"name": batch["name"], "probability": self(batch["image"]).sigmoid()}

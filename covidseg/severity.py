@@ -1,0 +1,108 @@
+"""Severity from lung and infection masks: how much of each lung is involved, and a 0-6 zone score.
+
+Conventions (state them when reporting):
+- Left and right are the patient's: in a standard PA view the patient's left lung is on the
+  image's right. The lungs are the two largest connected components of the lung mask; a single
+  component is split at the image's vertical centre line.
+- Each lung is split into upper, middle and lower thirds of its own height. A zone counts when
+  infection covers more than ``zone_threshold`` (default 5 %) of it; the score is the count (0-6).
+- Percentages are of lung area. This is a research measurement, not a diagnostic device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import lightning as L
+import numpy as np
+import torch
+from torchmetrics.functional import cohen_kappa
+
+ZONES = ("upper", "middle", "lower")
+
+
+def split_lungs(lung: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(patient_right, patient_left)`` boolean masks; the patient's right is on the image's left."""
+    count, labels, stats, centroids = cv2.connectedComponentsWithStats(lung.astype(np.uint8), connectivity=8)
+    components = sorted(range(1, count), key=lambda c: stats[c, cv2.CC_STAT_AREA], reverse=True)[:2]
+    if len(components) == 2:
+        image_left, image_right = sorted(components, key=lambda c: centroids[c][0])
+        return labels == image_left, labels == image_right
+    middle = lung.shape[1] // 2
+    columns = np.arange(lung.shape[1])[None, :]
+    lung = lung.astype(bool)
+    return lung & (columns < middle), lung & (columns >= middle)
+
+
+def zone_masks(lung: np.ndarray) -> list[np.ndarray]:
+    """Upper, middle and lower thirds of one lung by its height."""
+    rows = np.nonzero(lung.any(axis=1))[0]
+    if len(rows) == 0:
+        return [lung.copy() for _ in ZONES]
+    top, height = rows[0], rows[-1] - rows[0] + 1
+    bounds = [top + round(height * k / 3) for k in range(4)]
+    row_index = np.arange(lung.shape[0])[:, None]
+    return [lung & (row_index >= bounds[k]) & (row_index < bounds[k + 1]) for k in range(3)]
+
+
+def severity(lung: np.ndarray, infection: np.ndarray, zone_threshold: float = 0.05) -> dict[str, float]:
+    """Percent of each lung infected, of both lungs, and the zone score, for one image."""
+    infection = infection.astype(bool)
+    right, left = split_lungs(lung)
+    result: dict[str, float] = {}
+    score = 0
+    for side, side_mask in (("right", right), ("left", left)):
+        area = side_mask.sum()
+        result[f"{side}_lung_infected_percent"] = 100 * float((infection & side_mask).sum() / area) if area else 0.0
+        for zone, zone_mask in zip(ZONES, zone_masks(side_mask), strict=True):
+            zone_area = zone_mask.sum()
+            involved = zone_area > 0 and (infection & zone_mask).sum() / zone_area > zone_threshold
+            result[f"{side}_{zone}_zone"] = int(involved)
+            score += int(involved)
+    lungs = right | left
+    result["lung_infected_percent"] = 100 * float((infection & lungs).sum() / lungs.sum()) if lungs.any() else 0.0
+    result["zone_score"] = score
+    return result
+
+
+def agreement(predicted: Sequence[dict], truth: Sequence[dict]) -> dict[str, float]:
+    """Mean absolute error of percent infected, and exact-match rate and quadratic-weighted kappa
+    of the zone score, of predicted against ground-truth severity."""
+    predicted_percent = np.array([row["lung_infected_percent"] for row in predicted])
+    true_percent = np.array([row["lung_infected_percent"] for row in truth])
+    predicted_score = torch.tensor([row["zone_score"] for row in predicted])
+    true_score = torch.tensor([row["zone_score"] for row in truth])
+    kappa = cohen_kappa(predicted_score, true_score, task="multiclass", num_classes=7, weights="quadratic")
+    return {
+        "severity/percent_infected_mae": float(np.abs(predicted_percent - true_percent).mean()),
+        "severity/zone_score_exact": float((predicted_score == true_score).float().mean()),
+        "severity/zone_score_kappa": float(kappa),
+    }
+
+
+class SeverityOnTest(L.Callback):
+    """For models with ``lung`` and ``infection`` targets, grades severity of each test image from
+    the predicted masks and from the truth; rows in ``rows``, agreement logged as ``severity/*``."""
+
+    def __init__(self, zone_threshold: float = 0.05) -> None:
+        self.zone_threshold = zone_threshold
+        self.rows: list[dict] = []
+        self.truth_rows: list[dict] = []
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.rows, self.truth_rows = [], []
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        targets = pl_module.targets
+        if not {"lung", "infection"} <= set(targets) or outputs is None:
+            return
+        lung, infection = targets.index("lung"), targets.index("infection")
+        predicted = (outputs["logits"].sigmoid() > pl_module.hparams.threshold).cpu().numpy()
+        truth = batch["mask"].cpu().numpy() > 0.5
+        for masks, rows in ((predicted, self.rows), (truth, self.truth_rows)):
+            rows.extend(severity(m[lung], m[infection], self.zone_threshold) for m in masks)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.rows:
+            pl_module.log_dict(agreement(self.rows, self.truth_rows))
