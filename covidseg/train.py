@@ -29,9 +29,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
             cfg.paths.output_dir = str(ckpt_path.parent.parent)
         log.info("resuming %s", cfg.paths.output_dir)
     output_dir = Path(cfg.paths.output_dir)
-    write_run_info(output_dir)
     run = build_run(cfg)
     trainer = run.trainer
+    if trainer.is_global_zero:  # one set of run files, also under DDP
+        write_run_info(output_dir)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     if cfg.train:
@@ -59,6 +60,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
         for logger in trainer.loggers:
             logger.log_metrics({"hp_metric": objective}, step=trainer.global_step)
     metrics["global_step"] = trainer.global_step
+    if not trainer.is_global_zero:
+        return metrics, objective
     write_metrics(output_dir, metrics)
     print_summary(
         f"{cfg.task_name}: final metrics",

@@ -68,7 +68,7 @@ def test_train_then_eval_round_trip(compose_cfg, tmp_path: Path) -> None:
     assert json.loads((eval_dir / "metrics.json").read_text())["test/dice"] == pytest.approx(eval_metrics["test/dice"])
     with (eval_dir / "per_image.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 4 and rows[0]["file"].startswith("COVID-19/")
+    assert len(rows) == 4 and rows[0]["file"].startswith("Test/COVID-19/")
     mean_dice = sum(float(row["dice_infection"]) for row in rows) / len(rows)
     assert mean_dice == pytest.approx(eval_metrics["test/dice"], abs=1e-4)
     report = (eval_dir / "report.html").read_text()

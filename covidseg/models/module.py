@@ -95,7 +95,9 @@ class SegmentationModule(L.LightningModule):
                 f"{stage} loss is {loss.item()} at global step {self.global_step} "
                 f"(batch starting with {batch['name'][0]!r}); lower model.optimizer.lr or check the data"
             )
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, batch_size=len(masks), prog_bar=True)
+        training = stage == "train"  # validation and test losses are averaged across DDP ranks
+        self.log(f"{stage}/loss", loss, on_step=training, on_epoch=True, batch_size=len(masks), prog_bar=True,
+                 sync_dist=not training)  # fmt: skip
         detached = logits.detach()
         for channel, target in enumerate(self.targets):
             self.scores[f"{stage}_scores"][target].update(detached[:, channel], masks[:, channel])

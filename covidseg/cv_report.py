@@ -1,0 +1,49 @@
+"""Summarise a k-fold multirun: mean and standard deviation of each metric across folds.
+
+python -m covidseg.train -m data.num_folds=5 data.fold=0,1,2,3,4
+python -m covidseg.cv_report outputs/train/multiruns/<date>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def summarise(multirun_dir: Path) -> dict[str, dict[str, float]]:
+    """``{metric: {mean, std, n}}`` over the jobs' ``metrics.json`` (std with n-1)."""
+    runs = [json.loads(path.read_text()) for path in sorted(multirun_dir.glob("*/metrics.json"))]
+    if not runs:
+        raise FileNotFoundError(f"no */metrics.json under {str(multirun_dir)!r}: is it a finished multirun folder?")
+    names = sorted(set.intersection(*(set(run) for run in runs)))
+    summary = {}
+    for name in names:
+        if name.split("/")[0] in ("val", "test", "severity"):
+            values = np.array([run[name] for run in runs], dtype=float)
+            std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            summary[name] = {"mean": float(values.mean()), "std": std, "n": len(values)}
+    return summary
+
+
+def markdown(summary: dict[str, dict[str, float]]) -> str:
+    lines = ["| metric | mean | std | folds |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {s['mean']:.4f} | {s['std']:.4f} | {s['n']} |" for name, s in summary.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("multirun_dir", type=Path)
+    folder = parser.parse_args().multirun_dir
+    summary = summarise(folder)
+    (folder / "cv_report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (folder / "cv_report.md").write_text(markdown(summary))
+    print(markdown(summary), end="")
+    print(f"written: {folder / 'cv_report.json'}, {folder / 'cv_report.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""k-fold cross-validation (and, below, distributed training and sweeps)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FAST
+
+from covidseg.cv_report import summarise
+from covidseg.data import CovidQuExDataModule, DataError, SyntheticPhantoms
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    counts = {"Train": 10, "Val": 5, "Test": 4}
+    return SyntheticPhantoms(counts, image_size=32, seed=2).write(tmp_path_factory.mktemp("folds") / "data")
+
+
+def _names(root: Path, fold: int, train: bool, seed: int = 0) -> set[str]:
+    datamodule = CovidQuExDataModule(
+        root, classes=["COVID-19", "Normal"], image_size=32, num_folds=3, fold=fold, seed=seed
+    )
+    return set(datamodule.dataset("Val" if not train else "Train", train=train).names)
+
+
+def test_folds_partition_train_and_val_stratified_and_reproducibly(root: Path) -> None:
+    validation = [_names(root, fold, train=False) for fold in range(3)]
+    everything = set.union(*validation)
+    assert len(everything) == 2 * 15 and sum(len(v) for v in validation) == 30  # disjoint, complete
+    for fold, held_out in enumerate(validation):
+        assert _names(root, fold, train=True) == everything - held_out
+        assert sum("/COVID-19/" in name for name in held_out) == 5  # 15 per class / 3 folds
+    assert validation[0] == _names(root, 0, train=False)
+    assert validation[0] != _names(root, 0, train=False, seed=1)
+    test_names = set(
+        CovidQuExDataModule(root, classes=["COVID-19", "Normal"], image_size=32, num_folds=3).dataset("Test").names
+    )
+    assert not test_names & everything and len(test_names) == 8
+
+
+def test_bad_fold_settings_name_the_keys(root: Path) -> None:
+    with pytest.raises(DataError, match="data.num_folds=3 and data.fold=3"):
+        CovidQuExDataModule(root, num_folds=3, fold=3)
+
+
+def test_three_fold_multirun_and_cv_report(tmp_path: Path) -> None:
+    overrides = [o.replace("{Train: 8, Val: 4, Test: 4}", "{Train:8,Val:4,Test:4}") for o in FAST]
+    env = {**os.environ, "COVIDSEG_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "covidseg.train", "-m", *overrides, "data.num_folds=3", "data.fold=0,1,2",
+               "logger=csv", f"paths.log_dir={tmp_path / 'outputs'}"]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (multirun,) = (tmp_path / "outputs/train/multiruns").iterdir()
+    report = subprocess.run(
+        [sys.executable, "-m", "covidseg.cv_report", str(multirun)], capture_output=True, text=True, timeout=60
+    )
+    assert report.returncode == 0, report.stderr
+    summary = json.loads((multirun / "cv_report.json").read_text())
+    assert summary["val/dice"]["n"] == 3 and "test/dice" in summary
+    folds = [json.loads((multirun / str(job) / "metrics.json").read_text())["val/dice"] for job in range(3)]
+    assert summary["val/dice"]["mean"] == pytest.approx(sum(folds) / 3)
+    assert summary == summarise(multirun)
+
+
+def test_ddp_on_cpu_gives_the_single_process_metrics(tmp_path: Path, compose_cfg) -> None:
+    from covidseg.eval import evaluate
+
+    overrides = [o.replace("{Train: 8, Val: 4, Test: 4}", "{Train:8,Val:6,Test:6}") for o in FAST]
+    env = {**os.environ, "COVIDSEG_CACHE": str(tmp_path / "cache")}
+    log_dir = tmp_path / "ddp"
+    command = [sys.executable, "-m", "covidseg.train", *overrides, "trainer=ddp_cpu", "logger=csv",
+               "data.eval_batch_size=2", f"paths.log_dir={log_dir}"]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (log_dir / "train/runs").iterdir()  # one run folder for both processes
+    ddp_metrics = json.loads((run_dir / "metrics.json").read_text())
+    best = next(p for p in (run_dir / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt")
+
+    data = [o for o in overrides if o.startswith("data") and not o.startswith("data.image_size")]
+    single = evaluate(compose_cfg("eval", [f"ckpt_path={best}", *data]))
+    for name in ("test/dice", "test/iou", "test/dice_pooled", "test/loss"):
+        assert ddp_metrics[name] == pytest.approx(single[name], abs=1e-5), name
