@@ -1,6 +1,6 @@
 """Export a trained model to ONNX or TorchScript, with a metadata file beside it.
 
-python -m covidseg.export ckpt_path=<ckpt|pretrained> format=onnx|torchscript [output=DIR]
+python -m covidseg.export ckpt_path=<ckpt|pretrained> format=onnx|torchscript|safetensors [output=DIR]
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from typing import Any
 
 import hydra
 import torch
+import yaml
 from omegaconf import DictConfig
 from rich.console import Console
+from safetensors.torch import save_file
 
 from covidseg.checkpoints import CheckpointError, module_from_checkpoint, resolve_ckpt_path
 from covidseg.reporting import user_errors
@@ -66,6 +68,18 @@ def export_torchscript(module: torch.nn.Module, config: dict[str, Any], path: Pa
     return path
 
 
+def export_safetensors(module: torch.nn.Module, config: dict[str, Any], path: Path) -> Path:
+    """fp16 weights (safetensors: nothing to unpickle) with the model/data config as ``.yaml`` beside
+    them; ``ckpt_path`` accepts the result like a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().half().contiguous() for name, tensor in module.state_dict().items()}
+    save_file(state, str(path))
+    kept = {key: config[key] for key in ("model", "data", "metrics") if key in config}
+    path.with_suffix(".yaml").write_text(yaml.safe_dump(kept, sort_keys=False))
+    path.with_suffix(".json").write_text(json.dumps(metadata(config, "safetensors"), indent=2) + "\n")
+    return path
+
+
 def read_metadata(path: Path) -> dict[str, Any]:
     meta_path = Path(path).with_suffix(".json")
     if not meta_path.is_file():
@@ -73,7 +87,11 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return json.loads(meta_path.read_text())
 
 
-EXPORTERS = {"onnx": (export_onnx, ".onnx"), "torchscript": (export_torchscript, ".pt")}
+EXPORTERS = {
+    "onnx": (export_onnx, ".onnx"),
+    "torchscript": (export_torchscript, ".pt"),
+    "safetensors": (export_safetensors, ".safetensors"),
+}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")

@@ -110,3 +110,15 @@ def test_torchscript_export_matches_pytorch(checkpoint, tmp_path) -> None:
     batch = torch.rand(3, 1, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.load(str(path))(batch), module(batch), atol=1e-5, rtol=1e-4)
+
+
+def test_safetensors_export_loads_without_pickle_and_predicts_alike(checkpoint, tmp_path) -> None:
+    from covidseg.export import export_safetensors
+
+    module, config = module_from_checkpoint(checkpoint)
+    path = export_safetensors(module, config | {"metrics": {"val/dice": 0.5}}, tmp_path / "model.safetensors")
+    shipped, shipped_config = module_from_checkpoint(path)
+    assert shipped_config["metrics"] == {"val/dice": 0.5}
+    batch = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(shipped(batch), module(batch), atol=0.05, rtol=0.01)  # fp16 weights

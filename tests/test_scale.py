@@ -83,3 +83,34 @@ def test_ddp_on_cpu_gives_the_single_process_metrics(tmp_path: Path, compose_cfg
     single = evaluate(compose_cfg("eval", [f"ckpt_path={best}", *data]))
     for name in ("test/dice", "test/iou", "test/dice_pooled", "test/loss"):
         assert ddp_metrics[name] == pytest.approx(single[name], abs=1e-5), name
+
+
+def test_optuna_sweep_runs_two_trials(tmp_path: Path) -> None:
+    overrides = [o.replace("{Train: 8, Val: 4, Test: 4}", "{Train:8,Val:4,Test:4}") for o in FAST]
+    overrides = [o for o in overrides if not o.startswith("model.net.base_width")]  # swept
+    env = {**os.environ, "COVIDSEG_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "covidseg.train", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
+               *overrides, "logger=csv", "test=false", f"paths.log_dir={tmp_path / 'outputs'}"]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Best value:" in result.stdout + result.stderr
+    (multirun,) = (tmp_path / "outputs/train/multiruns").iterdir()
+    assert sorted(p.name for p in multirun.iterdir() if p.name.isdigit()) == ["0", "1"]
+
+
+def test_slurm_launcher_config_composes() -> None:
+    from conftest import CONF_DIR
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose(
+            "train",
+            overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "trainer=gpu"],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 240)
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
