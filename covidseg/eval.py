@@ -24,7 +24,7 @@ def apply_checkpoint_config(cfg: DictConfig, checkpoint: dict) -> None:
     if not saved:
         return
     with open_dict(cfg):
-        cfg.model = OmegaConf.create(saved["model"])
+        cfg.model = OmegaConf.create({**saved["model"], "flip_tta": cfg.flip_tta, "compile": False})
         cfg.data.targets = saved["data"]["targets"]
         cfg.data.image_size = saved["data"]["image_size"]
 

@@ -66,3 +66,21 @@ def test_scores_all_empty_split_is_perfect() -> None:
     metric = SegmentationScores(from_logits=False)
     metric.update(torch.zeros(3, 1, 4, 4), torch.zeros(3, 1, 4, 4))
     assert all(value == pytest.approx(1.0) for value in metric.compute().values())
+
+
+def test_flip_tta_averages_the_mirrored_prediction_in_eval_mode_only() -> None:
+    from functools import partial
+
+    from covidseg.models import SegmentationModule
+
+    torch.manual_seed(0)
+    module = SegmentationModule(UNet(base_width=4), BCEDiceLoss(), partial(torch.optim.Adam), input_size=32).eval()
+    images = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        plain = module(images)
+        mirrored = module(images.flip(-1)).flip(-1)
+        module.flip_tta = True
+        torch.testing.assert_close(module(images), (plain + mirrored) / 2)
+        assert plain.shape == (2, 1, 64, 64)  # input_size 32 inside, full resolution out
+        module.train()
+        assert module(images).shape == plain.shape

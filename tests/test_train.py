@@ -17,7 +17,7 @@ from covidseg.report import learning_curves
 from covidseg.train import train
 
 ROOT = CONF_DIR.parent
-GROUPS = ["data", "model", "trainer", "callbacks", "logger", "debug", "experiment"]
+GROUPS = ["data", "model", "trainer", "callbacks", "logger", "debug", "experiment", "hparams_search"]
 
 
 def _options(group: str) -> list[str]:

@@ -34,6 +34,7 @@ class SegmentationModule(L.LightningModule):
         compile: compile the network with ``torch.compile`` (faster steps after a slow first one).
         input_size: run the network at this side (area-downsampled input, bilinear-upsampled
             logits), so that loss and metrics stay at the data's full resolution.
+        flip_tta: in eval mode, average the logits of the image and of its horizontal mirror.
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class SegmentationModule(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         input_size: int | None = None,
+        flip_tta: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"], logger=False)
@@ -62,6 +64,7 @@ class SegmentationModule(L.LightningModule):
         if out_channels != len(self.targets):
             raise ValueError(f"the network outputs {out_channels} channel(s) but targets are {self.targets}")
         self.primary_target = "infection" if "infection" in self.targets else self.targets[0]
+        self.flip_tta = flip_tta
         # keyed "train_scores" etc.: a ModuleDict key may not shadow nn.Module.train
         self.scores = nn.ModuleDict(
             {
@@ -75,6 +78,11 @@ class SegmentationModule(L.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits at the input's resolution, whatever ``input_size`` the network runs at."""
+        if self.flip_tta and not self.training:
+            return (self._logits(images) + self._logits(images.flip(-1)).flip(-1)) / 2
+        return self._logits(images)
+
+    def _logits(self, images: torch.Tensor) -> torch.Tensor:
         size = images.shape[-2:]
         input_size = self.hparams.input_size
         if input_size and tuple(size) != (input_size, input_size):
