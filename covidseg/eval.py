@@ -9,6 +9,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from covidseg.builders import build_run
@@ -29,6 +30,20 @@ def apply_checkpoint_config(cfg: DictConfig, checkpoint: dict) -> None:
         cfg.data.image_size = saved["data"]["image_size"]
 
 
+def false_positive_summary(module, image_size: int, area_limit: float = 0.01) -> dict[str, float]:
+    """On images whose truth is empty (healthy lungs): how many, and the share predicted almost
+    empty (infected area below ``area_limit`` of the image)."""
+    target = module.primary_target
+    truth = np.array(module.test_per_image[f"truth_area_{target}"])
+    predicted = np.array(module.test_per_image[f"predicted_area_{target}"])[truth == 0]
+    if not len(predicted):
+        return {}
+    return {
+        "test/empty_truth_images": float(len(predicted)),
+        "test/empty_truth_below_1pct": float(np.mean(predicted < area_limit * image_size**2)),
+    }
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test the checkpoint on ``data.split`` and write its metrics and per-image rows."""
     L.seed_everything(cfg.seed, workers=True)
@@ -41,6 +56,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     load_weights(run.module, checkpoint, ckpt_path)
     run.trainer.test(run.module, datamodule=run.datamodule)
     metrics = {name: float(value) for name, value in run.trainer.callback_metrics.items()}
+    metrics |= false_positive_summary(run.module, cfg.data.image_size)
     metrics_path = write_metrics(output_dir, metrics)
     module = run.module
     columns = dict(module.test_per_image)

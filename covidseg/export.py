@@ -74,7 +74,12 @@ def export_safetensors(module: torch.nn.Module, config: dict[str, Any], path: Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().half().contiguous() for name, tensor in module.state_dict().items()}
     save_file(state, str(path))
-    kept = {key: config[key] for key in ("model", "data", "metrics") if key in config}
+    data = {
+        key: value
+        for key, value in config["data"].items()
+        if key in ("image_size", "targets", "classes", "eval_classes")
+    }
+    kept = {"model": config["model"], "data": data} | ({"metrics": config["metrics"]} if "metrics" in config else {})
     path.with_suffix(".yaml").write_text(yaml.safe_dump(kept, sort_keys=False))
     path.with_suffix(".json").write_text(json.dumps(metadata(config, "safetensors"), indent=2) + "\n")
     return path

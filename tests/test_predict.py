@@ -122,3 +122,13 @@ def test_safetensors_export_loads_without_pickle_and_predicts_alike(checkpoint, 
     batch = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(shipped(batch), module(batch), atol=0.05, rtol=0.01)  # fp16 weights
+
+
+def test_shipped_model_predicts_out_of_the_box(compose_cfg, xrays, tmp_path) -> None:
+    from covidseg.checkpoints import PRETRAINED, load_checkpoint
+
+    assert PRETRAINED.stat().st_size <= 20 * 2**20
+    config = load_checkpoint(PRETRAINED)["covidseg_config"]
+    assert config["metrics"]["dice"] > 0.7 and config["data"]["image_size"] == 256
+    rows = _predict(compose_cfg, "pretrained", xrays, tmp_path / "out")
+    assert len(rows) == 3 and all(float(row["infected_percent"]) >= 0 for row in rows)

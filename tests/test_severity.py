@@ -84,8 +84,11 @@ def test_lung_and_infection_model_reports_both_and_grades_severity(compose_cfg, 
     checkpoint = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
 
     data = [o for o in FAST if o.startswith("data") and not o.startswith("data.image_size")]
-    eval_metrics = evaluate(compose_cfg("eval", [f"ckpt_path={checkpoint}", *data, "data.split=Val"]))
+    eval_classes = "data.classes=[COVID-19,Normal]"
+    eval_metrics = evaluate(compose_cfg("eval", [f"ckpt_path={checkpoint}", *data, eval_classes, "data.split=Val"]))
     assert {"severity/percent_infected_mae", "severity/zone_score_kappa", "test/dice_lung"} <= set(eval_metrics)
+    assert eval_metrics["test/empty_truth_images"] == 4  # the Normal phantoms
+    assert 0 <= eval_metrics["test/empty_truth_below_1pct"] <= 1
     with (tmp_path / "outputs" / "run" / "per_image.csv").open() as handle:
         row = next(csv.DictReader(handle))
     assert {"predicted_zone_score", "true_zone_score", "true_lung_infected_percent", "dice_lung"} <= set(row)
