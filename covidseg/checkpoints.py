@@ -127,12 +127,15 @@ def load_weights(module: torch.nn.Module, checkpoint: dict[str, Any], path: str 
         ) from error
 
 
-def module_from_checkpoint(path: str | Path, flip_tta: bool = False) -> tuple[L.LightningModule, dict[str, Any]]:
-    """Rebuild the module a checkpoint was trained as, in eval mode, and return its run config."""
+def module_from_checkpoint(path: str | Path, **eval_options: bool) -> tuple[L.LightningModule, dict[str, Any]]:
+    """Rebuild the module a checkpoint was trained as, in eval mode, and return its run config.
+
+    ``eval_options`` set the module's eval-time switches (``flip_tta``, ``restrict_to_lungs``).
+    """
     checkpoint = load_checkpoint(path)
     config = checkpoint.get(CONFIG_KEY)
     if not config:
         raise CheckpointError(f"ckpt_path {str(path)!r} has no covidseg config: it was not written by covidseg.train")
-    module = instantiate({**config["model"], "compile": False, "flip_tta": flip_tta})
+    module = instantiate({**config["model"], "compile": False, **eval_options})
     load_weights(module, checkpoint, path)
     return module.eval(), config

@@ -25,7 +25,8 @@ def apply_checkpoint_config(cfg: DictConfig, checkpoint: dict) -> None:
     if not saved:
         return
     with open_dict(cfg):
-        cfg.model = OmegaConf.create({**saved["model"], "flip_tta": cfg.flip_tta, "compile": False})
+        eval_options = {"flip_tta": cfg.flip_tta, "restrict_to_lungs": cfg.restrict_to_lungs, "compile": False}
+        cfg.model = OmegaConf.create({**saved["model"], **eval_options})
         cfg.data.targets = saved["data"]["targets"]
         cfg.data.image_size = saved["data"]["image_size"]
 
@@ -60,10 +61,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     metrics_path = write_metrics(output_dir, metrics)
     module = run.module
     columns = dict(module.test_per_image)
+    severity_pairs = None
     for callback in run.trainer.callbacks:
         if isinstance(callback, SeverityOnTest) and callback.rows:
             for prefix, rows in (("predicted", callback.rows), ("true", callback.truth_rows)):
                 columns |= {f"{prefix}_{key}": [row[key] for row in rows] for key in rows[0]}
+            severity_pairs = (columns["predicted_lung_infected_percent"], columns["true_lung_infected_percent"])
     csv_path = write_per_image(output_dir, module.test_names, columns)
     title = f"eval on {run.datamodule.split}: {ckpt_path}"
     report_path = write_eval_report(
@@ -76,6 +79,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         run.datamodule.dataset(run.datamodule.split),
         channel=module.targets.index(module.primary_target),
         threshold=module.hparams.threshold,
+        severity_pairs=severity_pairs,
     )
     print_summary(title, metrics, {"metrics": metrics_path, "per-image": csv_path, "report": report_path})
     return metrics

@@ -82,7 +82,7 @@ def load_backend(cfg: DictConfig, output: Path) -> tuple[Backend, dict]:
     path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, "train")
     if path.suffix == ".onnx":
         return onnx_backend(path), read_metadata(path)
-    module, config = module_from_checkpoint(path, flip_tta=cfg.flip_tta)
+    module, config = module_from_checkpoint(path, flip_tta=cfg.flip_tta, restrict_to_lungs=cfg.restrict_to_lungs)
     if cfg.backend == "onnx":
         onnx_path = export_onnx(module, config, output / "model.onnx")
         return onnx_backend(onnx_path), read_metadata(onnx_path)

@@ -58,13 +58,26 @@ def write_eval_report(
     dataset: torch.utils.data.Dataset,
     channel: int,
     threshold: float,
+    severity_pairs: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> Path:
-    """``report.html`` (self-contained) plus ``gallery/{best,median,worst}.png``."""
+    """``report.html`` (self-contained) plus ``gallery/{best,median,worst}.png``; with
+    ``severity_pairs`` (predicted, true percent of lung infected) a scatter of the two."""
     figure, axes = plt.subplots(figsize=(6, 3))
     axes.hist(dice, bins=20, range=(0, 1), color="#c0392b")
     axes.set_xlabel("per-image Dice")
     axes.set_ylabel("images")
     histogram = _figure_png(figure)
+
+    charts = [f"<h2>Per-image Dice</h2>{_img_tag(histogram, 'histogram of per-image Dice')}"]
+    if severity_pairs is not None:
+        predicted, true = severity_pairs
+        figure, axes = plt.subplots(figsize=(4, 4))
+        axes.scatter(true, predicted, s=8, alpha=0.6, color="#c0392b")
+        axes.plot([0, 100], [0, 100], color="gray", linewidth=1)
+        axes.set_xlabel("true % of lung infected")
+        axes.set_ylabel("predicted % of lung infected")
+        scatter = _img_tag(_figure_png(figure), "predicted vs true percent of lung infected")
+        charts.append(f"<h2>Severity: percent of lung infected</h2>{scatter}")
 
     gallery_dir = output_dir / "gallery"
     gallery_dir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +105,7 @@ img{{max-width:100%}}</style></head><body>
 <table>{table}</table>
 <p>Dice and IoU are per-image means (an image with empty truth and prediction scores 1); *_pooled
 pool all pixels. Columns: X-ray | truth (green) | prediction (red).</p>
-<h2>Per-image Dice</h2>{_img_tag(histogram, "histogram of per-image Dice")}
+{"".join(charts)}
 {"".join(sections)}
 </body></html>
 """

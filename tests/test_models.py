@@ -84,3 +84,27 @@ def test_flip_tta_averages_the_mirrored_prediction_in_eval_mode_only() -> None:
         assert plain.shape == (2, 1, 64, 64)  # input_size 32 inside, full resolution out
         module.train()
         assert module(images).shape == plain.shape
+
+
+def test_restrict_to_lungs_drops_infection_outside_predicted_lungs_in_eval_only() -> None:
+    from functools import partial
+
+    from covidseg.models import SegmentationModule
+
+    class LungWhereBright(torch.nn.Module):
+        """Lung logit = pixel - 0.5; infection logit = 1 everywhere."""
+
+        in_channels, out_channels = 1, 2
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return torch.cat([images - 0.5, torch.ones_like(images)], dim=1)
+
+    module = SegmentationModule(
+        LungWhereBright(), BCEDiceLoss(), partial(torch.optim.Adam), targets=["lung", "infection"],
+        restrict_to_lungs=True, channels_last=False,
+    ).eval()  # fmt: skip
+    images = torch.rand(2, 1, 32, 32)
+    infection = module(images)[:, 1]
+    outside = images[:, 0] <= 0.5
+    assert (infection[outside].sigmoid() == 0).all() and (infection[~outside] == 1).all()
+    assert (module.train()(images)[:, 1] == 1).all()

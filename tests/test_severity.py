@@ -92,6 +92,8 @@ def test_lung_and_infection_model_reports_both_and_grades_severity(compose_cfg, 
     with (tmp_path / "outputs" / "run" / "per_image.csv").open() as handle:
         row = next(csv.DictReader(handle))
     assert {"predicted_zone_score", "true_zone_score", "true_lung_infected_percent", "dice_lung"} <= set(row)
+    report = (tmp_path / "outputs" / "run" / "report.html").read_text()
+    assert "Severity: percent of lung infected" in report and report.count("data:image/png;base64,") == 5
 
     image = next((Path(cfg.data.root) / "Val" / "COVID-19" / "images").glob("*.png"))
     predict_cfg = compose_cfg("predict", [f"ckpt_path={checkpoint}", f"input={image}", f"output={tmp_path / 'p'}"])

@@ -35,6 +35,8 @@ class SegmentationModule(L.LightningModule):
         input_size: run the network at this side (area-downsampled input, bilinear-upsampled
             logits), so that loss and metrics stay at the data's full resolution.
         flip_tta: in eval mode, average the logits of the image and of its horizontal mirror.
+        restrict_to_lungs: in eval mode, with ``lung`` and ``infection`` targets, keep infection
+            only where the lung is predicted too (infection lies inside the lungs by definition).
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class SegmentationModule(L.LightningModule):
         compile: bool = False,
         input_size: int | None = None,
         flip_tta: bool = False,
+        restrict_to_lungs: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"], logger=False)
@@ -65,6 +68,7 @@ class SegmentationModule(L.LightningModule):
             raise ValueError(f"the network outputs {out_channels} channel(s) but targets are {self.targets}")
         self.primary_target = "infection" if "infection" in self.targets else self.targets[0]
         self.flip_tta = flip_tta
+        self.restrict_to_lungs = restrict_to_lungs and {"lung", "infection"} <= set(self.targets)
         # keyed "train_scores" etc.: a ModuleDict key may not shadow nn.Module.train
         self.scores = nn.ModuleDict(
             {
@@ -78,9 +82,16 @@ class SegmentationModule(L.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits at the input's resolution, whatever ``input_size`` the network runs at."""
-        if self.flip_tta and not self.training:
-            return (self._logits(images) + self._logits(images.flip(-1)).flip(-1)) / 2
-        return self._logits(images)
+        logits = self._logits(images)
+        if self.training:
+            return logits
+        if self.flip_tta:
+            logits = (logits + self._logits(images.flip(-1)).flip(-1)) / 2
+        if self.restrict_to_lungs:
+            lung, infection = self.targets.index("lung"), self.targets.index("infection")
+            outside = logits[:, lung] <= 0  # lung probability <= 0.5
+            logits[:, infection] = logits[:, infection].masked_fill(outside, torch.finfo(logits.dtype).min)
+        return logits
 
     def _logits(self, images: torch.Tensor) -> torch.Tensor:
         size = images.shape[-2:]
