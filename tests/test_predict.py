@@ -132,3 +132,16 @@ def test_shipped_model_predicts_out_of_the_box(compose_cfg, xrays, tmp_path) -> 
     assert config["metrics"]["dice"] > 0.7 and config["data"]["image_size"] == 256
     rows = _predict(compose_cfg, "pretrained", xrays, tmp_path / "out")
     assert len(rows) == 3 and all(float(row["infected_percent"]) >= 0 for row in rows)
+
+
+def test_predict_reads_dicom(compose_cfg, checkpoint, tmp_path) -> None:
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), folder / "scan.dcm")  # 128x128, 16-bit
+    (row,) = _predict(compose_cfg, checkpoint, folder, tmp_path / "out")
+    assert (row["width"], row["height"]) == ("128", "128")
+    assert cv2.imread(str(tmp_path / "out" / "scan_mask.png"), 0).shape == (128, 128)
