@@ -108,3 +108,27 @@ def test_restrict_to_lungs_drops_infection_outside_predicted_lungs_in_eval_only(
     outside = images[:, 0] <= 0.5
     assert (infection[outside].sigmoid() == 0).all() and (infection[~outside] == 1).all()
     assert (module.train()(images)[:, 1] == 1).all()
+
+
+@pytest.mark.parametrize(
+    ("net", "millions"),
+    [("AttentionUNet", 7.85), ("UNetPlusPlus", 9.159)],
+)
+def test_other_architectures_keep_the_interface(net: str, millions: float) -> None:
+    import covidseg.models as models
+
+    default = getattr(models, net)()
+    assert sum(p.numel() for p in default.parameters()) / 1e6 == pytest.approx(millions, abs=0.005)
+    small = getattr(models, net)(base_width=4, out_channels=2)
+    assert small(torch.zeros(2, 1, 64, 48)).shape == (2, 2, 64, 48)
+
+
+def test_unetpp_deep_supervision_averages_every_head() -> None:
+    from covidseg.models import UNetPlusPlus
+
+    net = UNetPlusPlus(base_width=4, depth=3, deep_supervision=True).eval()
+    images = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        features = net.forward_features(images)
+        expected = sum(head(f) for head, f in zip(net.heads, features, strict=True)) / 3
+        torch.testing.assert_close(net(images), expected)

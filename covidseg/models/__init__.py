@@ -1,7 +1,9 @@
 """Networks, losses and the LightningModule that trains them."""
 
+from covidseg.models.attention_unet import AttentionUNet
 from covidseg.models.losses import BCEDiceLoss
 from covidseg.models.module import SegmentationModule
 from covidseg.models.unet import UNet
+from covidseg.models.unetpp import UNetPlusPlus
 
-__all__ = ["BCEDiceLoss", "SegmentationModule", "UNet"]
+__all__ = ["AttentionUNet", "BCEDiceLoss", "SegmentationModule", "UNet", "UNetPlusPlus"]
