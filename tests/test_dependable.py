@@ -80,12 +80,15 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path, uninterrupted: di
         assert resumed[name] == pytest.approx(uninterrupted[name], rel=1e-4, abs=1e-6), name
 
 
-def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path: Path, uninterrupted: dict) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(
+    tmp_path: Path, uninterrupted: dict, stop: signal.Signals
+) -> None:
     log_dir = tmp_path / "outputs"
     process = _start(log_dir, "callbacks.last_checkpoint.every_n_train_steps=1000", slow=0.3)
     _wait_for_step(log_dir, 8, process)  # the epoch-end checkpoint of the first epoch
     time.sleep(1.0)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
     assert "Resume with" in output and "ckpt_path=" in output
