@@ -9,7 +9,7 @@ import csv
 import glob
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -51,7 +51,7 @@ def _first_magic_part(path: Path) -> int:
     return next((index for index, part in enumerate(path.parts) if glob.has_magic(part)), len(path.parts))
 
 
-def check_output(output: Path, inputs: Sequence[Path], input_pattern: str, allow_inside: bool) -> None:
+def check_output(output: Path, input_pattern: str, allow_inside: bool) -> None:
     """Outputs never overwrite inputs, and by default never land inside the input folder."""
     input_dir = Path(input_pattern).expanduser()
     if input_dir.is_dir() and output.resolve().is_relative_to(input_dir.resolve()) and not allow_inside:
@@ -96,7 +96,7 @@ def predict(cfg: DictConfig) -> Path:
     """Write mask, overlay (and optional probability) PNGs per image and ``predictions.csv``."""
     files, base = find_inputs(str(cfg.input))
     output = Path(cfg.output)
-    check_output(output, files, str(cfg.input), cfg.allow_output_in_input)
+    check_output(output, str(cfg.input), cfg.allow_output_in_input)
     output.mkdir(parents=True, exist_ok=True)
     backend, meta = load_backend(cfg, output)
     size, targets = meta["image_size"], meta["targets"]
@@ -118,7 +118,7 @@ def predict(cfg: DictConfig) -> Path:
         if not images:
             continue
         stacked = np.stack([resize_image(image, size) for image in images])[:, None].astype(np.float32) / 255
-        probabilities = 1 / (1 + np.exp(-backend(stacked)))
+        probabilities = 0.5 * (1 + np.tanh(0.5 * backend(stacked)))  # sigmoid without overflow
         seconds = (time.perf_counter() - started) / len(images)
         for path, image, probability in zip(readable, images, probabilities, strict=True):
             lung = probability[lung_channel] if lung_channel is not None else None
