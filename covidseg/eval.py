@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from covidseg.builders import build_run
 from covidseg.checkpoints import CONFIG_KEY, load_checkpoint, load_weights, resolve_ckpt_path
+from covidseg.models import SegmentationModule
 from covidseg.report import write_eval_report
 from covidseg.reporting import print_summary, user_errors, write_metrics, write_per_image, write_run_info
 from covidseg.severity import SeverityOnTest
@@ -31,7 +32,7 @@ def apply_checkpoint_config(cfg: DictConfig, checkpoint: dict) -> None:
         cfg.data.image_size = saved["data"]["image_size"]
 
 
-def false_positive_summary(module, image_size: int, area_limit: float = 0.01) -> dict[str, float]:
+def false_positive_summary(module: SegmentationModule, image_size: int, area_limit: float = 0.01) -> dict[str, float]:
     """On images whose truth is empty (healthy lungs): how many, and the share predicted almost
     empty (infected area below ``area_limit`` of the image)."""
     target = module.primary_target
