@@ -35,8 +35,8 @@ class SegmentationModule(L.LightningModule):
         input_size: run the network at this side (area-downsampled input, bilinear-upsampled
             logits), so that loss and metrics stay at the data's full resolution.
         flip_tta: in eval mode, average the logits of the image and of its horizontal mirror.
-        restrict_to_lungs: in eval mode, with ``lung`` and ``infection`` targets, keep infection
-            only where the lung is predicted too (infection lies inside the lungs by definition).
+        restrict_to_lungs: in eval mode, with ``lung`` and ``infection`` targets, cap the infection
+            logit at the lung logit, so infection is only predicted inside predicted lungs.
     """
 
     def __init__(
@@ -88,9 +88,9 @@ class SegmentationModule(L.LightningModule):
         if self.flip_tta:
             logits = (logits + self._logits(images.flip(-1)).flip(-1)) / 2
         if self.restrict_to_lungs:
+            # infection probability <= lung probability: none where the lung is not predicted
             lung, infection = self.targets.index("lung"), self.targets.index("infection")
-            outside = logits[:, lung] <= 0  # lung probability <= 0.5
-            logits[:, infection] = logits[:, infection].masked_fill(outside, torch.finfo(logits.dtype).min)
+            logits[:, infection] = torch.minimum(logits[:, infection], logits[:, lung])
         return logits
 
     def _logits(self, images: torch.Tensor) -> torch.Tensor:
