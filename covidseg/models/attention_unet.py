@@ -32,13 +32,5 @@ class AttentionUNet(UNet):
             for level in reversed(range(self.depth))
         )
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for level, block in enumerate(self.encoder):
-            x = block(x if level == 0 else self.pool(x))
-            skips.append(x)
-        x = skips.pop()
-        for up, gate, block in zip(self.upsample, self.gates, self.decoder, strict=True):
-            x = up(x)
-            x = block(torch.cat([gate(skips.pop(), x), x], dim=1))
-        return x
+    def merge(self, step: int, skip: torch.Tensor, upsampled: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.gates[step](skip, upsampled), upsampled], dim=1)

@@ -42,14 +42,23 @@ class UNet(nn.Module):
         )
         self.head = nn.Conv2d(widths[0], out_channels, 1)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The feature map of every encoder level, finest first."""
         skips = []
         for level, block in enumerate(self.encoder):
             x = block(x if level == 0 else self.pool(x))
             skips.append(x)
+        return skips
+
+    def merge(self, step: int, skip: torch.Tensor, upsampled: torch.Tensor) -> torch.Tensor:
+        """Join a skip connection with the upsampled decoder features (decoder step ``step``)."""
+        return torch.cat([skip, upsampled], dim=1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        skips = self.encode(x)
         x = skips.pop()
-        for up, block in zip(self.upsample, self.decoder, strict=True):
-            x = block(torch.cat([skips.pop(), up(x)], dim=1))
+        for step, (up, block) in enumerate(zip(self.upsample, self.decoder, strict=True)):
+            x = block(self.merge(step, skips.pop(), up(x)))
         return x
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
