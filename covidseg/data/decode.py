@@ -1,0 +1,131 @@
+"""Decode every X-ray and mask once into uint8 arrays, with an optional on-disk ``.npy`` cache.
+
+Training then indexes arrays in memory: no PNG is decoded per step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from covidseg.data.index import DataError, Sample
+
+log = logging.getLogger(__name__)
+
+
+def read_dicom(path: Path) -> np.ndarray:
+    """Pixel data of a DICOM file (needs the ``dicom`` extra), with MONOCHROME1 inverted."""
+    try:
+        import pydicom
+    except ImportError as error:
+        raise DataError(f"{str(path)!r} is DICOM: install the extra with pip install -e '.[dicom]'") from error
+    try:
+        dataset = pydicom.dcmread(path)
+        pixels = dataset.pixel_array.astype(np.float32)
+    except Exception as error:  # pydicom raises many kinds for corrupt files
+        raise DataError(f"{str(path)!r} could not be read as DICOM: {error}") from error
+    if pixels.ndim == 3:  # colour or multi-frame: take the mean over channels / first frame
+        pixels = pixels.mean(axis=-1) if pixels.shape[-1] in (3, 4) else pixels[0]
+    if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
+        pixels = pixels.max() - pixels
+    return pixels
+
+
+def read_gray(path: Path) -> np.ndarray:
+    """Read any image OpenCV reads, or DICOM, as 8-bit grayscale (RGB and 16-bit are converted)."""
+    if path.stat().st_size == 0:
+        raise DataError(f"{str(path)!r} is empty (0 bytes): replace or remove the file")
+    image = read_dicom(path) if path.suffix.lower() == ".dcm" else cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise DataError(f"{str(path)!r} could not be decoded as an image: the file is corrupt or truncated")
+    if image.ndim == 3:
+        code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
+        image = cv2.cvtColor(image, code)
+    if image.dtype != np.uint8:
+        image = cv2.normalize(image.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    return image
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """Area interpolation keeps thin structures when shrinking an X-ray."""
+    if image.shape == (size, size):
+        return image
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def _decode_sample(sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    image = read_gray(sample.image)
+    masks = []
+    soft = False
+    for mask_path in sample.masks:
+        mask = read_gray(mask_path)
+        if mask.shape != image.shape:
+            raise DataError(
+                f"mask {str(mask_path)!r} is {mask.shape[1]}x{mask.shape[0]} but its image "
+                f"{str(sample.image)!r} is {image.shape[1]}x{image.shape[0]}"
+            )
+        soft |= bool(np.any((mask > 0) & (mask < 255)))
+        binary = (mask > 127).astype(np.uint8)
+        masks.append(cv2.resize(binary, (size, size), interpolation=cv2.INTER_NEAREST))
+    return resize_image(image, size), np.stack(masks), soft
+
+
+def _cache_key(samples: Sequence[Sample], size: int) -> str:
+    digest = hashlib.sha1(str(size).encode())
+    for sample in samples:
+        for path in (sample.image, *sample.masks):
+            stat = path.stat()
+            digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def decode_samples(
+    samples: Sequence[Sample], image_size: int, cache_dir: str | Path | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return images ``(N, S, S)`` and masks ``(N, T, S, S)`` as uint8 (masks in {0, 1}).
+
+    With ``cache_dir``, the arrays are stored as ``.npy`` files keyed by the file list, sizes and
+    modification times, so a changed or added file invalidates the cache.
+    """
+    cache_files = None
+    if cache_dir is not None:
+        key = _cache_key(samples, image_size)
+        cache_files = (Path(cache_dir) / f"{key}-images.npy", Path(cache_dir) / f"{key}-masks.npy")
+        if all(path.is_file() for path in cache_files):
+            return np.load(cache_files[0]), np.load(cache_files[1])
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        decoded = list(pool.map(lambda s: _decode_sample(s, image_size), samples))
+    soft_masks = [s.masks[0] for s, (_, _, soft) in zip(samples, decoded, strict=True) if soft]
+    if soft_masks:
+        log.warning(
+            "%d mask(s) have values other than 0 and 255 (e.g. %s): binarised at > 127",
+            len(soft_masks),
+            soft_masks[0],
+        )
+    images = np.stack([image for image, _, _ in decoded])
+    masks = np.stack([mask for _, mask, _ in decoded])
+    if cache_files is not None:
+        _save_atomic(cache_files, (images, masks), samples, image_size)
+    return images, masks
+
+
+def _save_atomic(paths: tuple[Path, Path], arrays: tuple[np.ndarray, ...], samples, size: int) -> None:
+    """Write the cache through temporary files so an interrupted write leaves no half cache."""
+    try:
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+        for path, array in zip(paths, arrays, strict=True):
+            tmp = path.with_suffix(".tmp.npy")
+            np.save(tmp, array)
+            os.replace(tmp, path)
+        meta = {"image_size": size, "count": len(samples), "first": str(samples[0].image)}
+        paths[0].with_name(paths[0].name.replace("-images.npy", ".json")).write_text(json.dumps(meta))
+    except OSError as error:  # a read-only or full cache folder must not stop training
+        log.warning("could not write the decode cache in %s: %s", paths[0].parent, error)
