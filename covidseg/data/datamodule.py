@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from covidseg.data.dataset import XRaySegmentationDataset
 from covidseg.data.decode import decode_samples
-from covidseg.data.index import CLASSES, DataError, Sample, canonical_split, find_split_root, index_split
+from covidseg.data.index import DataError, Sample, canonical_split, find_split_root, index_split
 from covidseg.data.sampler import EpochShuffleSampler, distributed_rank
 from covidseg.data.synthetic import SyntheticPhantoms
 
@@ -71,7 +72,9 @@ class CovidQuExDataModule(L.LightningDataModule):
         self.synthetic = synthetic
         self.seed = seed
         if num_folds is not None and (num_folds < 2 or not 0 <= fold < num_folds):
-            raise DataError(f"data.num_folds={num_folds} and data.fold={fold}: need num_folds >= 2 and 0 <= fold < num_folds")
+            raise DataError(
+                f"data.num_folds={num_folds} and data.fold={fold}: need num_folds >= 2 and 0 <= fold < num_folds"
+            )
         self.num_folds = num_folds
         self.fold = fold
         self.datasets: dict[str, XRaySegmentationDataset] = {}
@@ -107,12 +110,16 @@ class CovidQuExDataModule(L.LightningDataModule):
         class, its name and the seed, so the train and validation roles always agree."""
         selected = []
         for label in classes:
-            pool = index_split(self.root, "Train", [label], self.targets) + index_split(
-                self.root, "Val", [label], self.targets
+            pool = sorted(
+                (
+                    *index_split(self.root, "Train", [label], self.targets),
+                    *index_split(self.root, "Val", [label], self.targets),
+                ),
+                key=lambda sample: str(sample.image),
             )
-            pool.sort(key=lambda sample: str(sample.image))
-            order = np.random.default_rng([self.seed, CLASSES.index(label) if label in CLASSES else 0]).permutation(len(pool))
-            selected += [pool[i] for position, i in enumerate(order) if (position % self.num_folds == self.fold) == validation]
+            order = np.random.default_rng([self.seed, zlib.crc32(label.encode())]).permutation(len(pool))
+            in_fold = [position % self.num_folds == self.fold for position in range(len(pool))]
+            selected += [pool[i] for i, held_out in zip(order, in_fold, strict=True) if held_out == validation]
         return selected
 
     def setup(self, stage: str) -> None:

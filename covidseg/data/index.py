@@ -58,16 +58,12 @@ def find_split_root(root: str | Path) -> Path:
     for folder in candidates:
         if folder.is_dir() and any((folder / split).is_dir() for split in SPLITS):
             return folder
-    raise DataError(
-        f"no Train/Val/Test folder found in {str(root)!r} or two levels below it. {DATASET_HELP}"
-    )
+    raise DataError(f"no Train/Val/Test folder found in {str(root)!r} or two levels below it. {DATASET_HELP}")
 
 
 def _image_files(folder: Path) -> dict[str, Path]:
     return {
-        path.stem: path
-        for path in sorted(folder.iterdir())
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+        path.stem: path for path in sorted(folder.iterdir()) if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
     }
 
 
