@@ -6,6 +6,7 @@ import os
 import pickle
 import signal
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -127,15 +128,25 @@ def load_weights(module: torch.nn.Module, checkpoint: dict[str, Any], path: str 
         ) from error
 
 
-def module_from_checkpoint(path: str | Path, **eval_options: bool) -> tuple[L.LightningModule, dict[str, Any]]:
-    """Rebuild the module a checkpoint was trained as, in eval mode, and return its run config.
+EVAL_OPTIONS = ("flip_tta", "restrict_to_lungs", "threshold", "presence_threshold")
 
-    ``eval_options`` set the module's eval-time switches (``flip_tta``, ``restrict_to_lungs``).
+
+def eval_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The eval-time model settings a command sets (keys of ``EVAL_OPTIONS``; null keeps the checkpoint's)."""
+    return {key: cfg[key] for key in EVAL_OPTIONS if cfg.get(key) is not None}
+
+
+def module_from_checkpoint(path: str | Path, **eval_options: Any) -> tuple[L.LightningModule, dict[str, Any]]:
+    """Rebuild the module a checkpoint was trained as, in eval mode, and return its run config
+    (with ``eval_options`` applied to its model section, so exports record them).
+
+    ``eval_options`` set the module's eval-time settings (``flip_tta``, ``threshold``, ...).
     """
     checkpoint = load_checkpoint(path)
     config = checkpoint.get(CONFIG_KEY)
     if not config:
         raise CheckpointError(f"ckpt_path {str(path)!r} has no covidseg config: it was not written by covidseg.train")
-    module = instantiate({**config["model"], "compile": False, **eval_options})
+    config = {**config, "model": {**config["model"], "compile": False, **eval_options}}
+    module = instantiate(config["model"])
     load_weights(module, checkpoint, path)
     return module.eval(), config

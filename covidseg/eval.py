@@ -13,7 +13,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from covidseg.builders import build_run
-from covidseg.checkpoints import CONFIG_KEY, load_checkpoint, load_weights, resolve_ckpt_path
+from covidseg.checkpoints import CONFIG_KEY, eval_options, load_checkpoint, load_weights, resolve_ckpt_path
 from covidseg.models import SegmentationModule
 from covidseg.report import write_eval_report
 from covidseg.reporting import print_summary, user_errors, write_metrics, write_per_image, write_run_info
@@ -21,13 +21,13 @@ from covidseg.severity import SeverityOnTest
 
 
 def apply_checkpoint_config(cfg: DictConfig, checkpoint: dict) -> None:
-    """Take the network, its targets and the image size from the checkpoint's own config."""
+    """Take the network, its targets and the image size from the checkpoint's own config, with
+    the command's eval-time settings (``flip_tta``, ``threshold``, ...) on top."""
     saved = checkpoint.get(CONFIG_KEY)
     if not saved:
         return
     with open_dict(cfg):
-        eval_options = {"flip_tta": cfg.flip_tta, "restrict_to_lungs": cfg.restrict_to_lungs, "compile": False}
-        cfg.model = OmegaConf.create({**saved["model"], **eval_options})
+        cfg.model = OmegaConf.create({**saved["model"], **eval_options(cfg), "compile": False})
         cfg.data.targets = saved["data"]["targets"]
         cfg.data.image_size = saved["data"]["image_size"]
 

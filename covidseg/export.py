@@ -1,6 +1,7 @@
 """Export a trained model to ONNX or TorchScript, with a metadata file beside it.
 
 python -m covidseg.export ckpt_path=<ckpt|pretrained> format=onnx|torchscript|safetensors [output=DIR]
+    [threshold=T] [presence_threshold=P]   (eval-time settings recorded in, or baked into, the export)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from safetensors.torch import save_file
 
-from covidseg.checkpoints import CheckpointError, module_from_checkpoint, resolve_ckpt_path
+from covidseg.checkpoints import CheckpointError, eval_options, module_from_checkpoint, resolve_ckpt_path
 from covidseg.reporting import user_errors
 
 
@@ -104,7 +105,8 @@ def main(cfg: DictConfig) -> None:
     with user_errors():
         if cfg.format not in EXPORTERS:
             raise CheckpointError(f"format={cfg.format!r} is not one of {', '.join(EXPORTERS)}")
-        module, config = module_from_checkpoint(resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, "train"))
+        path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, "train")
+        module, config = module_from_checkpoint(path, **eval_options(cfg))
         exporter, suffix = EXPORTERS[cfg.format]
         path = exporter(module, config, Path(cfg.output) / f"model{suffix}")
         Console().print(f"exported {path} and {path.with_suffix('.json')}", highlight=False)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import track
 
-from covidseg.checkpoints import CheckpointError, module_from_checkpoint, resolve_ckpt_path
+from covidseg.checkpoints import CheckpointError, eval_options, module_from_checkpoint, resolve_ckpt_path
 from covidseg.data.decode import read_gray, resize_image
 from covidseg.data.index import IMAGE_SUFFIXES, DataError
 from covidseg.export import export_onnx, read_metadata
@@ -81,8 +81,11 @@ def load_backend(cfg: DictConfig, output: Path) -> tuple[Backend, dict]:
     """The model as a function of a batch, and its metadata (image size, targets, threshold)."""
     path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, "train")
     if path.suffix == ".onnx":
+        baked = sorted(key for key, value in eval_options(cfg).items() if key != "threshold" and value is not False)
+        if baked:
+            raise CheckpointError(f"{', '.join(baked)} cannot change an exported .onnx graph: export again with them")
         return onnx_backend(path), read_metadata(path)
-    module, config = module_from_checkpoint(path, flip_tta=cfg.flip_tta, restrict_to_lungs=cfg.restrict_to_lungs)
+    module, config = module_from_checkpoint(path, **eval_options(cfg))
     if cfg.backend == "onnx":
         onnx_path = export_onnx(module, config, output / "model.onnx")
         return onnx_backend(onnx_path), read_metadata(onnx_path)

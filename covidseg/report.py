@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import base64
+import csv
 import html
 import io
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -144,10 +146,36 @@ def learning_curves(run_dir: Path) -> Path:
     return path
 
 
+def score_by_time(run_dir: Path, tag: str = "val/dice") -> Path:
+    """``tag`` against minutes since the run started (``run_info.json``), to ``<tag>_by_time.csv``:
+    what a recipe reaches within a time budget."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    info_path = run_dir / "run_info.json"
+    if not info_path.is_file():
+        raise FileNotFoundError(f"no run_info.json in {str(run_dir)!r}: not a covidseg run folder")
+    info = json.loads(info_path.read_text())
+    started = info.get("started", info_path.stat().st_mtime)
+    rows = []
+    for event_file in sorted(run_dir.rglob("events.out.tfevents.*")):
+        events = EventAccumulator(str(event_file), size_guidance={"scalars": 0})
+        events.Reload()
+        if tag in events.Tags()["scalars"]:
+            rows += [((p.wall_time - started) / 60, p.step, p.value) for p in events.Scalars(tag)]
+    path = run_dir / f"{tag.replace('/', '_')}_by_time.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["minutes", "step", tag])
+        writer.writerows((f"{minutes:.2f}", step, f"{value:.4f}") for minutes, step, value in sorted(rows))
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Render a run's learning curves from its TensorBoard events.")
     parser.add_argument("run_dir", type=Path, help="a run folder under outputs/")
-    print(learning_curves(parser.parse_args().run_dir))
+    run_dir = parser.parse_args().run_dir
+    print(learning_curves(run_dir))
+    print(score_by_time(run_dir))
 
 
 if __name__ == "__main__":

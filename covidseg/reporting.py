@@ -10,6 +10,7 @@ import platform
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,6 +64,7 @@ def _git_commit() -> str | None:
 def write_run_info(output_dir: str | Path) -> None:
     """Record the exact command, versions and commit next to Hydra's composed config."""
     info = {
+        "started": time.time(),  # wall-clock origin of the run's learning curves (covidseg.report)
         "command": [Path(sys.executable).name, *sys.argv],
         "covidseg": covidseg.__version__,
         "git_commit": _git_commit(),

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import FAST
 
-from covidseg.checkpoints import module_from_checkpoint
+from covidseg.checkpoints import CheckpointError, module_from_checkpoint
 from covidseg.data import DataError
 from covidseg.export import export_onnx, export_torchscript
 from covidseg.predict import predict
@@ -102,6 +102,10 @@ def test_onnx_export_matches_pytorch_and_predicts_the_same_masks(compose_cfg, ch
         torch_mask = cv2.imread(str(tmp_path / "torch" / name) + "_mask.png", 0)
         onnx_mask = cv2.imread(str(tmp_path / "onnx" / name) + "_mask.png", 0)
         assert np.array_equal(torch_mask, onnx_mask)
+    with pytest.raises(CheckpointError, match="presence_threshold cannot change an exported .onnx graph"):
+        _predict(compose_cfg, path, xrays, tmp_path / "gated", "presence_threshold=0.5")
+    higher = _predict(compose_cfg, path, xrays, tmp_path / "higher", "threshold=0.9")  # read from the probabilities
+    assert all(int(h["infected_pixels"]) <= int(t["infected_pixels"]) for h, t in zip(higher, torch_rows, strict=True))
 
 
 def test_torchscript_export_matches_pytorch(checkpoint, tmp_path) -> None:

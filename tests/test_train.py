@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 
 from covidseg.checkpoints import CONFIG_KEY, CheckpointError, load_checkpoint
 from covidseg.eval import evaluate
-from covidseg.report import learning_curves
+from covidseg.report import learning_curves, score_by_time
 from covidseg.train import train
 
 ROOT = CONF_DIR.parent
@@ -89,6 +89,13 @@ def test_tensorboard_gets_charts_and_learning_curves_render(compose_cfg) -> None
     assert "val/per_image_dice" in tags["histograms"] and "val/examples" in tags["images"]
     assert any("pr_curve" in tag for tag in tags["tensors"])
     assert learning_curves(run_dir).stat().st_size > 10_000
+    with score_by_time(run_dir).open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(row["val/dice"]) for row in rows] == pytest.approx(
+        [p.value for p in events.Scalars("val/dice")], abs=1e-4
+    )
+    minutes = [float(row["minutes"]) for row in rows]
+    assert 0 <= minutes[0] <= minutes[1] < 5
 
 
 def test_same_seed_gives_identical_metrics(compose_cfg) -> None:

@@ -37,6 +37,14 @@ class SegmentationModule(L.LightningModule):
         flip_tta: in eval mode, average the logits of the image and of its horizontal mirror.
         restrict_to_lungs: in eval mode, with ``lung`` and ``infection`` targets, cap the infection
             logit at the lung logit, so infection is only predicted inside predicted lungs.
+        presence_weight: > 0 adds a presence head (global average pool of the network's deepest
+            encoder features, then a linear layer) that predicts whether the primary target is
+            present at all, trained with this weight on BCE; the net must have ``encode``/``decode``.
+        presence_threshold: in eval mode, predict an empty primary mask where the presence
+            probability is below this (null: never); healthy lungs then get no scattered pixels.
+
+    ``train_input_size`` (an attribute, not a hyper-parameter) makes training steps run at another
+    side than ``input_size``: progressive resizing sets it, evaluation never uses it.
     """
 
     def __init__(
@@ -53,6 +61,8 @@ class SegmentationModule(L.LightningModule):
         input_size: int | None = None,
         flip_tta: bool = False,
         restrict_to_lungs: bool = False,
+        presence_weight: float = 0.0,
+        presence_threshold: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"], logger=False)
@@ -69,6 +79,16 @@ class SegmentationModule(L.LightningModule):
         self.primary_target = "infection" if "infection" in self.targets else self.targets[0]
         self.flip_tta = flip_tta
         self.restrict_to_lungs = restrict_to_lungs and {"lung", "infection"} <= set(self.targets)
+        self.presence_head = None
+        if presence_weight > 0:
+            if not all(hasattr(net, name) for name in ("encode", "decode", "bottleneck_channels")):
+                raise ValueError(f"model.presence_weight needs a net with encode/decode; {type(net).__name__} has none")
+            self.presence_head = nn.Sequential(
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(net.bottleneck_channels, 1), nn.Flatten(0)
+            )
+        elif presence_threshold is not None:
+            raise ValueError("model.presence_threshold needs a presence head: set model.presence_weight > 0")
+        self.train_input_size: int | None = None
         # keyed "train_scores" etc.: a ModuleDict key may not shadow nn.Module.train
         self.scores = nn.ModuleDict(
             {
@@ -81,34 +101,57 @@ class SegmentationModule(L.LightningModule):
         self.test_per_image: dict[str, list[float]] = {}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits at the input's resolution, whatever ``input_size`` the network runs at."""
-        logits = self._logits(images)
+        """Logits at the input's resolution, whatever ``input_size`` the network runs at; in eval
+        mode with the eval-time options (flip TTA, lungs, presence gate) applied."""
+        return self._predict(images)[0]
+
+    def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits and presence logits (``None`` without a presence head)."""
+        logits, presence = self._logits(images)
         if self.training:
-            return logits
+            return logits, presence
         if self.flip_tta:
-            logits = (logits + self._logits(images.flip(-1)).flip(-1)) / 2
+            flipped, flipped_presence = self._logits(images.flip(-1))
+            logits = (logits + flipped.flip(-1)) / 2
+            presence = None if presence is None else (presence + flipped_presence) / 2
         if self.restrict_to_lungs:
             # infection probability <= lung probability: none where the lung is not predicted
             lung, infection = self.targets.index("lung"), self.targets.index("infection")
             logits[:, infection] = torch.minimum(logits[:, infection], logits[:, lung])
-        return logits
+        threshold = self.hparams.presence_threshold
+        if presence is not None and threshold is not None:
+            primary = self.targets.index(self.primary_target)
+            absent = (presence.sigmoid() < threshold)[:, None, None]
+            logits[:, primary] = torch.where(absent, torch.full_like(logits[:, primary], -20.0), logits[:, primary])
+        return logits, presence
 
-    def _logits(self, images: torch.Tensor) -> torch.Tensor:
+    def _logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         size = images.shape[-2:]
-        input_size = self.hparams.input_size
+        input_size = (self.training and self.train_input_size) or self.hparams.input_size
         if input_size and tuple(size) != (input_size, input_size):
             images = F.interpolate(images, size=(input_size, input_size), mode="area")
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        logits = self.net(images)
+        if self.presence_head is None:
+            logits, presence = self.net(images), None
+        else:
+            features = self.net.encode(images)
+            presence = self.presence_head(features[-1])
+            logits = self.net.forward_head(self.net.decode(features))
         if logits.shape[-2:] != size:
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        return logits
+        return logits, presence
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self(batch["image"])
+        logits, presence = self._predict(batch["image"])
         masks = batch["mask"]
         loss = self.loss(logits, masks)
+        if presence is not None:
+            present = masks[:, self.targets.index(self.primary_target)].flatten(1).amax(1)
+            presence_loss = F.binary_cross_entropy_with_logits(presence, (present > 0.5).to(presence.dtype))
+            self.log(f"{stage}/presence_loss", presence_loss, on_epoch=True, batch_size=len(masks),
+                     sync_dist=stage != "train")  # fmt: skip
+            loss = loss + self.hparams.presence_weight * presence_loss
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"{stage} loss is {loss.item()} at global step {self.global_step} "
@@ -120,6 +163,8 @@ class SegmentationModule(L.LightningModule):
         detached = logits.detach()
         for channel, target in enumerate(self.targets):
             self.scores[f"{stage}_scores"][target].update(detached[:, channel], masks[:, channel])
+        if stage == "test" and presence is not None:
+            self.test_per_image.setdefault("presence_probability", []).extend(presence.sigmoid().tolist())
         return loss, detached
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

@@ -41,6 +41,7 @@ class UNet(nn.Module):
             DoubleConv(2 * widths[level], widths[level], **blocks) for level in reversed(range(depth))
         )
         self.head = nn.Conv2d(widths[0], out_channels, 1)
+        self.bottleneck_channels = widths[-1]
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The feature map of every encoder level, finest first."""
@@ -54,12 +55,16 @@ class UNet(nn.Module):
         """Join a skip connection with the upsampled decoder features (decoder step ``step``)."""
         return torch.cat([skip, upsampled], dim=1)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        skips = self.encode(x)
+    def decode(self, skips: list[torch.Tensor]) -> torch.Tensor:
+        """The finest decoder features from the encoder's feature maps (as ``encode`` returns them)."""
+        skips = list(skips)
         x = skips.pop()
         for step, (up, block) in enumerate(zip(self.upsample, self.decoder, strict=True)):
             x = block(self.merge(step, skips.pop(), up(x)))
         return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)

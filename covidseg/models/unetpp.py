@@ -39,17 +39,26 @@ class UNetPlusPlus(nn.Module):
                 self.nodes[f"{i}_{j}"] = DoubleConv(c_in, widths[i], **blocks)
         heads = depth if deep_supervision else 1
         self.heads = nn.ModuleList(nn.Conv2d(widths[0], out_channels, 1) for _ in range(heads))
+        self.bottleneck_channels = widths[-1]
 
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The top row ``X[0][1..depth]``."""
-        grid: dict[tuple[int, int], torch.Tensor] = {}
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder column ``X[0..depth][0]``, finest first."""
+        column: list[torch.Tensor] = []
         for i in range(self.depth + 1):
-            grid[i, 0] = self.nodes[f"{i}_0"](x if i == 0 else self.pool(grid[i - 1, 0]))
+            column.append(self.nodes[f"{i}_0"](x if i == 0 else self.pool(column[-1])))
+        return column
+
+    def decode(self, skips: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The top row ``X[0][1..depth]`` from the encoder column."""
+        grid = {(i, 0): skip for i, skip in enumerate(skips)}
         for j in range(1, self.depth + 1):
             for i in range(self.depth + 1 - j):
                 inputs = [grid[i, k] for k in range(j)] + [self.up(grid[i + 1, j - 1])]
                 grid[i, j] = self.nodes[f"{i}_{j}"](torch.cat(inputs, dim=1))
         return [grid[0, j] for j in range(1, self.depth + 1)]
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.decode(self.encode(x))
 
     def forward_head(self, features: list[torch.Tensor]) -> torch.Tensor:
         if not self.deep_supervision:

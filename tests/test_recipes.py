@@ -1,0 +1,175 @@
+"""Recipe options: the efficient ResUNet, the presence head and gate, progressive resizing, and
+thresholds chosen on Val by covidseg.calibrate."""
+
+import csv
+import json
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST
+from torch.utils.flop_counter import FlopCounterMode
+
+from covidseg import models
+from covidseg.calibrate import Choice, calibrate, choose, score_choices
+from covidseg.callbacks import ProgressiveResizing
+from covidseg.checkpoints import module_from_checkpoint
+from covidseg.eval import evaluate
+from covidseg.models import BCEDiceLoss, ResUNet, SegmentationModule, UNet
+from covidseg.train import train
+
+NETS = ["UNet", "AttentionUNet", "UNetPlusPlus", "ResUNet"]
+
+
+def _flops(net: torch.nn.Module, side: int = 256) -> int:
+    with FlopCounterMode(display=False) as counter:
+        net(torch.zeros(1, 1, side, side))
+    return counter.get_total_flops()
+
+
+def test_resunet_is_the_unets_size_at_a_quarter_of_its_flops() -> None:
+    unet, resunet = UNet(), ResUNet()
+    assert sum(p.numel() for p in resunet.parameters()) / 1e6 == pytest.approx(7.948, abs=0.005)
+    assert _flops(resunet) / 1e9 == pytest.approx(6.39, abs=0.01)
+    assert _flops(resunet) < _flops(unet) / 3.5
+    small = ResUNet(base_width=4, out_channels=2)
+    assert small(torch.zeros(2, 1, 64, 96)).shape == (2, 2, 64, 96)
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_encode_then_decode_is_the_forward_pass(name: str) -> None:
+    net = getattr(models, name)(base_width=4).eval()
+    images = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        features = net.encode(images)
+        assert features[-1].shape[1] == net.bottleneck_channels
+        torch.testing.assert_close(net.forward_head(net.decode(features)), net(images))
+
+
+def _module(**options) -> SegmentationModule:
+    torch.manual_seed(0)
+    return SegmentationModule(UNet(base_width=4), BCEDiceLoss(), partial(torch.optim.Adam), **options)
+
+
+def test_presence_loss_is_added_with_its_weight_and_learns_which_images_are_infected() -> None:
+    module = _module(presence_weight=0.5)
+    images = torch.rand(4, 1, 32, 32)
+    masks = torch.zeros(4, 1, 32, 32)
+    masks[:2, :, 8:16, 8:16] = 1  # two infected (brighter there), two healthy
+    images = images + masks
+    batch = {"image": images, "mask": masks, "name": ["a", "b", "c", "d"]}
+    module.train()
+    logits, presence = module._predict(images)
+    expected = BCEDiceLoss()(logits, masks) + 0.5 * torch.nn.functional.binary_cross_entropy_with_logits(
+        presence, torch.tensor([1.0, 1.0, 0.0, 0.0])
+    )
+    torch.testing.assert_close(module._shared_step(batch, "train")[0], expected)
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-2)
+    for _ in range(30):
+        optimizer.zero_grad()
+        module._shared_step(batch, "train")[0].backward()
+        optimizer.step()
+    with torch.no_grad():  # train mode: batch statistics, as in the steps above
+        probability = module._predict(images)[1].sigmoid()
+    assert (probability[:2] > 0.5).all() and (probability[2:] < 0.5).all()
+
+
+def test_presence_gate_empties_masks_below_the_threshold_in_eval_mode_only() -> None:
+    module = _module(presence_weight=1.0).eval()
+    images = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        ungated, presence = module._predict(images)
+        module.hparams.presence_threshold = float(presence.sigmoid().median())
+        gated = module(images)
+        absent = presence.sigmoid() < module.hparams.presence_threshold
+        assert absent.sum() == 1
+        assert (gated[absent] == -20).all()
+        torch.testing.assert_close(gated[~absent], ungated[~absent])
+        module.train()
+        torch.testing.assert_close(module(images), module._predict(images)[0])
+
+
+def test_presence_options_need_a_head_and_a_net_that_exposes_its_encoder() -> None:
+    with pytest.raises(ValueError, match="presence_weight > 0"):
+        _module(presence_threshold=0.5)
+
+    class Opaque(torch.nn.Module):
+        out_channels = 1
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return images
+
+    with pytest.raises(ValueError, match="Opaque has none"):
+        SegmentationModule(Opaque(), BCEDiceLoss(), partial(torch.optim.Adam), presence_weight=1.0)
+
+
+def test_progressive_resizing_trains_at_the_scheduled_side_and_evaluates_at_input_size() -> None:
+    resizing = ProgressiveResizing([[3, 64], [0, 32]])
+    assert [resizing.side_at(epoch) for epoch in range(5)] == [32, 32, 32, 64, 64]
+    module = _module(input_size=64)
+    seen = []
+    module.net.register_forward_pre_hook(lambda net, inputs: seen.append(inputs[0].shape[-1]))
+    module.train_input_size = resizing.side_at(0)
+    images = torch.rand(2, 1, 128, 128)
+    assert module.train()(images).shape == (2, 1, 128, 128)
+    with torch.no_grad():
+        module.eval()(images)
+    assert seen == [32, 64]
+    with pytest.raises(ValueError, match=r"\[\[first_epoch, side\]"):
+        ProgressiveResizing([[0, 32, 1]])
+
+
+def test_choices_score_dice_on_infected_images_and_cleanliness_on_healthy_ones() -> None:
+    # three images: infected (truth 10 px), infected (truth 4 px), healthy; two thresholds
+    predicted = np.array([[10.0, 6.0], [4.0, 0.0], [700.0, 0.0]])
+    intersection = np.array([[8.0, 6.0], [4.0, 0.0], [0.0, 0.0]])
+    truth = np.array([10.0, 4.0, 0.0])
+    presence = np.array([0.9, 0.3, 0.6])
+    choices = score_choices(predicted, intersection, truth, presence, [0.4, 0.6], [0.5, 0.7], max_area=655)
+    by_pair = {(c.threshold, c.presence_threshold): c for c in choices}
+    assert by_pair[0.4, None].dice == pytest.approx((16 / 20 + 1) / 2)
+    assert by_pair[0.4, None].healthy_clean_rate == 0  # 700 px >= 655
+    assert by_pair[0.6, None].dice == pytest.approx((12 / 16 + 0) / 2)
+    assert by_pair[0.4, 0.5].dice == pytest.approx((16 / 20 + 0) / 2)  # second image gated off
+    assert by_pair[0.4, 0.7].healthy_clean_rate == 1  # healthy image gated off
+    # clean enough: (0.6, no gate) Dice 0.375, (0.4, gate 0.7) Dice 0.4, (0.6, gate 0.7) Dice 0.375
+    assert choose(choices, 0.9) == Choice(0.4, 0.7, pytest.approx(0.4), 1.0)
+    assert choose(choices, 0.0) == by_pair[0.4, None]
+    with pytest.raises(ValueError, match="eval_classes"):
+        score_choices(predicted[:2], intersection[:2], truth[:2], None, [0.4, 0.6], [], max_area=655)
+
+
+ALL_CLASSES = ["data.classes=[COVID-19,Non-COVID,Normal]", "data.eval_classes=[COVID-19,Non-COVID,Normal]"]
+
+
+def test_calibrate_choices_are_what_eval_measures_with_them(compose_cfg, tmp_path: Path) -> None:
+    """Train a presence-head model, calibrate it on Val, then evaluate Val with one of the pairs:
+    eval's per-image Dice on infected images and clean rate on healthy ones match calibration's."""
+    cfg = compose_cfg("train", [*FAST, *ALL_CLASSES, "model.presence_weight=0.5", "trainer.max_epochs=2", "test=false"])
+    train(cfg)
+    checkpoint = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    data = [o for o in FAST if o.startswith("data")]
+    calibration_cfg = compose_cfg("calibrate", [f"ckpt_path={checkpoint}", *data, "min_healthy_rate=0.5"])
+    result = calibrate(calibration_cfg)
+    assert json.loads((Path(calibration_cfg.paths.output_dir) / "calibration.json").read_text()) == result
+    assert result["infected_images"] > 0 and result["healthy_images"] > 0
+    assert len(result["all"]) == 9 * 15  # 9 thresholds x (no gate + 14 presence thresholds)
+    assert Choice(**result["chosen"]) == choose([Choice(**row) for row in result["all"]], 0.5)
+    # any pair (here a gated one) is what eval then measures
+    pair = next(row for row in result["all"] if row["threshold"] == 0.45 and row["presence_threshold"] == 0.5)
+    settings = [f"threshold={pair['threshold']}", f"presence_threshold={pair['presence_threshold']}"]
+    eval_cfg = compose_cfg("eval", [f"ckpt_path={checkpoint}", *data, *ALL_CLASSES, "data.split=Val", *settings])
+    evaluate(eval_cfg)
+    with (Path(eval_cfg.paths.output_dir) / "per_image.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    infected = [row for row in rows if float(row["truth_area_infection"]) > 0]
+    healthy = [row for row in rows if float(row["truth_area_infection"]) == 0]
+    assert np.mean([float(row["dice_infection"]) for row in infected]) == pytest.approx(pair["dice"], abs=1e-6)
+    clean = np.mean([float(row["predicted_area_infection"]) < 0.01 * 64**2 for row in healthy])
+    assert clean == pytest.approx(pair["healthy_clean_rate"])
+    assert all(0 <= float(row["presence_probability"]) <= 1 for row in rows)
+    module, config = module_from_checkpoint(checkpoint, threshold=0.3, presence_threshold=0.4)
+    assert (module.hparams.threshold, module.hparams.presence_threshold) == (0.3, 0.4)
+    assert config["model"]["presence_threshold"] == 0.4  # exports record the settings
