@@ -102,12 +102,9 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, "train")
     checkpoint = load_checkpoint(ckpt_path)
-    with open_dict(cfg):
-        cfg.presence_threshold = None  # sweep ungated logits; the gate is applied below
-        cfg.threshold = None
     apply_checkpoint_config(cfg, checkpoint)
     with open_dict(cfg):
-        cfg.model.presence_threshold = None
+        cfg.model.presence_threshold = None  # sweep ungated logits; score_choices applies each gate
     output_dir = Path(cfg.paths.output_dir)
     write_run_info(output_dir)
     run = build_run(cfg)

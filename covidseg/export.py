@@ -105,8 +105,8 @@ def main(cfg: DictConfig) -> None:
     with user_errors():
         if cfg.format not in EXPORTERS:
             raise CheckpointError(f"format={cfg.format!r} is not one of {', '.join(EXPORTERS)}")
-        path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, "train")
-        module, config = module_from_checkpoint(path, **eval_options(cfg))
+        ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, "train")
+        module, config = module_from_checkpoint(ckpt_path, **eval_options(cfg))
         exporter, suffix = EXPORTERS[cfg.format]
         path = exporter(module, config, Path(cfg.output) / f"model{suffix}")
         Console().print(f"exported {path} and {path.with_suffix('.json')}", highlight=False)

@@ -116,21 +116,30 @@ pool all pixels. Columns: X-ray | truth (green) | prediction (red).</p>
     return path
 
 
-def learning_curves(run_dir: Path) -> Path:
-    """Plot every ``*/loss`` and ``val/*`` scalar of a run's TensorBoard events to one PNG."""
+def read_scalars(run_dir: Path) -> dict[str, list]:
+    """Every scalar series of a run's TensorBoard events: tag -> [ScalarEvent(wall_time, step, value)]."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     event_files = sorted(run_dir.rglob("events.out.tfevents.*"))
     if not event_files:
         raise FileNotFoundError(f"no TensorBoard events under {str(run_dir)!r}")
-    scalars: dict[str, tuple[list[int], list[float]]] = {}
+    series: dict[str, list] = {}
     for event_file in event_files:
         events = EventAccumulator(str(event_file), size_guidance={"scalars": 0})
         events.Reload()
         for tag in events.Tags()["scalars"]:
-            if tag.endswith("loss_epoch") or tag.startswith("val/") or tag == "train/loss":
-                points = events.Scalars(tag)
-                scalars[tag] = ([p.step for p in points], [p.value for p in points])
+            series.setdefault(tag, []).extend(events.Scalars(tag))
+    return series
+
+
+def learning_curves(run_dir: Path, series: dict[str, list] | None = None) -> Path:
+    """Plot every ``*/loss`` and ``val/*`` scalar of a run's TensorBoard events to one PNG."""
+    series = read_scalars(run_dir) if series is None else series
+    scalars = {
+        tag: ([p.step for p in points], [p.value for p in points])
+        for tag, points in series.items()
+        if tag.endswith("loss_epoch") or tag.startswith("val/") or tag == "train/loss"
+    }
     losses = {tag: v for tag, v in scalars.items() if "loss" in tag}
     scores = {tag: v for tag, v in scalars.items() if "loss" not in tag}
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
@@ -146,27 +155,20 @@ def learning_curves(run_dir: Path) -> Path:
     return path
 
 
-def score_by_time(run_dir: Path, tag: str = "val/dice") -> Path:
+def score_by_time(run_dir: Path, tag: str = "val/dice", series: dict[str, list] | None = None) -> Path:
     """``tag`` against minutes since the run started (``run_info.json``), to ``<tag>_by_time.csv``:
     what a recipe reaches within a time budget."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     info_path = run_dir / "run_info.json"
     if not info_path.is_file():
         raise FileNotFoundError(f"no run_info.json in {str(run_dir)!r}: not a covidseg run folder")
-    info = json.loads(info_path.read_text())
-    started = info.get("started", info_path.stat().st_mtime)
-    rows = []
-    for event_file in sorted(run_dir.rglob("events.out.tfevents.*")):
-        events = EventAccumulator(str(event_file), size_guidance={"scalars": 0})
-        events.Reload()
-        if tag in events.Tags()["scalars"]:
-            rows += [((p.wall_time - started) / 60, p.step, p.value) for p in events.Scalars(tag)]
+    started = json.loads(info_path.read_text()).get("started", info_path.stat().st_mtime)
+    series = read_scalars(run_dir) if series is None else series
+    rows = sorted(((p.wall_time - started) / 60, p.step, p.value) for p in series.get(tag, []))
     path = run_dir / f"{tag.replace('/', '_')}_by_time.csv"
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["minutes", "step", tag])
-        writer.writerows((f"{minutes:.2f}", step, f"{value:.4f}") for minutes, step, value in sorted(rows))
+        writer.writerows((f"{minutes:.2f}", step, f"{value:.4f}") for minutes, step, value in rows)
     return path
 
 
@@ -174,8 +176,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Render a run's learning curves from its TensorBoard events.")
     parser.add_argument("run_dir", type=Path, help="a run folder under outputs/")
     run_dir = parser.parse_args().run_dir
-    print(learning_curves(run_dir))
-    print(score_by_time(run_dir))
+    series = read_scalars(run_dir)  # the event files are read once for both outputs
+    print(learning_curves(run_dir, series))
+    print(score_by_time(run_dir, series=series))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,23 +22,13 @@ class ResUNet(UNet):
     the logits are upsampled bilinearly. Inputs must have sides divisible by ``2**(depth + 1)``.
     """
 
-    def __init__(
-        self,
-        in_channels: int = 1,
-        out_channels: int = 1,
-        base_width: int = 32,
-        depth: int = 4,
-        norm_layer: type[nn.Module] = nn.BatchNorm2d,
-        act_layer: type[nn.Module] = nn.ReLU,
-    ) -> None:
-        super().__init__(in_channels, out_channels, base_width, depth, norm_layer, act_layer)
-        widths = [base_width * 2**level for level in range(depth + 1)]
-        blocks = {"norm_layer": norm_layer, "act_layer": act_layer}
+    def build_encoder(self, in_channels: int, widths: list[int], blocks: dict[str, Any]) -> nn.ModuleList:
+        """A stride-2 stem then one stride-2 residual block per level (no pooling)."""
         stem = nn.Sequential(
             ConvNormAct(in_channels, widths[0], stride=2, **blocks), ResidualBlock(widths[0], widths[0], **blocks)
         )
-        downs = (ResidualBlock(widths[level - 1], widths[level], stride=2, **blocks) for level in range(1, depth + 1))
-        self.encoder = nn.ModuleList([stem, *downs])
+        downs = (ResidualBlock(c_in, c_out, stride=2, **blocks) for c_in, c_out in pairwise(widths))
+        return nn.ModuleList([stem, *downs])
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         skips = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -30,9 +32,7 @@ class UNet(nn.Module):
         self.depth = depth
         widths = [base_width * 2**level for level in range(depth + 1)]
         blocks = {"norm_layer": norm_layer, "act_layer": act_layer}
-        self.encoder = nn.ModuleList(
-            DoubleConv(c_in, c_out, **blocks) for c_in, c_out in zip([in_channels, *widths[:-1]], widths, strict=True)
-        )
+        self.encoder = self.build_encoder(in_channels, widths, blocks)
         self.pool = nn.MaxPool2d(2)
         self.upsample = nn.ModuleList(
             nn.ConvTranspose2d(widths[level + 1], widths[level], 2, stride=2) for level in reversed(range(depth))
@@ -42,6 +42,12 @@ class UNet(nn.Module):
         )
         self.head = nn.Conv2d(widths[0], out_channels, 1)
         self.bottleneck_channels = widths[-1]
+
+    def build_encoder(self, in_channels: int, widths: list[int], blocks: dict[str, Any]) -> nn.ModuleList:
+        """One block per level (``widths[level]`` channels); ``encode`` pools between them."""
+        return nn.ModuleList(
+            DoubleConv(c_in, c_out, **blocks) for c_in, c_out in zip([in_channels, *widths[:-1]], widths, strict=True)
+        )
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The feature map of every encoder level, finest first."""
