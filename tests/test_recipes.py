@@ -76,6 +76,24 @@ def test_presence_loss_is_added_with_its_weight_and_learns_which_images_are_infe
     assert (probability[:2] > 0.5).all() and (probability[2:] < 0.5).all()
 
 
+def test_segment_present_only_scores_segmentation_on_infected_images_and_presence_on_all() -> None:
+    module = _module(presence_weight=0.5, segment_present_only=True).train()
+    masks = torch.zeros(3, 1, 32, 32)
+    masks[1, :, 4:12, 4:12] = 1  # only the second image is infected
+    images = torch.rand(3, 1, 32, 32)
+    batch = {"image": images, "mask": masks, "name": ["a", "b", "c"]}
+    loss = module._shared_step(batch, "train")[0]
+    logits, presence = module._predict(images)
+    presence_loss = torch.nn.functional.binary_cross_entropy_with_logits(presence, torch.tensor([0.0, 1.0, 0.0]))
+    torch.testing.assert_close(loss, BCEDiceLoss()(logits[1:2], masks[1:2]) + 0.5 * presence_loss)
+    healthy = {"image": images[[0, 2]], "mask": masks[[0, 2]], "name": ["a", "c"]}
+    loss = module._shared_step(healthy, "train")[0]
+    loss.backward()  # only the presence loss: it still trains the encoder
+    assert module.presence_head[2].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="segment_present_only needs a presence head"):
+        _module(segment_present_only=True)
+
+
 def test_presence_gate_empties_masks_below_the_threshold_in_eval_mode_only() -> None:
     module = _module(presence_weight=1.0).eval()
     images = torch.rand(3, 1, 32, 32)
@@ -173,3 +191,4 @@ def test_calibrate_choices_are_what_eval_measures_with_them(compose_cfg, tmp_pat
     module, config = module_from_checkpoint(checkpoint, threshold=0.3, presence_threshold=0.4)
     assert (module.hparams.threshold, module.hparams.presence_threshold) == (0.3, 0.4)
     assert config["model"]["presence_threshold"] == 0.4  # exports record the settings
+

@@ -42,6 +42,10 @@ class SegmentationModule(L.LightningModule):
             present at all, trained with this weight on BCE; the net must have ``encode``/``decode``.
         presence_threshold: in eval mode, predict an empty primary mask where the presence
             probability is below this (null: never); healthy lungs then get no scattered pixels.
+        segment_present_only: compute the segmentation loss only on images whose primary mask is
+            not empty, leaving "nothing here" to the presence head (required). Per-image soft Dice
+            on an empty truth punishes every predicted pixel, which makes the decoder cautious on
+            infected lungs too; without it healthy lungs depend on the presence gate alone.
 
     ``train_input_size`` (an attribute, not a hyper-parameter) makes training steps run at another
     side than ``input_size``: progressive resizing sets it, evaluation never uses it.
@@ -63,6 +67,7 @@ class SegmentationModule(L.LightningModule):
         restrict_to_lungs: bool = False,
         presence_weight: float = 0.0,
         presence_threshold: float | None = None,
+        segment_present_only: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"], logger=False)
@@ -86,8 +91,9 @@ class SegmentationModule(L.LightningModule):
             self.presence_head = nn.Sequential(
                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(net.bottleneck_channels, 1), nn.Flatten(0)
             )
-        elif presence_threshold is not None:
-            raise ValueError("model.presence_threshold needs a presence head: set model.presence_weight > 0")
+        elif presence_threshold is not None or segment_present_only:
+            option = "presence_threshold" if presence_threshold is not None else "segment_present_only"
+            raise ValueError(f"model.{option} needs a presence head: set model.presence_weight > 0")
         self.train_input_size: int | None = None
         # keyed "train_scores" etc.: a ModuleDict key may not shadow nn.Module.train
         self.scores = nn.ModuleDict(
@@ -145,10 +151,14 @@ class SegmentationModule(L.LightningModule):
     def _shared_step(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         logits, presence = self._predict(batch["image"])
         masks = batch["mask"]
-        loss = self.loss(logits, masks)
+        present = masks[:, self.targets.index(self.primary_target)].flatten(1).amax(1) > 0.5
+        if self.hparams.segment_present_only:
+            # no infected image in the batch: a zero that still belongs to the graph
+            loss = self.loss(logits[present], masks[present]) if present.any() else logits.sum() * 0
+        else:
+            loss = self.loss(logits, masks)
         if presence is not None:
-            present = masks[:, self.targets.index(self.primary_target)].flatten(1).amax(1)
-            presence_loss = F.binary_cross_entropy_with_logits(presence, (present > 0.5).to(presence.dtype))
+            presence_loss = F.binary_cross_entropy_with_logits(presence, present.to(presence.dtype))
             self.log(f"{stage}/presence_loss", presence_loss, on_epoch=True, batch_size=len(masks),
                      sync_dist=stage != "train")  # fmt: skip
             loss = loss + self.hparams.presence_weight * presence_loss
