@@ -88,8 +88,10 @@ def test_segment_present_only_scores_segmentation_on_infected_images_and_presenc
     torch.testing.assert_close(loss, BCEDiceLoss()(logits[1:2], masks[1:2]) + 0.5 * presence_loss)
     healthy = {"image": images[[0, 2]], "mask": masks[[0, 2]], "name": ["a", "c"]}
     loss = module._shared_step(healthy, "train")[0]
+    torch.testing.assert_close(loss, 0.5 * torch.nn.functional.binary_cross_entropy_with_logits(
+        module._predict(healthy["image"])[1], torch.zeros(2)))  # fmt: skip
     loss.backward()  # only the presence loss: it still trains the encoder
-    assert module.presence_head[2].weight.grad.abs().sum() > 0
+    assert module.net.encoder[0][0][0].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="segment_present_only needs a presence head"):
         _module(segment_present_only=True)
 
@@ -191,4 +193,3 @@ def test_calibrate_choices_are_what_eval_measures_with_them(compose_cfg, tmp_pat
     module, config = module_from_checkpoint(checkpoint, threshold=0.3, presence_threshold=0.4)
     assert (module.hparams.threshold, module.hparams.presence_threshold) == (0.3, 0.4)
     assert config["model"]["presence_threshold"] == 0.4  # exports record the settings
-

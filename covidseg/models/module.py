@@ -153,7 +153,7 @@ class SegmentationModule(L.LightningModule):
         masks = batch["mask"]
         present = masks[:, self.targets.index(self.primary_target)].flatten(1).amax(1) > 0.5
         if self.hparams.segment_present_only:
-            # no infected image in the batch: a zero that still belongs to the graph
+            # no infected image in the batch: a zero that keeps every parameter in the graph (DDP)
             loss = self.loss(logits[present], masks[present]) if present.any() else logits.sum() * 0
         else:
             loss = self.loss(logits, masks)
