@@ -1,20 +1,26 @@
-"""Build the datamodule, module, callbacks, loggers and trainer from a composed config.
+"""Build the datamodule, module, callbacks, loggers and trainer from a composed config, and the
+model spec that every checkpoint of the run carries.
 
-train, eval and predict all go through :func:`build_run`.
+train and the benchmark go through :func:`build_run`.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from covidseg.checkpoints import EmbedRunConfig, SaveOnInterrupt
+from covidseg.callbacks import EmbedModelSpec, SaveOnInterrupt
 from covidseg.data import CovidQuExDataModule
+from covidseg.model_spec import CLASSES, ModelFileError, parse_spec
+from covidseg.models.registry import NETWORKS, network_name
 
 OmegaConf.register_new_resolver("len", len, replace=True)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,15 +37,53 @@ def instantiate_each(group: DictConfig | None) -> list:
     return [instantiate(entry) for entry in group.values() if entry is not None and "_target_" in entry]
 
 
+def training_spec(cfg: DictConfig, module: L.LightningModule) -> dict[str, Any] | None:
+    """The model spec of a training run (plain data), or ``None`` when its network is not one of
+    covidseg's registered networks or has options a model file cannot carry."""
+    name = network_name(getattr(getattr(module, "network", None), "net", None))
+    if name is None:
+        log.warning("the network is not in covidseg's registry: checkpoints will not load in eval/predict/export")
+        return None
+    net_config = OmegaConf.to_container(cfg.model.net, resolve=True)
+    option_names = NETWORKS[name].options.model_fields
+    spec = {
+        "networks": [
+            {
+                "name": name,
+                "options": {key: value for key, value in net_config.items() if key in option_names},
+                "presence_head": module.network.presence_head is not None,
+                "input_size": cfg.model.get("input_size"),
+                "channels_last": bool(cfg.model.get("channels_last", False)),
+            }
+        ],
+        "targets": list(cfg.data.targets),
+        "image_size": cfg.data.image_size,
+        "inference": {"threshold": float(cfg.model.threshold)},
+        "data": {
+            key: [c for c in (cfg.data.get(key) or cfg.data.classes) if c in CLASSES]
+            for key in ("classes", "eval_classes")
+        },
+    }
+    unsupported = sorted(set(net_config) - set(option_names) - {"_target_"})
+    try:
+        if unsupported:
+            raise ModelFileError(f"model.net options {unsupported} cannot be stored in a model file")
+        return parse_spec(spec, "the training config").to_plain()
+    except ModelFileError as error:
+        log.warning("checkpoints will not load in eval/predict/export: %s", error)
+        return None
+
+
 def build_run(cfg: DictConfig) -> Run:
-    """Everything a Lightning run needs; the run's resolved config is embedded in checkpoints."""
+    """Everything a Lightning run needs; the run's model spec is embedded in its checkpoints."""
     callbacks = instantiate_each(cfg.get("callbacks"))
-    callbacks.append(EmbedRunConfig(OmegaConf.to_container(cfg, resolve=True)))
+    loggers = instantiate_each(cfg.get("logger"))
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.model)
+    spec = training_spec(cfg, module)
+    if spec is not None:
+        callbacks.append(EmbedModelSpec(spec))
     if cfg.get("callbacks") and "model_checkpoint" in cfg.callbacks:
         callbacks.append(SaveOnInterrupt(cfg.callbacks.model_checkpoint.dirpath))
-    loggers = instantiate_each(cfg.get("logger"))
-    return Run(
-        datamodule=instantiate(cfg.data),
-        module=instantiate(cfg.model),
-        trainer=instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False),
-    )
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return Run(datamodule=datamodule, module=module, trainer=trainer)

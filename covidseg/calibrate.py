@@ -5,7 +5,7 @@ python -m covidseg.calibrate ckpt_path=PATH [min_healthy_rate=0.95]
 One pass over Val (all three classes) records, per image and per candidate pixel threshold, the
 predicted and overlapping infected areas, plus the presence probability. Every pair (pixel
 threshold, presence threshold) is then scored: per-image Dice on images with infection, and the
-share of images without infection predicted below ``area_limit`` of the image. The pair kept
+share of images without infection predicted below 1 % of the image (``CLEAN_AREA_SHARE``). The pair kept
 is the best Dice among those that keep at least ``min_healthy_rate`` of healthy images clean
 (the highest clean share when none does). Only Val is used: the Test split stays held back.
 """
@@ -20,38 +20,14 @@ from typing import Any
 import hydra
 import lightning as L
 import numpy as np
-import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from covidseg.builders import build_run
-from covidseg.checkpoints import load_checkpoint, load_weights, resolve_ckpt_path
-from covidseg.eval import apply_checkpoint_config
+from covidseg.callbacks import ThresholdSweep
+from covidseg.eval import load_for_data, test_predictor
+from covidseg.metrics import CLEAN_AREA_SHARE
 from covidseg.reporting import user_errors, write_run_info
-
-
-class ThresholdSweep(L.Callback):
-    """During ``trainer.test``, each image's predicted and overlapping areas at every threshold."""
-
-    def __init__(self, thresholds: list[float], channel: int) -> None:
-        self.thresholds = torch.tensor(thresholds)
-        self.channel = channel
-        self.predicted: list[torch.Tensor] = []
-        self.intersection: list[torch.Tensor] = []
-        self.truth: list[torch.Tensor] = []
-
-    def on_test_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int, dataloader_idx=0) -> None:
-        probability = outputs["logits"][:, self.channel].sigmoid().flatten(1).cpu()
-        truth = batch["mask"][:, self.channel].flatten(1).cpu() > 0.5
-        predicted = probability[:, None, :] > self.thresholds[None, :, None]  # (N, thresholds, pixels)
-        self.predicted.append(predicted.sum(-1).double())
-        self.intersection.append((predicted & truth[:, None, :]).sum(-1).double())
-        self.truth.append(truth.sum(-1).double())
-
-    def areas(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Predicted and intersection areas (images x thresholds) and truth areas (images)."""
-        return tuple(torch.cat(parts).numpy() for parts in (self.predicted, self.intersection, self.truth))
 
 
 @dataclass
@@ -100,36 +76,30 @@ def choose(choices: list[Choice], min_healthy_rate: float) -> Choice:
 
 def calibrate(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, "train")
-    checkpoint = load_checkpoint(ckpt_path)
-    apply_checkpoint_config(cfg, checkpoint)
-    with open_dict(cfg):
-        cfg.model.presence_threshold = None  # sweep ungated logits; score_choices applies each gate
+    loaded, datamodule = load_for_data(cfg)
+    predictor = loaded.predictor
+    # ungated probabilities: score_choices applies each candidate gate itself
+    predictor.settings = predictor.settings.model_copy(update={"presence_threshold": None})
     output_dir = Path(cfg.paths.output_dir)
     write_run_info(output_dir)
-    run = build_run(cfg)
-    load_weights(run.module, checkpoint, ckpt_path)
-    module = run.module
-    thresholds = sorted({*cfg.thresholds, module.hparams.threshold})
-    sweep = ThresholdSweep(thresholds, module.targets.index(module.primary_target))
-    run.trainer.callbacks.append(sweep)
-    run.trainer.test(module, datamodule=run.datamodule)
+    thresholds = sorted({*cfg.thresholds, predictor.threshold})
+    sweep = ThresholdSweep(thresholds, predictor.targets.index(predictor.primary_target))
+    test_predictor(cfg, loaded, datamodule, [sweep])
     predicted, intersection, truth = sweep.areas()
-    presence = module.test_per_image.get("presence_probability")
     choices = score_choices(
         predicted,
         intersection,
         truth,
-        None if presence is None else np.array(presence),
+        sweep.presence_probability(),
         thresholds,
         list(cfg.presence_thresholds),
-        cfg.area_limit * cfg.data.image_size**2,
+        CLEAN_AREA_SHARE * loaded.spec.image_size**2,
     )
     chosen = choose(choices, cfg.min_healthy_rate)
-    untouched = next(c for c in choices if c.presence_threshold is None and c.threshold == module.hparams.threshold)
+    untouched = next(c for c in choices if c.presence_threshold is None and c.threshold == predictor.threshold)
     result = {
-        "ckpt_path": str(ckpt_path),
-        "split": run.datamodule.split,
+        "ckpt_path": loaded.description,
+        "split": datamodule.split,
         "infected_images": int((truth > 0).sum()),
         "healthy_images": int((truth == 0).sum()),
         "min_healthy_rate": cfg.min_healthy_rate,

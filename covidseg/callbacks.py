@@ -1,17 +1,81 @@
-"""Callbacks of covidseg's own (TensorBoard charts of validation); the rest come from Lightning."""
+"""covidseg's own callbacks, all in one place; the rest come from Lightning.
+
+Training: the model spec in every checkpoint, save on interrupt, progressive resizing, TensorBoard
+charts and images of validation. Testing and evaluation (``trainer.test`` of a
+:class:`~covidseg.models.SegmentationModule` or of a :class:`~covidseg.predictor.PredictorModule`,
+both of whose test steps return ``probability``, ``mask`` and ``presence``): per-image results,
+severity grading, and the threshold sweep of ``calibrate``.
+"""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torchmetrics.classification import BinaryPrecisionRecallCurve
 
+from covidseg.metrics import CLEAN_AREA_SHARE, SegmentationScores
+from covidseg.model_spec import SPEC_KEY, InferenceSettings
+from covidseg.predictor import Predictor
+from covidseg.severity import agreement, severity
 from covidseg.visualize import comparison_row
+
+
+class EmbedModelSpec(L.Callback):
+    """Stores the model spec (plain data: network name and options, targets, sizes, threshold) in
+    every checkpoint, so that a checkpoint alone rebuilds its network for eval, predict and export."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[SPEC_KEY] = self.spec
+
+
+class SaveOnInterrupt(L.Callback):
+    """Ctrl-C or SIGTERM (a closed laptop, a pre-empted job): finish the current batch, write a
+    resumable ``last.ckpt`` and say how to resume. A second Ctrl-C stops at once.
+
+    The first Ctrl-C is turned into SIGTERM, so that Lightning stops where its loop state is whole.
+    """
+
+    def __init__(self, dirpath: str | Path) -> None:
+        self.dirpath = Path(dirpath)
+        self._previous_handler: Any = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGINT, self._stop_after_batch)
+
+    def _stop_after_batch(self, signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, self._previous_handler or signal.default_int_handler)
+        rank_zero_info("\nInterrupted: saving a checkpoint after this batch (Ctrl-C again to stop at once)")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException | KeyboardInterrupt) or trainer.sanity_checking:
+            return
+        path = self.dirpath / "last.ckpt"
+        trainer.save_checkpoint(path)
+        rank_zero_info(
+            f"Saved {path} at epoch {trainer.current_epoch}, step {trainer.global_step}. Resume with:\n"
+            f"  python -m covidseg.train <same overrides> ckpt_path={path}   (or ckpt_path=last)"
+        )
 
 
 def tensorboard_writers(trainer: L.Trainer) -> list:
@@ -40,15 +104,15 @@ class ValidationImageLogger(L.Callback):
         indices = np.linspace(0, len(dataset) - 1, min(self.num_images, len(dataset))).round().astype(int)
         samples = [dataset[int(index)] for index in indices]
         images = torch.stack([sample["image"] for sample in samples]).to(pl_module.device)
-        with torch.no_grad():
-            probability = pl_module(images).sigmoid().cpu()
+        settings = InferenceSettings(threshold=pl_module.hparams.threshold)
+        predictor = Predictor([pl_module.network], pl_module.targets, settings)
+        mask = predictor.predict(images).mask.cpu()
         channel = pl_module.targets.index(pl_module.primary_target)
-        threshold = pl_module.hparams.threshold
         rows = [
             comparison_row(
                 (sample["image"][0].numpy() * 255).astype(np.uint8),
                 sample["mask"][channel].numpy(),
-                (probability[row, channel] > threshold).numpy(),
+                mask[row, channel].numpy(),
             )
             for row, sample in enumerate(samples)
         ]
@@ -112,5 +176,122 @@ class ProgressiveResizing(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         side = self.side_at(trainer.current_epoch)
-        pl_module.train_input_size = side
+        pl_module.network.train_input_size = side
         pl_module.log("train/input_size", float(side), on_step=False, on_epoch=True)
+
+
+class PerImageResults(L.Callback):
+    """Collects each test image's name, Dice, IoU and areas per target (and presence probability)
+    from the test steps' masks; :meth:`metrics` and :meth:`columns` summarise them.
+
+    Args:
+        targets: the mask channels' names, in order.
+        image_size: side of the evaluated masks (for the "almost empty" area limit).
+    """
+
+    def __init__(self, targets: Sequence[str], image_size: int) -> None:
+        self.targets = list(targets)
+        self.primary_target = "infection" if "infection" in self.targets else self.targets[0]
+        self.image_size = image_size
+        self.scores = {target: SegmentationScores(from_logits=False) for target in self.targets}
+        self.names: list[str] = []
+        self.presence: list[float] = []
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.names.extend(batch["name"])
+        masks = outputs["mask"].float().cpu()
+        for channel, target in enumerate(self.targets):
+            self.scores[target].update(masks[:, channel], batch["mask"][:, channel].cpu())
+        if outputs.get("presence") is not None:
+            self.presence.extend(outputs["presence"].float().cpu().tolist())
+
+    def metrics(self) -> dict[str, float]:
+        """``test/dice`` etc. of the primary target, per target too when there are several, and on
+        images with empty truth the share predicted almost empty (``test/empty_truth_clean``)."""
+        metrics: dict[str, float] = {}
+        for target, scores in self.scores.items():
+            values = {key: float(value) for key, value in scores.compute().items()}
+            if target == self.primary_target:
+                metrics |= {f"test/{key}": value for key, value in values.items()}
+            if len(self.targets) > 1:
+                metrics |= {f"test/{key}_{target}": value for key, value in values.items()}
+        rows = self.scores[self.primary_target].per_image()
+        empty = rows["truth_area"] == 0
+        if empty.any():
+            clean = rows["predicted_area"][empty] < CLEAN_AREA_SHARE * self.image_size**2
+            metrics |= {"test/empty_truth_images": float(empty.sum()), "test/empty_truth_clean": float(clean.double().mean())}
+        return metrics
+
+    def columns(self) -> dict[str, list[float]]:
+        """Per-image columns for the CSV: ``dice_<target>``, ``iou_<target>``, areas, presence."""
+        columns = {
+            f"{key}_{target}": values.tolist()
+            for target, scores in self.scores.items()
+            for key, values in scores.per_image().items()
+        }
+        return columns | ({"presence_probability": self.presence} if self.presence else {})
+
+
+class SeverityOnTest(L.Callback):
+    """For models with ``lung`` and ``infection`` targets, grades severity of each test image from
+    the predicted masks and from the truth; rows in ``rows``, agreement logged as ``severity/*``."""
+
+    def __init__(self, zone_threshold: float = 0.05) -> None:
+        self.zone_threshold = zone_threshold
+        self.rows: list[dict] = []
+        self.truth_rows: list[dict] = []
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.rows, self.truth_rows = [], []
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        targets = pl_module.targets
+        if not {"lung", "infection"} <= set(targets) or outputs is None:
+            return
+        lung, infection = targets.index("lung"), targets.index("infection")
+        predicted = outputs["mask"].cpu().numpy()
+        truth = batch["mask"].cpu().numpy() > 0.5
+        for masks, rows in ((predicted, self.rows), (truth, self.truth_rows)):
+            rows.extend(severity(m[lung], m[infection], self.zone_threshold) for m in masks)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.rows:
+            pl_module.log_dict(agreement(self.rows, self.truth_rows))
+
+    def columns(self) -> dict[str, list[float]]:
+        """``predicted_*`` and ``true_*`` per-image columns (empty for models without lungs)."""
+        columns: dict[str, list[float]] = {}
+        for prefix, rows in (("predicted", self.rows), ("true", self.truth_rows)):
+            if rows:
+                columns |= {f"{prefix}_{key}": [row[key] for row in rows] for key in rows[0]}
+        return columns
+
+
+class ThresholdSweep(L.Callback):
+    """During ``trainer.test``, each image's predicted and overlapping areas at every threshold, and
+    its presence probability (``calibrate`` scores every threshold pair from these)."""
+
+    def __init__(self, thresholds: Sequence[float], channel: int) -> None:
+        self.thresholds = torch.tensor(list(thresholds))
+        self.channel = channel
+        self.predicted: list[torch.Tensor] = []
+        self.intersection: list[torch.Tensor] = []
+        self.truth: list[torch.Tensor] = []
+        self.presence: list[torch.Tensor] = []
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        probability = outputs["probability"][:, self.channel].flatten(1).cpu()
+        truth = batch["mask"][:, self.channel].flatten(1).cpu() > 0.5
+        predicted = probability[:, None, :] > self.thresholds[None, :, None]  # (N, thresholds, pixels)
+        self.predicted.append(predicted.sum(-1).double())
+        self.intersection.append((predicted & truth[:, None, :]).sum(-1).double())
+        self.truth.append(truth.sum(-1).double())
+        if outputs.get("presence") is not None:
+            self.presence.append(outputs["presence"].double().cpu())
+
+    def areas(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Predicted and intersection areas (images x thresholds) and truth areas (images)."""
+        return tuple(torch.cat(parts).numpy() for parts in (self.predicted, self.intersection, self.truth))
+
+    def presence_probability(self) -> np.ndarray | None:
+        return torch.cat(self.presence).numpy() if self.presence else None

@@ -1,85 +1,78 @@
-"""Evaluate a checkpoint on any split: metrics.json and a per-image CSV in the run folder.
+"""Evaluate a model (or an ensemble) on any split: metrics.json, a per-image CSV and an HTML report.
 
-python -m covidseg.eval ckpt_path=outputs/train/runs/.../checkpoints/last.ckpt data.split=Val
+python -m covidseg.eval ckpt_path=<ckpt|pretrained|[a.ckpt,b.ckpt]|k-fold multirun folder> data.split=Val
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
-import numpy as np
-from omegaconf import DictConfig, OmegaConf, open_dict
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
 
-from covidseg.builders import build_run
-from covidseg.checkpoints import CONFIG_KEY, eval_options, load_checkpoint, load_weights, resolve_ckpt_path
-from covidseg.models import SegmentationModule
+from covidseg.builders import instantiate_each
+from covidseg.callbacks import PerImageResults, SeverityOnTest
+from covidseg.data import CovidQuExDataModule
+from covidseg.loader import LoadedModel, load_predictor
+from covidseg.predictor import PredictorModule
 from covidseg.report import write_eval_report
 from covidseg.reporting import print_summary, user_errors, write_metrics, write_per_image, write_run_info
-from covidseg.severity import SeverityOnTest
+
+INFERENCE_KEYS = ("threshold", "presence_threshold", "flip_tta", "restrict_to_lungs")
 
 
-def apply_checkpoint_config(cfg: DictConfig, checkpoint: dict) -> None:
-    """Take the network, its targets and the image size from the checkpoint's own config, with
-    the command's eval-time settings (``flip_tta``, ``threshold``, ...) on top."""
-    saved = checkpoint.get(CONFIG_KEY)
-    if not saved:
-        return
+def inference_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """The inference settings the command line sets (``conf/inference``; null keeps the model's)."""
+    return {key: cfg.get(key) for key in INFERENCE_KEYS}
+
+
+def load_for_data(cfg: DictConfig, **inference: Any) -> tuple[LoadedModel, CovidQuExDataModule]:
+    """The model that ``ckpt_path`` names, and the datamodule of ``data.*`` at the model's image
+    size and targets."""
+    loaded = load_predictor(cfg.ckpt_path, cfg.paths.log_dir, **(inference_overrides(cfg) | inference))
     with open_dict(cfg):
-        cfg.model = OmegaConf.create({**saved["model"], **eval_options(cfg), "compile": False})
-        cfg.data.targets = saved["data"]["targets"]
-        cfg.data.image_size = saved["data"]["image_size"]
+        cfg.data.targets = list(loaded.spec.targets)
+        cfg.data.image_size = loaded.spec.image_size
+    return loaded, instantiate(cfg.data)
 
 
-def false_positive_summary(module: SegmentationModule, image_size: int, area_limit: float = 0.01) -> dict[str, float]:
-    """On images whose truth is empty (healthy lungs): how many, and the share predicted almost
-    empty (infected area below ``area_limit`` of the image)."""
-    target = module.primary_target
-    truth = np.array(module.test_per_image[f"truth_area_{target}"])
-    predicted = np.array(module.test_per_image[f"predicted_area_{target}"])[truth == 0]
-    if not len(predicted):
-        return {}
-    return {
-        "test/empty_truth_images": float(len(predicted)),
-        "test/empty_truth_below_1pct": float(np.mean(predicted < area_limit * image_size**2)),
-    }
+def test_predictor(cfg: DictConfig, loaded: LoadedModel, datamodule: CovidQuExDataModule, callbacks: list) -> dict:
+    """Run the Predictor over ``data.split`` in Lightning's test loop; returns what callbacks logged."""
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
+    trainer.test(PredictorModule(loaded.predictor), datamodule=datamodule, verbose=False)
+    return {name: float(value) for name, value in trainer.callback_metrics.items()}
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Test the checkpoint on ``data.split`` and write its metrics and per-image rows."""
+    """Test the model on ``data.split`` and write its metrics, per-image rows and report."""
     L.seed_everything(cfg.seed, workers=True)
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, "train")
-    checkpoint = load_checkpoint(ckpt_path)
-    apply_checkpoint_config(cfg, checkpoint)
+    loaded, datamodule = load_for_data(cfg)
+    spec = loaded.spec
     output_dir = Path(cfg.paths.output_dir)
     write_run_info(output_dir)
-    run = build_run(cfg)
-    load_weights(run.module, checkpoint, ckpt_path)
-    run.trainer.test(run.module, datamodule=run.datamodule)
-    metrics = {name: float(value) for name, value in run.trainer.callback_metrics.items()}
-    metrics |= false_positive_summary(run.module, cfg.data.image_size)
+    results = PerImageResults(spec.targets, spec.image_size)
+    callbacks = instantiate_each(cfg.get("callbacks"))
+    metrics = test_predictor(cfg, loaded, datamodule, [results, *callbacks]) | results.metrics()
     metrics_path = write_metrics(output_dir, metrics)
-    module = run.module
-    columns = dict(module.test_per_image)
+    columns = results.columns()
     severity_pairs = None
-    for callback in run.trainer.callbacks:
+    for callback in callbacks:
         if isinstance(callback, SeverityOnTest) and callback.rows:
-            for prefix, rows in (("predicted", callback.rows), ("true", callback.truth_rows)):
-                columns |= {f"{prefix}_{key}": [row[key] for row in rows] for key in rows[0]}
+            columns |= callback.columns()
             severity_pairs = (columns["predicted_lung_infected_percent"], columns["true_lung_infected_percent"])
-    csv_path = write_per_image(output_dir, module.test_names, columns)
-    title = f"eval on {run.datamodule.split}: {ckpt_path}"
+    csv_path = write_per_image(output_dir, results.names, columns)
+    title = f"eval on {datamodule.split}: {loaded.description}"
     report_path = write_eval_report(
         output_dir,
         title,
         metrics,
-        module.test_names,
-        module.test_per_image[f"dice_{module.primary_target}"],
-        module,
-        run.datamodule.dataset(run.datamodule.split),
-        channel=module.targets.index(module.primary_target),
-        threshold=module.hparams.threshold,
+        results.names,
+        columns[f"dice_{spec.primary_target}"],
+        loaded.predictor,
+        datamodule.dataset(datamodule.split),
         severity_pairs=severity_pairs,
     )
     print_summary(title, metrics, {"metrics": metrics_path, "per-image": csv_path, "report": report_path})

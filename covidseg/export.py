@@ -1,7 +1,11 @@
-"""Export a trained model to ONNX or TorchScript, with a metadata file beside it.
+"""Export a model (or an ensemble) to ONNX, TorchScript or safetensors, with its metadata beside it.
 
-python -m covidseg.export ckpt_path=<ckpt|pretrained> format=onnx|torchscript|safetensors [output=DIR]
-    [threshold=T] [presence_threshold=P]   (eval-time settings recorded in, or baked into, the export)
+python -m covidseg.export ckpt_path=<ckpt|pretrained|list|k-fold folder> format=onnx|torchscript|safetensors
+    [output=DIR] [threshold=T] [presence_threshold=P] [flip_tta=true]
+
+ONNX and TorchScript hold the whole Predictor: every network of an ensemble, the resizing to each
+network's side, flip TTA, lung restriction and the presence gate. The ``.json`` beside the file
+says how to feed it and read it, and carries the model spec (plain data, validated on load).
 """
 
 from __future__ import annotations
@@ -9,7 +13,6 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any
 
 import hydra
 import torch
@@ -17,80 +20,86 @@ import yaml
 from omegaconf import DictConfig
 from rich.console import Console
 from safetensors.torch import save_file
+from torch import nn
 
-from covidseg.checkpoints import CheckpointError, eval_options, module_from_checkpoint, resolve_ckpt_path
+from covidseg.eval import inference_overrides
+from covidseg.loader import LoadedModel, load_predictor
+from covidseg.model_spec import ExportMetadata, ModelFileError, ModelSpec
+from covidseg.predictor import Predictor
 from covidseg.reporting import user_errors
 
-
-def metadata(config: dict[str, Any], file_format: str) -> dict[str, Any]:
-    """What a runtime needs to feed the model and read its output."""
-    return {
-        "format": file_format,
-        "input": "image, float32 (N, 1, S, S): grayscale / 255, resized to S x S with area interpolation",
-        "output": "logits, float32 (N, T, S, S): one channel per target; sigmoid > threshold is positive",
-        "image_size": config["data"]["image_size"],
-        "targets": config["data"]["targets"],
-        "threshold": config["model"]["threshold"],
-        "metrics": config.get("metrics", {}),
-    }
+INPUT = "image, float32 (N, 1, S, S): grayscale / 255, resized to S x S (S = model.image_size) with area interpolation"
 
 
-def _example(module: torch.nn.Module, config: dict[str, Any]) -> torch.Tensor:
-    size = config["data"]["image_size"]
-    return torch.rand(2, getattr(module.net, "in_channels", 1), size, size)
+class TracedPredictor(nn.Module):
+    """The Predictor's probabilities and, with presence heads, presence: a graph's outputs."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        super().__init__()
+        self.predictor = predictor.eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        probability, presence = self.predictor.probabilities(images)
+        return probability if presence is None else (probability, presence)
 
 
-def export_onnx(module: torch.nn.Module, config: dict[str, Any], path: Path) -> Path:
+def outputs(predictor: Predictor) -> list[str]:
+    return ["probability", "presence"] if predictor.has_presence else ["probability"]
+
+
+def write_metadata(path: Path, file_format: str, loaded: LoadedModel) -> Path:
+    """``<path>.json``: input, outputs and the model spec."""
+    metadata = ExportMetadata(
+        format=file_format, input=INPUT, outputs=outputs(loaded.predictor), model=loaded.spec.to_plain()
+    )
+    meta_path = path.with_suffix(".json")
+    meta_path.write_text(json.dumps(metadata.model_dump(mode="json"), indent=2) + "\n")
+    return meta_path
+
+
+def _example(spec: ModelSpec) -> torch.Tensor:
+    return torch.rand(2, 1, spec.image_size, spec.image_size)
+
+
+def export_onnx(loaded: LoadedModel, path: Path) -> Path:
     """ONNX with a dynamic batch dimension (TorchScript-based exporter: no onnxscript needed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    module = module.eval()
+    names = outputs(loaded.predictor)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        module.to_onnx(
-            path,
-            _example(module, config),
+        torch.onnx.export(
+            TracedPredictor(loaded.predictor),
+            (_example(loaded.spec),),
+            str(path),
             input_names=["image"],
-            output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            output_names=names,
+            dynamic_axes={name: {0: "batch"} for name in ["image", *names]},
             dynamo=False,
         )
-    path.with_suffix(".json").write_text(json.dumps(metadata(config, "onnx"), indent=2) + "\n")
+    write_metadata(path, "onnx", loaded)
     return path
 
 
-def export_torchscript(module: torch.nn.Module, config: dict[str, Any], path: Path) -> Path:
+def export_torchscript(loaded: LoadedModel, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        module.eval().to_torchscript(path, method="trace", example_inputs=_example(module, config))
-    path.with_suffix(".json").write_text(json.dumps(metadata(config, "torchscript"), indent=2) + "\n")
+        traced = torch.jit.trace(TracedPredictor(loaded.predictor), _example(loaded.spec))
+    traced.save(str(path))
+    write_metadata(path, "torchscript", loaded)
     return path
 
 
-def export_safetensors(module: torch.nn.Module, config: dict[str, Any], path: Path) -> Path:
-    """fp16 weights (safetensors: nothing to unpickle) with the model/data config as ``.yaml`` beside
-    them; ``ckpt_path`` accepts the result like a checkpoint."""
+def export_safetensors(loaded: LoadedModel, path: Path) -> Path:
+    """fp16 weights of every network (safetensors: nothing to unpickle) with the model spec as
+    ``.yaml`` beside them; ``ckpt_path`` accepts the result like a checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().half().contiguous() for name, tensor in module.state_dict().items()}
+    state = {name: tensor.detach().half().contiguous() for name, tensor in loaded.predictor.state_dict().items()}
     save_file(state, str(path))
-    data = {
-        key: value
-        for key, value in config["data"].items()
-        if key in ("image_size", "targets", "classes", "eval_classes")
-    }
-    kept = {"model": config["model"], "data": data} | ({"metrics": config["metrics"]} if "metrics" in config else {})
-    path.with_suffix(".yaml").write_text(yaml.safe_dump(kept, sort_keys=False))
-    path.with_suffix(".json").write_text(json.dumps(metadata(config, "safetensors"), indent=2) + "\n")
+    path.with_suffix(".yaml").write_text(yaml.safe_dump(loaded.spec.to_plain(), sort_keys=False))
+    write_metadata(path, "safetensors", loaded)
     return path
-
-
-def read_metadata(path: Path) -> dict[str, Any]:
-    meta_path = Path(path).with_suffix(".json")
-    if not meta_path.is_file():
-        raise CheckpointError(f"{str(path)!r} has no metadata file {str(meta_path)!r}: export it with covidseg.export")
-    return json.loads(meta_path.read_text())
 
 
 EXPORTERS = {
@@ -104,11 +113,10 @@ EXPORTERS = {
 def main(cfg: DictConfig) -> None:
     with user_errors():
         if cfg.format not in EXPORTERS:
-            raise CheckpointError(f"format={cfg.format!r} is not one of {', '.join(EXPORTERS)}")
-        ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, "train")
-        module, config = module_from_checkpoint(ckpt_path, **eval_options(cfg))
+            raise ModelFileError(f"format={cfg.format!r} is not one of {', '.join(EXPORTERS)}")
+        loaded = load_predictor(cfg.ckpt_path, cfg.paths.log_dir, **inference_overrides(cfg))
         exporter, suffix = EXPORTERS[cfg.format]
-        path = exporter(module, config, Path(cfg.output) / f"model{suffix}")
+        path = exporter(loaded, Path(cfg.output) / f"model{suffix}")
         Console().print(f"exported {path} and {path.with_suffix('.json')}", highlight=False)
 
 

@@ -12,6 +12,9 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+# A mask whose predicted area is below this share of the image counts as clean (healthy lungs).
+CLEAN_AREA_SHARE = 0.01
+
 
 class SegmentationScores(Metric):
     """Dice and IoU of binary masks: per-image mean (``dice``, ``iou``) and pooled over all pixels

@@ -1,6 +1,6 @@
 """Segment any X-ray: masks, overlays and a CSV of infected areas.
 
-python -m covidseg.predict ckpt_path=<ckpt|pretrained|model.onnx> input=<file|folder|glob> output=<dir>
+python -m covidseg.predict ckpt_path=<ckpt|pretrained|list|k-fold folder|model.onnx> input=<file|folder|glob> output=<dir>
 """
 
 from __future__ import annotations
@@ -20,16 +20,20 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import track
 
-from covidseg.checkpoints import CheckpointError, eval_options, module_from_checkpoint, resolve_ckpt_path
 from covidseg.data.decode import read_gray, resize_image
 from covidseg.data.index import IMAGE_SUFFIXES, DataError
-from covidseg.export import export_onnx, read_metadata
+from covidseg.eval import inference_overrides
+from covidseg.export import export_onnx
+from covidseg.loader import load_predictor, read_onnx_metadata, resolve_model_paths
+from covidseg.model_spec import ModelFileError, ModelSpec
+from covidseg.predictor import Predictor
 from covidseg.reporting import user_errors, write_run_info
 from covidseg.severity import severity
 from covidseg.visualize import LUNG_COLOR, PREDICTION_COLOR, outline, overlay
 
 log = logging.getLogger(__name__)
-Backend = Callable[[np.ndarray], np.ndarray]  # (N, 1, S, S) float32 in [0, 1] -> logits (N, T, S, S)
+# (N, 1, S, S) float32 in [0, 1] -> probabilities (N, T, S, S) and presence probabilities (N,) or None
+Backend = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 
 
 def find_inputs(pattern: str) -> tuple[list[Path], Path]:
@@ -61,10 +65,11 @@ def check_output(output: Path, input_pattern: str, allow_inside: bool) -> None:
         )
 
 
-def torch_backend(module: torch.nn.Module) -> Backend:
-    def run(images: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return module(torch.from_numpy(images)).float().numpy()
+def torch_backend(predictor: Predictor) -> Backend:
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        prediction = predictor.predict(torch.from_numpy(images))
+        presence = None if prediction.presence is None else prediction.presence.numpy()
+        return prediction.probability.numpy(), presence
 
     return run
 
@@ -74,25 +79,32 @@ def onnx_backend(path: Path) -> Backend:
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return lambda images: session.run(None, {name: images})[0]
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        probability, *presence = session.run(None, {name: images})
+        return probability, presence[0] if presence else None
+
+    return run
 
 
-def load_backend(cfg: DictConfig, output: Path) -> tuple[Backend, dict]:
-    """The model as a function of a batch, and its metadata (image size, targets, threshold)."""
-    path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, "train")
-    if path.suffix == ".onnx":
-        baked = sorted(key for key, value in eval_options(cfg).items() if key != "threshold" and value is not False)
+def load_backend(cfg: DictConfig, output: Path) -> tuple[Backend, ModelSpec]:
+    """The model as a function of a batch, and its spec (image size, targets, threshold)."""
+    paths = resolve_model_paths(cfg.ckpt_path, cfg.paths.log_dir)
+    overrides = inference_overrides(cfg)
+    if any(path.suffix == ".onnx" for path in paths):
+        if len(paths) > 1:
+            raise ModelFileError("an exported .onnx graph runs alone: export the ensemble as one graph instead")
+        baked = sorted(key for key, value in overrides.items() if key != "threshold" and value is not None)
         if baked:
-            raise CheckpointError(f"{', '.join(baked)} cannot change an exported .onnx graph: export again with them")
-        return onnx_backend(path), read_metadata(path)
-    module, config = module_from_checkpoint(path, **eval_options(cfg))
+            raise ModelFileError(f"{', '.join(baked)} cannot change an exported .onnx graph: export again with them")
+        _, spec = read_onnx_metadata(paths[0])
+        return onnx_backend(paths[0]), spec.with_inference(threshold=overrides["threshold"])
+    loaded = load_predictor([str(path) for path in paths], cfg.paths.log_dir, **overrides)
     if cfg.backend == "onnx":
-        onnx_path = export_onnx(module, config, output / "model.onnx")
-        return onnx_backend(onnx_path), read_metadata(onnx_path)
+        return onnx_backend(export_onnx(loaded, output / "model.onnx")), loaded.spec
     if cfg.backend != "torch":
-        raise CheckpointError(f"backend={cfg.backend!r} is not one of torch, onnx")
-    meta = {"image_size": config["data"]["image_size"], "targets": config["data"]["targets"]}
-    return torch_backend(module), meta | {"threshold": config["model"]["threshold"]}
+        raise ModelFileError(f"backend={cfg.backend!r} is not one of torch, onnx")
+    return torch_backend(loaded.predictor), loaded.spec
 
 
 def predict(cfg: DictConfig) -> Path:
@@ -101,9 +113,8 @@ def predict(cfg: DictConfig) -> Path:
     output = Path(cfg.output)
     check_output(output, str(cfg.input), cfg.allow_output_in_input)
     output.mkdir(parents=True, exist_ok=True)
-    backend, meta = load_backend(cfg, output)
-    size, targets = meta["image_size"], meta["targets"]
-    threshold = cfg.threshold if cfg.threshold is not None else meta["threshold"]
+    backend, spec = load_backend(cfg, output)
+    size, targets, threshold = spec.image_size, spec.targets, spec.inference.threshold
     channel = targets.index("infection") if "infection" in targets else 0
     lung_channel = targets.index("lung") if "lung" in targets and len(targets) > 1 else None
     input_set = {p.resolve() for p in files}
@@ -121,13 +132,15 @@ def predict(cfg: DictConfig) -> Path:
         if not images:
             continue
         stacked = np.stack([resize_image(image, size) for image in images])[:, None].astype(np.float32) / 255
-        probabilities = 0.5 * (1 + np.tanh(0.5 * backend(stacked)))  # sigmoid without overflow
+        probabilities, presences = backend(stacked)
         seconds = (time.perf_counter() - started) / len(images)
-        for path, image, probability in zip(readable, images, probabilities, strict=True):
+        for index, (path, image, probability) in enumerate(zip(readable, images, probabilities, strict=True)):
             lung = probability[lung_channel] if lung_channel is not None else None
             outputs = ImageOutputs(path, image, probability[channel], lung, threshold)
-            rows.append(outputs.write(output / path.relative_to(base).with_suffix(""), cfg.save_probability, input_set)
-                        | {"seconds": round(seconds, 4)})  # fmt: skip
+            row = outputs.write(output / path.relative_to(base).with_suffix(""), cfg.save_probability, input_set)
+            if presences is not None:
+                row["presence_probability"] = round(float(presences[index]), 4)
+            rows.append(row | {"seconds": round(seconds, 4)})
     csv_path = output / "predictions.csv"
     with csv_path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["file"])

@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from covidseg.predictor import Predictor  # noqa: E402
 from covidseg.visualize import comparison_row  # noqa: E402
 
 GALLERY_SIZE = 4
@@ -56,10 +57,8 @@ def write_eval_report(
     metrics: Mapping[str, float],
     names: Sequence[str],
     dice: Sequence[float],
-    module: torch.nn.Module,
+    predictor: Predictor,
     dataset: torch.utils.data.Dataset,
-    channel: int,
-    threshold: float,
     severity_pairs: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> Path:
     """``report.html`` (self-contained) plus ``gallery/{best,median,worst}.png``; with
@@ -84,14 +83,13 @@ def write_eval_report(
     gallery_dir = output_dir / "gallery"
     gallery_dir.mkdir(parents=True, exist_ok=True)
     sections = []
-    module.eval()
+    channel = predictor.targets.index(predictor.primary_target)
     for label, indices in gallery_indices(dice).items():
         samples = [dataset[index] for index in indices]
-        with torch.inference_mode():
-            probability = module(torch.stack([s["image"] for s in samples])).sigmoid()[:, channel].numpy()
+        masks = predictor.predict(torch.stack([s["image"] for s in samples])).mask[:, channel].numpy()
         rows = [
-            comparison_row((s["image"][0].numpy() * 255).astype(np.uint8), s["mask"][channel].numpy(), p > threshold)
-            for s, p in zip(samples, probability, strict=True)
+            comparison_row((s["image"][0].numpy() * 255).astype(np.uint8), s["mask"][channel].numpy(), mask)
+            for s, mask in zip(samples, masks, strict=True)
         ]
         png = _png_bytes(np.concatenate(rows, axis=0))
         (gallery_dir / f"{label}.png").write_bytes(png)

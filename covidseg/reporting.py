@@ -22,11 +22,11 @@ from rich.console import Console
 from rich.table import Table
 
 import covidseg
-from covidseg.checkpoints import CheckpointError
 from covidseg.data import DataError
+from covidseg.model_spec import ModelFileError
 
 log = logging.getLogger(__name__)
-USER_ERRORS = (DataError, CheckpointError, FloatingPointError)
+USER_ERRORS = (DataError, ModelFileError, FloatingPointError)
 
 
 @contextmanager

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import cv2
-import lightning as L
 import numpy as np
 import torch
 from torchmetrics.functional import cohen_kappa
@@ -79,30 +78,3 @@ def agreement(predicted: Sequence[dict], truth: Sequence[dict]) -> dict[str, flo
         "severity/zone_score_exact": float((predicted_score == true_score).float().mean()),
         "severity/zone_score_kappa": float(kappa),
     }
-
-
-class SeverityOnTest(L.Callback):
-    """For models with ``lung`` and ``infection`` targets, grades severity of each test image from
-    the predicted masks and from the truth; rows in ``rows``, agreement logged as ``severity/*``."""
-
-    def __init__(self, zone_threshold: float = 0.05) -> None:
-        self.zone_threshold = zone_threshold
-        self.rows: list[dict] = []
-        self.truth_rows: list[dict] = []
-
-    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.rows, self.truth_rows = [], []
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        targets = pl_module.targets
-        if not {"lung", "infection"} <= set(targets) or outputs is None:
-            return
-        lung, infection = targets.index("lung"), targets.index("infection")
-        predicted = (outputs["logits"].sigmoid() > pl_module.hparams.threshold).cpu().numpy()
-        truth = batch["mask"].cpu().numpy() > 0.5
-        for masks, rows in ((predicted, self.rows), (truth, self.truth_rows)):
-            rows.extend(severity(m[lung], m[infection], self.zone_threshold) for m in masks)
-
-    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.rows:
-            pl_module.log_dict(agreement(self.rows, self.truth_rows))

@@ -13,7 +13,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from covidseg.builders import build_run
-from covidseg.checkpoints import resolve_ckpt_path
+from covidseg.loader import check_checkpoint, resolve_ckpt_path
 from covidseg.reporting import print_summary, user_errors, write_metrics, write_run_info
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
+    if ckpt_path is not None:
+        check_checkpoint(ckpt_path)  # plain data and a valid model spec, before anything is built from it
     if cfg.train and ckpt_path is not None and (ckpt_path.parent.parent / ".hydra").is_dir():
         with open_dict(cfg):  # continue the interrupted run's folder, checkpoints and TensorBoard run
             cfg.paths.output_dir = str(ckpt_path.parent.parent)
@@ -36,7 +38,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     if cfg.train:
-        trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=ckpt_path)
+        trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
 
     checkpoint = trainer.checkpoint_callback

@@ -1,0 +1,109 @@
+"""Convert a model file written by covidseg 0.1 (a ``.ckpt`` or a ``.safetensors`` + ``.yaml``
+whose stored run config names classes by Hydra ``_target_``) into today's format, whose model spec
+is plain data. A one-off for files you trust; nothing in the old file is instantiated or run.
+
+python -m covidseg.convert OLD.ckpt NEW.ckpt
+python -m covidseg.convert OLD.safetensors NEW.safetensors
+
+Only the network's ``_target_`` is read, and only when it names one of covidseg's registered
+networks; the training-only sections (loss, optimizer, scheduler) are dropped from the spec.
+A ``.ckpt`` keeps its optimizer and loop state, so training can resume from the converted file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+from safetensors.torch import load_file, save_file
+
+from covidseg.model_spec import CLASSES, SPEC_KEY, ModelFileError, parse_spec
+from covidseg.models.registry import NETWORKS
+
+LEGACY_CONFIG_KEY = "covidseg_config"
+LEGACY_NETWORKS = {f"covidseg.models.{entry.cls.__name__}": name for name, entry in NETWORKS.items()}
+LEGACY_INFERENCE = ("threshold", "presence_threshold", "flip_tta", "restrict_to_lungs")
+
+
+def spec_from_legacy(config: Any, source: str) -> dict[str, Any]:
+    """The model spec (plain data) of a covidseg 0.1 run config; refuses unknown networks."""
+    try:
+        model, data, net = config["model"], config["data"], config["model"]["net"]
+        name = LEGACY_NETWORKS.get(net.get("_target_"))
+        if name is None:
+            raise ModelFileError(
+                f"{source}: key 'model.net._target_' = {net.get('_target_')!r} is not one of covidseg's networks "
+                f"({', '.join(LEGACY_NETWORKS)})"
+            )
+        option_names = NETWORKS[name].options.model_fields
+        spec = {
+            "networks": [
+                {
+                    "name": name,
+                    "options": {key: value for key, value in net.items() if key in option_names},
+                    "presence_head": float(model.get("presence_weight") or 0) > 0,
+                    "input_size": model.get("input_size"),
+                    "channels_last": bool(model.get("channels_last", False)),
+                }
+            ],
+            "targets": list(data["targets"]),
+            "image_size": data["image_size"],
+            "inference": {key: model[key] for key in LEGACY_INFERENCE if model.get(key) is not None},
+            "data": {
+                key: [c for c in (data.get(key) or data.get("classes") or []) if c in CLASSES]
+                for key in ("classes", "eval_classes")
+            },
+            "metrics": config.get("metrics", {}),
+        }
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ModelFileError(f"{source}: not a covidseg 0.1 run config (missing or malformed {error})") from None
+    return parse_spec(spec, source).to_plain()
+
+
+def convert_checkpoint(source: Path, target: Path) -> None:
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or LEGACY_CONFIG_KEY not in checkpoint:
+        raise ModelFileError(f"{str(source)!r} has no {LEGACY_CONFIG_KEY!r}: not a covidseg 0.1 checkpoint")
+    checkpoint[SPEC_KEY] = spec_from_legacy(checkpoint.pop(LEGACY_CONFIG_KEY), str(source))
+    checkpoint["state_dict"] = {  # the module's net and presence head now live in its network
+        (f"network.{name}" if name.startswith(("net.", "presence_head.")) else name): tensor
+        for name, tensor in checkpoint["state_dict"].items()
+    }
+    torch.save(checkpoint, target)
+
+
+def convert_safetensors(source: Path, target: Path) -> None:
+    config = yaml.safe_load(source.with_suffix(".yaml").read_text())
+    spec = spec_from_legacy(config, str(source.with_suffix(".yaml")))
+    state = {f"networks.0.{name}": tensor for name, tensor in load_file(source).items()}
+    save_file(state, str(target))
+    target.with_suffix(".yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", type=Path)
+    parser.add_argument("target", type=Path)
+    args = parser.parse_args()
+    console = Console(stderr=True)
+    if args.source.suffix != args.target.suffix or args.source.suffix not in (".ckpt", ".safetensors"):
+        console.print("[bold red]error:[/] give OLD.ckpt NEW.ckpt or OLD.safetensors NEW.safetensors", highlight=False)
+        sys.exit(2)
+    if args.target.exists() or args.target.with_suffix(".yaml").exists() and args.target.suffix == ".safetensors":
+        console.print(f"[bold red]error:[/] {str(args.target)!r} exists: choose a new name", highlight=False)
+        sys.exit(2)
+    try:
+        (convert_checkpoint if args.source.suffix == ".ckpt" else convert_safetensors)(args.source, args.target)
+    except (ModelFileError, OSError, yaml.YAMLError, RuntimeError) as error:
+        console.print(f"[bold red]error:[/] {str(error).splitlines()[0]}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    console.print(f"converted {args.source} -> {args.target}", highlight=False)
+
+
+if __name__ == "__main__":
+    main()

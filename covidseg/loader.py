@@ -1,0 +1,229 @@
+"""From ``ckpt_path`` to a :class:`~covidseg.predictor.Predictor`: the one way a model file
+becomes a model.
+
+``ckpt_path`` takes a ``.ckpt``, ``pretrained`` (the model shipped in the package), ``last`` (the
+newest ``last.ckpt`` of a task), a ``.safetensors`` file with its ``.yaml`` spec beside it, an
+export folder, a list (an ensemble) or a finished k-fold multirun folder (an ensemble of its folds'
+best checkpoints). Files are read without unpickling objects (``torch.load(weights_only=True)``,
+safetensors, ``yaml.safe_load``); the model spec inside is validated by
+:mod:`covidseg.model_spec` and the networks come from covidseg's registry only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from covidseg.model_spec import (
+    SPEC_KEY,
+    ExportMetadata,
+    ModelFileError,
+    ModelSpec,
+    parse_export_metadata,
+    parse_spec,
+    refuse_hydra_keys,
+)
+from covidseg.models.network import SegmentationNetwork
+from covidseg.models.registry import build_network
+from covidseg.predictor import Predictor
+
+PRETRAINED = Path(__file__).parent / "pretrained" / "best_cpu.safetensors"
+MODULE_PREFIX = "network."  # the SegmentationModule's network in a Lightning checkpoint's state_dict
+BEST_DICE = re.compile(r"dice(\d+(?:\.\d+)?)")
+
+
+@dataclass
+class LoadedModel:
+    """A ready Predictor, the spec it was built from (ensembles: all networks) and its files."""
+
+    predictor: Predictor
+    spec: ModelSpec
+    paths: list[Path]
+
+    @property
+    def description(self) -> str:
+        return str(self.paths[0]) if len(self.paths) == 1 else f"ensemble of {len(self.paths)} models"
+
+
+def _newest_last(log_dir: str | Path, task_name: str) -> Path:
+    runs = Path(log_dir, task_name)
+    candidates = sorted(runs.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise ModelFileError(f"ckpt_path=last: no checkpoints/last.ckpt under {str(runs)!r}")
+    return candidates[-1]
+
+
+def resolve_ckpt_path(value: str | None, log_dir: str | Path, task_name: str) -> Path | None:
+    """One file: ``None`` stays ``None``; ``last``, ``pretrained`` or a path to an existing file."""
+    if value is None:
+        return None
+    if value == "pretrained":
+        if not PRETRAINED.is_file():
+            raise ModelFileError(f"ckpt_path=pretrained: {str(PRETRAINED)!r} is not installed")
+        return PRETRAINED
+    if value == "last":
+        return _newest_last(log_dir, task_name)
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ModelFileError(f"ckpt_path {value!r} does not exist or is not a file")
+    return path
+
+
+def best_checkpoint(job_dir: Path) -> Path:
+    """The best checkpoint of one training run: the highest ``dice`` in its checkpoint names."""
+    scored = [(float(m.group(1)), path) for path in job_dir.glob("checkpoints/*.ckpt")
+              if (m := BEST_DICE.search(path.stem))]  # fmt: skip
+    if not scored:
+        raise ModelFileError(f"{str(job_dir)!r} has no best checkpoint (checkpoints/epoch*-dice*.ckpt)")
+    return max(scored)[1]
+
+
+def resolve_model_paths(value: Any, log_dir: str | Path, task_name: str = "train") -> list[Path]:
+    """Every model file that ``ckpt_path`` names (several: an ensemble)."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if not value:
+            raise ModelFileError("ckpt_path=[] names no model")
+        return [path for item in value for path in resolve_model_paths(str(item), log_dir, task_name)]
+    if value is None:
+        raise ModelFileError("ckpt_path is not set: give a .ckpt, pretrained, last, a list or a k-fold multirun folder")
+    folder = Path(str(value)).expanduser()
+    if str(value) not in ("pretrained", "last") and folder.is_dir():
+        for name in ("model.safetensors", "model.onnx"):  # an export folder
+            if (folder / name).is_file():
+                return [folder / name]
+        jobs = sorted(path.parent.parent for path in folder.glob("*/checkpoints"))
+        if not jobs:
+            raise ModelFileError(
+                f"ckpt_path {str(value)!r} is a folder without model.safetensors, model.onnx or */checkpoints/ "
+                "(a finished multirun)"
+            )
+        return [best_checkpoint(job) for job in jobs]
+    return [resolve_ckpt_path(str(value), log_dir, task_name)]
+
+
+def _torch_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any failure to read an untrusted file is the user's one-line error
+        first_line = (str(error).splitlines() or [type(error).__name__])[0]
+        raise ModelFileError(
+            f"{str(path)!r} is not a checkpoint covidseg can read without unpickling objects: {first_line[:200]}"
+        ) from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise ModelFileError(f"{str(path)!r} has no 'state_dict': it is not a covidseg checkpoint")
+    return checkpoint
+
+
+def check_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a ``.ckpt`` safely and refuse it unless everything in it is plain data with a valid spec
+    (also before training resumes from it)."""
+    checkpoint = _torch_checkpoint(path)
+    refuse_hydra_keys({key: value for key, value in checkpoint.items() if key != "state_dict"}, str(path))
+    if SPEC_KEY not in checkpoint:
+        raise ModelFileError(
+            f"{str(path)!r}: key {SPEC_KEY!r} is missing: not written by covidseg.train "
+            "(a checkpoint from covidseg 0.1: convert it with python -m covidseg.convert)"
+        )
+    parse_spec(checkpoint[SPEC_KEY], str(path))
+    return checkpoint
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ModelFileError(f"{str(path)!r} is missing: a .safetensors model keeps its spec in a .yaml beside it")
+    try:
+        return yaml.safe_load(path.read_text())
+    except Exception as error:  # noqa: BLE001 - malformed untrusted YAML in any way
+        raise ModelFileError(f"{str(path)!r} is not valid YAML: {str(error).splitlines()[0][:200]}") from None
+
+
+def read_model_file(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    """The spec and the Predictor-layout state dict (``networks.<i>.``) of a ``.ckpt`` or ``.safetensors``."""
+    if path.suffix == ".safetensors":
+        spec = parse_spec(_read_yaml(path.with_suffix(".yaml")), str(path.with_suffix(".yaml")))
+        try:
+            state = {name: tensor.float() for name, tensor in load_file(path).items()}
+        except Exception as error:  # noqa: BLE001 - a corrupt untrusted file
+            raise ModelFileError(f"{str(path)!r} is not a readable safetensors file: {error}") from None
+        return spec, state
+    if path.suffix == ".onnx":
+        raise ModelFileError(f"{str(path)!r}: an ONNX graph runs in predict only (backend onnx); give its .ckpt here")
+    checkpoint = check_checkpoint(path)
+    spec = parse_spec(checkpoint[SPEC_KEY], str(path))
+    state = {f"networks.0.{name.removeprefix(MODULE_PREFIX)}": tensor
+             for name, tensor in checkpoint["state_dict"].items() if name.startswith(MODULE_PREFIX)}  # fmt: skip
+    return spec, state
+
+
+def build_predictor(spec: ModelSpec) -> Predictor:
+    """Untrained networks for every entry of ``spec`` (registry names only), in a Predictor."""
+    networks = [
+        SegmentationNetwork(
+            build_network(network.name, network.options),
+            presence_head=network.presence_head,
+            input_size=network.input_size,
+            channels_last=network.channels_last,
+        )
+        for network in spec.networks
+    ]
+    return Predictor(networks, spec.targets, spec.inference)
+
+
+def ensemble_spec(specs: list[ModelSpec], paths: list[Path]) -> ModelSpec:
+    """One spec for several models: their networks together, the first one's settings."""
+    first = specs[0]
+    for spec, path in zip(specs[1:], paths[1:], strict=True):
+        if (spec.targets, spec.image_size, spec.has_presence) != (first.targets, first.image_size, first.has_presence):
+            raise ModelFileError(
+                f"{str(path)!r} cannot join an ensemble with {str(paths[0])!r}: targets, image size or presence head "
+                f"differ ({spec.targets}, {spec.image_size}, {spec.has_presence} vs {first.targets}, "
+                f"{first.image_size}, {first.has_presence})"
+            )
+    if len(specs) == 1:
+        return first
+    networks = [network for spec in specs for network in spec.networks]
+    return first.model_copy(update={"networks": networks, "metrics": {}})
+
+
+def load_predictor(ckpt_path: Any, log_dir: str | Path, **inference: Any) -> LoadedModel:
+    """Load what ``ckpt_path`` names into one Predictor; ``inference`` overrides the files' settings
+    (``None`` keeps them). Nothing is built before every file's spec has been validated."""
+    paths = resolve_model_paths(ckpt_path, log_dir)
+    read = [read_model_file(path) for path in paths]
+    spec = ensemble_spec([spec for spec, _ in read], paths).with_inference(**inference)
+    predictor = build_predictor(spec)
+    networks = iter(predictor.networks)
+    for path, (member_spec, state) in zip(paths, read, strict=True):
+        prefixes = tuple(f"networks.{index}." for index in range(len(member_spec.networks)))
+        stray = next((name for name in state if not name.startswith(prefixes)), None)
+        if stray is not None:
+            raise ModelFileError(f"{str(path)!r}: tensor {stray!r} belongs to no network of its model spec")
+        for index in range(len(member_spec.networks)):
+            prefix = f"networks.{index}."
+            weights = {name.removeprefix(prefix): tensor for name, tensor in state.items() if name.startswith(prefix)}
+            try:
+                next(networks).load_state_dict(weights)
+            except RuntimeError as error:
+                first_lines = "; ".join(str(error).splitlines()[:2])[:300]
+                raise ModelFileError(f"{str(path)!r}: the weights do not fit its model spec: {first_lines}") from None
+    return LoadedModel(predictor.eval(), spec, paths)
+
+
+def read_onnx_metadata(path: Path) -> tuple[ExportMetadata, ModelSpec]:
+    """The validated ``.json`` beside an exported ONNX graph."""
+    meta_path = path.with_suffix(".json")
+    if not meta_path.is_file():
+        raise ModelFileError(f"{str(path)!r} has no metadata file {str(meta_path)!r}: export it with covidseg.export")
+    try:
+        data = json.loads(meta_path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ModelFileError(f"{str(meta_path)!r} is not valid JSON: {error}") from None
+    return parse_export_metadata(data, str(meta_path))

@@ -1,0 +1,205 @@
+"""What a model file may say about its model: plain values, validated before anything is built.
+
+A checkpoint (key ``covidseg_model``), the ``.yaml`` beside a ``.safetensors`` file and the
+``.json`` beside an exported ONNX graph all hold one :class:`ModelSpec`: the networks (names from
+:mod:`covidseg.models.registry` with plain options), the targets, the image side, the normalisation
+and the inference settings. Unknown keys, wrong types, values out of range, unknown network names
+and Hydra's instantiation keys (``_target_`` and the like) anywhere in the file are refused with one
+line naming the file and the key. pydantic does the type and range checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from covidseg.models.registry import NETWORKS
+
+SPEC_KEY = "covidseg_model"
+FORMAT_VERSION = 1
+HYDRA_KEYS = frozenset({"_target_", "_partial_", "_args_", "_recursive_", "_convert_"})
+TARGETS = ("infection", "lung")
+CLASSES = ("COVID-19", "Non-COVID", "Normal")
+NORMALIZATION = "gray_divided_by_255"
+Scalar = str | bool | int | float | None
+
+
+class ModelFileError(ValueError):
+    """A model file that covidseg will not load: the message names the file and the key."""
+
+
+class _Plain(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class InferenceSettings(_Plain):
+    """How probabilities become an answer; eval, calibrate, predict and export may override each."""
+
+    threshold: float = Field(0.5, gt=0, lt=1)
+    presence_threshold: float | None = Field(None, ge=0, le=1)
+    flip_tta: bool = False
+    restrict_to_lungs: bool = False
+
+
+class NetworkSpec(_Plain):
+    """One network: a registry name, its plain options, and how it is run."""
+
+    name: str
+    options: dict[str, Any] = {}
+    presence_head: bool = False
+    input_size: int | None = Field(None, ge=16, le=4096)
+    channels_last: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        if name not in NETWORKS:
+            raise ValueError(f"not one of covidseg's networks ({', '.join(NETWORKS)})")
+        return name
+
+    @model_validator(mode="after")
+    def _options_fit_the_network(self) -> NetworkSpec:
+        try:
+            NETWORKS[self.name].options.model_validate(self.options)
+        except ValidationError as error:
+            first = error.errors()[0]
+            key = ".".join(str(part) for part in first["loc"])
+            raise ValueError(f"option {key!r} = {_short(first.get('input'))}: {first['msg']}") from None
+        return self
+
+    def side_multiple(self) -> int:
+        entry = NETWORKS[self.name]
+        return entry.side_multiple(entry.options.model_validate(self.options))
+
+
+class DataProvenance(_Plain):
+    """What the model was trained and validated on (for people; nothing is built from it)."""
+
+    classes: list[Literal[CLASSES]] = Field(default_factory=list, max_length=3)  # type: ignore[valid-type]
+    eval_classes: list[Literal[CLASSES]] = Field(default_factory=list, max_length=3)  # type: ignore[valid-type]
+
+
+class ModelSpec(_Plain):
+    """Everything needed to rebuild a model and turn its output into masks."""
+
+    format_version: Literal[1] = FORMAT_VERSION
+    networks: list[NetworkSpec] = Field(min_length=1, max_length=64)
+    targets: list[Literal[TARGETS]] = Field(min_length=1, max_length=2)  # type: ignore[valid-type]
+    image_size: int = Field(ge=16, le=4096)
+    normalization: Literal["gray_divided_by_255"] = NORMALIZATION
+    inference: InferenceSettings = InferenceSettings()
+    data: DataProvenance = DataProvenance()
+    metrics: dict[str, Scalar] = Field(default_factory=dict, max_length=200)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSpec:
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"targets {self.targets} repeat a name")
+        for index, network in enumerate(self.networks):
+            out_channels = network.options.get("out_channels", 1)
+            if out_channels != len(self.targets):
+                raise ValueError(f"networks.{index} has {out_channels} output channel(s) for targets {self.targets}")
+            side = network.input_size or self.image_size
+            if side % network.side_multiple():
+                raise ValueError(
+                    f"networks.{index} ({network.name}) needs sides divisible by {network.side_multiple()}, got {side}"
+                )
+        heads = {network.presence_head for network in self.networks}
+        if len(heads) > 1:
+            raise ValueError("the networks disagree on the presence head: all or none must have one")
+        if self.inference.presence_threshold is not None and heads != {True}:
+            raise ValueError("inference.presence_threshold needs networks with a presence head")
+        if self.inference.restrict_to_lungs and set(self.targets) != set(TARGETS):
+            raise ValueError("inference.restrict_to_lungs needs the targets lung and infection")
+        return self
+
+    @property
+    def primary_target(self) -> str:
+        return "infection" if "infection" in self.targets else self.targets[0]
+
+    @property
+    def has_presence(self) -> bool:
+        return self.networks[0].presence_head
+
+    def with_inference(self, **overrides: Any) -> ModelSpec:
+        """A copy with some inference settings replaced (``None`` values keep the file's), validated."""
+        changed = {key: value for key, value in overrides.items() if value is not None}
+        data = self.model_dump()
+        data["inference"] |= changed
+        return parse_spec(data, "the command line")
+
+    def to_plain(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class ExportMetadata(_Plain):
+    """The ``.json`` beside an exported model: how to feed it and read it, and its model spec."""
+
+    format: Literal["onnx", "torchscript", "safetensors"]
+    input: str = Field(max_length=500)
+    outputs: list[Literal["probability", "presence"]] = Field(min_length=1, max_length=2)
+    model: dict[str, Any]
+
+
+def parse_export_metadata(data: Any, source: str) -> tuple[ExportMetadata, ModelSpec]:
+    """Validate an export's metadata and the model spec inside it."""
+    refuse_hydra_keys(data, source)
+    try:
+        metadata = ExportMetadata.model_validate(data)
+    except ValidationError as error:
+        raise ModelFileError(_one_line(error, source)) from None
+    return metadata, parse_spec(metadata.model, source)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def hydra_keys(data: Any, path: str = "") -> Iterator[str]:
+    """Dotted paths of every Hydra instantiation key in nested dicts and lists."""
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key in HYDRA_KEYS:
+                yield where
+            yield from hydra_keys(value, where)
+    elif isinstance(data, list | tuple):
+        for index, value in enumerate(data):
+            yield from hydra_keys(value, f"{path}.{index}" if path else str(index))
+
+
+def refuse_hydra_keys(data: Any, source: str) -> None:
+    """A model file may carry plain data only, never a key that makes Hydra choose code to run."""
+    found = next(hydra_keys(data), None)
+    if found is not None:
+        raise ModelFileError(
+            f"{source}: key {found!r} is a Hydra instantiation key; a model file may hold plain data only "
+            "(a checkpoint from covidseg 0.1 stores its config this way: convert it with python -m covidseg.convert)"
+        )
+
+
+def parse_spec(data: Any, source: str) -> ModelSpec:
+    """Validate a model spec read from ``source``; one line names the first bad key."""
+    refuse_hydra_keys(data, source)
+    if not isinstance(data, Mapping):
+        raise ModelFileError(f"{source}: the model spec is {type(data).__name__}, expected a mapping")
+    try:
+        return ModelSpec.model_validate(dict(data))
+    except ValidationError as error:
+        raise ModelFileError(_one_line(error, source)) from None
+
+
+def _one_line(error: ValidationError, source: str) -> str:
+    """pydantic's first complaint as ``<source>: key '<dotted key>' = <value>: <what was expected>``."""
+    first = error.errors()[0]
+    loc = list(first["loc"])
+    while loc and loc[-1] in ("str", "bool", "int", "float"):  # the tried members of a union type
+        loc.pop()
+    key = ".".join(str(part) for part in loc) or "(top level)"
+    message = first["msg"].removeprefix("Value error, ")
+    value = first.get("input")
+    shown = "" if first["type"] == "missing" or isinstance(value, Mapping | list) else f" = {_short(value)}"
+    return f"{source}: key {key!r}{shown}: {message}"

@@ -1,0 +1,110 @@
+"""From images to probabilities, masks and presence: the one inference path.
+
+eval, calibrate, predict, export, the HTML report and the validation-image callback all call a
+:class:`Predictor`; training code never applies inference settings itself. A Predictor holds one
+network or several (an ensemble: the mean of their probabilities, presence averaged the same way)
+and owns what happens between the caller's images and the answer: resizing to each network's side
+(inside :class:`~covidseg.models.network.SegmentationNetwork`), flip TTA, lung restriction, the
+presence gate and the threshold. It is an ``nn.Module``, so ``export`` traces the whole of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch import nn
+
+from covidseg.model_spec import InferenceSettings
+from covidseg.models.network import SegmentationNetwork
+
+
+@dataclass
+class Prediction:
+    """``probability`` (N, T, H, W) after lung restriction and gate; ``mask`` = probability > threshold;
+    ``presence`` (N,) the mean presence probability (``None`` without presence heads)."""
+
+    probability: torch.Tensor
+    mask: torch.Tensor
+    presence: torch.Tensor | None
+
+
+class Predictor(nn.Module):
+    """One or more networks plus inference settings.
+
+    Args:
+        networks: networks with the same targets (and all or none with a presence head).
+        targets: the output channels' names, e.g. ``["lung", "infection"]``.
+        settings: threshold, presence threshold, flip TTA and lung restriction.
+    """
+
+    def __init__(
+        self, networks: Sequence[SegmentationNetwork], targets: Sequence[str], settings: InferenceSettings
+    ) -> None:
+        super().__init__()
+        self.networks = nn.ModuleList(networks)
+        self.targets = list(targets)
+        self.settings = settings
+        self.primary_target = "infection" if "infection" in self.targets else self.targets[0]
+        heads = {network.presence_head is not None for network in networks}
+        if len(heads) != 1:
+            raise ValueError("ensemble members disagree on the presence head: all or none must have one")
+        self.has_presence = heads == {True}
+        if settings.presence_threshold is not None and not self.has_presence:
+            raise ValueError("presence_threshold needs networks with a presence head")
+        if settings.restrict_to_lungs and not {"lung", "infection"} <= set(self.targets):
+            raise ValueError(f"restrict_to_lungs needs the targets lung and infection, not {self.targets}")
+
+    @property
+    def threshold(self) -> float:
+        return self.settings.threshold
+
+    def probabilities(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Probabilities (N, T, H, W) at the images' side, and presence probabilities (N,) or ``None``."""
+        probabilities, presences = [], []
+        for network in self.networks:
+            for flipped in (False, True) if self.settings.flip_tta else (False,):
+                logits, presence = network(images.flip(-1) if flipped else images)
+                probability = logits.float().sigmoid()
+                probabilities.append(probability.flip(-1) if flipped else probability)
+                if presence is not None:
+                    presences.append(presence.float().sigmoid())
+        probability = torch.stack(probabilities).mean(0)
+        presence = torch.stack(presences).mean(0) if presences else None
+        channels = list(probability.unbind(1))
+        if self.settings.restrict_to_lungs:  # infection probability <= lung probability
+            lung, infection = self.targets.index("lung"), self.targets.index("infection")
+            channels[infection] = torch.minimum(channels[infection], channels[lung])
+        if presence is not None and self.settings.presence_threshold is not None:
+            primary = self.targets.index(self.primary_target)
+            absent = (presence < self.settings.presence_threshold)[:, None, None]
+            channels[primary] = torch.where(absent, torch.zeros_like(channels[primary]), channels[primary])
+        return torch.stack(channels, 1), presence
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Probabilities only (what a traced export needs when there is no presence head)."""
+        return self.probabilities(images)[0]
+
+    def predict(self, images: torch.Tensor) -> Prediction:
+        """Images (N, 1, H, W) in [0, 1] -> probabilities, masks and presence, in eval mode."""
+        self.eval()
+        with torch.inference_mode():
+            probability, presence = self.probabilities(images)
+        return Prediction(probability, probability > self.threshold, presence)
+
+
+class PredictorModule(L.LightningModule):
+    """A Predictor under Lightning's test loop (devices, DDP, callbacks): each test step returns
+    ``probability``, ``mask`` and ``presence`` for the collecting callbacks."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        super().__init__()
+        self.predictor = predictor
+        self.targets = predictor.targets
+        self.primary_target = predictor.primary_target
+
+    def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor | None]:
+        prediction = self.predictor.predict(batch["image"])
+        return {"probability": prediction.probability, "mask": prediction.mask, "presence": prediction.presence}
