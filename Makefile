@@ -8,8 +8,15 @@ install:  ## Install covidseg with its test extras (CPU build of torch when torc
 	$(PYTHON) -m pip show torch >/dev/null 2>&1 || $(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -e ".[test]"
 
-test:  ## Run the test suite
+test:  ## Run the whole test suite (about 2 minutes on 2 cores)
 	$(PYTHON) -m pytest
+
+test-fast:  ## Run the quick tier: no training runs, no subprocesses
+	$(PYTHON) -m pytest -m "not slow"
+
+lint:  ## ruff check and ruff format --check
+	$(PYTHON) -m ruff check covidseg tests
+	$(PYTHON) -m ruff format --check covidseg tests
 
 train:  ## Train on synthetic data for two epochs (a first run that needs no download)
 	$(PYTHON) -m covidseg.train data=synthetic trainer.max_epochs=2
@@ -23,4 +30,4 @@ report:  ## Render learning curves of a run (RUN=outputs/<task>/runs/<date>, def
 tensorboard:  ## Open TensorBoard on every run under outputs/
 	tensorboard --logdir outputs/
 
-.PHONY: help install test train bench report tensorboard
+.PHONY: help install test test-fast lint train bench report tensorboard

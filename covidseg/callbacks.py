@@ -219,7 +219,10 @@ class PerImageResults(L.Callback):
         empty = rows["truth_area"] == 0
         if empty.any():
             clean = rows["predicted_area"][empty] < CLEAN_AREA_SHARE * self.image_size**2
-            metrics |= {"test/empty_truth_images": float(empty.sum()), "test/empty_truth_clean": float(clean.double().mean())}
+            metrics |= {
+                "test/empty_truth_images": float(empty.sum()),
+                "test/empty_truth_clean": float(clean.double().mean()),
+            }
         return metrics
 
     def columns(self) -> dict[str, list[float]]:

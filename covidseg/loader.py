@@ -99,7 +99,7 @@ def resolve_model_paths(value: Any, log_dir: str | Path, task_name: str = "train
         for name in ("model.safetensors", "model.onnx"):  # an export folder
             if (folder / name).is_file():
                 return [folder / name]
-        jobs = sorted(path.parent.parent for path in folder.glob("*/checkpoints"))
+        jobs = sorted(path.parent for path in folder.glob("*/checkpoints"))
         if not jobs:
             raise ModelFileError(
                 f"ckpt_path {str(value)!r} is a folder without model.safetensors, model.onnx or */checkpoints/ "
@@ -112,7 +112,7 @@ def resolve_model_paths(value: Any, log_dir: str | Path, task_name: str = "train
 def _torch_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any failure to read an untrusted file is the user's one-line error
+    except Exception as error:  # any failure to read an untrusted file is the user's one-line error
         first_line = (str(error).splitlines() or [type(error).__name__])[0]
         raise ModelFileError(
             f"{str(path)!r} is not a checkpoint covidseg can read without unpickling objects: {first_line[:200]}"
@@ -126,13 +126,13 @@ def check_checkpoint(path: Path) -> dict[str, Any]:
     """Read a ``.ckpt`` safely and refuse it unless everything in it is plain data with a valid spec
     (also before training resumes from it)."""
     checkpoint = _torch_checkpoint(path)
-    refuse_hydra_keys({key: value for key, value in checkpoint.items() if key != "state_dict"}, str(path))
+    refuse_hydra_keys({key: value for key, value in checkpoint.items() if key != "state_dict"}, repr(str(path)))
     if SPEC_KEY not in checkpoint:
         raise ModelFileError(
             f"{str(path)!r}: key {SPEC_KEY!r} is missing: not written by covidseg.train "
             "(a checkpoint from covidseg 0.1: convert it with python -m covidseg.convert)"
         )
-    parse_spec(checkpoint[SPEC_KEY], str(path))
+    parse_spec(checkpoint[SPEC_KEY], repr(str(path)))
     return checkpoint
 
 
@@ -141,23 +141,23 @@ def _read_yaml(path: Path) -> Any:
         raise ModelFileError(f"{str(path)!r} is missing: a .safetensors model keeps its spec in a .yaml beside it")
     try:
         return yaml.safe_load(path.read_text())
-    except Exception as error:  # noqa: BLE001 - malformed untrusted YAML in any way
+    except Exception as error:  # malformed untrusted YAML in any way
         raise ModelFileError(f"{str(path)!r} is not valid YAML: {str(error).splitlines()[0][:200]}") from None
 
 
 def read_model_file(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
     """The spec and the Predictor-layout state dict (``networks.<i>.``) of a ``.ckpt`` or ``.safetensors``."""
     if path.suffix == ".safetensors":
-        spec = parse_spec(_read_yaml(path.with_suffix(".yaml")), str(path.with_suffix(".yaml")))
+        spec = parse_spec(_read_yaml(path.with_suffix(".yaml")), repr(str(path.with_suffix(".yaml"))))
         try:
             state = {name: tensor.float() for name, tensor in load_file(path).items()}
-        except Exception as error:  # noqa: BLE001 - a corrupt untrusted file
+        except Exception as error:  # a corrupt untrusted file
             raise ModelFileError(f"{str(path)!r} is not a readable safetensors file: {error}") from None
         return spec, state
     if path.suffix == ".onnx":
         raise ModelFileError(f"{str(path)!r}: an ONNX graph runs in predict only (backend onnx); give its .ckpt here")
     checkpoint = check_checkpoint(path)
-    spec = parse_spec(checkpoint[SPEC_KEY], str(path))
+    spec = parse_spec(checkpoint[SPEC_KEY], repr(str(path)))
     state = {f"networks.0.{name.removeprefix(MODULE_PREFIX)}": tensor
              for name, tensor in checkpoint["state_dict"].items() if name.startswith(MODULE_PREFIX)}  # fmt: skip
     return spec, state
@@ -226,4 +226,4 @@ def read_onnx_metadata(path: Path) -> tuple[ExportMetadata, ModelSpec]:
         data = json.loads(meta_path.read_text())
     except (ValueError, UnicodeDecodeError) as error:
         raise ModelFileError(f"{str(meta_path)!r} is not valid JSON: {error}") from None
-    return parse_export_metadata(data, str(meta_path))
+    return parse_export_metadata(data, repr(str(meta_path)))

@@ -1,6 +1,7 @@
 """Segment any X-ray: masks, overlays and a CSV of infected areas.
 
-python -m covidseg.predict ckpt_path=<ckpt|pretrained|list|k-fold folder|model.onnx> input=<file|folder|glob> output=<dir>
+python -m covidseg.predict ckpt_path=<ckpt|pretrained|list|k-fold folder|model.onnx> \
+    input=<file|folder|glob> output=<dir>
 """
 
 from __future__ import annotations
@@ -112,8 +113,8 @@ def predict(cfg: DictConfig) -> Path:
     files, base = find_inputs(str(cfg.input))
     output = Path(cfg.output)
     check_output(output, str(cfg.input), cfg.allow_output_in_input)
-    output.mkdir(parents=True, exist_ok=True)
     backend, spec = load_backend(cfg, output)
+    output.mkdir(parents=True, exist_ok=True)
     size, targets, threshold = spec.image_size, spec.targets, spec.inference.threshold
     channel = targets.index("infection") if "infection" in targets else 0
     lung_channel = targets.index("lung") if "lung" in targets and len(targets) > 1 else None

@@ -56,6 +56,25 @@ def compose_cfg(tmp_path: Path, cache_dir: Path):
     return lambda config_name="train", overrides=None: compose_config(config_name, overrides or [], tmp_path, cache_dir)
 
 
+def train_tiny(out_dir: Path, cache_dir: Path, *overrides: str) -> Path:
+    """Train the tiny U-Net for one epoch and return its best checkpoint."""
+    from covidseg.loader import best_checkpoint
+    from covidseg.train import train
+
+    cfg = compose_config("train", [*FAST, "test=false", "logger=csv", *overrides], out_dir, cache_dir)
+    train(cfg)
+    return best_checkpoint(out_dir / "outputs" / "run")
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoints(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> list[Path]:
+    """Two tiny trained models with a presence head (seeds 1 and 2), shared by the whole session."""
+    return [
+        train_tiny(tmp_path_factory.mktemp(f"trained{seed}"), cache_dir, f"seed={seed}", "model.presence_weight=0.5")
+        for seed in (1, 2)
+    ]
+
+
 @pytest.fixture
 def real_data() -> Path:
     if not (REAL_DATA / "Infection Segmentation Data").is_dir():

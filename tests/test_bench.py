@@ -1,11 +1,13 @@
 from pathlib import Path
 
+import pytest
 from conftest import FAST
 
 from covidseg import bench
 from covidseg.models import UNet
 
 
+@pytest.mark.slow
 def test_bench_reports_every_figure_on_a_tiny_model(compose_cfg, tmp_path: Path) -> None:
     cfg = compose_cfg("train", FAST)
     results = bench.run(cfg, steps=2, warmup=1)

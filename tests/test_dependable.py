@@ -14,6 +14,7 @@ from conftest import FAST
 
 from covidseg.train import train
 
+pytestmark = pytest.mark.slow  # subprocess training runs
 TESTS = Path(__file__).resolve().parent
 RESUMABLE = [
     o.replace("{Train: 8, Val: 4, Test: 4}", "{Train:32,Val:4,Test:4}") for o in FAST if not o.startswith("~")

@@ -68,28 +68,26 @@ def test_scores_all_empty_split_is_perfect() -> None:
     assert all(value == pytest.approx(1.0) for value in metric.compute().values())
 
 
-def test_flip_tta_averages_the_mirrored_prediction_in_eval_mode_only() -> None:
-    from functools import partial
-
-    from covidseg.models import SegmentationModule
+def test_flip_tta_averages_the_mirrored_probabilities_at_the_callers_side() -> None:
+    from covidseg.model_spec import InferenceSettings
+    from covidseg.models.network import SegmentationNetwork
+    from covidseg.predictor import Predictor
 
     torch.manual_seed(0)
-    module = SegmentationModule(UNet(base_width=4), BCEDiceLoss(), partial(torch.optim.Adam), input_size=32).eval()
+    network = SegmentationNetwork(UNet(base_width=4), input_size=32).eval()
     images = torch.rand(2, 1, 64, 64)
-    with torch.no_grad():
-        plain = module(images)
-        mirrored = module(images.flip(-1)).flip(-1)
-        module.flip_tta = True
-        torch.testing.assert_close(module(images), (plain + mirrored) / 2)
-        assert plain.shape == (2, 1, 64, 64)  # input_size 32 inside, full resolution out
-        module.train()
-        assert module(images).shape == plain.shape
+    plain = Predictor([network], ["infection"], InferenceSettings()).predict(images).probability
+    mirrored = Predictor([network], ["infection"], InferenceSettings()).predict(images.flip(-1)).probability.flip(-1)
+    flipped = Predictor([network], ["infection"], InferenceSettings(flip_tta=True)).predict(images)
+    torch.testing.assert_close(flipped.probability, (plain + mirrored) / 2)
+    assert plain.shape == (2, 1, 64, 64)  # input_size 32 inside, the caller's side out
+    assert torch.equal(flipped.mask, flipped.probability > 0.5)
 
 
-def test_restrict_to_lungs_drops_infection_outside_predicted_lungs_in_eval_only() -> None:
-    from functools import partial
-
-    from covidseg.models import SegmentationModule
+def test_restrict_to_lungs_drops_infection_outside_predicted_lungs() -> None:
+    from covidseg.model_spec import InferenceSettings
+    from covidseg.models.network import SegmentationNetwork
+    from covidseg.predictor import Predictor
 
     class LungWhereBright(torch.nn.Module):
         """Lung logit = pixel - 0.5; infection logit = 1 everywhere."""
@@ -99,16 +97,36 @@ def test_restrict_to_lungs_drops_infection_outside_predicted_lungs_in_eval_only(
         def forward(self, images: torch.Tensor) -> torch.Tensor:
             return torch.cat([images - 0.5, torch.ones_like(images)], dim=1)
 
-    module = SegmentationModule(
-        LungWhereBright(), BCEDiceLoss(), partial(torch.optim.Adam), targets=["lung", "infection"],
-        restrict_to_lungs=True, channels_last=False,
-    ).eval()  # fmt: skip
+    network = SegmentationNetwork(LungWhereBright())
+    targets = ["lung", "infection"]
     images = torch.rand(2, 1, 32, 32)
-    infection = module(images)[:, 1]
+    infection = (
+        Predictor([network], targets, InferenceSettings(restrict_to_lungs=True)).predict(images).probability[:, 1]
+    )
     outside = images[:, 0] <= 0.5
-    assert (infection[outside] <= 0).all()  # not above the 0.5 threshold
-    torch.testing.assert_close(infection[~outside], (images[:, 0] - 0.5).clamp(max=1)[~outside])
-    assert (module.train()(images)[:, 1] == 1).all()
+    assert (infection[outside] <= 0.5).all()  # not above the 0.5 threshold
+    torch.testing.assert_close(infection, torch.minimum((images[:, 0] - 0.5).sigmoid(), torch.tensor(1.0).sigmoid()))
+    unrestricted = Predictor([network], targets, InferenceSettings()).predict(images).probability[:, 1]
+    assert torch.allclose(unrestricted, torch.tensor(1.0).sigmoid())
+    with pytest.raises(ValueError, match="restrict_to_lungs needs the targets lung and infection"):
+        Predictor([network], ["infection", "other"], InferenceSettings(restrict_to_lungs=True))
+
+
+def test_an_ensemble_averages_probabilities_and_presence() -> None:
+    from covidseg.model_spec import InferenceSettings
+    from covidseg.models.network import SegmentationNetwork
+    from covidseg.predictor import Predictor
+
+    torch.manual_seed(0)
+    networks = [SegmentationNetwork(UNet(base_width=4), presence_head=True).eval() for _ in range(3)]
+    images = torch.rand(2, 1, 32, 32)
+    alone = [Predictor([n], ["infection"], InferenceSettings()).predict(images) for n in networks]
+    together = Predictor(networks, ["infection"], InferenceSettings(threshold=0.4)).predict(images)
+    torch.testing.assert_close(together.probability, torch.stack([a.probability for a in alone]).mean(0))
+    torch.testing.assert_close(together.presence, torch.stack([a.presence for a in alone]).mean(0))
+    assert torch.equal(together.mask, together.probability > 0.4)
+    with pytest.raises(ValueError, match="disagree on the presence head"):
+        Predictor([networks[0], SegmentationNetwork(UNet(base_width=4))], ["infection"], InferenceSettings())
 
 
 @pytest.mark.parametrize(

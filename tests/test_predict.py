@@ -7,34 +7,21 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
+import yaml
 from conftest import FAST
 
-from covidseg.checkpoints import CheckpointError, module_from_checkpoint
 from covidseg.data import DataError
-from covidseg.export import export_onnx, export_torchscript
+from covidseg.export import export_onnx, export_safetensors, export_torchscript
+from covidseg.loader import load_predictor
+from covidseg.model_spec import ModelFileError
 from covidseg.predict import predict
-from covidseg.train import train
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
-    """One tiny trained model shared by this module's tests."""
-    import hydra
-    from conftest import CONF_DIR
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    out = tmp_path_factory.mktemp("trained")
-    GlobalHydra.instance().clear()
-    with hydra.initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = hydra.compose("train", overrides=[*FAST, "test=false", "logger=csv"], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.log_dir, cfg.paths.output_dir, cfg.paths.cache_dir = str(out), str(out / "run"), str(cache_dir)
-        del cfg["hydra"]
-    train(cfg)
-    return out / "run" / "checkpoints" / "last.ckpt"
+def checkpoint(trained_checkpoints: list[Path]) -> Path:
+    return trained_checkpoints[0]
 
 
 @pytest.fixture
@@ -83,16 +70,16 @@ def test_predict_accepts_a_glob_and_a_single_file(compose_cfg, checkpoint, xrays
 
 
 def test_onnx_export_matches_pytorch_and_predicts_the_same_masks(compose_cfg, checkpoint, xrays, tmp_path) -> None:
-    module, config = module_from_checkpoint(checkpoint)
-    path = export_onnx(module, config, tmp_path / "export" / "model.onnx")
+    loaded = load_predictor(str(checkpoint), tmp_path)
+    path = export_onnx(loaded, tmp_path / "export" / "model.onnx")
     meta = json.loads(path.with_suffix(".json").read_text())
-    assert meta["image_size"] == 64 and meta["targets"] == ["infection"]
+    assert meta["model"]["image_size"] == 64 and meta["model"]["targets"] == ["infection"]
+    assert meta["outputs"] == ["probability", "presence"]
     batch = torch.rand(5, 1, 64, 64)  # a batch size other than the exported example's
     session = onnxruntime.InferenceSession(str(path))
-    onnx_logits = session.run(None, {"image": batch.numpy()})[0]
-    with torch.no_grad():
-        torch_logits = module(batch).numpy()
-    assert np.abs(onnx_logits - torch_logits).max() <= 1e-4
+    onnx_probability = session.run(None, {"image": batch.numpy()})[0]
+    torch_probability = loaded.predictor.predict(batch).probability.numpy()
+    assert np.abs(onnx_probability - torch_probability).max() <= 1e-4
 
     torch_rows = _predict(compose_cfg, checkpoint, xrays, tmp_path / "torch")
     onnx_rows = _predict(compose_cfg, path, xrays, tmp_path / "onnx")
@@ -102,40 +89,44 @@ def test_onnx_export_matches_pytorch_and_predicts_the_same_masks(compose_cfg, ch
         torch_mask = cv2.imread(str(tmp_path / "torch" / name) + "_mask.png", 0)
         onnx_mask = cv2.imread(str(tmp_path / "onnx" / name) + "_mask.png", 0)
         assert np.array_equal(torch_mask, onnx_mask)
-    with pytest.raises(CheckpointError, match="presence_threshold cannot change an exported .onnx graph"):
+    with pytest.raises(ModelFileError, match="presence_threshold cannot change an exported .onnx graph"):
         _predict(compose_cfg, path, xrays, tmp_path / "gated", "presence_threshold=0.5")
     higher = _predict(compose_cfg, path, xrays, tmp_path / "higher", "threshold=0.9")  # read from the probabilities
     assert all(int(h["infected_pixels"]) <= int(t["infected_pixels"]) for h, t in zip(higher, torch_rows, strict=True))
 
 
 def test_torchscript_export_matches_pytorch(checkpoint, tmp_path) -> None:
-    module, config = module_from_checkpoint(checkpoint)
-    path = export_torchscript(module, config, tmp_path / "model.pt")
+    loaded = load_predictor(str(checkpoint), tmp_path)
+    path = export_torchscript(loaded, tmp_path / "model.pt")
     batch = torch.rand(3, 1, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(torch.jit.load(str(path))(batch), module(batch), atol=1e-5, rtol=1e-4)
+        probability, presence = torch.jit.load(str(path))(batch)
+    expected = loaded.predictor.predict(batch)
+    torch.testing.assert_close(probability, expected.probability, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(presence, expected.presence, atol=1e-5, rtol=1e-4)
 
 
 def test_safetensors_export_loads_without_pickle_and_predicts_alike(checkpoint, tmp_path) -> None:
-    from covidseg.export import export_safetensors
-
-    module, config = module_from_checkpoint(checkpoint)
-    path = export_safetensors(module, config | {"metrics": {"val/dice": 0.5}}, tmp_path / "model.safetensors")
-    shipped, shipped_config = module_from_checkpoint(path)
-    assert shipped_config["metrics"] == {"val/dice": 0.5}
+    loaded = load_predictor(str(checkpoint), tmp_path, threshold=0.4)
+    path = export_safetensors(loaded, tmp_path / "model.safetensors")
+    shipped = load_predictor(str(path), tmp_path)
+    assert shipped.spec == loaded.spec and shipped.predictor.threshold == 0.4
     batch = torch.rand(2, 1, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(shipped(batch), module(batch), atol=0.05, rtol=0.01)  # fp16 weights
+    torch.testing.assert_close(  # fp16 weights
+        shipped.predictor.predict(batch).probability, loaded.predictor.predict(batch).probability, atol=0.02, rtol=0.01
+    )
+    assert load_predictor(str(tmp_path), tmp_path).paths == [path]  # the export folder names it too
 
 
 def test_shipped_model_predicts_out_of_the_box(compose_cfg, xrays, tmp_path) -> None:
-    from covidseg.checkpoints import PRETRAINED, load_checkpoint
+    from covidseg.loader import PRETRAINED
 
     assert PRETRAINED.stat().st_size <= 20 * 2**20
-    config = load_checkpoint(PRETRAINED)["covidseg_config"]
-    assert config["metrics"]["dice"] > 0.7 and config["data"]["image_size"] == 256
+    spec = load_predictor("pretrained", tmp_path).spec
+    assert spec.metrics["dice"] > 0.7 and spec.image_size == 256 and spec.inference.presence_threshold == 0.1
     rows = _predict(compose_cfg, "pretrained", xrays, tmp_path / "out")
-    assert len(rows) == 3 and all(float(row["infected_percent"]) >= 0 for row in rows)
+    assert sorted(Path(row["file"]).name for row in rows) == ["deep.tif", "gray.png", "rgb.jpg"]
+    assert all(0 <= float(row["presence_probability"]) <= 1 for row in rows)
 
 
 def test_predict_reads_dicom(compose_cfg, checkpoint, tmp_path) -> None:
@@ -149,3 +140,46 @@ def test_predict_reads_dicom(compose_cfg, checkpoint, tmp_path) -> None:
     (row,) = _predict(compose_cfg, checkpoint, folder, tmp_path / "out")
     assert (row["width"], row["height"]) == ("128", "128")
     assert cv2.imread(str(tmp_path / "out" / "scan_mask.png"), 0).shape == (128, 128)
+
+
+def test_an_ensemble_evaluates_predicts_and_exports_as_one_model(
+    compose_cfg, trained_checkpoints: list[Path], xrays: Path, tmp_path: Path
+) -> None:
+    from covidseg.eval import evaluate
+    from covidseg.metrics import SegmentationScores
+
+    a, b = trained_checkpoints
+    ensemble = load_predictor([str(a), str(b)], tmp_path)
+    assert ensemble.description == "ensemble of 2 models" and len(ensemble.predictor.networks) == 2
+    data = [o for o in FAST if o.startswith("data")]
+    metrics = evaluate(compose_cfg("eval", [f"ckpt_path=[{a},{b}]", *data, "threshold=0.4"]))
+    # the ensemble's Dice is that of the two models' averaged probabilities
+    from hydra.utils import instantiate
+
+    from covidseg.data import CovidQuExDataModule  # noqa: F401 (built from the same config)
+
+    dataset = instantiate(compose_cfg("eval", [*data, "ckpt_path=x"]).data).dataset("Test")
+    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    truth = torch.stack([dataset[i]["mask"] for i in range(len(dataset))])
+    singles = [load_predictor(str(path), tmp_path).predictor.predict(images).probability for path in (a, b)]
+    scores = SegmentationScores(threshold=0.4, from_logits=False)
+    scores.update(((singles[0] + singles[1]) / 2)[:, 0], truth[:, 0])
+    assert metrics["test/dice"] == pytest.approx(float(scores.compute()["dice"]), abs=1e-6)
+
+    path = export_onnx(ensemble, tmp_path / "ensemble" / "model.onnx")
+    batch = torch.rand(6, 1, 64, 64)
+    onnx_probability, onnx_presence = onnxruntime.InferenceSession(str(path)).run(None, {"image": batch.numpy()})
+    expected = ensemble.predictor.predict(batch)
+    assert np.abs(onnx_probability - expected.probability.numpy()).max() <= 1e-4
+    assert np.abs(onnx_presence - expected.presence.numpy()).max() <= 1e-4
+    assert np.mean((onnx_probability > 0.5) == expected.mask.numpy()) >= 0.999
+
+    rows = _predict(compose_cfg, f"[{a},{b}]", xrays, tmp_path / "out")
+    onnx_rows = _predict(compose_cfg, path, xrays, tmp_path / "onnx_out")
+    assert [r["infected_pixels"] for r in rows] == [r["infected_pixels"] for r in onnx_rows]
+    with pytest.raises(ModelFileError, match="cannot join an ensemble"):
+        export = export_safetensors(load_predictor(str(a), tmp_path), tmp_path / "other" / "model.safetensors")
+        spec = yaml.safe_load(export.with_suffix(".yaml").read_text())
+        spec["image_size"] = 128
+        export.with_suffix(".yaml").write_text(yaml.safe_dump(spec))
+        load_predictor([str(a), str(export)], tmp_path)

@@ -15,9 +15,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from covidseg import models
 from covidseg.calibrate import Choice, calibrate, choose, score_choices
 from covidseg.callbacks import ProgressiveResizing
-from covidseg.checkpoints import module_from_checkpoint
 from covidseg.eval import evaluate
+from covidseg.loader import load_predictor
+from covidseg.model_spec import InferenceSettings
 from covidseg.models import BCEDiceLoss, ResUNet, SegmentationModule, UNet
+from covidseg.predictor import Predictor
 from covidseg.train import train
 
 NETS = ["UNet", "AttentionUNet", "UNetPlusPlus", "ResUNet"]
@@ -61,7 +63,7 @@ def test_presence_loss_is_added_with_its_weight_and_learns_which_images_are_infe
     images = images + masks
     batch = {"image": images, "mask": masks, "name": ["a", "b", "c", "d"]}
     module.train()
-    logits, presence = module._predict(images)
+    logits, presence = module.network(images)
     expected = BCEDiceLoss()(logits, masks) + 0.5 * torch.nn.functional.binary_cross_entropy_with_logits(
         presence, torch.tensor([1.0, 1.0, 0.0, 0.0])
     )
@@ -72,7 +74,7 @@ def test_presence_loss_is_added_with_its_weight_and_learns_which_images_are_infe
         module._shared_step(batch, "train")[0].backward()
         optimizer.step()
     with torch.no_grad():  # train mode: batch statistics, as in the steps above
-        probability = module._predict(images)[1].sigmoid()
+        probability = module.network(images)[1].sigmoid()
     assert (probability[:2] > 0.5).all() and (probability[2:] < 0.5).all()
 
 
@@ -83,37 +85,35 @@ def test_segment_present_only_scores_segmentation_on_infected_images_and_presenc
     images = torch.rand(3, 1, 32, 32)
     batch = {"image": images, "mask": masks, "name": ["a", "b", "c"]}
     loss = module._shared_step(batch, "train")[0]
-    logits, presence = module._predict(images)
+    logits, presence = module.network(images)
     presence_loss = torch.nn.functional.binary_cross_entropy_with_logits(presence, torch.tensor([0.0, 1.0, 0.0]))
     torch.testing.assert_close(loss, BCEDiceLoss()(logits[1:2], masks[1:2]) + 0.5 * presence_loss)
     healthy = {"image": images[[0, 2]], "mask": masks[[0, 2]], "name": ["a", "c"]}
     loss = module._shared_step(healthy, "train")[0]
     torch.testing.assert_close(loss, 0.5 * torch.nn.functional.binary_cross_entropy_with_logits(
-        module._predict(healthy["image"])[1], torch.zeros(2)))  # fmt: skip
+        module.network(healthy["image"])[1], torch.zeros(2)))  # fmt: skip
     loss.backward()  # only the presence loss: it still trains the encoder
-    assert module.net.encoder[0][0][0].weight.grad.abs().sum() > 0
+    assert module.network.net.encoder[0][0][0].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="segment_present_only needs a presence head"):
         _module(segment_present_only=True)
 
 
-def test_presence_gate_empties_masks_below_the_threshold_in_eval_mode_only() -> None:
-    module = _module(presence_weight=1.0).eval()
+def test_presence_gate_empties_masks_below_the_threshold() -> None:
+    network = _module(presence_weight=1.0).network.eval()
     images = torch.rand(3, 1, 32, 32)
-    with torch.no_grad():
-        ungated, presence = module._predict(images)
-        module.hparams.presence_threshold = float(presence.sigmoid().median())
-        gated = module(images)
-        absent = presence.sigmoid() < module.hparams.presence_threshold
-        assert absent.sum() == 1
-        assert (gated[absent] == -20).all()
-        torch.testing.assert_close(gated[~absent], ungated[~absent])
-        module.train()
-        torch.testing.assert_close(module(images), module._predict(images)[0])
+    ungated = Predictor([network], ["infection"], InferenceSettings()).predict(images)
+    gate = float(ungated.presence.median())
+    gated = Predictor([network], ["infection"], InferenceSettings(presence_threshold=gate)).predict(images)
+    absent = ungated.presence < gate
+    assert absent.sum() == 1
+    assert (gated.probability[absent] == 0).all() and not gated.mask[absent].any()
+    torch.testing.assert_close(gated.probability[~absent], ungated.probability[~absent])
+    torch.testing.assert_close(gated.presence, ungated.presence)
 
 
 def test_presence_options_need_a_head_and_a_net_that_exposes_its_encoder() -> None:
-    with pytest.raises(ValueError, match="presence_weight > 0"):
-        _module(presence_threshold=0.5)
+    with pytest.raises(ValueError, match="presence_threshold needs networks with a presence head"):
+        Predictor([_module().network], ["infection"], InferenceSettings(presence_threshold=0.5))
 
     class Opaque(torch.nn.Module):
         out_channels = 1
@@ -130,8 +130,8 @@ def test_progressive_resizing_trains_at_the_scheduled_side_and_evaluates_at_inpu
     assert [resizing.side_at(epoch) for epoch in range(5)] == [32, 32, 32, 64, 64]
     module = _module(input_size=64)
     seen = []
-    module.net.register_forward_pre_hook(lambda net, inputs: seen.append(inputs[0].shape[-1]))
-    module.train_input_size = resizing.side_at(0)
+    module.network.net.register_forward_pre_hook(lambda net, inputs: seen.append(inputs[0].shape[-1]))
+    module.network.train_input_size = resizing.side_at(0)
     images = torch.rand(2, 1, 128, 128)
     assert module.train()(images).shape == (2, 1, 128, 128)
     with torch.no_grad():
@@ -164,6 +164,7 @@ def test_choices_score_dice_on_infected_images_and_cleanliness_on_healthy_ones()
 ALL_CLASSES = ["data.classes=[COVID-19,Non-COVID,Normal]", "data.eval_classes=[COVID-19,Non-COVID,Normal]"]
 
 
+@pytest.mark.slow
 def test_calibrate_choices_are_what_eval_measures_with_them(compose_cfg, tmp_path: Path) -> None:
     """Train a presence-head model, calibrate it on Val, then evaluate Val with one of the pairs:
     eval's per-image Dice on infected images and clean rate on healthy ones match calibration's."""
@@ -190,6 +191,7 @@ def test_calibrate_choices_are_what_eval_measures_with_them(compose_cfg, tmp_pat
     clean = np.mean([float(row["predicted_area_infection"]) < 0.01 * 64**2 for row in healthy])
     assert clean == pytest.approx(pair["healthy_clean_rate"])
     assert all(0 <= float(row["presence_probability"]) <= 1 for row in rows)
-    module, config = module_from_checkpoint(checkpoint, threshold=0.3, presence_threshold=0.4)
-    assert (module.hparams.threshold, module.hparams.presence_threshold) == (0.3, 0.4)
-    assert config["model"]["presence_threshold"] == 0.4  # exports record the settings
+    loaded = load_predictor(str(checkpoint), tmp_path, threshold=0.3, presence_threshold=0.4)
+    assert (
+        loaded.spec.inference == loaded.predictor.settings == InferenceSettings(threshold=0.3, presence_threshold=0.4)
+    )

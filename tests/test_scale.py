@@ -46,7 +46,8 @@ def test_bad_fold_settings_name_the_keys(root: Path) -> None:
         CovidQuExDataModule(root, num_folds=3, fold=3)
 
 
-def test_three_fold_multirun_and_cv_report(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_three_fold_multirun_cv_report_and_its_folds_as_an_ensemble(tmp_path: Path, compose_cfg) -> None:
     overrides = [o.replace("{Train: 8, Val: 4, Test: 4}", "{Train:8,Val:4,Test:4}") for o in FAST]
     env = {**os.environ, "COVIDSEG_CACHE": str(tmp_path / "cache")}
     command = [sys.executable, "-m", "covidseg.train", "-m", *overrides, "data.num_folds=3", "data.fold=0,1,2",
@@ -64,7 +65,19 @@ def test_three_fold_multirun_and_cv_report(tmp_path: Path) -> None:
     assert summary["val/dice"]["mean"] == pytest.approx(sum(folds) / 3)
     assert summary == summarise(multirun)
 
+    from covidseg.eval import evaluate
+    from covidseg.loader import best_checkpoint, load_predictor
 
+    folds = [best_checkpoint(multirun / str(job)) for job in range(3)]
+    ensemble = load_predictor(str(multirun), tmp_path)
+    assert ensemble.paths == folds and len(ensemble.predictor.networks) == 3
+    data = [o for o in overrides if o.startswith("data")]
+    as_folder = evaluate(compose_cfg("eval", [f"ckpt_path={multirun}", *data]))
+    as_list = evaluate(compose_cfg("eval", [f"ckpt_path=[{','.join(map(str, folds))}]", *data]))
+    assert as_folder == as_list and 0 <= as_folder["test/dice"] <= 1
+
+
+@pytest.mark.slow
 def test_ddp_on_cpu_gives_the_single_process_metrics(tmp_path: Path, compose_cfg) -> None:
     from covidseg.eval import evaluate
 
@@ -81,10 +94,11 @@ def test_ddp_on_cpu_gives_the_single_process_metrics(tmp_path: Path, compose_cfg
 
     data = [o for o in overrides if o.startswith("data") and not o.startswith("data.image_size")]
     single = evaluate(compose_cfg("eval", [f"ckpt_path={best}", *data]))
-    for name in ("test/dice", "test/iou", "test/dice_pooled", "test/loss"):
+    for name in ("test/dice", "test/iou", "test/dice_pooled", "test/iou_pooled"):
         assert ddp_metrics[name] == pytest.approx(single[name], abs=1e-5), name
 
 
+@pytest.mark.slow
 def test_optuna_sweep_runs_two_trials(tmp_path: Path) -> None:
     overrides = [o.replace("{Train: 8, Val: 4, Test: 4}", "{Train:8,Val:4,Test:4}") for o in FAST]
     overrides = [o for o in overrides if not o.startswith("model.net.base_width")]  # swept

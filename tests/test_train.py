@@ -11,8 +11,10 @@ import torch
 from conftest import CONF_DIR, FAST
 from hydra.utils import instantiate
 
-from covidseg.checkpoints import CONFIG_KEY, CheckpointError, load_checkpoint
+from covidseg.builders import build_run
 from covidseg.eval import evaluate
+from covidseg.loader import check_checkpoint, load_predictor
+from covidseg.model_spec import SPEC_KEY, ModelFileError
 from covidseg.report import learning_curves, score_by_time
 from covidseg.train import train
 
@@ -25,11 +27,17 @@ def _options(group: str) -> list[str]:
 
 
 @pytest.mark.parametrize("override", [f"{group}={option}" for group in GROUPS for option in _options(group)])
-def test_every_config_option_composes_and_instantiates(compose_cfg, override: str) -> None:
-    cfg = compose_cfg("train", [override])
-    module = instantiate(cfg.model)
-    assert module.net.out_channels == len(cfg.data.targets)
-    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+def test_every_config_option_builds_the_whole_run(compose_cfg, override: str) -> None:
+    on_this_machine = (
+        ["trainer.accelerator=cpu", "trainer.devices=1"] if override in ("trainer=gpu", "trainer=ddp") else []
+    )
+    cfg = compose_cfg("train", [override, *on_this_machine])
+    run = build_run(cfg)
+    assert run.module.network.net.out_channels == len(cfg.data.targets)
+    assert run.datamodule.targets == list(cfg.data.targets)
+    callbacks = {type(callback).__name__ for callback in run.trainer.callbacks}
+    assert "EmbedModelSpec" in callbacks  # every registered network's checkpoints carry their spec
+    assert len(run.trainer.loggers) == len(cfg.get("logger") or {})
 
 
 def test_eval_config_composes(compose_cfg) -> None:
@@ -37,6 +45,7 @@ def test_eval_config_composes(compose_cfg) -> None:
     assert instantiate(cfg.data).split == "Val"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", _options("experiment"))
 def test_every_experiment_trains_one_batch(compose_cfg, experiment: str) -> None:
     cfg = compose_cfg("train", [f"experiment={experiment}", *FAST, "debug=fast_dev_run"])
@@ -44,6 +53,7 @@ def test_every_experiment_trains_one_batch(compose_cfg, experiment: str) -> None
     assert "val/dice" in metrics and "test/dice" in metrics
 
 
+@pytest.mark.slow
 def test_train_then_eval_round_trip(compose_cfg, tmp_path: Path) -> None:
     cfg = compose_cfg("train", [*FAST, "trainer.max_epochs=2"])
     metrics, objective = train(cfg)
@@ -56,8 +66,8 @@ def test_train_then_eval_round_trip(compose_cfg, tmp_path: Path) -> None:
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["torch"] == torch.__version__ and info["command"]
 
-    checkpoint = load_checkpoint(best)
-    assert checkpoint[CONFIG_KEY]["model"]["net"]["base_width"] == 4
+    checkpoint = check_checkpoint(best)
+    assert checkpoint[SPEC_KEY]["networks"][0]["options"]["base_width"] == 4
 
     same_data = [o for o in FAST if o.startswith("data") and not o.startswith("data.image_size")]
     eval_cfg = compose_cfg("eval", [f"ckpt_path={best}", *same_data, "data.split=Test"])
@@ -76,6 +86,7 @@ def test_train_then_eval_round_trip(compose_cfg, tmp_path: Path) -> None:
     assert {p.name for p in (eval_dir / "gallery").iterdir()} == {"best.png", "median.png", "worst.png"}
 
 
+@pytest.mark.slow
 def test_tensorboard_gets_charts_and_learning_curves_render(compose_cfg) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -98,6 +109,7 @@ def test_tensorboard_gets_charts_and_learning_curves_render(compose_cfg) -> None
     assert 0 <= minutes[0] <= minutes[1] < 5
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_metrics(compose_cfg) -> None:
     fast = [o for o in FAST if not o.startswith("~callbacks")]
     overrides = [*fast, "trainer.deterministic=true", "logger=csv", "callbacks=none"]
@@ -113,21 +125,22 @@ def test_malicious_pickle_is_refused(tmp_path: Path) -> None:
 
     path = tmp_path / "evil.ckpt"
     path.write_bytes(pickle.dumps({"state_dict": {}, "payload": Exploit()}))
-    with pytest.raises(CheckpointError, match="refusing to unpickle"):
-        load_checkpoint(path)
+    with pytest.raises(ModelFileError, match="without unpickling objects"):
+        load_predictor(str(path), tmp_path)
     assert not (tmp_path / "pwned").exists()
 
 
-def test_checkpoint_of_another_model_is_refused(compose_cfg, tmp_path: Path) -> None:
-    cfg = compose_cfg("train", FAST)
-    train(cfg)
-    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    checkpoint = torch.load(last, weights_only=True)
-    del checkpoint[CONFIG_KEY]  # without its config, eval builds the default-width U-Net
+@pytest.mark.slow
+def test_checkpoint_whose_spec_does_not_fit_or_is_missing_is_refused(trained_checkpoints, tmp_path: Path) -> None:
+    checkpoint = torch.load(trained_checkpoints[0], weights_only=True)
+    checkpoint[SPEC_KEY]["networks"][0]["options"]["base_width"] = 8
+    torch.save(checkpoint, tmp_path / "wider.ckpt")
+    with pytest.raises(ModelFileError, match="the weights do not fit its model spec"):
+        load_predictor(str(tmp_path / "wider.ckpt"), tmp_path)
+    del checkpoint[SPEC_KEY]
     torch.save(checkpoint, tmp_path / "bare.ckpt")
-    with pytest.raises(CheckpointError, match="belongs to another model"):
-        same_data = [o for o in FAST if o.startswith("data")]
-        evaluate(compose_cfg("eval", [f"ckpt_path={tmp_path / 'bare.ckpt'}", *same_data]))
+    with pytest.raises(ModelFileError, match="key 'covidseg_model' is missing"):
+        load_predictor(str(tmp_path / "bare.ckpt"), tmp_path)
 
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -135,6 +148,7 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_multirun_sweeps_two_jobs(tmp_path: Path) -> None:
     overrides = [o.replace("{Train: 8, Val: 4, Test: 4}", "{Train:8,Val:4,Test:4}") for o in FAST]
     result = _run(
@@ -153,6 +167,7 @@ def test_multirun_sweeps_two_jobs(tmp_path: Path) -> None:
     assert all((job / "checkpoints/last.ckpt").is_file() for job in jobs)
 
 
+@pytest.mark.slow
 def test_user_errors_exit_cleanly_with_the_key_named(tmp_path: Path) -> None:
     result = _run(
         "-m", "covidseg.train", f"data.root={tmp_path / 'missing'}", f"paths.log_dir={tmp_path}", cwd=tmp_path
