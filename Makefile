@@ -25,7 +25,7 @@ bench:  ## Measure CPU training/inference throughput against the machine's matmu
 	$(PYTHON) -m covidseg.bench
 
 report:  ## Render learning curves of a run (RUN=outputs/<task>/runs/<date>, default: the newest) to PNG
-	$(PYTHON) -m covidseg.report $(or $(RUN),$(shell ls -td outputs/*/runs/*/ | head -1))
+	$(PYTHON) -m covidseg.learning_curves $(or $(RUN),$(shell ls -td outputs/*/runs/*/ | head -1))
 
 tensorboard:  ## Open TensorBoard on every run under outputs/
 	tensorboard --logdir outputs/

@@ -17,14 +17,14 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode
 
-import covidseg.builders  # noqa: F401  (registers the ${len:} resolver)
+from covidseg.configs import compose_config
 from covidseg.data.index import DataError, find_split_root
+from covidseg.model_spec import InferenceSettings
+from covidseg.predictor import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "covid-qu-ex"
@@ -126,13 +126,13 @@ def plain_train(cfg: DictConfig, datamodule, steps: int, warmup: int) -> float:
 
 
 def inference(module: torch.nn.Module, batches: list[dict]) -> float:
-    """Images per second of the prediction path (eval mode, no autograd), after one warm-up batch."""
-    module.eval()
-    with torch.inference_mode():
-        module(batches[0]["image"])
-        started = time.perf_counter()
-        for batch in batches:
-            module(batch["image"]).sigmoid()
+    """Images per second of the prediction path (the Predictor of eval and predict), after one
+    warm-up batch."""
+    predictor = Predictor([module.network], module.targets, InferenceSettings(threshold=module.hparams.threshold))
+    predictor.predict(batches[0]["image"])
+    started = time.perf_counter()
+    for batch in batches:
+        predictor.predict(batch["image"])
     return sum(len(b["image"]) for b in batches) / (time.perf_counter() - started)
 
 
@@ -147,22 +147,14 @@ def data_throughput(datamodule, batches: int) -> float:
 
 
 def compose_bench_config(overrides: list[str]) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        probe = compose("train", overrides=overrides)
-        if not any(o.startswith(("data=", "data.root=")) for o in overrides):
-            try:
-                find_split_root(probe.data.root)
-            except DataError:
-                extra = (
-                    [f"data.root={SHARED_DATA}"] if SHARED_DATA.is_dir() else ["data=synthetic", "data.image_size=256"]
-                )
-                overrides = [*extra, *overrides]
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.output_dir = "unused"
-        del cfg["hydra"]
-    return cfg
+    """The train config with ``overrides``, on the real data when it is found, else on synthetic."""
+    if not any(o.startswith(("data=", "data.root=")) for o in overrides):
+        try:
+            find_split_root(compose_config("train", overrides).data.root)
+        except DataError:
+            extra = [f"data.root={SHARED_DATA}"] if SHARED_DATA.is_dir() else ["data=synthetic", "data.image_size=256"]
+            overrides = [*extra, *overrides]
+    return compose_config("train", overrides, output_dir="unused")
 
 
 def run(cfg: DictConfig, steps: int, warmup: int) -> dict:

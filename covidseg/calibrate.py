@@ -25,9 +25,10 @@ from rich.console import Console
 from rich.table import Table
 
 from covidseg.callbacks import ThresholdSweep
+from covidseg.errors import user_errors
 from covidseg.eval import load_for_data, test_predictor
 from covidseg.metrics import CLEAN_AREA_SHARE
-from covidseg.reporting import user_errors, write_run_info
+from covidseg.run_files import write_run_info
 
 
 @dataclass

@@ -16,10 +16,11 @@ from omegaconf import DictConfig, open_dict
 from covidseg.builders import instantiate_each
 from covidseg.callbacks import PerImageResults, SeverityOnTest
 from covidseg.data import CovidQuExDataModule
+from covidseg.errors import user_errors
+from covidseg.eval_report import write_eval_report
 from covidseg.loader import LoadedModel, load_predictor
 from covidseg.predictor import PredictorModule
-from covidseg.report import write_eval_report
-from covidseg.reporting import print_summary, user_errors, write_metrics, write_per_image, write_run_info
+from covidseg.run_files import print_summary, write_metrics, write_per_image, write_run_info
 
 INFERENCE_KEYS = ("threshold", "presence_threshold", "flip_tta", "restrict_to_lungs")
 

@@ -22,11 +22,11 @@ from rich.console import Console
 from safetensors.torch import save_file
 from torch import nn
 
+from covidseg.errors import user_errors
 from covidseg.eval import inference_overrides
 from covidseg.loader import LoadedModel, load_predictor
 from covidseg.model_spec import ExportMetadata, ModelFileError, ModelSpec
 from covidseg.predictor import Predictor
-from covidseg.reporting import user_errors
 
 INPUT = "image, float32 (N, 1, S, S): grayscale / 255, resized to S x S (S = model.image_size) with area interpolation"
 

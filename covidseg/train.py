@@ -13,8 +13,9 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from covidseg.builders import build_run
+from covidseg.errors import user_errors
 from covidseg.loader import check_checkpoint, resolve_ckpt_path
-from covidseg.reporting import print_summary, user_errors, write_metrics, write_run_info
+from covidseg.run_files import print_summary, write_metrics, write_run_info
 
 log = logging.getLogger(__name__)
 

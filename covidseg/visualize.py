@@ -34,3 +34,15 @@ def comparison_row(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray)
     return np.concatenate(
         [gray, overlay(image, truth, TRUTH_COLOR), overlay(image, prediction, PREDICTION_COLOR)], axis=1
     )
+
+
+def figure_png(figure) -> bytes:
+    """A matplotlib figure as PNG bytes (the figure is closed)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()

@@ -5,14 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
 
-import covidseg.builders  # noqa: F401  (registers the ${len:} resolver)
+from covidseg.configs import compose_config
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "covid-qu-ex"
 
 # A tiny U-Net on tiny phantoms: whole training runs take seconds.
@@ -36,24 +31,17 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-def compose_config(config_name: str, overrides: list[str], out_dir: Path, cache_dir: Path) -> DictConfig:
-    """Compose as the entry points do, with run outputs under ``out_dir``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)  # resolves ${hydra:...} as in a real run
-    with open_dict(cfg):
-        cfg.paths.log_dir = str(out_dir / "outputs")
-        cfg.paths.output_dir = str(out_dir / "outputs" / "run")
-        cfg.paths.cache_dir = str(cache_dir)
-        del cfg["hydra"]
-    return cfg
+def _paths(out_dir: Path, cache_dir: Path) -> dict[str, Path]:
+    """Run outputs under ``out_dir``, caches in the session's cache."""
+    return {"log_dir": out_dir / "outputs", "output_dir": out_dir / "outputs" / "run", "cache_dir": cache_dir}
 
 
 @pytest.fixture
 def compose_cfg(tmp_path: Path, cache_dir: Path):
     """``compose_cfg(name, overrides)`` -> a config whose outputs go to ``tmp_path``."""
-    return lambda config_name="train", overrides=None: compose_config(config_name, overrides or [], tmp_path, cache_dir)
+    return lambda config_name="train", overrides=None: compose_config(
+        config_name, overrides or [], **_paths(tmp_path, cache_dir)
+    )
 
 
 def train_tiny(out_dir: Path, cache_dir: Path, *overrides: str) -> Path:
@@ -61,7 +49,7 @@ def train_tiny(out_dir: Path, cache_dir: Path, *overrides: str) -> Path:
     from covidseg.loader import best_checkpoint
     from covidseg.train import train
 
-    cfg = compose_config("train", [*FAST, "test=false", "logger=csv", *overrides], out_dir, cache_dir)
+    cfg = compose_config("train", [*FAST, "test=false", "logger=csv", *overrides], **_paths(out_dir, cache_dir))
     train(cfg)
     return best_checkpoint(out_dir / "outputs" / "run")
 

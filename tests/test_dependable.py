@@ -116,7 +116,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(compose_cfg
 
     from fsspec.implementations.local import LocalFileOpener
 
-    from covidseg.reporting import user_errors
+    from covidseg.errors import user_errors
 
     real_write, writes = LocalFileOpener.write, []
 

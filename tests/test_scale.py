@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import FAST
 
-from covidseg.cv_report import summarise
 from covidseg.data import CovidQuExDataModule, DataError, SyntheticPhantoms
+from covidseg.kfold_summary import summarise
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_bad_fold_settings_name_the_keys(root: Path) -> None:
 
 
 @pytest.mark.slow
-def test_three_fold_multirun_cv_report_and_its_folds_as_an_ensemble(tmp_path: Path, compose_cfg) -> None:
+def test_three_fold_multirun_summary_and_its_folds_as_an_ensemble(tmp_path: Path, compose_cfg) -> None:
     overrides = [o.replace("{Train: 8, Val: 4, Test: 4}", "{Train:8,Val:4,Test:4}") for o in FAST]
     env = {**os.environ, "COVIDSEG_CACHE": str(tmp_path / "cache")}
     command = [sys.executable, "-m", "covidseg.train", "-m", *overrides, "data.num_folds=3", "data.fold=0,1,2",
@@ -56,10 +56,10 @@ def test_three_fold_multirun_cv_report_and_its_folds_as_an_ensemble(tmp_path: Pa
     assert result.returncode == 0, result.stderr[-3000:]
     (multirun,) = (tmp_path / "outputs/train/multiruns").iterdir()
     report = subprocess.run(
-        [sys.executable, "-m", "covidseg.cv_report", str(multirun)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "covidseg.kfold_summary", str(multirun)], capture_output=True, text=True, timeout=60
     )
     assert report.returncode == 0, report.stderr
-    summary = json.loads((multirun / "cv_report.json").read_text())
+    summary = json.loads((multirun / "kfold_summary.json").read_text())
     assert summary["val/dice"]["n"] == 3 and "test/dice" in summary
     folds = [json.loads((multirun / str(job) / "metrics.json").read_text())["val/dice"] for job in range(3)]
     assert summary["val/dice"]["mean"] == pytest.approx(sum(folds) / 3)
@@ -113,9 +113,10 @@ def test_optuna_sweep_runs_two_trials(tmp_path: Path) -> None:
 
 
 def test_slurm_launcher_config_composes() -> None:
-    from conftest import CONF_DIR
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+
+    from covidseg.configs import CONF_DIR
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):

@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF_DIR, FAST
+from conftest import FAST
 from hydra.utils import instantiate
 
 from covidseg.builders import build_run
+from covidseg.configs import CONF_DIR
 from covidseg.eval import evaluate
+from covidseg.learning_curves import learning_curves, score_by_time
 from covidseg.loader import check_checkpoint, load_predictor
 from covidseg.model_spec import SPEC_KEY, ModelFileError
-from covidseg.report import learning_curves, score_by_time
 from covidseg.train import train
 
 ROOT = CONF_DIR.parent

@@ -19,15 +19,15 @@ from covidseg.data.synthetic import SyntheticPhantoms
 
 
 class CovidQuExDataModule(L.LightningDataModule):
-    """Train on ``Train``, validate on ``Val``, and test or predict on ``split``.
+    """Train on ``Train``, validate on ``Val``, and test (train's final test, eval, calibrate) on ``split``.
 
     Args:
         root: folder holding Train/Val/Test, or a parent up to two levels above it.
         classes: classes to train on (``COVID-19``, ``Non-COVID``, ``Normal``).
-        eval_classes: classes to validate, test and predict on; defaults to ``classes``.
+        eval_classes: classes to validate and test on; defaults to ``classes``.
         targets: mask channels, a subset of ``infection`` and ``lung``, in order.
         image_size: side of the square the images are resized to.
-        split: the split that ``test`` and ``predict`` use.
+        split: the split that ``test`` uses.
         train_transform: albumentations pipeline for training samples only.
         cache_dir: where decoded arrays are cached as ``.npy``; ``None`` keeps them in memory only.
         synthetic: a phantom generator that writes ``root`` first (``data=synthetic``).
@@ -128,7 +128,7 @@ class CovidQuExDataModule(L.LightningDataModule):
             self.dataset("Val")
         elif stage == "validate":
             self.dataset("Val")
-        elif stage in ("test", "predict"):
+        elif stage == "test":
             self.dataset(self.split)
         else:
             raise DataError(f"unknown stage {stage!r}")
@@ -172,7 +172,4 @@ class CovidQuExDataModule(L.LightningDataModule):
         return self._loader(self.dataset("Val"), train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset(self.split), train=False)
-
-    def predict_dataloader(self) -> DataLoader:
         return self._loader(self.dataset(self.split), train=False)

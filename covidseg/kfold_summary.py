@@ -1,7 +1,7 @@
 """Summarise a k-fold multirun: mean and standard deviation of each metric across folds.
 
 python -m covidseg.train -m data.num_folds=5 data.fold=0,1,2,3,4
-python -m covidseg.cv_report outputs/train/multiruns/<date>
+python -m covidseg.kfold_summary outputs/train/multiruns/<date>
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ def main() -> None:
     parser.add_argument("multirun_dir", type=Path)
     folder = parser.parse_args().multirun_dir
     summary = summarise(folder)
-    (folder / "cv_report.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (folder / "cv_report.md").write_text(markdown(summary))
+    (folder / "kfold_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (folder / "kfold_summary.md").write_text(markdown(summary))
     print(markdown(summary), end="")
-    print(f"written: {folder / 'cv_report.json'}, {folder / 'cv_report.md'}")
+    print(f"written: {folder / 'kfold_summary.json'}, {folder / 'kfold_summary.md'}")
 
 
 if __name__ == "__main__":

@@ -1,23 +1,19 @@
-"""What a run leaves for people: run info, metric files, a summary table, user-facing errors."""
+"""What a run leaves for people: run info, metric files, a per-image CSV and a summary table."""
 
 from __future__ import annotations
 
 import csv
-import errno
 import json
 import logging
 import platform
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import lightning
 import torch
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from rich.table import Table
 
@@ -27,28 +23,6 @@ from covidseg.model_spec import ModelFileError
 
 log = logging.getLogger(__name__)
 USER_ERRORS = (DataError, ModelFileError, FloatingPointError)
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn mistakes in the user's data, paths or settings into one clear line and exit code 2."""
-    try:
-        yield
-    except USER_ERRORS as error:
-        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
-            raise
-        Console(stderr=True).print(
-            f"[bold red]error:[/] {error}. Free space or choose a writable paths.log_dir; "
-            "checkpoints are written atomically, so the last complete one is intact.",
-            highlight=False,
-            soft_wrap=True,
-        )
-        sys.exit(2)
-    except SIGTERMException:
-        sys.exit(128 + signal.SIGTERM)  # stopped on request; the checkpoint is saved
 
 
 def _git_commit() -> str | None:
@@ -64,7 +38,7 @@ def _git_commit() -> str | None:
 def write_run_info(output_dir: str | Path) -> None:
     """Record the exact command, versions and commit next to Hydra's composed config."""
     info = {
-        "started": time.time(),  # wall-clock origin of the run's learning curves (covidseg.report)
+        "started": time.time(),  # wall-clock origin of the run's learning curves (covidseg.learning_curves)
         "command": [Path(sys.executable).name, *sys.argv],
         "covidseg": covidseg.__version__,
         "git_commit": _git_commit(),

@@ -1,0 +1,87 @@
+"""Learning curves of a run, rendered from its TensorBoard events, and its score by wall time.
+
+python -m covidseg.learning_curves <run folder>   (learning_curves.png and val_dice_by_time.csv)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from covidseg.visualize import figure_png  # noqa: E402
+
+
+def read_scalars(run_dir: Path) -> dict[str, list]:
+    """Every scalar series of a run's TensorBoard events: tag -> [ScalarEvent(wall_time, step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    event_files = sorted(run_dir.rglob("events.out.tfevents.*"))
+    if not event_files:
+        raise FileNotFoundError(f"no TensorBoard events under {str(run_dir)!r}")
+    series: dict[str, list] = {}
+    for event_file in event_files:
+        events = EventAccumulator(str(event_file), size_guidance={"scalars": 0})
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            series.setdefault(tag, []).extend(events.Scalars(tag))
+    return series
+
+
+def learning_curves(run_dir: Path, series: dict[str, list] | None = None) -> Path:
+    """Plot every ``*/loss`` and ``val/*`` scalar of a run's TensorBoard events to one PNG."""
+    series = read_scalars(run_dir) if series is None else series
+    scalars = {
+        tag: ([p.step for p in points], [p.value for p in points])
+        for tag, points in series.items()
+        if tag.endswith("loss_epoch") or tag.startswith("val/") or tag == "train/loss"
+    }
+    losses = {tag: v for tag, v in scalars.items() if "loss" in tag}
+    scores = {tag: v for tag, v in scalars.items() if "loss" not in tag}
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for axes, group, ylabel in ((left, losses, "loss"), (right, scores, "score")):
+        for tag, (steps, values) in sorted(group.items()):
+            axes.plot(steps, values, label=tag, marker="." if len(steps) < 50 else None)
+        axes.set_xlabel("training step")
+        axes.set_ylabel(ylabel)
+        axes.legend(fontsize=8)
+        axes.grid(alpha=0.3)
+    path = run_dir / "learning_curves.png"
+    path.write_bytes(figure_png(figure))
+    return path
+
+
+def score_by_time(run_dir: Path, tag: str = "val/dice", series: dict[str, list] | None = None) -> Path:
+    """``tag`` against minutes since the run started (``run_info.json``), to ``<tag>_by_time.csv``:
+    what a recipe reaches within a time budget."""
+    info_path = run_dir / "run_info.json"
+    if not info_path.is_file():
+        raise FileNotFoundError(f"no run_info.json in {str(run_dir)!r}: not a covidseg run folder")
+    started = json.loads(info_path.read_text()).get("started", info_path.stat().st_mtime)
+    series = read_scalars(run_dir) if series is None else series
+    rows = sorted(((p.wall_time - started) / 60, p.step, p.value) for p in series.get(tag, []))
+    path = run_dir / f"{tag.replace('/', '_')}_by_time.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["minutes", "step", tag])
+        writer.writerows((f"{minutes:.2f}", step, f"{value:.4f}") for minutes, step, value in rows)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Render a run's learning curves from its TensorBoard events.")
+    parser.add_argument("run_dir", type=Path, help="a run folder under outputs/")
+    run_dir = parser.parse_args().run_dir
+    series = read_scalars(run_dir)  # the event files are read once for both outputs
+    print(learning_curves(run_dir, series))
+    print(score_by_time(run_dir, series=series))
+
+
+if __name__ == "__main__":
+    main()
