@@ -4,8 +4,6 @@ one line naming the file and the key by every entry point (eval, calibrate, pred
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -176,18 +174,18 @@ def test_every_entry_point_refuses_a_crafted_file_and_writes_nothing(
     assert not pwned.exists() and not output.exists()
 
 
-@pytest.mark.slow
-def test_the_command_line_exits_2_with_one_line_for_a_crafted_checkpoint(crafted, tmp_path: Path) -> None:
-    files, pwned = crafted
-    result = subprocess.run(
-        [sys.executable, "-m", "covidseg.predict", f"ckpt_path={files['spec']}", f"input={tmp_path}",
-         f"output={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith("error:") and "Traceback" not in result.stderr
-    assert not pwned.exists()
+def test_missing_model_files_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match="ckpt_path 'nope.ckpt' does not exist"):
+        load_predictor("nope.ckpt", tmp_path)
+    with pytest.raises(ModelFileError, match="ckpt_path=last: no checkpoints/last.ckpt under"):
+        load_predictor("last", tmp_path)
+    with pytest.raises(ModelFileError, match=r"is a folder without model.safetensors, model.onnx or \*/checkpoints/"):
+        load_predictor(str(tmp_path), tmp_path)
+    (tmp_path / "0" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ModelFileError, match="has no best checkpoint"):
+        load_predictor(str(tmp_path), tmp_path)
+    with pytest.raises(ModelFileError, match=r"ckpt_path=\[\] names no model"):
+        load_predictor([], tmp_path)
 
 
 @pytest.mark.parametrize(

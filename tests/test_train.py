@@ -177,5 +177,13 @@ def test_user_errors_exit_cleanly_with_the_key_named(tmp_path: Path) -> None:
     assert "data.root" in result.stderr and "missing" in result.stderr and "Traceback" not in result.stderr
     result = _run("-m", "covidseg.train", "model=nope", "trainer.max_epoch=3", cwd=tmp_path)
     assert result.returncode != 0 and "nope" in result.stderr  # Hydra's own message
-    result = _run("-m", "covidseg.eval", "ckpt_path=nope.ckpt", f"paths.log_dir={tmp_path}", cwd=tmp_path)
-    assert result.returncode == 2 and "ckpt_path 'nope.ckpt' does not exist" in result.stderr
+    # a model file whose spec would make Hydra write a file: one line, exit 2, nothing written
+    payload = {"_target_": "pathlib.Path.write_text", "self": str(tmp_path / "pwned"), "data": "pwned"}
+    torch.save({"state_dict": {}, SPEC_KEY: {"networks": [payload]}}, tmp_path / "crafted.ckpt")
+    result = _run("-m", "covidseg.eval", "ckpt_path=crafted.ckpt", f"paths.log_dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and not (tmp_path / "pwned").exists()
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: 'crafted.ckpt': key 'covidseg_model.networks.0._target_'")
+    )
