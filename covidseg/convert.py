@@ -22,10 +22,9 @@ import yaml
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 
-from covidseg.model_spec import CLASSES, SPEC_KEY, ModelFileError, parse_spec
+from covidseg.model_spec import CLASSES, LEGACY_CONFIG_KEY, SPEC_KEY, ModelFileError, parse_spec
 from covidseg.models.registry import NETWORKS
 
-LEGACY_CONFIG_KEY = "covidseg_config"
 LEGACY_NETWORKS = {f"covidseg.models.{entry.cls.__name__}": name for name, entry in NETWORKS.items()}
 LEGACY_INFERENCE = ("threshold", "presence_threshold", "flip_tta", "restrict_to_lungs")
 

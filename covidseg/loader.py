@@ -130,7 +130,7 @@ def check_checkpoint(path: Path) -> dict[str, Any]:
     if SPEC_KEY not in checkpoint:
         raise ModelFileError(
             f"{str(path)!r}: key {SPEC_KEY!r} is missing: not written by covidseg.train "
-            "(a checkpoint from covidseg 0.1: convert it with python -m covidseg.convert)"
+            "(a covidseg 0.1 checkpoint: if you trust it, convert it with python -m covidseg.convert)"
         )
     parse_spec(checkpoint[SPEC_KEY], repr(str(path)))
     return checkpoint

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from covidseg.models.registry import NETWORKS
 
 SPEC_KEY = "covidseg_model"
+LEGACY_CONFIG_KEY = "covidseg_config"  # covidseg 0.1 stored the whole run config, Hydra targets and all
 FORMAT_VERSION = 1
 HYDRA_KEYS = frozenset({"_target_", "_partial_", "_args_", "_recursive_", "_convert_"})
 TARGETS = ("infection", "lung")
@@ -175,9 +176,10 @@ def refuse_hydra_keys(data: Any, source: str) -> None:
     """A model file may carry plain data only, never a key that makes Hydra choose code to run."""
     found = next(hydra_keys(data), None)
     if found is not None:
+        legacy = found.startswith(f"{LEGACY_CONFIG_KEY}.")
+        hint = " (a covidseg 0.1 checkpoint: if you trust it, convert it with python -m covidseg.convert)" * legacy
         raise ModelFileError(
-            f"{source}: key {found!r} is a Hydra instantiation key; a model file may hold plain data only "
-            "(a checkpoint from covidseg 0.1 stores its config this way: convert it with python -m covidseg.convert)"
+            f"{source}: key {found!r} is a Hydra instantiation key; a model file may hold plain data only{hint}"
         )
 
 

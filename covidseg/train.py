@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from covidseg.builders import build_run
 from covidseg.errors import user_errors
 from covidseg.loader import check_checkpoint, resolve_ckpt_path
+from covidseg.model_spec import ModelFileError
 from covidseg.run_files import print_summary, write_metrics, write_run_info
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
         L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
     if ckpt_path is not None:
+        if ckpt_path.suffix != ".ckpt":
+            raise ModelFileError(
+                f"ckpt_path {str(ckpt_path)!r}: training resumes from a .ckpt written by covidseg.train"
+            )
         check_checkpoint(ckpt_path)  # plain data and a valid model spec, before anything is built from it
     if cfg.train and ckpt_path is not None and (ckpt_path.parent.parent / ".hydra").is_dir():
         with open_dict(cfg):  # continue the interrupted run's folder, checkpoints and TensorBoard run
