@@ -122,9 +122,9 @@ def _torch_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def check_checkpoint(path: Path) -> dict[str, Any]:
+def check_checkpoint(path: Path) -> tuple[dict[str, Any], ModelSpec]:
     """Read a ``.ckpt`` safely and refuse it unless everything in it is plain data with a valid spec
-    (also before training resumes from it)."""
+    (also before training resumes from it); returns the checkpoint and its spec."""
     checkpoint = _torch_checkpoint(path)
     refuse_hydra_keys({key: value for key, value in checkpoint.items() if key != "state_dict"}, repr(str(path)))
     if SPEC_KEY not in checkpoint:
@@ -132,8 +132,7 @@ def check_checkpoint(path: Path) -> dict[str, Any]:
             f"{str(path)!r}: key {SPEC_KEY!r} is missing: not written by covidseg.train "
             "(a covidseg 0.1 checkpoint: if you trust it, convert it with python -m covidseg.convert)"
         )
-    parse_spec(checkpoint[SPEC_KEY], repr(str(path)))
-    return checkpoint
+    return checkpoint, parse_spec(checkpoint[SPEC_KEY], repr(str(path)))
 
 
 def _read_yaml(path: Path) -> Any:
@@ -156,8 +155,7 @@ def read_model_file(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
         return spec, state
     if path.suffix == ".onnx":
         raise ModelFileError(f"{str(path)!r}: an ONNX graph runs in predict only (backend onnx); give its .ckpt here")
-    checkpoint = check_checkpoint(path)
-    spec = parse_spec(checkpoint[SPEC_KEY], repr(str(path)))
+    checkpoint, spec = check_checkpoint(path)
     state = {f"networks.0.{name.removeprefix(MODULE_PREFIX)}": tensor
              for name, tensor in checkpoint["state_dict"].items() if name.startswith(MODULE_PREFIX)}  # fmt: skip
     return spec, state
@@ -224,6 +222,6 @@ def read_onnx_metadata(path: Path) -> tuple[ExportMetadata, ModelSpec]:
         raise ModelFileError(f"{str(path)!r} has no metadata file {str(meta_path)!r}: export it with covidseg.export")
     try:
         data = json.loads(meta_path.read_text())
-    except (ValueError, UnicodeDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
         raise ModelFileError(f"{str(meta_path)!r} is not valid JSON: {error}") from None
     return parse_export_metadata(data, repr(str(meta_path)))

@@ -159,17 +159,23 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def hydra_keys(data: Any, path: str = "") -> Iterator[str]:
-    """Dotted paths of every Hydra instantiation key in nested dicts and lists."""
-    if isinstance(data, Mapping):
-        for key, value in data.items():
-            where = f"{path}.{key}" if path else str(key)
+def hydra_keys(data: Any) -> Iterator[str]:
+    """Dotted paths of every Hydra instantiation key in nested dicts and lists (iteratively: a
+    crafted file may nest deeper than Python's recursion limit)."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, Mapping):
+            items = [(str(key), value) for key, value in node.items()]
+        elif isinstance(node, list | tuple):
+            items = [(str(index), value) for index, value in enumerate(node)]
+        else:
+            continue
+        for key, value in reversed(items):
+            where = f"{path}.{key}" if path else key
             if key in HYDRA_KEYS:
                 yield where
-            yield from hydra_keys(value, where)
-    elif isinstance(data, list | tuple):
-        for index, value in enumerate(data):
-            yield from hydra_keys(value, f"{path}.{index}" if path else str(index))
+            stack.append((where, value))
 
 
 def refuse_hydra_keys(data: Any, source: str) -> None:

@@ -68,6 +68,28 @@ def test_bad_specs_are_refused_with_the_key_and_value(spec, message: str) -> Non
     assert message in text and "\n" not in text
 
 
+def test_deeply_nested_and_malformed_metadata_is_one_line(tmp_path: Path) -> None:
+    deep: dict = {}
+    node = deep
+    for _ in range(5000):
+        node["x"] = {}
+        node = node["x"]
+    node["_target_"] = "os.system"
+    with pytest.raises(ModelFileError, match=r"key 'x\.x\..*\._target_' is a Hydra instantiation key"):
+        parse_spec(deep, "deep.yaml")
+    from covidseg.loader import read_onnx_metadata
+
+    onnx = tmp_path / "model.onnx"
+    for text, message in [
+        ("[" * 100000, "is not valid JSON"),
+        ("\udcff", "is not valid JSON"),
+        ("[]", "key '\\(top level\\)': Input should be a valid dictionary"),
+    ]:
+        onnx.with_suffix(".json").write_text(text, errors="surrogateescape")
+        with pytest.raises(ModelFileError, match=message):
+            read_onnx_metadata(onnx)
+
+
 def test_a_valid_spec_keeps_its_values_and_fills_the_defaults() -> None:
     spec = parse_spec(_with("networks.0.input_size", 32), "model.yaml")
     assert spec.networks[0].input_size == 32 and spec.inference.threshold == 0.5 and spec.primary_target == "infection"

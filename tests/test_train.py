@@ -67,8 +67,8 @@ def test_train_then_eval_round_trip(compose_cfg, tmp_path: Path) -> None:
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["torch"] == torch.__version__ and info["command"]
 
-    checkpoint = check_checkpoint(best)
-    assert checkpoint[SPEC_KEY]["networks"][0]["options"]["base_width"] == 4
+    checkpoint, spec = check_checkpoint(best)
+    assert checkpoint[SPEC_KEY]["networks"][0]["options"]["base_width"] == spec.networks[0].options["base_width"] == 4
 
     same_data = [o for o in FAST if o.startswith("data") and not o.startswith("data.image_size")]
     eval_cfg = compose_cfg("eval", [f"ckpt_path={best}", *same_data, "data.split=Test"])
