@@ -18,16 +18,9 @@ from covidseg.callbacks import PerImageResults, SeverityOnTest
 from covidseg.data import CovidQuExDataModule
 from covidseg.errors import user_errors
 from covidseg.eval_report import write_eval_report
-from covidseg.loader import LoadedModel, load_predictor
+from covidseg.loader import LoadedModel, inference_overrides, load_predictor
 from covidseg.predictor import PredictorModule
 from covidseg.run_files import print_summary, write_metrics, write_per_image, write_run_info
-
-INFERENCE_KEYS = ("threshold", "presence_threshold", "flip_tta", "restrict_to_lungs")
-
-
-def inference_overrides(cfg: DictConfig) -> dict[str, Any]:
-    """The inference settings the command line sets (``conf/inference``; null keeps the model's)."""
-    return {key: cfg.get(key) for key in INFERENCE_KEYS}
 
 
 def load_for_data(cfg: DictConfig, **inference: Any) -> tuple[LoadedModel, CovidQuExDataModule]:

@@ -23,8 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from covidseg.errors import user_errors
-from covidseg.eval import inference_overrides
-from covidseg.loader import LoadedModel, load_predictor
+from covidseg.loader import LoadedModel, inference_overrides, load_predictor
 from covidseg.model_spec import ExportMetadata, ModelFileError, ModelSpec
 from covidseg.predictor import Predictor
 
@@ -39,7 +38,7 @@ class TracedPredictor(nn.Module):
         self.predictor = predictor.eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        probability, presence = self.predictor.probabilities(images)
+        probability, presence = self.predictor(images)
         return probability if presence is None else (probability, presence)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,14 @@ from covidseg.predictor import Predictor
 PRETRAINED = Path(__file__).parent / "pretrained" / "best_cpu.safetensors"
 MODULE_PREFIX = "network."  # the SegmentationModule's network in a Lightning checkpoint's state_dict
 BEST_DICE = re.compile(r"dice(\d+(?:\.\d+)?)")
+
+
+INFERENCE_KEYS = ("threshold", "presence_threshold", "flip_tta", "restrict_to_lungs")
+
+
+def inference_overrides(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The inference settings a command sets (the ``conf/inference`` keys; null keeps the model file's)."""
+    return {key: cfg.get(key) for key in INFERENCE_KEYS}
 
 
 @dataclass

@@ -24,9 +24,8 @@ from rich.progress import track
 from covidseg.data.decode import read_gray, resize_image
 from covidseg.data.index import IMAGE_SUFFIXES, DataError
 from covidseg.errors import user_errors
-from covidseg.eval import inference_overrides
 from covidseg.export import export_onnx
-from covidseg.loader import load_predictor, read_onnx_metadata, resolve_model_paths
+from covidseg.loader import inference_overrides, load_predictor, read_onnx_metadata, resolve_model_paths
 from covidseg.model_spec import ModelFileError, ModelSpec
 from covidseg.predictor import Predictor
 from covidseg.run_files import write_run_info

@@ -61,7 +61,7 @@ class Predictor(nn.Module):
     def threshold(self) -> float:
         return self.settings.threshold
 
-    def probabilities(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Probabilities (N, T, H, W) at the images' side, and presence probabilities (N,) or ``None``."""
         probabilities, presences = [], []
         for network in self.networks:
@@ -83,15 +83,11 @@ class Predictor(nn.Module):
             channels[primary] = torch.where(absent, torch.zeros_like(channels[primary]), channels[primary])
         return torch.stack(channels, 1), presence
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Probabilities only (what a traced export needs when there is no presence head)."""
-        return self.probabilities(images)[0]
-
     def predict(self, images: torch.Tensor) -> Prediction:
-        """Images (N, 1, H, W) in [0, 1] -> probabilities, masks and presence, in eval mode."""
+        """Images (N, 1, H, W) in [0, 1] -> probabilities, masks and presence (puts it in eval mode)."""
         self.eval()
         with torch.inference_mode():
-            probability, presence = self.probabilities(images)
+            probability, presence = self(images)
         return Prediction(probability, probability > self.threshold, presence)
 
 

@@ -129,7 +129,7 @@ class SegmentationModule(L.LightningModule):
         return {"logits": self._shared_step(batch, "val")[1]}
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        """Returns probabilities and masks, as :class:`~covidseg.callbacks.InferenceModule` does."""
+        """Returns probabilities and masks, as :class:`~covidseg.predictor.PredictorModule` does."""
         probability = self._shared_step(batch, "test")[1].sigmoid()
         return {"probability": probability, "mask": probability > self.hparams.threshold, "presence": None}
 
