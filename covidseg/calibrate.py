@@ -26,7 +26,7 @@ from rich.table import Table
 
 from covidseg.callbacks import ThresholdSweep
 from covidseg.errors import user_errors
-from covidseg.eval import load_for_data, test_predictor
+from covidseg.eval import load_for_data, run_test_loop
 from covidseg.metrics import CLEAN_AREA_SHARE
 from covidseg.run_files import write_run_info
 
@@ -85,7 +85,7 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
     write_run_info(output_dir)
     thresholds = sorted({*cfg.thresholds, predictor.threshold})
     sweep = ThresholdSweep(thresholds, predictor.targets.index(predictor.primary_target))
-    test_predictor(cfg, loaded, datamodule, [sweep])
+    run_test_loop(cfg, loaded, datamodule, [sweep])
     predicted, intersection, truth = sweep.areas()
     choices = score_choices(
         predicted,

@@ -6,7 +6,6 @@ python -m covidseg.eval ckpt_path=<ckpt|pretrained|[a.ckpt,b.ckpt]|k-fold multir
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import hydra
 import lightning as L
@@ -23,17 +22,17 @@ from covidseg.predictor import PredictorModule
 from covidseg.run_files import print_summary, write_metrics, write_per_image, write_run_info
 
 
-def load_for_data(cfg: DictConfig, **inference: Any) -> tuple[LoadedModel, CovidQuExDataModule]:
-    """The model that ``ckpt_path`` names, and the datamodule of ``data.*`` at the model's image
-    size and targets."""
-    loaded = load_predictor(cfg.ckpt_path, cfg.paths.log_dir, **(inference_overrides(cfg) | inference))
+def load_for_data(cfg: DictConfig) -> tuple[LoadedModel, CovidQuExDataModule]:
+    """The model that ``ckpt_path`` names (with the command's inference settings), and the
+    datamodule of ``data.*`` at the model's image size and targets."""
+    loaded = load_predictor(cfg.ckpt_path, cfg.paths.log_dir, **inference_overrides(cfg))
     with open_dict(cfg):
         cfg.data.targets = list(loaded.spec.targets)
         cfg.data.image_size = loaded.spec.image_size
     return loaded, instantiate(cfg.data)
 
 
-def test_predictor(cfg: DictConfig, loaded: LoadedModel, datamodule: CovidQuExDataModule, callbacks: list) -> dict:
+def run_test_loop(cfg: DictConfig, loaded: LoadedModel, datamodule: CovidQuExDataModule, callbacks: list) -> dict:
     """Run the Predictor over ``data.split`` in Lightning's test loop; returns what callbacks logged."""
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
     trainer.test(PredictorModule(loaded.predictor), datamodule=datamodule, verbose=False)
@@ -49,7 +48,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     write_run_info(output_dir)
     results = PerImageResults(spec.targets, spec.image_size)
     callbacks = instantiate_each(cfg.get("callbacks"))
-    metrics = test_predictor(cfg, loaded, datamodule, [results, *callbacks]) | results.metrics()
+    metrics = run_test_loop(cfg, loaded, datamodule, [results, *callbacks]) | results.metrics()
     metrics_path = write_metrics(output_dir, metrics)
     columns = results.columns()
     severity_pairs = None
