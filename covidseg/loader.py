@@ -58,7 +58,9 @@ class LoadedModel:
 
     @property
     def description(self) -> str:
-        return str(self.paths[0]) if len(self.paths) == 1 else f"ensemble of {len(self.paths)} models"
+        if len(self.paths) == 1:
+            return str(self.paths[0])
+        return f"ensemble of {len(self.paths)} models ({', '.join(path.name for path in self.paths)})"
 
 
 def _newest_last(log_dir: str | Path, task_name: str) -> Path:

@@ -150,7 +150,9 @@ def test_an_ensemble_evaluates_predicts_and_exports_as_one_model(
 
     a, b = trained_checkpoints
     ensemble = load_predictor([str(a), str(b)], tmp_path)
-    assert ensemble.description == "ensemble of 2 models" and len(ensemble.predictor.networks) == 2
+    assert (
+        ensemble.description == f"ensemble of 2 models ({a.name}, {b.name})" and len(ensemble.predictor.networks) == 2
+    )
     data = [o for o in FAST if o.startswith("data")]
     metrics = evaluate(compose_cfg("eval", [f"ckpt_path=[{a},{b}]", *data, "threshold=0.4"]))
     # the ensemble's Dice is that of the two models' averaged probabilities
