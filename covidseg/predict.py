@@ -9,8 +9,11 @@ from __future__ import annotations
 import csv
 import glob
 import logging
+import os
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -22,7 +25,7 @@ from rich.console import Console
 from rich.progress import track
 
 from covidseg.data.decode import read_gray, resize_image
-from covidseg.data.index import IMAGE_SUFFIXES, DataError
+from covidseg.data.index import IMAGE_SUFFIXES, DataError, printable
 from covidseg.errors import user_errors
 from covidseg.export import export_onnx
 from covidseg.loader import inference_overrides, load_predictor, read_onnx_metadata, resolve_model_paths
@@ -33,37 +36,77 @@ from covidseg.severity import severity
 from covidseg.visualize import LUNG_COLOR, PREDICTION_COLOR, outline, overlay
 
 log = logging.getLogger(__name__)
+SOME_IMAGES_FAILED = 3  # exit code: the run finished, but some images could not be read or written
 # (N, 1, S, S) float32 in [0, 1] -> probabilities (N, T, S, S) and presence probabilities (N,) or None
 Backend = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 
 
-def find_inputs(pattern: str) -> tuple[list[Path], Path]:
-    """Image files named by a file, a folder (searched recursively) or a glob, and their common base."""
-    path = Path(pattern).expanduser()
-    if path.is_file():
-        files, base = [path], path.parent
-    elif path.is_dir():
-        files, base = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES), path
-    else:
-        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-        base = Path(*Path(glob.escape(str(path))).parts[: _first_magic_part(path)]) if files else path.parent
-    if not files:
-        raise DataError(f"input {pattern!r} names no image files ({', '.join(IMAGE_SUFFIXES)})")
-    return files, base
+def _walk(folder: Path) -> list[Path]:
+    """Image files below ``folder``; symlinked folders are not entered, so a loop cannot be followed."""
+    files = []
+    for root, folders, names in os.walk(folder, followlinks=False):
+        folders.sort()
+        files += [Path(root, name) for name in sorted(names) if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+    return files
 
 
 def _first_magic_part(path: Path) -> int:
     return next((index for index, part in enumerate(path.parts) if glob.has_magic(part)), len(path.parts))
 
 
-def check_output(output: Path, input_pattern: str, allow_inside: bool) -> None:
-    """Outputs never overwrite inputs, and by default never land inside the input folder."""
-    input_dir = Path(input_pattern).expanduser()
-    if input_dir.is_dir() and output.resolve().is_relative_to(input_dir.resolve()) and not allow_inside:
+def find_inputs(pattern: str) -> tuple[list[Path], Path]:
+    """Image files named by a file, a folder (searched recursively) or a glob, and their common base.
+
+    Each file is listed once (by its real path), and symlinked folders are not followed (pathlib's
+    ``**`` does not follow them either).
+    """
+    path = Path(pattern).expanduser()
+    if path.is_file():
+        candidates, base = [path], path.parent
+    elif path.is_dir():
+        candidates, base = _walk(path), path
+    else:
+        magic = _first_magic_part(path)
+        base = Path(*path.parts[:magic]) if magic else Path()
+        rest = Path(*path.parts[magic:]) if magic < len(path.parts) else None
+        candidates = sorted(p for p in base.glob(str(rest)) if p.is_file()) if rest and base.is_dir() else []
+    files, seen = [], set()
+    for candidate in candidates:
+        real = os.path.realpath(candidate)
+        if real not in seen:
+            seen.add(real)
+            files.append(candidate)
+    if not files:
+        raise DataError(f"input {printable(pattern)!r} names no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return files, base
+
+
+def output_stem(output: Path, path: Path, base: Path) -> Path:
+    """``<output>/<path relative to base>``, suffix kept, so ``x.png`` and ``x.jpg`` stay apart."""
+    return output / path.relative_to(base)
+
+
+def check_output(output: Path, files: list[Path], base: Path, recursive: bool, allow_inside: bool) -> None:
+    """The output is a folder; unless ``allow_output_in_input``, no output lands in a folder that holds
+    an input file, nor anywhere below a folder searched recursively (a later run would read it back).
+    Inputs themselves are never overwritten (see :meth:`ImageOutputs.write`)."""
+    if output.exists() and not output.is_dir():
+        raise DataError(f"output {printable(output)!r} is an existing file; expected a folder (new or existing)")
+    if allow_inside:
+        return
+    if recursive and output.resolve().is_relative_to(base.resolve()):
         raise DataError(
-            f"output {str(output)!r} is inside the input folder {str(input_dir)!r}; choose another output "
+            f"output {printable(output)!r} is inside the input folder {printable(base)!r}; choose another output "
             "or set allow_output_in_input=true"
         )
+    input_folders = {Path(os.path.realpath(path)).parent for path in files}
+    for path in files:
+        folder = output_stem(output, path, base).parent.resolve()
+        if folder in input_folders:
+            raise DataError(
+                f"output {printable(output)!r} would write into {printable(folder)!r}, which holds input files; "
+                "choose another output or set allow_output_in_input=true"
+            )
 
 
 def torch_backend(predictor: Predictor) -> Backend:
@@ -108,18 +151,29 @@ def load_backend(cfg: DictConfig, output: Path) -> tuple[Backend, ModelSpec]:
     return torch_backend(loaded.predictor), loaded.spec
 
 
-def predict(cfg: DictConfig) -> Path:
+@dataclass
+class PredictRun:
+    """What ``predict`` did: the CSV, the rows written, and the images it could not read or write."""
+
+    csv_path: Path
+    rows: list[dict] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # unreadable inputs
+    failed: list[tuple[Path, str]] = field(default_factory=list)  # outputs that could not be written
+
+
+def predict(cfg: DictConfig) -> PredictRun:
     """Write mask, overlay (and optional probability) PNGs per image and ``predictions.csv``."""
     files, base = find_inputs(str(cfg.input))
     output = Path(cfg.output)
-    check_output(output, str(cfg.input), cfg.allow_output_in_input)
+    recursive = Path(str(cfg.input)).expanduser().is_dir() or "**" in str(cfg.input)
+    check_output(output, files, base, recursive, cfg.allow_output_in_input)
     backend, spec = load_backend(cfg, output)
     output.mkdir(parents=True, exist_ok=True)
     size, targets, threshold = spec.image_size, spec.targets, spec.inference.threshold
     channel = targets.index("infection") if "infection" in targets else 0
     lung_channel = targets.index("lung") if "lung" in targets and len(targets) > 1 else None
-    input_set = {p.resolve() for p in files}
-    rows, skipped = [], []
+    inputs = {Path(os.path.realpath(path)) for path in files}
+    run = PredictRun(output / "predictions.csv")
     batches = [files[start : start + cfg.batch_size] for start in range(0, len(files), cfg.batch_size)]
     for batch in track(batches, description="predicting", console=Console(stderr=True)):
         started = time.perf_counter()
@@ -129,7 +183,7 @@ def predict(cfg: DictConfig) -> Path:
                 images.append(read_gray(path))
                 readable.append(path)
             except (DataError, OSError) as error:
-                skipped.append((path, str(error)))
+                run.skipped.append((path, str(error)))
         if not images:
             continue
         stacked = np.stack([resize_image(image, size) for image in images])[:, None].astype(np.float32) / 255
@@ -138,19 +192,40 @@ def predict(cfg: DictConfig) -> Path:
         for index, (path, image, probability) in enumerate(zip(readable, images, probabilities, strict=True)):
             lung = probability[lung_channel] if lung_channel is not None else None
             outputs = ImageOutputs(path, image, probability[channel], lung, threshold)
-            row = outputs.write(output / path.relative_to(base).with_suffix(""), cfg.save_probability, input_set)
+            try:
+                row = outputs.write(output_stem(output, path, base), cfg.save_probability, inputs)
+            except (DataError, OSError) as error:
+                run.failed.append((path, str(error)))
+                continue
             if presences is not None:
                 row["presence_probability"] = round(float(presences[index]), 4)
-            rows.append(row | {"seconds": round(seconds, 4)})
-    csv_path = output / "predictions.csv"
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["file"])
+            run.rows.append(row | {"seconds": round(seconds, 4)})
+    with run.csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(run.rows[0]) if run.rows else ["file"])
         writer.writeheader()
-        writer.writerows(rows)
-    for path, reason in skipped:
-        log.warning("skipped %s: %s", path, reason)
-    Console().print(f"{len(rows)} image(s) predicted, {len(skipped)} skipped; results in {output}", highlight=False)
-    return csv_path
+        writer.writerows(run.rows)
+    for label, problems in (("skipped (unreadable)", run.skipped), ("failed (not written)", run.failed)):
+        for path, reason in problems:
+            log.warning("%s %s: %s", label, printable(path), reason)
+    Console().print(
+        f"{len(run.rows)} image(s) predicted, {len(run.skipped)} skipped, {len(run.failed)} failed; "
+        f"results in {printable(output)}",
+        highlight=False,
+    )
+    return run
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    """Encode in memory, write a temporary file beside ``path``, then rename it over ``path``."""
+    encoded, data = cv2.imencode(".png", array)
+    if not encoded:
+        raise OSError(f"could not encode {printable(path)!r} as PNG")
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        temporary.write_bytes(data.tobytes())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 class ImageOutputs:
@@ -168,7 +243,8 @@ class ImageOutputs:
             self.lung = cv2.resize(lung, (width, height), interpolation=cv2.INTER_LINEAR) > threshold
 
     def write(self, stem: Path, save_probability: bool, inputs: set[Path]) -> dict:
-        """Write ``<stem>_mask.png``, ``_overlay.png`` (and ``_probability.png``, ``_lung.png``)."""
+        """Write ``<stem>.mask.png``, ``.overlay.png`` (and ``.probability.png``, ``.lung.png``), each
+        through a temporary file, so a failed write leaves no half or stale-looking output."""
         stem.parent.mkdir(parents=True, exist_ok=True)
         drawn = overlay(self.image, self.mask, PREDICTION_COLOR)
         files = {"mask": self.mask.astype(np.uint8) * 255}
@@ -179,17 +255,17 @@ class ImageOutputs:
         if save_probability:
             files["probability"] = (self.probability * 255).round().astype(np.uint8)
         for suffix, array in files.items():
-            target = stem.with_name(f"{stem.name}_{suffix}.png")
-            if target.resolve() in inputs:
-                raise DataError(f"refusing to overwrite the input {str(target)!r}")
-            cv2.imwrite(str(target), array)
+            target = stem.with_name(f"{stem.name}.{suffix}.png")
+            if Path(os.path.realpath(target)) in inputs:
+                raise DataError(f"refusing to overwrite the input {printable(target)!r}")
+            write_png(target, array)
         return self.row()
 
     def row(self) -> dict:
         height, width = self.image.shape
         infected = int(self.mask.sum())
         row = {
-            "file": str(self.path),
+            "file": printable(self.path),
             "width": width,
             "height": height,
             "infected_pixels": infected,
@@ -205,7 +281,9 @@ class ImageOutputs:
 def main(cfg: DictConfig) -> None:
     with user_errors():
         write_run_info(cfg.paths.output_dir)
-        predict(cfg)
+        run = predict(cfg)
+    if run.skipped or run.failed:
+        sys.exit(SOME_IMAGES_FAILED)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,3 @@
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -124,23 +123,37 @@ def test_mask_of_another_size_is_refused(dataset_root: Path) -> None:
         decode_samples(index_split(dataset_root, "Train"), 32)
 
 
-def test_rgb_16bit_and_soft_masks_are_converted(dataset_root: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_rgb_and_16bit_images_are_converted_and_masks_follow_one_rule(dataset_root: Path) -> None:
     folder = dataset_root / "Train/COVID-19"
     gray = cv2.imread(str(folder / "images/covid-19_0000.png"), 0)
     cv2.imwrite(str(folder / "images/covid-19_0000.png"), cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR))
     cv2.imwrite(str(folder / "images/covid-19_0001.png"), gray.astype(np.uint16) * 257)
-    soft = np.zeros((32, 32), np.uint8)
-    soft[:, :10], soft[:, 10:20] = 200, 100
-    cv2.imwrite(str(folder / "infection masks/covid-19_0002.png"), soft)
-    with caplog.at_level(logging.WARNING):
-        images, masks = decode_samples(index_split(dataset_root, "Train"), 32)
+    truth = cv2.imread(str(folder / "infection masks/covid-19_0002.png"), 0) > 0
+    assert truth.any()
+    cv2.imwrite(str(folder / "infection masks/covid-19_0002.png"), truth.astype(np.uint8))  # 0/1
+    gray_as_rgb = cv2.cvtColor(truth.astype(np.uint8) * 255, cv2.COLOR_GRAY2BGR)
+    cv2.imwrite(str(folder / "infection masks/covid-19_0003.png"), gray_as_rgb)
+    images, masks = decode_samples(index_split(dataset_root, "Train"), 32)
     assert images.dtype == np.uint8 and images.shape == (4, 32, 32)
     assert np.array_equal(images[0], gray)
     stretched = (gray.astype(float) - gray.min()) / (gray.max() - gray.min()) * 255  # 16-bit: min-max
     assert np.abs(images[1] - stretched).max() <= 1
-    assert set(np.unique(masks)) <= {0, 1}
-    assert masks[2, 0, :, :10].all() and not masks[2, 0, :, 10:].any()
-    assert "binarised" in caplog.text
+    assert np.array_equal(masks[2, 0], truth) and np.array_equal(masks[3, 0], truth)
+
+
+@pytest.mark.parametrize(
+    ("mask", "message"),
+    [
+        (np.dstack([np.zeros((32, 32), np.uint8), np.full((32, 32), 200, np.uint8), np.zeros((32, 32), np.uint8)]),
+         "is in colour; expected a single-channel mask"),
+        (np.tile(np.array([0, 100, 200], np.uint8), (32, 11))[:, :32], "has the values 0, 100, 200; expected 0"),
+        (np.tile(np.array([1, 255], np.uint8), (32, 16)), "has the values 1, 255; expected 0"),
+    ],
+)  # fmt: skip
+def test_masks_that_fit_no_rule_are_refused_never_emptied(dataset_root: Path, mask: np.ndarray, message: str) -> None:
+    cv2.imwrite(str(dataset_root / "Train/COVID-19/infection masks/covid-19_0001.png"), mask)
+    with pytest.raises(DataError, match=f"covid-19_0001.png' {message}"):
+        decode_samples(index_split(dataset_root, "Train"), 32)
 
 
 def test_decode_resizes_with_nearest_masks(dataset_root: Path) -> None:

@@ -39,7 +39,7 @@ def xrays(tmp_path: Path) -> Path:
 
 def _predict(compose_cfg, checkpoint: Path, xrays: Path, output: Path, *extra: str) -> list[dict]:
     cfg = compose_cfg("predict", [f"ckpt_path={checkpoint}", f"input={xrays}", f"output={output}", *extra])
-    with (predict(cfg)).open() as handle:
+    with predict(cfg).csv_path.open() as handle:
         return list(csv.DictReader(handle))
 
 
@@ -48,12 +48,12 @@ def test_predict_writes_masks_at_input_size_overlays_and_csv(compose_cfg, checkp
     assert sorted(Path(row["file"]).name for row in rows) == ["deep.tif", "gray.png", "rgb.jpg"]
     for row in rows:
         source = Path(row["file"])
-        stem = tmp_path / "out" / source.relative_to(xrays).with_suffix("")
-        mask = cv2.imread(str(stem) + "_mask.png", cv2.IMREAD_UNCHANGED)
+        stem = tmp_path / "out" / source.relative_to(xrays)
+        mask = cv2.imread(str(stem) + ".mask.png", cv2.IMREAD_UNCHANGED)
         original = cv2.imread(str(source), cv2.IMREAD_UNCHANGED)
         assert mask.shape == original.shape[:2] and set(np.unique(mask)) <= {0, 255}
-        assert cv2.imread(str(stem) + "_overlay.png").shape == (*original.shape[:2], 3)
-        assert Path(str(stem) + "_probability.png").is_file()
+        assert cv2.imread(str(stem) + ".overlay.png").shape == (*original.shape[:2], 3)
+        assert Path(str(stem) + ".probability.png").is_file()
         assert int(row["infected_pixels"]) == int((mask > 0).sum())
         assert float(row["infected_percent"]) == pytest.approx(100 * (mask > 0).mean(), abs=1e-3)
 
@@ -85,9 +85,9 @@ def test_onnx_export_matches_pytorch_and_predicts_the_same_masks(compose_cfg, ch
     onnx_rows = _predict(compose_cfg, path, xrays, tmp_path / "onnx")
     assert [row["infected_pixels"] for row in torch_rows] == [row["infected_pixels"] for row in onnx_rows]
     for row in torch_rows:
-        name = Path(row["file"]).relative_to(xrays).with_suffix("")
-        torch_mask = cv2.imread(str(tmp_path / "torch" / name) + "_mask.png", 0)
-        onnx_mask = cv2.imread(str(tmp_path / "onnx" / name) + "_mask.png", 0)
+        name = Path(row["file"]).relative_to(xrays)
+        torch_mask = cv2.imread(str(tmp_path / "torch" / name) + ".mask.png", 0)
+        onnx_mask = cv2.imread(str(tmp_path / "onnx" / name) + ".mask.png", 0)
         assert np.array_equal(torch_mask, onnx_mask)
     with pytest.raises(ModelFileError, match="presence_threshold cannot change an exported .onnx graph"):
         _predict(compose_cfg, path, xrays, tmp_path / "gated", "presence_threshold=0.5")
@@ -139,7 +139,7 @@ def test_predict_reads_dicom(compose_cfg, checkpoint, tmp_path) -> None:
     shutil.copy(get_testdata_file("CT_small.dcm"), folder / "scan.dcm")  # 128x128, 16-bit
     (row,) = _predict(compose_cfg, checkpoint, folder, tmp_path / "out")
     assert (row["width"], row["height"]) == ("128", "128")
-    assert cv2.imread(str(tmp_path / "out" / "scan_mask.png"), 0).shape == (128, 128)
+    assert cv2.imread(str(tmp_path / "out" / "scan.dcm.mask.png"), 0).shape == (128, 128)
 
 
 def test_an_ensemble_evaluates_predicts_and_exports_as_one_model(

@@ -101,6 +101,6 @@ def test_lung_and_infection_model_reports_both_and_grades_severity(compose_cfg, 
 
     image = next((Path(cfg.data.root) / "Val" / "COVID-19" / "images").glob("*.png"))
     predict_cfg = compose_cfg("predict", [f"ckpt_path={checkpoint}", f"input={image}", f"output={tmp_path / 'p'}"])
-    with predict(predict_cfg).open() as handle:
+    with predict(predict_cfg).csv_path.open() as handle:
         row = next(csv.DictReader(handle))
-    assert 0 <= int(row["zone_score"]) <= 6 and (tmp_path / "p" / f"{image.stem}_lung.png").is_file()
+    assert 0 <= int(row["zone_score"]) <= 6 and (tmp_path / "p" / f"{image.name}.lung.png").is_file()

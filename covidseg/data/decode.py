@@ -1,6 +1,11 @@
 """Decode every X-ray and mask once into uint8 arrays, with an optional on-disk ``.npy`` cache.
 
-Training then indexes arrays in memory: no PNG is decoded per step.
+Training then indexes arrays in memory: no PNG is decoded per step. Files are read as bytes and
+decoded with ``cv2.imdecode``: OpenCV never sees a file name, so no name (any bytes, not UTF-8)
+can crash native code.
+
+Masks: a single-channel image with at most two values, 0 and one foreground value (0/1 and
+0/255 both work); anything else (colour, several grey levels) is refused with the file named.
 """
 
 from __future__ import annotations
@@ -39,13 +44,20 @@ def read_dicom(path: Path) -> np.ndarray:
     return pixels
 
 
-def read_gray(path: Path) -> np.ndarray:
-    """Read any image OpenCV reads, or DICOM, as 8-bit grayscale (RGB and 16-bit are converted)."""
-    if path.stat().st_size == 0:
+def read_unchanged(path: Path) -> np.ndarray:
+    """Decode an image file as stored (channels and bit depth kept), from its bytes."""
+    data = np.fromfile(path, dtype=np.uint8)
+    if data.size == 0:
         raise DataError(f"{str(path)!r} is empty (0 bytes): replace or remove the file")
-    image = read_dicom(path) if path.suffix.lower() == ".dcm" else cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    image = read_dicom(path) if path.suffix.lower() == ".dcm" else cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if image is None:
         raise DataError(f"{str(path)!r} could not be decoded as an image: the file is corrupt or truncated")
+    return image
+
+
+def read_gray(path: Path) -> np.ndarray:
+    """Read any image OpenCV reads, or DICOM, as 8-bit grayscale (RGB and 16-bit are converted)."""
+    image = read_unchanged(path)
     if image.ndim == 3:
         code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
         image = cv2.cvtColor(image, code)
@@ -61,21 +73,39 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
 
 
-def _decode_sample(sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray, bool]:
+def read_mask(path: Path) -> np.ndarray:
+    """A mask as {0, 1} uint8: foreground is every value above 0 of a two-level, single-channel image."""
+    mask = read_unchanged(path)
+    if mask.ndim == 3:
+        colour = mask[..., :3]
+        if not (np.array_equal(colour[..., 0], colour[..., 1]) and np.array_equal(colour[..., 0], colour[..., 2])):
+            raise DataError(
+                f"mask {str(path)!r} is in colour; expected a single-channel mask with 0 as background "
+                "and one foreground value (e.g. 0/255 or 0/1)"
+            )
+        mask = colour[..., 0]
+    levels = np.unique(mask)
+    if len(levels) > 2 or (len(levels) == 2 and levels[0] != 0):
+        shown = ", ".join(str(v) for v in levels[:5]) + (", ..." if len(levels) > 5 else "")
+        raise DataError(
+            f"mask {str(path)!r} has the values {shown}; expected 0 as background and one foreground "
+            "value (e.g. 0/255 or 0/1)"
+        )
+    return (mask > 0).astype(np.uint8)
+
+
+def _decode_sample(sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray]:
     image = read_gray(sample.image)
     masks = []
-    soft = False
     for mask_path in sample.masks:
-        mask = read_gray(mask_path)
+        mask = read_mask(mask_path)
         if mask.shape != image.shape:
             raise DataError(
                 f"mask {str(mask_path)!r} is {mask.shape[1]}x{mask.shape[0]} but its image "
                 f"{str(sample.image)!r} is {image.shape[1]}x{image.shape[0]}"
             )
-        soft |= bool(np.any((mask > 0) & (mask < 255)))
-        binary = (mask > 127).astype(np.uint8)
-        masks.append(cv2.resize(binary, (size, size), interpolation=cv2.INTER_NEAREST))
-    return resize_image(image, size), np.stack(masks), soft
+        masks.append(cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST))
+    return resize_image(image, size), np.stack(masks)
 
 
 def _cache_key(samples: Sequence[Sample], size: int) -> str:
@@ -83,7 +113,7 @@ def _cache_key(samples: Sequence[Sample], size: int) -> str:
     for sample in samples:
         for path in (sample.image, *sample.masks):
             stat = path.stat()
-            digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+            digest.update(os.fsencode(path) + f"|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:20]
 
 
@@ -103,15 +133,8 @@ def decode_samples(
             return np.load(cache_files[0]), np.load(cache_files[1])
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         decoded = list(pool.map(lambda s: _decode_sample(s, image_size), samples))
-    soft_masks = [s.masks[0] for s, (_, _, soft) in zip(samples, decoded, strict=True) if soft]
-    if soft_masks:
-        log.warning(
-            "%d mask(s) have values other than 0 and 255 (e.g. %s): binarised at > 127",
-            len(soft_masks),
-            soft_masks[0],
-        )
-    images = np.stack([image for image, _, _ in decoded])
-    masks = np.stack([mask for _, mask, _ in decoded])
+    images = np.stack([image for image, _ in decoded])
+    masks = np.stack([mask for _, mask in decoded])
     if cache_files is not None:
         _save_atomic(cache_files, (images, masks), samples, image_size)
     return images, masks

@@ -24,6 +24,12 @@ class DataError(ValueError):
     """Bad input data: the message names the file or folder and says how to fix it."""
 
 
+def printable(path: str | Path) -> str:
+    """A file name as text that can always be printed or written to a CSV: bytes that are not
+    UTF-8 (kept by Python as surrogates) appear escaped, e.g. ``\\udcff``."""
+    return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @dataclass(frozen=True)
 class Sample:
     """One X-ray with one mask file per requested target, in target order."""
@@ -35,7 +41,7 @@ class Sample:
     @property
     def name(self) -> str:
         """``<split>/<class>/<file>``: unique across the dataset (k-fold pools two splits)."""
-        return f"{self.image.parents[2].name}/{self.label}/{self.image.name}"
+        return printable(f"{self.image.parents[2].name}/{self.label}/{self.image.name}")
 
 
 def canonical_split(split: str) -> str:
