@@ -70,12 +70,12 @@ def find_inputs(pattern: str) -> tuple[list[Path], Path]:
         base = Path(*path.parts[:magic]) if magic else Path()
         rest = Path(*path.parts[magic:]) if magic < len(path.parts) else None
         candidates = sorted(p for p in base.glob(str(rest)) if p.is_file()) if rest and base.is_dir() else []
-    files, seen = [], set()
+    chosen: dict[str, Path] = {}  # real path -> the name it is predicted under (a link only if no other)
     for candidate in candidates:
         real = os.path.realpath(candidate)
-        if real not in seen:
-            seen.add(real)
-            files.append(candidate)
+        if real not in chosen or (chosen[real].is_symlink() and not candidate.is_symlink()):
+            chosen[real] = candidate
+    files = [candidate for candidate in candidates if chosen[os.path.realpath(candidate)] is candidate]
     if not files:
         raise DataError(f"input {printable(pattern)!r} names no image files ({', '.join(IMAGE_SUFFIXES)})")
     return files, base

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from covidseg.data.index import DataError, Sample
+from covidseg.data.index import DataError, Sample, printable
 
 log = logging.getLogger(__name__)
 
@@ -122,15 +123,17 @@ def decode_samples(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return images ``(N, S, S)`` and masks ``(N, T, S, S)`` as uint8 (masks in {0, 1}).
 
-    With ``cache_dir``, the arrays are stored as ``.npy`` files keyed by the file list, sizes and
-    modification times, so a changed or added file invalidates the cache.
+    With ``cache_dir``, the arrays are stored as ``.npy`` files keyed by the file list (as bytes),
+    sizes and modification times, so a changed or added file invalidates the cache; a damaged
+    entry is rebuilt.
     """
     cache_files = None
     if cache_dir is not None:
         key = _cache_key(samples, image_size)
         cache_files = (Path(cache_dir) / f"{key}-images.npy", Path(cache_dir) / f"{key}-masks.npy")
-        if all(path.is_file() for path in cache_files):
-            return np.load(cache_files[0]), np.load(cache_files[1])
+        cached = _load_cache(cache_files)
+        if cached is not None:
+            return cached
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         decoded = list(pool.map(lambda s: _decode_sample(s, image_size), samples))
     images = np.stack([image for image, _ in decoded])
@@ -140,15 +143,43 @@ def decode_samples(
     return images, masks
 
 
+def _describe(array: np.ndarray) -> dict:
+    """What a cache entry must match when it is loaded again."""
+    return {"shape": list(array.shape), "dtype": array.dtype.str, "crc32": zlib.crc32(array.tobytes())}
+
+
+def _meta_path(paths: tuple[Path, Path]) -> Path:
+    return paths[0].with_name(paths[0].name.replace("-images.npy", ".json"))
+
+
+def _load_cache(paths: tuple[Path, Path]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached arrays when present and intact (shape, dtype and checksum as recorded); a damaged
+    or unverifiable entry is reported in one line and rebuilt."""
+    if not any(path.exists() for path in paths):
+        return None
+    try:
+        expected = json.loads(_meta_path(paths).read_text())
+        arrays = tuple(np.load(path, allow_pickle=False) for path in paths)
+        for name, array in zip(("images", "masks"), arrays, strict=True):
+            if _describe(array) != expected[name]:
+                raise ValueError(f"{name} do not match their recorded shape, type and checksum")
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as error:
+        log.warning("decode cache %s is damaged (%s): rebuilding it", printable(paths[0].parent), error)
+        return None
+    return arrays
+
+
 def _save_atomic(paths: tuple[Path, Path], arrays: tuple[np.ndarray, ...], samples, size: int) -> None:
-    """Write the cache through temporary files so an interrupted write leaves no half cache."""
+    """Write the cache through temporary files so an interrupted write leaves no half cache; the
+    metadata (written last) records what :func:`_load_cache` checks."""
     try:
         paths[0].parent.mkdir(parents=True, exist_ok=True)
         for path, array in zip(paths, arrays, strict=True):
             tmp = path.with_suffix(".tmp.npy")
             np.save(tmp, array)
             os.replace(tmp, path)
-        meta = {"image_size": size, "count": len(samples), "first": str(samples[0].image)}
-        paths[0].with_name(paths[0].name.replace("-images.npy", ".json")).write_text(json.dumps(meta))
+        meta = {"image_size": size, "count": len(samples), "first": printable(samples[0].image)}
+        meta |= {name: _describe(array) for name, array in zip(("images", "masks"), arrays, strict=True)}
+        _meta_path(paths).write_text(json.dumps(meta))
     except OSError as error:  # a read-only or full cache folder must not stop training
         log.warning("could not write the decode cache in %s: %s", paths[0].parent, error)

@@ -7,6 +7,7 @@ carry ground-glass opacities inside the lungs, which form the infection mask.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -15,9 +16,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from covidseg.data.index import CLASSES, TARGET_FOLDERS, DataError, canonical_split
+from covidseg.data.index import CLASSES, TARGET_FOLDERS, DataError, canonical_split, printable
 
 MARKER = "synthetic.json"
+
+
+def _files_below(root: Path) -> set[str]:
+    """Every file and link below ``root`` (links not followed), relative to it."""
+    found = set()
+    for folder, folders, names in os.walk(root, followlinks=False):
+        links = [name for name in folders if Path(folder, name).is_symlink()]
+        found |= {Path(folder, name).relative_to(root).as_posix() for name in [*names, *links]}
+    return found
 
 
 def make_phantom(rng: np.random.Generator, size: int, infected: bool) -> tuple[np.ndarray, ...]:
@@ -86,15 +96,37 @@ class SyntheticPhantoms:
     def spec(self) -> dict:
         return {"counts": self.counts, "classes": self.classes, "image_size": self.image_size, "seed": self.seed}
 
+    def written_files(self) -> set[str]:
+        """Every file this generator writes, relative to its root (the marker included)."""
+        return {MARKER} | {
+            f"{split}/{label}/{sub}/{label.lower()}_{number:04d}.png"
+            for split, count in self.counts.items()
+            for label in self.classes
+            for sub in ("images", *TARGET_FOLDERS.values())
+            for number in range(count)
+        }
+
     def write(self, root: str | Path) -> Path:
-        """Write the dataset into ``root`` unless it already holds this exact one."""
+        """Write the dataset into ``root`` unless it already holds this exact one.
+
+        ``root`` is replaced only when it is new or empty, or when it holds exactly what a synthetic
+        generator wrote there (its marker file says with which settings) and nothing else.
+        """
         root = Path(root)
         marker = root / MARKER
-        if marker.is_file() and json.loads(marker.read_text()) == self.spec():
-            return root
-        if root.exists() and any(root.iterdir()) and not marker.is_file():
+        if marker.is_file():
+            previous = self._previous(root)
+            if previous.spec() == self.spec():
+                return root
+            foreign = sorted(_files_below(root) - previous.written_files())
+            if foreign:
+                raise DataError(
+                    f"data.root {printable(root)!r} holds {len(foreign)} file(s) the synthetic generator did not "
+                    f"write (e.g. {printable(foreign[0])!r}): move them, or point data.root at a new folder"
+                )
+        elif root.exists() and any(root.iterdir()):
             raise DataError(
-                f"data.root {str(root)!r} is not empty and was not written by the synthetic "
+                f"data.root {printable(root)!r} is not empty and was not written by the synthetic "
                 "generator: point data.root at an empty or new folder"
             )
         root.parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +137,16 @@ class SyntheticPhantoms:
             shutil.rmtree(root)
         staging.rename(root)
         return root
+
+    @staticmethod
+    def _previous(root: Path) -> SyntheticPhantoms:
+        marker = root / MARKER
+        try:
+            return SyntheticPhantoms(**json.loads(marker.read_text()))
+        except (ValueError, TypeError, AttributeError) as error:
+            raise DataError(
+                f"{printable(marker)!r} is not a synthetic-data marker ({error}): point data.root at a new folder"
+            ) from None
 
     def _write_files(self, folder: Path) -> None:
         rng = np.random.default_rng(self.seed)

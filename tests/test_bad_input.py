@@ -1,0 +1,208 @@
+"""Lose nothing, crash never: unusual names, damaged caches, folders that are not covidseg's, and
+predict's inputs and outputs. Each case uses data the test makes itself; "nothing overwritten"
+is checked by checksum."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import FAST
+
+from covidseg.data import DataError, SyntheticPhantoms
+from covidseg.data.decode import decode_samples
+from covidseg.data.index import index_split
+from covidseg.predict import predict
+
+NOT_UTF8 = os.fsdecode(b"covid-19_\xff\xfe.png")  # a name that is not valid UTF-8
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    """Every file below ``folder`` (links not followed) by its SHA-256."""
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and not path.is_symlink()
+    }
+
+
+# --- covidseg deletes only what it owns -------------------------------------------------------
+
+
+def test_synthetic_data_with_other_settings_is_rewritten_only_when_nothing_else_is_there(tmp_path: Path) -> None:
+    root = SyntheticPhantoms({"Train": 1}, image_size=32).write(tmp_path / "synthetic")
+    (root / "Train" / "notes.txt").write_text("the user's own notes")
+    before = checksums(root)
+    with pytest.raises(DataError, match=r"holds 1 file\(s\) the synthetic generator did not write .*notes.txt"):
+        SyntheticPhantoms({"Train": 2}, image_size=32).write(root)
+    assert checksums(root) == before
+    (root / "Train" / "notes.txt").unlink()
+    SyntheticPhantoms({"Train": 2}, image_size=32).write(root)  # only its own files: rewritten
+    assert len(list((root / "Train" / "Normal" / "images").glob("*.png"))) == 2
+
+
+def test_a_marker_that_is_not_covidseg_s_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "synthetic.json").write_text('{"counts": {"Train": 1}, "rm": "-rf"}')
+    (tmp_path / "keep.png").write_bytes(b"user data")
+    with pytest.raises(DataError, match="is not a synthetic-data marker"):
+        SyntheticPhantoms({"Train": 1}).write(tmp_path)
+    assert (tmp_path / "keep.png").read_bytes() == b"user data"
+
+
+# --- the decode cache heals itself ------------------------------------------------------------
+
+
+@pytest.fixture
+def dataset_root(tmp_path: Path) -> Path:
+    return SyntheticPhantoms({"Train": 3, "Val": 2}, image_size=32, seed=3).write(tmp_path / "data")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "other_values", "no_metadata", "garbage"])
+def test_a_damaged_cache_entry_is_rebuilt_with_a_note(
+    dataset_root: Path, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = tmp_path / "cache"
+    samples = index_split(dataset_root, "Train")
+    images, masks = decode_samples(samples, 32, cache)
+    (entry,) = cache.glob("*-images.npy")
+    if damage == "truncate":
+        entry.write_bytes(entry.read_bytes()[:200])
+    elif damage == "other_values":
+        np.save(entry, np.zeros_like(images))  # the right shape and type, the wrong content
+    elif damage == "no_metadata":
+        next(cache.glob("*.json")).unlink()
+    else:
+        entry.write_bytes(b"\x93NUMPY not really")
+    with caplog.at_level(logging.WARNING):
+        again, again_masks = decode_samples(samples, 32, cache)
+    assert "is damaged" in caplog.text and "rebuilding it" in caplog.text
+    assert np.array_equal(again, images) and np.array_equal(again_masks, masks)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        decode_samples(samples, 32, cache)  # rebuilt: intact again
+    assert "damaged" not in caplog.text
+
+
+# --- any file name ------------------------------------------------------------------------------
+
+
+def _rename_to_not_utf8(root: Path) -> None:
+    """Give one COVID-19 training image and its masks a name that is not valid UTF-8."""
+    for sub in ("images", "infection masks", "lung masks"):
+        folder = root / "Train" / "COVID-19" / sub
+        os.rename(folder / "covid-19_0000.png", folder / NOT_UTF8)
+
+
+def test_names_that_are_not_utf8_decode_and_print_escaped(dataset_root: Path, tmp_path: Path) -> None:
+    _rename_to_not_utf8(dataset_root)
+    samples = index_split(dataset_root, "Train")
+    names = [sample.name for sample in samples]
+    assert "Train/COVID-19/covid-19_\\udcff\\udcfe.png" in names
+    assert all(name.encode("utf-8") for name in names)  # printable
+    images, _ = decode_samples(samples, 32, tmp_path / "cache")
+    cached, _ = decode_samples(samples, 32, tmp_path / "cache")
+    assert np.array_equal(images, cached)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", [True, False])
+def test_training_reads_names_that_are_not_utf8(compose_cfg, tmp_path: Path, cache: bool) -> None:
+    from covidseg.train import train
+
+    root = SyntheticPhantoms({"Train": 8, "Val": 4}, image_size=64, seed=4).write(tmp_path / "odd")
+    _rename_to_not_utf8(root)
+    data = [o for o in FAST if not o.startswith(("data=", "data.synthetic"))]
+    extra = [f"data.cache_dir={tmp_path / 'decoded'}"] if cache else ["data.cache_dir=null"]
+    metrics, _ = train(compose_cfg("train", [*data, f"data.root={root}", "test=false", "logger=csv", *extra]))
+    assert 0 <= metrics["val/dice"] <= 1 and metrics["global_step"] == 2
+
+
+# --- predict: outputs never touch inputs ----------------------------------------------------------
+
+
+def _image(path: Path, seed: int = 0, size: tuple[int, int] = (70, 90)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, data = cv2.imencode(path.suffix, np.random.default_rng(seed).integers(0, 255, size, dtype=np.uint8))
+    assert ok
+    path.write_bytes(data.tobytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained_checkpoints: list[Path]) -> Path:
+    return trained_checkpoints[0]
+
+
+def _predict(compose_cfg, checkpoint: Path, source: str | Path, output: Path, *extra: str):
+    return predict(compose_cfg("predict", [f"ckpt_path={checkpoint}", f"input={source}", f"output={output}", *extra]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["file", "glob", "folder"])
+def test_outputs_never_land_beside_the_inputs(compose_cfg, checkpoint: Path, tmp_path: Path, form: str) -> None:
+    folder = tmp_path / "xrays"
+    image = _image(folder / "x.png")
+    (folder / "x.png.mask.png").write_bytes(b"the user's own file that happens to share the name")
+    (folder / "x_mask.png").write_bytes(b"another file of the user's")
+    before = checksums(tmp_path)
+    source = {"file": image, "glob": f"{folder}/*.png", "folder": folder}[form]
+    for output in (folder, folder / "out") if form == "folder" else (folder,):
+        with pytest.raises(DataError, match="output .* (holds input files|is inside the input folder)"):
+            _predict(compose_cfg, checkpoint, source, output)
+    assert checksums(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_same_names_with_other_suffixes_stay_apart_and_links_are_followed_once(
+    compose_cfg, checkpoint: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "xrays"
+    _image(folder / "x.png", seed=1)
+    _image(folder / "x.jpg", seed=2, size=(40, 50))
+    _image(folder / "sub" / "y.png", seed=3)
+    (folder / "sub" / "loop").symlink_to(folder, target_is_directory=True)  # a folder loop
+    (folder / "again.png").symlink_to(folder / "x.png")  # the same file under a second name
+    before = checksums(folder)
+    for source, output in ((folder, tmp_path / "a"), (f"{folder}/**/*", tmp_path / "b")):
+        run = _predict(compose_cfg, checkpoint, source, output)
+        names = sorted(Path(row["file"]).name for row in run.rows)
+        assert names == ["x.jpg", "x.png", "y.png"], names  # each file once, the loop not followed
+        assert cv2.imread(str(output / "x.png.mask.png"), 0).shape == (70, 90)
+        assert cv2.imread(str(output / "x.jpg.mask.png"), 0).shape == (40, 50)
+        assert (output / "sub" / "y.png.overlay.png").is_file()
+    assert checksums(folder) == before
+
+
+@pytest.mark.slow
+def test_a_failed_write_is_an_error_for_that_image(compose_cfg, checkpoint: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "xrays"
+    _image(folder / "a.png", seed=1)
+    _image(folder / "b.png", seed=2)
+    output = tmp_path / "out"
+    (output / "a.png.mask.png").mkdir(parents=True)  # something in the way of a's mask
+    run = _predict(compose_cfg, checkpoint, folder, output)
+    assert [Path(path).name for path, _ in run.failed] == ["a.png"] and "a.png.mask.png" in run.failed[0][1]
+    with run.csv_path.open() as handle:
+        assert [Path(row["file"]).name for row in csv.DictReader(handle)] == ["b.png"]
+    assert not list(output.glob(".*.tmp"))  # no temporary file left behind
+
+
+@pytest.mark.slow
+def test_bad_outputs_and_odd_names(compose_cfg, checkpoint: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "xrays"
+    _image(folder / NOT_UTF8)
+    (tmp_path / "taken").write_text("a file, not a folder")
+    with pytest.raises(DataError, match="output .*taken' is an existing file; expected a folder"):
+        _predict(compose_cfg, checkpoint, folder, tmp_path / "taken")
+    assert (tmp_path / "taken").read_text() == "a file, not a folder"
+    run = _predict(compose_cfg, checkpoint, folder, tmp_path / "out")
+    assert run.rows[0]["file"].endswith("covid-19_\\udcff\\udcfe.png")
+    assert (tmp_path / "out" / f"{NOT_UTF8}.mask.png").is_file()
+    with pytest.raises(DataError, match="names no image files"):
+        _predict(compose_cfg, checkpoint, f"{tmp_path}/nothing/*.png", tmp_path / "out2")
