@@ -74,9 +74,9 @@ def training_spec(cfg: DictConfig, module: L.LightningModule) -> dict[str, Any] 
         return None
 
 
-def build_run(cfg: DictConfig) -> Run:
+def build_run(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> Run:
     """Everything a Lightning run needs; the run's model spec is embedded in its checkpoints."""
-    callbacks = instantiate_each(cfg.get("callbacks"))
+    callbacks = [*instantiate_each(cfg.get("callbacks")), *(extra_callbacks or [])]
     loggers = instantiate_each(cfg.get("logger"))
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model)

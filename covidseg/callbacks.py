@@ -19,6 +19,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -27,6 +28,7 @@ from torchmetrics.classification import BinaryPrecisionRecallCurve
 from covidseg.metrics import CLEAN_AREA_SHARE, SegmentationScores
 from covidseg.model_spec import SPEC_KEY, InferenceSettings
 from covidseg.predictor import Predictor
+from covidseg.run_files import write_run_info
 from covidseg.severity import agreement, severity
 from covidseg.visualize import comparison_row
 
@@ -40,6 +42,52 @@ class EmbedModelSpec(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint[SPEC_KEY] = self.spec
+
+
+class EpochEndCheckpoint(L.Callback):
+    """Writes a resumable ``last.ckpt`` at the end of every training epoch (after its validation) and
+    when training ends, also mid-epoch (``max_steps``, ``max_time``).
+
+    Lightning's ``ModelCheckpoint(save_last=True)`` rewrites ``last.ckpt`` at an epoch end only when
+    it also keeps a new best checkpoint there, and not at all when a run stops mid-epoch, so a
+    finished run's ``last.ckpt`` could be older than its final step. ``trainer.save_checkpoint``
+    writes atomically, and only on rank zero.
+    """
+
+    def __init__(self, dirpath: str | Path) -> None:
+        self.dirpath = Path(dirpath)
+        self.saved_step: int | None = None
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if not trainer.sanity_checking and trainer.global_step != self.saved_step:
+            trainer.save_checkpoint(self.dirpath / "last.ckpt")
+            self.saved_step = trainer.global_step
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)
+
+
+class RecordRunStart(L.Callback):
+    """Writes ``run_info.json`` (and, for a resume with changed settings, the config it now runs
+    with) once training has really started, so a resume that fails leaves the run's files as they were."""
+
+    def __init__(self, output_dir: str | Path, changed_config: dict[str, Any] | None = None) -> None:
+        self.output_dir = Path(output_dir)
+        self.changed_config = changed_config
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        write_run_info(self.output_dir)
+        if self.changed_config is not None:
+            recorded = self.output_dir / ".hydra" / "config.yaml"
+            if recorded.is_file():  # the settings it started with stay beside the new ones
+                os.replace(recorded, recorded.with_name(f"config.before_resume_at_step{trainer.global_step}.yaml"))
+            recorded.parent.mkdir(parents=True, exist_ok=True)
+            recorded.write_text(yaml.safe_dump(self.changed_config, sort_keys=False))
 
 
 class SaveOnInterrupt(L.Callback):

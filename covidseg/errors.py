@@ -14,7 +14,12 @@ from rich.console import Console
 from covidseg.data import DataError
 from covidseg.model_spec import ModelFileError
 
-USER_ERRORS = (DataError, ModelFileError, FloatingPointError)
+
+class ConfigError(ValueError):
+    """A setting that cannot work: the message names the key, the value and what is expected."""
+
+
+USER_ERRORS = (DataError, ModelFileError, ConfigError, FloatingPointError)
 
 
 @contextmanager

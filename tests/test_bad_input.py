@@ -206,3 +206,58 @@ def test_bad_outputs_and_odd_names(compose_cfg, checkpoint: Path, tmp_path: Path
     assert (tmp_path / "out" / f"{NOT_UTF8}.mask.png").is_file()
     with pytest.raises(DataError, match="names no image files"):
         _predict(compose_cfg, checkpoint, f"{tmp_path}/nothing/*.png", tmp_path / "out2")
+
+
+# --- checkpoints as promised ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_finished_runs_last_checkpoint_holds_its_final_step(compose_cfg) -> None:
+    import torch
+
+    from covidseg.train import train
+
+    # the best checkpoint is the first epoch's (monitor: epoch, mode min): later epochs never improve
+    never_improves = ["callbacks.model_checkpoint.monitor=epoch", "callbacks.model_checkpoint.mode=min"]
+    cfg = compose_cfg("train", [*FAST, "trainer.max_epochs=3", "test=false", "logger=csv", *never_improves,
+                                "callbacks.last_checkpoint.every_n_train_steps=1000"])  # fmt: skip
+    metrics, _ = train(cfg)
+    last = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == metrics["global_step"] == 6
+    # stopped mid-epoch by max_steps (2 steps an epoch): the final step is still in last.ckpt
+    cfg = compose_cfg("train", [*FAST, "trainer.max_epochs=10", "+trainer.max_steps=5", "test=false", "logger=csv",
+                                "callbacks.last_checkpoint.every_n_train_steps=1000"])  # fmt: skip
+    metrics, _ = train(cfg)
+    last = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == metrics["global_step"] == 5
+
+
+@pytest.mark.slow
+def test_a_resume_with_other_settings_is_refused_and_leaves_the_run_files_alone(compose_cfg, tmp_path: Path) -> None:
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from covidseg.errors import ConfigError
+    from covidseg.train import train
+
+    cfg = compose_cfg("train", [*FAST, "trainer.max_epochs=1", "test=false", "logger=csv"])
+    train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")  # as Hydra records it
+    last = run_dir / "checkpoints" / "last.ckpt"
+    before = checksums(run_dir)
+    resume = [*FAST, "trainer.max_epochs=2", "test=false", "logger=csv", f"ckpt_path={last}"]
+    changed = [o.replace("data.batch_size=4", "data.batch_size=2") for o in resume] + ["seed=7"]
+    with pytest.raises(
+        ConfigError, match=r"data.batch_size \(4 -> 2\), data.seed \(42 -> 7\), seed \(42 -> 7\); resume with the same"
+    ):
+        train(compose_cfg("train", changed))
+    assert checksums(run_dir) == before  # run_info.json, config and checkpoints untouched
+    metrics, _ = train(compose_cfg("train", [*changed, "resume_with_changes=true"]))
+    assert metrics["global_step"] == 2 + 4  # one epoch of 2 batches, then one of 4 at the new batch size
+    recorded = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    assert recorded.data.batch_size == 2 and recorded.seed == 7
+    assert len(list((run_dir / ".hydra").glob("config.before_resume_at_step*.yaml"))) == 1
+    shutil.rmtree(run_dir)

@@ -161,7 +161,9 @@ class CovidQuExDataModule(L.LightningDataModule):
         if self.trainer is not None and self.trainer.ckpt_path:
             size = len(sampler)  # this rank's share of the epoch
             batches_per_epoch = size // self.batch_size if drop_last else -(-size // self.batch_size)
-            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed % batches_per_epoch
+            progress = self.trainer.fit_loop.epoch_loop.batch_progress
+            # a checkpoint from an epoch's end starts the next epoch whole
+            done = 0 if progress.is_last_batch else progress.current.processed % batches_per_epoch
             sampler.skip_next(done * self.batch_size)
         return sampler
 
