@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from covidseg.callbacks import EmbedModelSpec, SaveOnInterrupt
+from covidseg.config_checks import check_network_sides
 from covidseg.data import CovidQuExDataModule
 from covidseg.model_spec import CLASSES, ModelFileError, parse_spec
 from covidseg.models.registry import NETWORKS, network_name
@@ -74,12 +75,26 @@ def training_spec(cfg: DictConfig, module: L.LightningModule) -> dict[str, Any] 
         return None
 
 
+def check_sides(cfg: DictConfig, module: L.LightningModule) -> None:
+    """The sides a registered network will train and evaluate at fit its depth (before any work)."""
+    net = getattr(getattr(module, "network", None), "net", None)
+    name = network_name(net)
+    if name is None:
+        return
+    sides = {cfg.model.get("input_size") or cfg.data.image_size}
+    resizing = (cfg.get("callbacks") or {}).get("progressive_resizing")
+    if resizing:
+        sides |= {int(side) for _, side in resizing.schedule}
+    check_network_sides(sorted(sides), NETWORKS[name].side_multiple(net.depth), name)
+
+
 def build_run(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> Run:
     """Everything a Lightning run needs; the run's model spec is embedded in its checkpoints."""
     callbacks = [*instantiate_each(cfg.get("callbacks")), *(extra_callbacks or [])]
     loggers = instantiate_each(cfg.get("logger"))
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model)
+    check_sides(cfg, module)
     spec = training_spec(cfg, module)
     if spec is not None:
         callbacks.append(EmbedModelSpec(spec))

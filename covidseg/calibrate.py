@@ -128,7 +128,12 @@ def print_choice(result: dict[str, Any], path: Path) -> None:
     settings = f"threshold={chosen['threshold']}"
     if chosen["presence_threshold"] is not None:
         settings += f" presence_threshold={chosen['presence_threshold']}"
-    console.print(f"use with eval, predict or export: {settings}\nall pairs: {path}", highlight=False, soft_wrap=True)
+    console.print(
+        f"use with eval, predict or export: {settings}\nall pairs: {path}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="calibrate")

@@ -22,6 +22,8 @@ import yaml
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 
+from covidseg.data.index import printable
+from covidseg.errors import say_error
 from covidseg.model_spec import CLASSES, LEGACY_CONFIG_KEY, SPEC_KEY, ModelFileError, parse_spec
 from covidseg.models.registry import NETWORKS
 
@@ -89,19 +91,18 @@ def main() -> None:
     parser.add_argument("source", type=Path)
     parser.add_argument("target", type=Path)
     args = parser.parse_args()
-    console = Console(stderr=True)
     if args.source.suffix != args.target.suffix or args.source.suffix not in (".ckpt", ".safetensors"):
-        console.print("[bold red]error:[/] give OLD.ckpt NEW.ckpt or OLD.safetensors NEW.safetensors", highlight=False)
+        say_error("give OLD.ckpt NEW.ckpt or OLD.safetensors NEW.safetensors")
         sys.exit(2)
     if args.target.exists() or args.target.with_suffix(".yaml").exists() and args.target.suffix == ".safetensors":
-        console.print(f"[bold red]error:[/] {str(args.target)!r} exists: choose a new name", highlight=False)
+        say_error(f"{printable(args.target)!r} exists: choose a new name")
         sys.exit(2)
     try:
         (convert_checkpoint if args.source.suffix == ".ckpt" else convert_safetensors)(args.source, args.target)
-    except (ModelFileError, OSError, yaml.YAMLError, RuntimeError) as error:
-        console.print(f"[bold red]error:[/] {str(error).splitlines()[0]}", highlight=False, soft_wrap=True)
+    except Exception as error:  # the old file is untrusted too: any failure to read it is one line
+        say_error(str(error).splitlines()[0] if str(error) else type(error).__name__)
         sys.exit(2)
-    console.print(f"converted {args.source} -> {args.target}", highlight=False)
+    Console().print(f"converted {printable(args.source)} -> {printable(args.target)}", markup=False, highlight=False)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, open_dict
 
 from covidseg.builders import instantiate_each
 from covidseg.callbacks import PerImageResults, SeverityOnTest
+from covidseg.config_checks import check_settings
 from covidseg.data import CovidQuExDataModule
 from covidseg.errors import user_errors
 from covidseg.eval_report import write_eval_report
@@ -29,6 +30,7 @@ def load_for_data(cfg: DictConfig) -> tuple[LoadedModel, CovidQuExDataModule]:
     with open_dict(cfg):
         cfg.data.targets = list(loaded.spec.targets)
         cfg.data.image_size = loaded.spec.image_size
+    check_settings(cfg, sections=("data",))
     return loaded, instantiate(cfg.data)
 
 

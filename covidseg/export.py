@@ -116,7 +116,7 @@ def main(cfg: DictConfig) -> None:
         loaded = load_predictor(cfg.ckpt_path, cfg.paths.log_dir, **inference_overrides(cfg))
         exporter, suffix = EXPORTERS[cfg.format]
         path = exporter(loaded, Path(cfg.output) / f"model{suffix}")
-        Console().print(f"exported {path} and {path.with_suffix('.json')}", highlight=False)
+        Console().print(f"exported {path} and {path.with_suffix('.json')}", markup=False, highlight=False)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ class NetworkSpec(_Plain):
 
     def side_multiple(self) -> int:
         entry = NETWORKS[self.name]
-        return entry.side_multiple(entry.options.model_validate(self.options))
+        return entry.side_multiple(entry.options.model_validate(self.options).depth)
 
 
 class DataProvenance(_Plain):

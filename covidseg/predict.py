@@ -121,7 +121,11 @@ def torch_backend(predictor: Predictor) -> Backend:
 def onnx_backend(path: Path) -> Backend:
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own types for corrupt or unsupported graphs
+        first_line = (str(error).splitlines() or [type(error).__name__])[0][:200]
+        raise ModelFileError(f"{printable(path)!r} is not an ONNX graph ONNX Runtime can run: {first_line}") from None
     name = session.get_inputs()[0].name
 
     def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -210,6 +214,7 @@ def predict(cfg: DictConfig) -> PredictRun:
     Console().print(
         f"{len(run.rows)} image(s) predicted, {len(run.skipped)} skipped, {len(run.failed)} failed; "
         f"results in {printable(output)}",
+        markup=False,
         highlight=False,
     )
     return run

@@ -19,6 +19,7 @@ from rich.table import Table
 
 import covidseg
 from covidseg.data import DataError
+from covidseg.data.index import printable
 from covidseg.model_spec import ModelFileError
 
 log = logging.getLogger(__name__)
@@ -81,4 +82,4 @@ def print_summary(title: str, metrics: Mapping[str, float], locations: Mapping[s
     console.print(table)
     for label, location in locations.items():
         if location:
-            console.print(f"{label}: {location}", highlight=False, soft_wrap=True)
+            console.print(f"{label}: {printable(location)}", markup=False, highlight=False, soft_wrap=True)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from covidseg.builders import build_run
 from covidseg.callbacks import RecordRunStart
+from covidseg.config_checks import check_settings
 from covidseg.errors import ConfigError, user_errors
 from covidseg.loader import check_checkpoint, resolve_ckpt_path
 from covidseg.model_spec import ModelFileError
@@ -70,6 +71,7 @@ def check_resume_settings(cfg: DictConfig, ckpt_path: Path) -> dict[str, Any] | 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     """Fit (unless ``train=false``) and test; returns all final metrics and the sweep objective."""
+    check_settings(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)

@@ -261,3 +261,80 @@ def test_a_resume_with_other_settings_is_refused_and_leaves_the_run_files_alone(
     assert recorded.data.batch_size == 2 and recorded.seed == 7
     assert len(list((run_dir / ".hydra").glob("config.before_resume_at_step*.yaml"))) == 1
     shutil.rmtree(run_dir)
+
+
+# --- one error policy: every bad value is one line and exit code 2, before any work ----------------
+
+TRAIN_CASES = [
+    (["trainer.max_epochs=abc"], "trainer.max_epochs='abc': Input should be a valid integer"),
+    (["data.batch_size=0"], "data.batch_size=0: Input should be greater than or equal to 1"),
+    (["data.batch_size=-3"], "data.batch_size=-3: Input should be greater than or equal to 1"),
+    (["data.eval_batch_size=0"], "data.eval_batch_size=0: Input should be greater than or equal to 1"),
+    (["data.image_size=0"], "data.image_size=0: Input should be greater than or equal to 16"),
+    (["data.image_size=abc"], "data.image_size='abc': Input should be a valid integer"),
+    (["data.image_size=100"], "unet needs image sides divisible by 16 (one halving per level), got 100"),
+    (["model.input_size=40"], "unet needs image sides divisible by 16 (one halving per level), got 40"),
+    (["model.net.depth=7"], "unet needs image sides divisible by 128 (one halving per level), got 64"),
+    (["model.threshold=abc"], "model.threshold='abc': Input should be a valid number"),
+    (["model.threshold=1.5"], "model.threshold=1.5: Input should be less than 1"),
+    (["data.classes=[Cats]"], "data.classes.0='Cats': Input should be 'COVID-19', 'Non-COVID' or 'Normal'"),
+    (["data.targets=[tumour]"], "data.targets.0='tumour': Input should be 'infection' or 'lung'"),
+    (["data.num_workers=-1"], "data.num_workers=-1: Input should be greater than or equal to 0"),
+    (["data.num_folds=1"], "data.num_folds=1: Input should be greater than or equal to 2"),
+    (["data.num_folds=3", "data.fold=5"], "data.num_folds=3 and data.fold=5: need num_folds >= 2 and 0 <= fold"),
+    (["seed=abc"], "seed='abc': Input should be a valid integer"),
+    (["experiment=best_cpu", "callbacks.progressive_resizing.schedule=[[0,100]]"], "got 100"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), TRAIN_CASES, ids=[" ".join(case[0]) for case in TRAIN_CASES])
+def test_bad_training_settings_are_one_line_and_exit_2(
+    compose_cfg, overrides: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    from covidseg.errors import user_errors
+    from covidseg.train import train
+
+    base = [o for o in FAST if not any(o.split("=")[0] == override.split("=")[0] for override in overrides)]
+    cfg = compose_cfg("train", [*base, *overrides])
+    with pytest.raises(SystemExit) as stopped, user_errors():
+        train(cfg)
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error:") and len(error.splitlines()) == 1 and message in error, error
+    assert not list(Path(cfg.paths.output_dir).glob("checkpoints/*"))  # no work was done
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["threshold=abc"], "key 'inference.threshold' = 'abc': Input should be a valid number"),
+        (["presence_threshold=2"], "key 'inference.presence_threshold' = 2: Input should be less than or equal to 1"),
+        (["flip_tta=maybe"], "key 'inference.flip_tta' = 'maybe': Input should be a valid boolean"),
+        (["data.batch_size=0"], "data.batch_size=0: Input should be greater than or equal to 1"),
+    ],
+)
+def test_bad_eval_settings_are_one_line_and_exit_2(
+    compose_cfg, overrides: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    from covidseg.errors import user_errors
+    from covidseg.eval import evaluate
+
+    data = [o for o in FAST if o.startswith("data") and not o.startswith("data.batch_size")]
+    cfg = compose_cfg("eval", ["ckpt_path=pretrained", *data, *overrides])
+    with pytest.raises(SystemExit) as stopped, user_errors():
+        evaluate(cfg)
+    error = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and len(error.splitlines()) == 1 and message in error, error
+
+
+def test_a_corrupt_onnx_graph_and_odd_messages_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from covidseg.errors import say_error
+    from covidseg.model_spec import ModelFileError
+    from covidseg.predict import onnx_backend
+
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07 not a graph")
+    with pytest.raises(ModelFileError, match="is not an ONNX graph ONNX Runtime can run"):
+        onnx_backend(tmp_path / "model.onnx")
+    say_error(f"a [bold]name[/] with markup,\na line break and {NOT_UTF8}")
+    error = capsys.readouterr().err.strip()
+    assert error == "error: a [bold]name[/] with markup, a line break and covid-19_\\udcff\\udcfe.png"

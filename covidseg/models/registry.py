@@ -42,9 +42,9 @@ class RegisteredNetwork:
     options: type[UNetOptions]
     extra_halvings: int = 0
 
-    def side_multiple(self, options: UNetOptions) -> int:
+    def side_multiple(self, depth: int) -> int:
         """Input sides must be a multiple of this."""
-        return 2 ** (options.depth + self.extra_halvings)
+        return 2 ** (depth + self.extra_halvings)
 
 
 NETWORKS: dict[str, RegisteredNetwork] = {

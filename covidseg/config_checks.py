@@ -1,0 +1,82 @@
+"""Check the settings a command was given before any work starts: one line that names the key, the
+value and what is expected, exit code 2 (pydantic does the type and range checks).
+
+Only the keys covidseg relies on are checked; the rest of each section passes through to the
+objects Hydra builds. Sizes a network cannot divide are checked once the network is known
+(:func:`check_network_sides`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal
+
+from omegaconf import DictConfig, OmegaConf
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from covidseg.data.index import CLASSES
+from covidseg.errors import ConfigError
+from covidseg.model_spec import TARGETS
+
+
+class _Checked(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class DataSettings(_Checked):
+    classes: list[Literal[CLASSES]] = Field(min_length=1)  # type: ignore[valid-type]
+    eval_classes: list[Literal[CLASSES]] | None = None  # type: ignore[valid-type]
+    targets: list[Literal[TARGETS]] = Field(min_length=1, max_length=2)  # type: ignore[valid-type]
+    image_size: int = Field(ge=16, le=4096)
+    batch_size: int = Field(ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)
+    num_workers: int = Field(0, ge=0)
+    seed: int = 0
+    num_folds: int | None = Field(None, ge=2)
+    fold: int = Field(0, ge=0)
+
+
+class ModelSettings(_Checked):
+    threshold: float = Field(0.5, gt=0, lt=1)
+    input_size: int | None = Field(None, ge=16, le=4096)
+    presence_weight: float = Field(0.0, ge=0)
+
+
+class TrainerSettings(_Checked):
+    max_epochs: int | None = Field(None, ge=-1)
+    min_epochs: int | None = Field(None, ge=0)
+    accumulate_grad_batches: int = Field(1, ge=1)
+    check_val_every_n_epoch: int | None = Field(1, ge=1)
+    log_every_n_steps: int | None = Field(None, ge=1)
+    gradient_clip_val: float | None = Field(None, ge=0)
+
+
+class RunSettings(_Checked):
+    seed: int | None = None
+    data: DataSettings
+    trainer: TrainerSettings | None = None
+    model: ModelSettings | None = None
+
+
+def check_settings(cfg: DictConfig, sections: Iterable[str] = ("data", "model", "trainer")) -> None:
+    """Validate ``seed`` and the given sections of a composed config."""
+    present = {name: cfg.get(name) for name in sections if cfg.get(name) is not None}
+    values: dict[str, Any] = {
+        name: OmegaConf.to_container(section, resolve=True) for name, section in present.items()
+    } | {"seed": cfg.get("seed")}
+    try:
+        RunSettings.model_validate(values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(part) for part in first["loc"] if part not in ("int", "float", "str", "bool"))
+        raise ConfigError(f"{key}={first.get('input')!r}: {first['msg'].removeprefix('Value error, ')}") from None
+
+
+def check_network_sides(sides: Iterable[int], multiple: int, network: str) -> None:
+    """Every side the network will see is a multiple of what its pooling levels halve."""
+    for side in sides:
+        if side % multiple:
+            raise ConfigError(
+                f"{network} needs image sides divisible by {multiple} (one halving per level), "
+                f"got {side}: change data.image_size, model.input_size or model.net.depth"
+            )
