@@ -161,9 +161,11 @@ def _load_cache(paths: tuple[Path, Path]) -> tuple[np.ndarray, np.ndarray] | Non
         expected = json.loads(_meta_path(paths).read_text())
         arrays = tuple(np.load(path, allow_pickle=False) for path in paths)
         for name, array in zip(("images", "masks"), arrays, strict=True):
+            if name not in expected:
+                raise ValueError(f"no recorded shape, type and checksum for the {name}")
             if _describe(array) != expected[name]:
-                raise ValueError(f"{name} do not match their recorded shape, type and checksum")
-    except (OSError, ValueError, KeyError, TypeError, EOFError) as error:
+                raise ValueError(f"the {name} do not match their recorded shape, type and checksum")
+    except (OSError, ValueError, TypeError, EOFError) as error:
         log.warning("decode cache %s is damaged (%s): rebuilding it", printable(paths[0].parent), error)
         return None
     return arrays
