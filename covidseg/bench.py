@@ -106,17 +106,18 @@ def lightning_train(cfg: DictConfig, steps: int, warmup: int) -> dict[str, float
 
 
 def plain_train(cfg: DictConfig, datamodule, steps: int, warmup: int) -> float:
-    """The same network, loss, optimizer and batches in a minimal hand-written loop."""
+    """The same network, loss, optimizer, precision and batches in a minimal hand-written loop."""
     module = instantiate(cfg.model)
-    optimizer = module.configure_optimizers()
-    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    optimizer = module.optimizer_factory(params=module.parameters())  # no scheduler: it needs a Trainer
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=str(cfg.trainer.precision).startswith("bf16"))
     module.train()
     step_seconds = []
     batches = (batch for _ in range(warmup + steps) for batch in datamodule.train_dataloader())
     for step in range(warmup + steps):
         started = time.perf_counter()
         batch = next(batches)
-        loss = module.loss(module(batch["image"]), batch["mask"])
+        with autocast:
+            loss = module.loss(module(batch["image"]), batch["mask"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

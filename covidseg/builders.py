@@ -17,10 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 from covidseg.callbacks import EmbedModelSpec, SaveOnInterrupt
 from covidseg.config_checks import check_network_sides
 from covidseg.data import CovidQuExDataModule
+from covidseg.hardware import cpu_precision
 from covidseg.model_spec import CLASSES, ModelFileError, parse_spec
 from covidseg.models.registry import NETWORKS, network_name
 
 OmegaConf.register_new_resolver("len", len, replace=True)
+OmegaConf.register_new_resolver("cpu_precision", cpu_precision, replace=True)
 log = logging.getLogger(__name__)
 
 

@@ -32,6 +32,7 @@ class SegmentationScores(Metric):
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         """``preds`` and ``target`` of shape ``(N, ...)``; each of the N images is scored alone."""
+        preds = preds.float()  # thresholds compare in fp32, also under bf16 autocast
         probs = preds.sigmoid() if self.from_logits else preds
         predicted = (probs > self.threshold).flatten(1)
         truth = (target > 0.5).flatten(1)

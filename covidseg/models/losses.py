@@ -26,5 +26,6 @@ class BCEDiceLoss(nn.Module):
         self.smooth = smooth
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()  # under bf16 autocast the loss and its sums stay in fp32
         bce = F.binary_cross_entropy_with_logits(logits, target)
         return self.bce_weight * bce + self.dice_weight * soft_dice_loss(logits, target, self.smooth)

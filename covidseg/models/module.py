@@ -104,7 +104,8 @@ class SegmentationModule(L.LightningModule):
         else:
             loss = self.loss(logits, masks)
         if presence is not None:
-            presence_loss = F.binary_cross_entropy_with_logits(presence, present.to(presence.dtype))
+            presence = presence.float()
+            presence_loss = F.binary_cross_entropy_with_logits(presence, present.float())
             self.log(f"{stage}/presence_loss", presence_loss, on_epoch=True, batch_size=len(masks),
                      sync_dist=stage != "train")  # fmt: skip
             loss = loss + self.hparams.presence_weight * presence_loss
@@ -116,7 +117,7 @@ class SegmentationModule(L.LightningModule):
         training = stage == "train"  # validation and test losses are averaged across DDP ranks
         self.log(f"{stage}/loss", loss, on_step=training, on_epoch=True, batch_size=len(masks), prog_bar=True,
                  sync_dist=not training)  # fmt: skip
-        detached = logits.detach()
+        detached = logits.detach().float()
         for channel, target in enumerate(self.targets):
             self.scores[f"{stage}_scores"][target].update(detached[:, channel], masks[:, channel])
         return loss, detached
