@@ -21,7 +21,7 @@ lint:  ## ruff check and ruff format --check
 train:  ## Train on synthetic data for two epochs (a first run that needs no download)
 	$(PYTHON) -m covidseg.train data=synthetic trainer.max_epochs=2
 
-bench:  ## Measure CPU training/inference throughput against the machine's matmul rate
+bench:  ## Measure CPU training/inference throughput (fp32, NHWC, bf16, ONNX) against the machine's matmul rate
 	$(PYTHON) -m covidseg.bench
 
 report:  ## Render learning curves of a run (RUN=outputs/<task>/runs/<date>, default: the newest) to PNG

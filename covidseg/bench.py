@@ -1,6 +1,7 @@
-"""CPU throughput benchmark: covidseg's Lightning loop vs a bare PyTorch loop vs the machine's GEMM rate.
+"""CPU throughput benchmark: covidseg's Lightning loop vs a bare PyTorch loop vs the machine's GEMM rate,
+and fp32 / NHWC / bf16 training and inference (plus ONNX Runtime) side by side in interleaved rounds.
 
-python -m covidseg.bench [--steps N] [--out DIR] [hydra overrides, e.g. model.channels_last=true]
+python -m covidseg.bench [--steps N] [--rounds R] [--out DIR] [hydra overrides, e.g. experiment=fast_cpu]
 
 Runs on the real data when ../shared/covid-qu-ex (or data.root) is there, else on synthetic data.
 Writes bench.json and bench.md; prints the table. It asserts nothing: targets are read off the table.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import tempfile
 import time
 from pathlib import Path
 
@@ -126,15 +128,89 @@ def plain_train(cfg: DictConfig, datamodule, steps: int, warmup: int) -> float:
     return images_per_second(cfg.data.batch_size, step_seconds)
 
 
-def inference(module: torch.nn.Module, batches: list[dict]) -> float:
-    """Images per second of the prediction path (the Predictor of eval and predict), after one
-    warm-up batch."""
-    predictor = Predictor([module.network], module.targets, InferenceSettings(threshold=module.hparams.threshold))
+def predictor_of(module: torch.nn.Module, bf16: bool = False) -> Predictor:
+    """The prediction path of eval and predict, over a training module's network."""
+    settings = InferenceSettings(threshold=module.hparams.threshold)
+    return Predictor([module.network], module.targets, settings, bf16=bf16)
+
+
+def inference(module: torch.nn.Module, batches: list[dict], bf16: bool = False) -> float:
+    """Images per second of the Predictor, after one warm-up batch."""
+    predictor = predictor_of(module, bf16)
     predictor.predict(batches[0]["image"])
     started = time.perf_counter()
     for batch in batches:
         predictor.predict(batch["image"])
     return sum(len(b["image"]) for b in batches) / (time.perf_counter() - started)
+
+
+# Precision and memory-format variants compared side by side: name -> (bf16, channels_last).
+VARIANTS = {"fp32": (False, False), "fp32+NHWC": (False, True), "bf16+NHWC": (True, True)}
+
+
+def _train_steps(module: torch.nn.Module, batches: list[dict], bf16: bool) -> float:
+    """Images per second of bare training steps over ``batches`` (after one untimed step)."""
+    optimizer = module.optimizer_factory(params=module.parameters())
+    module.train()
+
+    def step(batch: dict) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = module.loss(module(batch["image"]), batch["mask"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step(batches[0])
+    started = time.perf_counter()
+    for batch in batches:
+        step(batch)
+    return sum(len(b["image"]) for b in batches) / (time.perf_counter() - started)
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values))}
+
+
+def compare_variants(cfg: DictConfig, datamodule, rounds: int, steps: int) -> dict:
+    """fp32, fp32 NHWC and bf16 NHWC training and inference, and ONNX Runtime (fp32) inference, in
+    interleaved rounds (A B C A B C ...): the median, min and max of each, and speed-ups against fp32."""
+    import onnxruntime
+
+    from covidseg.export import trace_onnx
+
+    train_batches = [batch for _, batch in zip(range(steps), datamodule.train_dataloader(), strict=False)]
+    eval_batches = [batch for _, batch in zip(range(max(2, steps)), datamodule.val_dataloader(), strict=False)]
+    modules = {}
+    for name, (_, channels_last) in VARIANTS.items():
+        torch.manual_seed(cfg.seed)
+        modules[name] = instantiate(cfg.model, channels_last=channels_last)
+    onnx_path = Path(tempfile.mkdtemp()) / "model.onnx"
+    trace_onnx(predictor_of(modules["fp32"]).eval(), eval_batches[0]["image"][:1], onnx_path)
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    measured: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for name, (bf16, _) in VARIANTS.items():
+            measured.setdefault(f"train {name}", []).append(_train_steps(modules[name], train_batches, bf16))
+            measured.setdefault(f"infer {name}", []).append(inference(modules[name], eval_batches, bf16))
+        session.run(None, {"image": eval_batches[0]["image"].numpy()})
+        started = time.perf_counter()
+        for batch in eval_batches:
+            session.run(None, {"image": batch["image"].numpy()})
+        images = sum(len(b["image"]) for b in eval_batches)
+        measured.setdefault("infer onnxruntime fp32", []).append(images / (time.perf_counter() - started))
+    figures = {name: _spread(values) for name, values in measured.items()}
+    for name, figure in figures.items():
+        figure["speedup"] = figure["median"] / figures[f"{name.split()[0]} fp32"]["median"]
+    return figures
+
+
+def variants_markdown(figures: dict) -> str:
+    lines = ["| path | img/s (median) | min–max | × fp32 |", "|---|---:|---:|---:|"]
+    lines += [
+        f"| {name} | {f['median']:.2f} | {f['min']:.2f}–{f['max']:.2f} | {f['speedup']:.2f} |"
+        for name, f in figures.items()
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def data_throughput(datamodule, batches: int) -> float:
@@ -158,7 +234,7 @@ def compose_bench_config(overrides: list[str]) -> DictConfig:
     return compose_config("train", overrides, output_dir="unused")
 
 
-def run(cfg: DictConfig, steps: int, warmup: int) -> dict:
+def run(cfg: DictConfig, steps: int, warmup: int, rounds: int = 2) -> dict:
     results: dict = {
         "model": cfg.model.net._target_.rsplit(".", 1)[-1],
         "data": str(cfg.data.root),
@@ -167,6 +243,7 @@ def run(cfg: DictConfig, steps: int, warmup: int) -> dict:
         "batch_size": cfg.data.batch_size,
         "image_size": cfg.data.image_size,
         "channels_last": cfg.model.get("channels_last", False),
+        "precision": str(cfg.trainer.precision),
         "matmul_gflops": matmul_gflops(),
     }
     L.seed_everything(cfg.seed)
@@ -186,7 +263,7 @@ def run(cfg: DictConfig, steps: int, warmup: int) -> dict:
     results["train_gflop_per_img"] = train_gflop
     results["infer_gflop_per_img"] = infer_gflop
     eval_batches = list(iter(datamodule.val_dataloader()))[: max(2, 48 // datamodule.eval_batch_size)]
-    results["infer_img_s"] = inference(module, eval_batches)
+    results["infer_img_s"] = inference(module, eval_batches, bf16=str(cfg.trainer.precision).startswith("bf16"))
 
     results["train_gflops"] = results["train_img_s"] * train_gflop
     results["train_efficiency"] = results["train_gflops"] / results["matmul_gflops"]
@@ -194,6 +271,7 @@ def run(cfg: DictConfig, steps: int, warmup: int) -> dict:
     results["infer_efficiency"] = results["infer_gflops"] / results["matmul_gflops"]
     results["framework_overhead_ratio"] = results["train_img_s"] / results["train_plain_img_s"]
     results["data_to_train_ratio"] = results["data_img_s"] / results["train_img_s"]
+    results["variants"] = compare_variants(cfg, datamodule, rounds, steps)
     return results
 
 
@@ -210,6 +288,8 @@ TARGETS = {
 def markdown(results: dict) -> str:
     lines = ["| figure | value | target |", "|---|---:|---|"]
     for name, value in results.items():
+        if name == "variants":
+            continue
         shown = f"{value:.3f}" if isinstance(value, float) else str(value)
         target = ""
         if name in TARGETS:
@@ -224,14 +304,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6, help="timed training steps per loop")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the precision variants")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"), help="folder for bench.json/bench.md")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the train config")
     args = parser.parse_args()
     cfg = compose_bench_config(args.overrides)
-    results = run(cfg, args.steps, args.warmup)
+    results = run(cfg, args.steps, args.warmup, args.rounds)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
+    table = markdown(results) + "\n" + variants_markdown(results["variants"])
     (args.out / "bench.md").write_text(table)
     print(table)
     print(f"written: {args.out / 'bench.json'}, {args.out / 'bench.md'}")

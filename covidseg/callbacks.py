@@ -60,7 +60,8 @@ class EpochEndCheckpoint(L.Callback):
 
     def _save(self, trainer: L.Trainer) -> None:
         if not trainer.sanity_checking and trainer.global_step != self.saved_step:
-            trainer.save_checkpoint(self.dirpath / "last.ckpt")
+            # weights_only=False: resumable, with optimizer, scheduler and loop state
+            trainer.save_checkpoint(self.dirpath / "last.ckpt", weights_only=False)
             self.saved_step = trainer.global_step
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -119,7 +120,7 @@ class SaveOnInterrupt(L.Callback):
         if not isinstance(exception, SIGTERMException | KeyboardInterrupt) or trainer.sanity_checking:
             return
         path = self.dirpath / "last.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         rank_zero_info(
             f"Saved {path} at epoch {trainer.current_epoch}, step {trainer.global_step}. Resume with:\n"
             f"  python -m covidseg.train <same overrides> ckpt_path={path}   (or ckpt_path=last)"

@@ -18,7 +18,7 @@ from covidseg.config_checks import check_settings
 from covidseg.data import CovidQuExDataModule
 from covidseg.errors import user_errors
 from covidseg.eval_report import write_eval_report
-from covidseg.loader import LoadedModel, inference_overrides, load_predictor
+from covidseg.loader import LoadedModel, inference_bf16, inference_overrides, load_predictor
 from covidseg.predictor import PredictorModule
 from covidseg.run_files import print_summary, write_metrics, write_per_image, write_run_info
 
@@ -26,7 +26,7 @@ from covidseg.run_files import print_summary, write_metrics, write_per_image, wr
 def load_for_data(cfg: DictConfig) -> tuple[LoadedModel, CovidQuExDataModule]:
     """The model that ``ckpt_path`` names (with the command's inference settings), and the
     datamodule of ``data.*`` at the model's image size and targets."""
-    loaded = load_predictor(cfg.ckpt_path, cfg.paths.log_dir, **inference_overrides(cfg))
+    loaded = load_predictor(cfg.ckpt_path, cfg.paths.log_dir, inference_bf16(cfg), **inference_overrides(cfg))
     with open_dict(cfg):
         cfg.data.targets = list(loaded.spec.targets)
         cfg.data.image_size = loaded.spec.image_size

@@ -60,22 +60,29 @@ def _example(spec: ModelSpec) -> torch.Tensor:
     return torch.rand(2, 1, spec.image_size, spec.image_size)
 
 
-def export_onnx(loaded: LoadedModel, path: Path) -> Path:
-    """ONNX with a dynamic batch dimension (TorchScript-based exporter: no onnxscript needed)."""
+def trace_onnx(predictor: Predictor, example: torch.Tensor, path: Path) -> Path:
+    """The whole Predictor as an ONNX graph with a dynamic batch dimension (TorchScript-based
+    exporter: no onnxscript needed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    names = outputs(loaded.predictor)
+    names = outputs(predictor)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(
-            TracedPredictor(loaded.predictor),
-            (_example(loaded.spec),),
+            TracedPredictor(predictor),
+            (example,),
             str(path),
             input_names=["image"],
             output_names=names,
             dynamic_axes={name: {0: "batch"} for name in ["image", *names]},
             dynamo=False,
         )
+    return path
+
+
+def export_onnx(loaded: LoadedModel, path: Path) -> Path:
+    """ONNX of the Predictor plus its metadata ``.json``."""
+    trace_onnx(loaded.predictor, _example(loaded.spec), path)
     write_metadata(path, "onnx", loaded)
     return path
 

@@ -22,6 +22,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from covidseg.errors import ConfigError
+from covidseg.hardware import cpu_precision
 from covidseg.model_spec import (
     SPEC_KEY,
     ExportMetadata,
@@ -46,6 +48,16 @@ INFERENCE_KEYS = ("threshold", "presence_threshold", "flip_tta", "restrict_to_lu
 def inference_overrides(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The inference settings a command sets (the ``conf/inference`` keys; null keeps the model file's)."""
     return {key: cfg.get(key) for key in INFERENCE_KEYS}
+
+
+def inference_bf16(cfg: Mapping[str, Any]) -> bool:
+    """``bf16`` of ``conf/inference``: true, false, or null for "where the CPU has native bf16"."""
+    choice = cfg.get("bf16")
+    if choice is None:
+        return cpu_precision() == "bf16-mixed"
+    if not isinstance(choice, bool):
+        raise ConfigError(f"bf16={choice!r}: expected true, false or null (where the CPU has native bf16)")
+    return choice
 
 
 @dataclass
@@ -171,7 +183,7 @@ def read_model_file(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
     return spec, state
 
 
-def build_predictor(spec: ModelSpec) -> Predictor:
+def build_predictor(spec: ModelSpec, bf16: bool = False) -> Predictor:
     """Untrained networks for every entry of ``spec`` (registry names only), in a Predictor."""
     networks = [
         SegmentationNetwork(
@@ -182,7 +194,7 @@ def build_predictor(spec: ModelSpec) -> Predictor:
         )
         for network in spec.networks
     ]
-    return Predictor(networks, spec.targets, spec.inference)
+    return Predictor(networks, spec.targets, spec.inference, bf16=bf16)
 
 
 def ensemble_spec(specs: list[ModelSpec], paths: list[Path]) -> ModelSpec:
@@ -201,13 +213,14 @@ def ensemble_spec(specs: list[ModelSpec], paths: list[Path]) -> ModelSpec:
     return first.model_copy(update={"networks": networks, "metrics": {}})
 
 
-def load_predictor(ckpt_path: Any, log_dir: str | Path, **inference: Any) -> LoadedModel:
-    """Load what ``ckpt_path`` names into one Predictor; ``inference`` overrides the files' settings
-    (``None`` keeps them). Nothing is built before every file's spec has been validated."""
+def load_predictor(ckpt_path: Any, log_dir: str | Path, bf16: bool = False, **inference: Any) -> LoadedModel:
+    """Load what ``ckpt_path`` names into one Predictor (networks under bf16 autocast with ``bf16``);
+    ``inference`` overrides the files' settings (``None`` keeps them). Nothing is built before every
+    file's spec has been validated."""
     paths = resolve_model_paths(ckpt_path, log_dir)
     read = [read_model_file(path) for path in paths]
     spec = ensemble_spec([spec for spec, _ in read], paths).with_inference(**inference)
-    predictor = build_predictor(spec)
+    predictor = build_predictor(spec, bf16)
     networks = iter(predictor.networks)
     for path, (member_spec, state) in zip(paths, read, strict=True):
         prefixes = tuple(f"networks.{index}." for index in range(len(member_spec.networks)))

@@ -28,7 +28,13 @@ from covidseg.data.decode import read_gray, resize_image
 from covidseg.data.index import IMAGE_SUFFIXES, DataError, printable
 from covidseg.errors import user_errors
 from covidseg.export import export_onnx
-from covidseg.loader import inference_overrides, load_predictor, read_onnx_metadata, resolve_model_paths
+from covidseg.loader import (
+    inference_bf16,
+    inference_overrides,
+    load_predictor,
+    read_onnx_metadata,
+    resolve_model_paths,
+)
 from covidseg.model_spec import ModelFileError, ModelSpec
 from covidseg.predictor import Predictor
 from covidseg.run_files import write_run_info
@@ -147,7 +153,8 @@ def load_backend(cfg: DictConfig, output: Path) -> tuple[Backend, ModelSpec]:
             raise ModelFileError(f"{', '.join(baked)} cannot change an exported .onnx graph: export again with them")
         _, spec = read_onnx_metadata(paths[0])
         return onnx_backend(paths[0]), spec.with_inference(threshold=overrides["threshold"])
-    loaded = load_predictor([str(path) for path in paths], cfg.paths.log_dir, **overrides)
+    bf16 = inference_bf16(cfg) and cfg.backend == "torch"  # an ONNX export is traced in fp32
+    loaded = load_predictor([str(path) for path in paths], cfg.paths.log_dir, bf16, **overrides)
     if cfg.backend == "onnx":
         return onnx_backend(export_onnx(loaded, output / "model.onnx")), loaded.spec
     if cfg.backend != "torch":

@@ -10,13 +10,19 @@ from covidseg.models import UNet
 @pytest.mark.slow
 def test_bench_reports_every_figure_on_a_tiny_model(compose_cfg, tmp_path: Path) -> None:
     cfg = compose_cfg("train", FAST)
-    results = bench.run(cfg, steps=2, warmup=1)
+    results = bench.run(cfg, steps=2, warmup=1, rounds=2)
     for figure in [
         "matmul_gflops", "train_img_s", "train_plain_img_s", "train_gflops", "train_efficiency",
         "infer_img_s", "infer_gflops", "infer_efficiency", "data_img_s", "train_peak_rss_mb", "first_batch_s",
     ]:  # fmt: skip
         assert results[figure] > 0, figure
     assert results["train_gflop_per_img"] > 2.5 * results["infer_gflop_per_img"] > 0
+    variants = results["variants"]
+    assert {"train fp32", "train bf16+NHWC", "infer fp32+NHWC", "infer onnxruntime fp32"} <= set(variants)
+    assert variants["train fp32"]["speedup"] == 1 and all(
+        v["min"] <= v["median"] <= v["max"] for v in variants.values()
+    )
+    assert "| infer onnxruntime fp32 |" in bench.variants_markdown(variants)
     assert "not met" in bench.markdown({"first_batch_s": 6.0}) and "(met)" in bench.markdown({"first_batch_s": 4.0})
 
 

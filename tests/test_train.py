@@ -55,6 +55,20 @@ def test_every_experiment_trains_one_batch(compose_cfg, experiment: str) -> None
 
 
 @pytest.mark.slow
+def test_bf16_training_keeps_loss_and_metrics_in_fp32(compose_cfg) -> None:
+    from covidseg.hardware import cpu_precision
+
+    cfg = compose_cfg("train", [*FAST, "trainer.precision=bf16-mixed", "test=false", "logger=csv"])
+    metrics, _ = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["val/loss"])) and 0 <= metrics["val/dice"] <= 1
+    last = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(tensor.dtype != torch.bfloat16 for tensor in last["state_dict"].values())  # weights stay fp32
+    assert cpu_precision() in ("bf16-mixed", "32-true")
+    assert compose_cfg("train", ["experiment=fast_cpu"]).trainer.precision == cpu_precision()
+    assert compose_cfg("train", ["experiment=best_cpu"]).trainer.precision == "32-true"
+
+
+@pytest.mark.slow
 def test_train_then_eval_round_trip(compose_cfg, tmp_path: Path) -> None:
     cfg = compose_cfg("train", [*FAST, "trainer.max_epochs=2"])
     metrics, objective = train(cfg)
