@@ -105,7 +105,9 @@ def check_output(output: Path, files: list[Path], base: Path, recursive: bool, a
             f"output {printable(output)!r} is inside the input folder {printable(base)!r}; choose another output "
             "or set allow_output_in_input=true"
         )
-    input_folders = {Path(os.path.realpath(path)).parent for path in files}
+    input_folders = {
+        folder for path in files for folder in (path.parent.resolve(), Path(os.path.realpath(path)).parent)
+    }
     for path in files:
         folder = output_stem(output, path, base).parent.resolve()
         if folder in input_folders:
