@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torchmetrics.classification import BinaryPrecisionRecallCurve
 
+from covidseg.errors import ConfigError
 from covidseg.metrics import CLEAN_AREA_SHARE, SegmentationScores
 from covidseg.model_spec import SPEC_KEY, InferenceSettings
 from covidseg.predictor import Predictor
@@ -215,7 +216,7 @@ class ProgressiveResizing(L.Callback):
 
     def __init__(self, schedule: Sequence[Sequence[int]]) -> None:
         if not schedule or any(len(pair) != 2 for pair in schedule):
-            raise ValueError(f"callbacks.progressive_resizing.schedule={schedule!r}: give [[first_epoch, side], ...]")
+            raise ConfigError(f"callbacks.progressive_resizing.schedule={schedule!r}: give [[first_epoch, side], ...]")
         self.schedule = dict(sorted((int(epoch), int(side)) for epoch, side in schedule))
 
     def side_at(self, epoch: int) -> int:
