@@ -11,6 +11,7 @@ import glob
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -230,16 +231,18 @@ def predict(cfg: DictConfig) -> PredictRun:
 
 
 def write_png(path: Path, array: np.ndarray) -> None:
-    """Encode in memory, write a temporary file beside ``path``, then rename it over ``path``."""
+    """Encode in memory, write a new temporary file beside ``path``, then rename it over ``path``."""
     encoded, data = cv2.imencode(".png", array)
     if not encoded:
         raise OSError(f"could not encode {printable(path)!r} as PNG")
-    temporary = path.with_name(f".{path.name}.tmp")
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        temporary.write_bytes(data.tobytes())
+        with os.fdopen(handle, "wb") as file:
+            file.write(data.tobytes())
         os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    except BaseException:
+        os.unlink(temporary)  # the file mkstemp created above, never renamed
+        raise
 
 
 class ImageOutputs:

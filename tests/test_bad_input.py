@@ -45,6 +45,14 @@ def test_synthetic_data_with_other_settings_is_rewritten_only_when_nothing_else_
     (root / "Train" / "notes.txt").unlink()
     SyntheticPhantoms({"Train": 2}, image_size=32).write(root)  # only its own files: rewritten
     assert len(list((root / "Train" / "Normal" / "images").glob("*.png"))) == 2
+    SyntheticPhantoms({"Val": 1}, image_size=32).write(root)  # the previous files removed, none left over
+    assert sorted(p.name for p in root.iterdir()) == ["Val", "synthetic.json"]
+    assert not list(root.parent.glob(".synthetic-*"))  # the staging folder is gone
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    inode = empty.stat().st_ino
+    SyntheticPhantoms({"Train": 1}, image_size=32).write(empty)  # the user's empty folder is filled, not replaced
+    assert empty.stat().st_ino == inode and (empty / "synthetic.json").is_file()
 
 
 def test_a_marker_that_is_not_covidseg_s_is_refused(tmp_path: Path) -> None:

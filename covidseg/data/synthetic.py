@@ -21,6 +21,17 @@ from covidseg.data.index import CLASSES, TARGET_FOLDERS, DataError, canonical_sp
 MARKER = "synthetic.json"
 
 
+def _remove_written(root: Path, written: set[str]) -> None:
+    """Delete exactly the files a generator wrote below ``root``, then the folders they leave empty."""
+    folders = set()
+    for relative in written:
+        (root / relative).unlink(missing_ok=True)
+        folders |= {root / parent for parent in Path(relative).parents if parent != Path(".")}
+    for folder in sorted(folders, key=lambda path: len(path.parts), reverse=True):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
 def _files_below(root: Path) -> set[str]:
     """Every file and link below ``root`` (links not followed), relative to it."""
     found = set()
@@ -131,11 +142,15 @@ class SyntheticPhantoms:
             )
         root.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=root.parent))
-        self._write_files(staging)
-        (staging / MARKER).write_text(json.dumps(self.spec()))
-        if root.exists():
-            shutil.rmtree(root)
-        staging.rename(root)
+        try:
+            self._write_files(staging)
+            if marker.is_file():
+                _remove_written(root, previous.written_files())
+            root.mkdir(exist_ok=True)
+            for child in sorted(staging.iterdir(), key=lambda path: path.name == MARKER):  # the marker last
+                child.rename(root / child.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # the folder mkdtemp made for this call (empty on success)
         return root
 
     @staticmethod
@@ -149,6 +164,7 @@ class SyntheticPhantoms:
             ) from None
 
     def _write_files(self, folder: Path) -> None:
+        (folder / MARKER).write_text(json.dumps(self.spec()))
         rng = np.random.default_rng(self.seed)
         for split, count in self.counts.items():
             for label in self.classes:
