@@ -18,7 +18,7 @@ from covidseg.callbacks import EmbedModelSpec, SaveOnInterrupt
 from covidseg.config_checks import check_network_sides
 from covidseg.data import CovidQuExDataModule
 from covidseg.hardware import cpu_precision
-from covidseg.model_spec import CLASSES, ModelFileError, parse_spec
+from covidseg.model_spec import ModelFileError, spec_from_run_config
 from covidseg.models.registry import NETWORKS, network_name
 
 OmegaConf.register_new_resolver("len", len, replace=True)
@@ -47,31 +47,9 @@ def training_spec(cfg: DictConfig, module: L.LightningModule) -> dict[str, Any] 
     if name is None:
         log.warning("the network is not in covidseg's registry: checkpoints will not load in eval/predict/export")
         return None
-    net_config = OmegaConf.to_container(cfg.model.net, resolve=True)
-    option_names = NETWORKS[name].options.model_fields
-    spec = {
-        "networks": [
-            {
-                "name": name,
-                "options": {key: value for key, value in net_config.items() if key in option_names},
-                "presence_head": module.network.presence_head is not None,
-                "input_size": cfg.model.get("input_size"),
-                "channels_last": bool(cfg.model.get("channels_last", False)),
-            }
-        ],
-        "targets": list(cfg.data.targets),
-        "image_size": cfg.data.image_size,
-        "inference": {"threshold": float(cfg.model.threshold)},
-        "data": {
-            key: [c for c in (cfg.data.get(key) or cfg.data.classes) if c in CLASSES]
-            for key in ("classes", "eval_classes")
-        },
-    }
-    unsupported = sorted(set(net_config) - set(option_names) - {"_target_"})
+    model, data = (OmegaConf.to_container(cfg[section], resolve=True) for section in ("model", "data"))
     try:
-        if unsupported:
-            raise ModelFileError(f"model.net options {unsupported} cannot be stored in a model file")
-        return parse_spec(spec, "the training config").to_plain()
+        return spec_from_run_config(name, model, data, "the training config").to_plain()
     except ModelFileError as error:
         log.warning("checkpoints will not load in eval/predict/export: %s", error)
         return None

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from covidseg.data.index import CLASSES
 from covidseg.errors import ConfigError
-from covidseg.model_spec import TARGETS
+from covidseg.model_spec import TARGETS, first_error
 
 
 class _Checked(BaseModel):
@@ -67,9 +67,8 @@ def check_settings(cfg: DictConfig, sections: Iterable[str] = ("data", "model", 
     try:
         RunSettings.model_validate(values)
     except ValidationError as error:
-        first = error.errors()[0]
-        key = ".".join(str(part) for part in first["loc"] if part not in ("int", "float", "str", "bool"))
-        raise ConfigError(f"{key}={first.get('input')!r}: {first['msg'].removeprefix('Value error, ')}") from None
+        key, value, message = first_error(error)
+        raise ConfigError(f"{key}={value!r}: {message}") from None
 
 
 def check_network_sides(sides: Iterable[int], multiple: int, network: str) -> None:

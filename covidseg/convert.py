@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from covidseg.data.index import printable
 from covidseg.errors import say_error
-from covidseg.model_spec import CLASSES, LEGACY_CONFIG_KEY, SPEC_KEY, ModelFileError, parse_spec
+from covidseg.model_spec import LEGACY_CONFIG_KEY, SPEC_KEY, ModelFileError, spec_from_run_config
 from covidseg.models.registry import NETWORKS
 
 LEGACY_NETWORKS = {f"covidseg.models.{entry.cls.__name__}": name for name, entry in NETWORKS.items()}
@@ -34,36 +34,19 @@ LEGACY_INFERENCE = ("threshold", "presence_threshold", "flip_tta", "restrict_to_
 def spec_from_legacy(config: Any, source: str) -> dict[str, Any]:
     """The model spec (plain data) of a covidseg 0.1 run config; refuses unknown networks."""
     try:
-        model, data, net = config["model"], config["data"], config["model"]["net"]
-        name = LEGACY_NETWORKS.get(net.get("_target_"))
+        target = config["model"]["net"].get("_target_")
+        name = LEGACY_NETWORKS.get(target)
         if name is None:
             raise ModelFileError(
-                f"{source}: key 'model.net._target_' = {net.get('_target_')!r} is not one of covidseg's networks "
+                f"{source}: key 'model.net._target_' = {target!r} is not one of covidseg's networks "
                 f"({', '.join(LEGACY_NETWORKS)})"
             )
-        option_names = NETWORKS[name].options.model_fields
-        spec = {
-            "networks": [
-                {
-                    "name": name,
-                    "options": {key: value for key, value in net.items() if key in option_names},
-                    "presence_head": float(model.get("presence_weight") or 0) > 0,
-                    "input_size": model.get("input_size"),
-                    "channels_last": bool(model.get("channels_last", False)),
-                }
-            ],
-            "targets": list(data["targets"]),
-            "image_size": data["image_size"],
-            "inference": {key: model[key] for key in LEGACY_INFERENCE if model.get(key) is not None},
-            "data": {
-                key: [c for c in (data.get(key) or data.get("classes") or []) if c in CLASSES]
-                for key in ("classes", "eval_classes")
-            },
-            "metrics": config.get("metrics", {}),
-        }
+        spec = spec_from_run_config(
+            name, config["model"], config["data"], source, LEGACY_INFERENCE, config.get("metrics")
+        )
     except (KeyError, TypeError, AttributeError) as error:
         raise ModelFileError(f"{source}: not a covidseg 0.1 run config (missing or malformed {error})") from None
-    return parse_spec(spec, source).to_plain()
+    return spec.to_plain()
 
 
 def convert_checkpoint(source: Path, target: Path) -> None:

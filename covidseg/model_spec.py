@@ -15,14 +15,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from covidseg.data.index import CLASSES, TARGET_FOLDERS
 from covidseg.models.registry import NETWORKS
 
 SPEC_KEY = "covidseg_model"
 LEGACY_CONFIG_KEY = "covidseg_config"  # covidseg 0.1 stored the whole run config, Hydra targets and all
 FORMAT_VERSION = 1
 HYDRA_KEYS = frozenset({"_target_", "_partial_", "_args_", "_recursive_", "_convert_"})
-TARGETS = ("infection", "lung")
-CLASSES = ("COVID-19", "Non-COVID", "Normal")
+TARGETS = tuple(TARGET_FOLDERS)
 NORMALIZATION = "gray_divided_by_255"
 Scalar = str | bool | int | float | None
 
@@ -200,14 +200,54 @@ def parse_spec(data: Any, source: str) -> ModelSpec:
         raise ModelFileError(_one_line(error, source)) from None
 
 
-def _one_line(error: ValidationError, source: str) -> str:
-    """pydantic's first complaint as ``<source>: key '<dotted key>' = <value>: <what was expected>``."""
+def first_error(error: ValidationError) -> tuple[str, Any, str]:
+    """pydantic's first complaint as (dotted key, the value given, what was expected)."""
     first = error.errors()[0]
-    loc = list(first["loc"])
-    while loc and loc[-1] in ("str", "bool", "int", "float"):  # the tried members of a union type
-        loc.pop()
-    key = ".".join(str(part) for part in loc) or "(top level)"
-    message = first["msg"].removeprefix("Value error, ")
-    value = first.get("input")
-    shown = "" if first["type"] == "missing" or isinstance(value, Mapping | list) else f" = {_short(value)}"
-    return f"{source}: key {key!r}{shown}: {message}"
+    loc = [part for part in first["loc"] if part not in ("str", "bool", "int", "float")]  # union members tried
+    return ".".join(str(part) for part in loc), first.get("input"), first["msg"].removeprefix("Value error, ")
+
+
+def _one_line(error: ValidationError, source: str) -> str:
+    """``<source>: key '<dotted key>' = <value>: <what was expected>`` (no value for a missing key
+    or a whole section)."""
+    key, value, message = first_error(error)
+    missing = error.errors()[0]["type"] == "missing"
+    shown = "" if missing or isinstance(value, Mapping | list) else f" = {_short(value)}"
+    return f"{source}: key {key or '(top level)'!r}{shown}: {message}"
+
+
+def spec_from_run_config(
+    name: str,
+    model: Mapping[str, Any],
+    data: Mapping[str, Any],
+    source: str,
+    inference_keys: tuple[str, ...] = ("threshold",),
+    metrics: Mapping[str, Any] | None = None,
+) -> ModelSpec:
+    """The model spec of a run config's ``model`` and ``data`` sections (plain values read, nothing
+    built), for the registered network ``name``; ``inference_keys`` of ``model`` become its settings."""
+    net = model["net"]
+    option_names = NETWORKS[name].options.model_fields
+    unsupported = sorted(set(net) - set(option_names) - HYDRA_KEYS)
+    if unsupported:
+        raise ModelFileError(f"{source}: model.net options {unsupported} cannot be stored in a model file")
+    spec = {
+        "networks": [
+            {
+                "name": name,
+                "options": {key: value for key, value in net.items() if key in option_names},
+                "presence_head": float(model.get("presence_weight") or 0) > 0,
+                "input_size": model.get("input_size"),
+                "channels_last": bool(model.get("channels_last", False)),
+            }
+        ],
+        "targets": list(data["targets"]),
+        "image_size": data["image_size"],
+        "inference": {key: model[key] for key in inference_keys if model.get(key) is not None},
+        "data": {
+            key: [label for label in (data.get(key) or data.get("classes") or []) if label in CLASSES]
+            for key in ("classes", "eval_classes")
+        },
+        "metrics": dict(metrics or {}),
+    }
+    return parse_spec(spec, source)
