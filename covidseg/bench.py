@@ -184,9 +184,11 @@ def compare_variants(cfg: DictConfig, datamodule, rounds: int, steps: int) -> di
     for name, (_, channels_last) in VARIANTS.items():
         torch.manual_seed(cfg.seed)
         modules[name] = instantiate(cfg.model, channels_last=channels_last)
-    onnx_path = Path(tempfile.mkdtemp()) / "model.onnx"
-    trace_onnx(predictor_of(modules["fp32"]).eval(), eval_batches[0]["image"][:1], onnx_path)
-    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory() as folder:  # the session keeps the graph in memory
+        onnx_path = trace_onnx(
+            predictor_of(modules["fp32"]).eval(), eval_batches[0]["image"][:1], Path(folder) / "m.onnx"
+        )
+        session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     measured: dict[str, list[float]] = {}
     for _ in range(rounds):
         for name, (bf16, _) in VARIANTS.items():

@@ -49,10 +49,10 @@ class EpochEndCheckpoint(L.Callback):
     """Writes a resumable ``last.ckpt`` at the end of every training epoch (after its validation) and
     when training ends, also mid-epoch (``max_steps``, ``max_time``).
 
-    Lightning's ``ModelCheckpoint(save_last=True)`` rewrites ``last.ckpt`` at an epoch end only when
-    it also keeps a new best checkpoint there, and not at all when a run stops mid-epoch, so a
-    finished run's ``last.ckpt`` could be older than its final step. ``trainer.save_checkpoint``
-    writes atomically, and only on rank zero.
+    Lightning's ``ModelCheckpoint(save_last=True)`` rewrites ``last.ckpt`` at a validation end only
+    when it has saved a checkpoint at that same step (its ``on_validation_end``), so whether the
+    final step reaches ``last.ckpt`` depends on its other settings; this callback does not.
+    ``trainer.save_checkpoint`` writes atomically, and only on rank zero.
     """
 
     def __init__(self, dirpath: str | Path) -> None:
