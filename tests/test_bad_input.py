@@ -338,7 +338,7 @@ def test_bad_eval_settings_are_one_line_and_exit_2(
 def test_a_corrupt_onnx_graph_and_odd_messages_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from covidseg.errors import say_error
     from covidseg.model_spec import ModelFileError
-    from covidseg.predict import onnx_backend
+    from covidseg.segment import onnx_backend
 
     (tmp_path / "model.onnx").write_bytes(b"\x08\x07 not a graph")
     with pytest.raises(ModelFileError, match="is not an ONNX graph ONNX Runtime can run"):

@@ -106,7 +106,11 @@ def test_empty_split_is_refused(dataset_root: Path) -> None:
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(b"", "is empty"), (b"not a png at all", "could not be decoded"), ("truncate", "could not be decoded")],
+    [
+        (b"", "is empty"),
+        (b"not a png at all", "is not a PNG, JPEG, TIFF, BMP or DICOM image"),
+        ("truncate", "could not be decoded"),
+    ],
 )
 def test_unreadable_images_are_named(dataset_root: Path, content, message: str) -> None:
     path = dataset_root / "Train/COVID-19/images/covid-19_0003.png"

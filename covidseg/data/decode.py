@@ -2,7 +2,10 @@
 
 Training then indexes arrays in memory: no PNG is decoded per step. Files are read as bytes and
 decoded with ``cv2.imdecode``: OpenCV never sees a file name, so no name (any bytes, not UTF-8)
-can crash native code.
+can crash native code. The type comes from the content (Pillow reads the header; DICOM by its
+``DICM`` mark), and the header's width x height is checked before decoding, so a small file that
+claims a huge image (a decompression bomb) is refused without allocating it. The same functions
+decode uploads to the server (:mod:`covidseg.serve`), from bytes that never touch the disk.
 
 Masks: a single-channel image with at most two values, 0 and one foreground value (0/1 and
 0/255 both work); anything else (colour, several grey levels) is refused with the file named.
@@ -11,9 +14,11 @@ Masks: a single-channel image with at most two values, 0 and one foreground valu
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
+import warnings
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,23 +26,46 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from covidseg.data.index import DataError, Sample, printable
 
 log = logging.getLogger(__name__)
 
 
-def read_dicom(path: Path) -> np.ndarray:
+MAX_PIXELS = 50_000_000  # width x height; larger files are refused before decoding (decompression bombs)
+RASTER_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")  # what Pillow must recognise in the header; OpenCV decodes
+
+
+def is_dicom(data: bytes) -> bool:
+    """A DICOM Part 10 file: 128 bytes of preamble, then ``DICM``."""
+    return data[128:132] == b"DICM"
+
+
+def _checked_pixels(name: str, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise DataError(
+            f"{name!r} is {width}x{height} = {width * height:,} pixels; at most {max_pixels:,} are read "
+            "(a larger image is refused before it is decoded)"
+        )
+
+
+def decode_dicom(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Pixel data of a DICOM file (needs the ``dicom`` extra), with MONOCHROME1 inverted."""
     try:
         import pydicom
     except ImportError as error:
-        raise DataError(f"{str(path)!r} is DICOM: install the extra with pip install -e '.[dicom]'") from error
+        raise DataError(f"{name!r} is DICOM: install the extra with pip install -e '.[dicom]'") from error
     try:
-        dataset = pydicom.dcmread(path)
+        dataset = pydicom.dcmread(io.BytesIO(data), force=True)
+        frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
+        _checked_pixels(name, int(dataset.Columns), int(dataset.Rows) * frames, max_pixels)
         pixels = dataset.pixel_array.astype(np.float32)
+    except DataError:
+        raise
     except Exception as error:  # pydicom raises many kinds for corrupt files
-        raise DataError(f"{str(path)!r} could not be read as DICOM: {error}") from error
+        first_line = (str(error).splitlines() or [type(error).__name__])[0][:200]
+        raise DataError(f"{name!r} could not be read as DICOM: {first_line}") from None
     if pixels.ndim == 3:  # colour or multi-frame: take the mean over channels / first frame
         pixels = pixels.mean(axis=-1) if pixels.shape[-1] in (3, 4) else pixels[0]
     if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
@@ -45,26 +73,61 @@ def read_dicom(path: Path) -> np.ndarray:
     return pixels
 
 
-def read_unchanged(path: Path) -> np.ndarray:
-    """Decode an image file as stored (channels and bit depth kept), from its bytes."""
-    data = np.fromfile(path, dtype=np.uint8)
-    if data.size == 0:
-        raise DataError(f"{str(path)!r} is empty (0 bytes): replace or remove the file")
-    image = read_dicom(path) if path.suffix.lower() == ".dcm" else cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+def image_format(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> str:
+    """``PNG``, ``JPEG``, ``TIFF``, ``BMP`` or ``DICOM``, found from the content (never the name); the
+    header's size is checked against ``max_pixels`` before anything is decoded."""
+    if not data:
+        raise DataError(f"{name!r} is empty (0 bytes): replace or remove the file")
+    if is_dicom(data):
+        return "DICOM"
+    try:
+        with warnings.catch_warnings():  # Pillow's own bomb warning: the limit here is max_pixels
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as header:  # reads the header only
+                found, (width, height) = header.format, header.size
+    except Image.DecompressionBombError:
+        raise DataError(f"{name!r} is an image of more than {max_pixels:,} pixels; it is not decoded") from None
+    except (OSError, ValueError, SyntaxError):
+        found, width, height = None, 0, 0
+    if found not in RASTER_FORMATS:
+        raise DataError(
+            f"{name!r} is not a {', '.join(RASTER_FORMATS)} or DICOM image (judged by its content, not its name)"
+        )
+    _checked_pixels(name, width, height, max_pixels)
+    return found
+
+
+def decode_unchanged(data: bytes, name: str, max_pixels: int = MAX_PIXELS, dicom: bool = False) -> np.ndarray:
+    """Decode image bytes as stored (channels and bit depth kept); ``dicom`` reads a ``.dcm`` file
+    without the DICM preamble too."""
+    kind = "DICOM" if dicom and data else image_format(data, name, max_pixels)
+    if kind == "DICOM":
+        return decode_dicom(data, name, max_pixels)
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None:
-        raise DataError(f"{str(path)!r} could not be decoded as an image: the file is corrupt or truncated")
+        raise DataError(f"{name!r} could not be decoded as an image: the file is corrupt or truncated")
     return image
 
 
-def read_gray(path: Path) -> np.ndarray:
-    """Read any image OpenCV reads, or DICOM, as 8-bit grayscale (RGB and 16-bit are converted)."""
-    image = read_unchanged(path)
+def to_gray(image: np.ndarray) -> np.ndarray:
+    """8-bit grayscale from any decoded image (RGB(A) converted, other depths min-max scaled)."""
     if image.ndim == 3:
         code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
         image = cv2.cvtColor(image, code)
     if image.dtype != np.uint8:
         image = cv2.normalize(image.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
     return image
+
+
+def read_unchanged(path: Path) -> np.ndarray:
+    """Decode an image file as stored, from its bytes (type found from the content)."""
+    data = np.fromfile(path, dtype=np.uint8).tobytes()
+    return decode_unchanged(data, str(path), dicom=path.suffix.lower() == ".dcm")
+
+
+def read_gray(path: Path) -> np.ndarray:
+    """Read a PNG, JPEG, TIFF, BMP or DICOM file as 8-bit grayscale (RGB and 16-bit are converted)."""
+    return to_gray(read_unchanged(path))
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:

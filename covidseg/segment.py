@@ -1,0 +1,150 @@
+"""Decoded X-rays in, per-image answers out: what ``predict`` writes to files and ``serve`` returns.
+
+A :data:`Backend` is the model as a function of a batch (the torch Predictor, or an ONNX Runtime
+session of an exported one); :func:`segment` resizes a batch of grayscale images to the model's
+side, runs the backend and maps each answer back to its image's own size as an
+:class:`ImageResult` (masks, lungs, overlay, statistics and severity).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from covidseg.data.decode import resize_image
+from covidseg.data.index import printable
+from covidseg.export import export_onnx
+from covidseg.loader import load_predictor, read_onnx_metadata, resolve_model_paths
+from covidseg.model_spec import ModelFileError, ModelSpec
+from covidseg.predictor import Predictor
+from covidseg.severity import severity
+from covidseg.visualize import LUNG_COLOR, PREDICTION_COLOR, outline, overlay
+
+# (N, 1, S, S) float32 in [0, 1] -> probabilities (N, T, S, S) and presence probabilities (N,) or None
+Backend = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
+BACKENDS = ("torch", "onnx")
+
+
+def torch_backend(predictor: Predictor) -> Backend:
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        prediction = predictor.predict(torch.from_numpy(images))
+        presence = None if prediction.presence is None else prediction.presence.numpy()
+        return prediction.probability.numpy(), presence
+
+    return run
+
+
+def onnx_backend(path: Path) -> Backend:
+    import onnxruntime
+
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own types for corrupt or unsupported graphs
+        first_line = (str(error).splitlines() or [type(error).__name__])[0][:200]
+        raise ModelFileError(f"{printable(path)!r} is not an ONNX graph ONNX Runtime can run: {first_line}") from None
+    name = session.get_inputs()[0].name
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        probability, *presence = session.run(None, {name: images})
+        return probability, presence[0] if presence else None
+
+    return run
+
+
+@dataclass
+class LoadedBackend:
+    """A backend, the spec it answers by (image size, targets, thresholds) and the files it came from."""
+
+    run: Backend
+    spec: ModelSpec
+    paths: list[Path]
+
+
+def load_backend(
+    ckpt_path: Any, log_dir: str | Path, backend: str, inference: Mapping[str, Any], bf16: bool, onnx_dir: Path
+) -> LoadedBackend:
+    """What ``ckpt_path`` names, as a backend: an exported ``.onnx`` runs in ONNX Runtime; anything
+    else builds the torch Predictor, exported first to ``<onnx_dir>/model.onnx`` when ``backend=onnx``."""
+    if backend not in BACKENDS:
+        raise ModelFileError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
+    paths = resolve_model_paths(ckpt_path, log_dir)
+    if any(path.suffix == ".onnx" for path in paths):
+        if len(paths) > 1:
+            raise ModelFileError("an exported .onnx graph runs alone: export the ensemble as one graph instead")
+        baked = sorted(key for key, value in inference.items() if key != "threshold" and value is not None)
+        if baked:
+            raise ModelFileError(f"{', '.join(baked)} cannot change an exported .onnx graph: export again with them")
+        _, spec = read_onnx_metadata(paths[0])
+        return LoadedBackend(onnx_backend(paths[0]), spec.with_inference(threshold=inference["threshold"]), paths)
+    loaded = load_predictor([str(path) for path in paths], log_dir, bf16 and backend == "torch", **inference)
+    if backend == "onnx":  # an ONNX export is traced in fp32
+        return LoadedBackend(onnx_backend(export_onnx(loaded, onnx_dir / "model.onnx")), loaded.spec, paths)
+    return LoadedBackend(torch_backend(loaded.predictor), loaded.spec, paths)
+
+
+class ImageResult:
+    """One image's answer at its own size: infection probability and mask, lungs when the model has
+    them, the presence probability, and what is drawn and counted from them."""
+
+    def __init__(
+        self,
+        image: np.ndarray,
+        probability: np.ndarray,
+        lung: np.ndarray | None,
+        presence: float | None,
+        threshold: float,
+    ) -> None:
+        height, width = image.shape
+        self.image, self.presence = image, presence
+        self.probability = cv2.resize(probability, (width, height), interpolation=cv2.INTER_LINEAR)
+        self.mask = self.probability > threshold
+        self.lung = None
+        if lung is not None:
+            self.lung = cv2.resize(lung, (width, height), interpolation=cv2.INTER_LINEAR) > threshold
+
+    def overlay(self) -> np.ndarray:
+        """The X-ray (RGB) with the infection tinted and outlined, and the lungs outlined."""
+        drawn = overlay(self.image, self.mask, PREDICTION_COLOR)
+        return drawn if self.lung is None else outline(drawn, self.lung, LUNG_COLOR)
+
+    def stats(self) -> dict[str, Any]:
+        """Size, infected area, mean probability inside the mask, presence and (with lungs) severity."""
+        height, width = self.image.shape
+        infected = int(self.mask.sum())
+        stats: dict[str, Any] = {
+            "width": width,
+            "height": height,
+            "infected_pixels": infected,
+            "infected_percent": round(100 * infected / self.mask.size, 4),
+            "mean_probability": round(float(self.probability[self.mask].mean()) if infected else 0.0, 4),
+        }
+        if self.presence is not None:
+            stats["presence_probability"] = round(self.presence, 4)
+        if self.lung is not None:
+            stats |= {key: round(value, 4) for key, value in severity(self.lung, self.mask).items()}
+        return stats
+
+
+def segment(backend: Backend, spec: ModelSpec, images: Sequence[np.ndarray]) -> list[ImageResult]:
+    """Run one batch of 8-bit grayscale images (any sizes) through the model."""
+    targets = spec.targets
+    channel = targets.index("infection") if "infection" in targets else 0
+    lung_channel = targets.index("lung") if "lung" in targets and len(targets) > 1 else None
+    stacked = np.stack([resize_image(image, spec.image_size) for image in images])[:, None].astype(np.float32) / 255
+    probabilities, presences = backend(stacked)
+    return [
+        ImageResult(
+            image,
+            probability[channel],
+            probability[lung_channel] if lung_channel is not None else None,
+            None if presences is None else float(presences[index]),
+            spec.inference.threshold,
+        )
+        for index, (image, probability) in enumerate(zip(images, probabilities, strict=True))
+    ]
