@@ -24,10 +24,16 @@ train:  ## Train on synthetic data for two epochs (a first run that needs no dow
 bench:  ## Measure CPU training/inference throughput (fp32, NHWC, bf16, ONNX) against the machine's matmul rate
 	$(PYTHON) -m covidseg.bench
 
+bench-serve:  ## Load-test the server: 200 requests from 16 clients (throughput, p50/p95, errors, memory)
+	$(PYTHON) -m covidseg.serve_bench
+
+serve:  ## Serve the shipped model: page and API on http://127.0.0.1:8000
+	$(PYTHON) -m covidseg.serve ckpt_path=pretrained
+
 report:  ## Render learning curves of a run (RUN=outputs/<task>/runs/<date>, default: the newest) to PNG
 	$(PYTHON) -m covidseg.learning_curves $(or $(RUN),$(shell ls -td outputs/*/runs/*/ | head -1))
 
 tensorboard:  ## Open TensorBoard on every run under outputs/
 	tensorboard --logdir outputs/
 
-.PHONY: help install test test-fast lint train bench report tensorboard
+.PHONY: help install test test-fast lint train bench bench-serve serve report tensorboard

@@ -146,7 +146,8 @@ def predict(cfg: DictConfig) -> PredictRun:
             except (DataError, OSError) as error:
                 run.failed.append((path, str(error)))
                 continue
-            run.rows.append({"file": printable(path), **result.stats(), "seconds": round(seconds, 4)})
+            row = {"file": printable(path), **result.stats(), **(result.severity() or {})}
+            run.rows.append(row | {"seconds": round(seconds, 4)})
     with run.csv_path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(run.rows[0]) if run.rows else ["file"])
         writer.writeheader()

@@ -114,7 +114,7 @@ class ImageResult:
         return drawn if self.lung is None else outline(drawn, self.lung, LUNG_COLOR)
 
     def stats(self) -> dict[str, Any]:
-        """Size, infected area, mean probability inside the mask, presence and (with lungs) severity."""
+        """Size, infected area, mean probability inside the mask and (with a presence head) presence."""
         height, width = self.image.shape
         infected = int(self.mask.sum())
         stats: dict[str, Any] = {
@@ -126,9 +126,13 @@ class ImageResult:
         }
         if self.presence is not None:
             stats["presence_probability"] = round(self.presence, 4)
-        if self.lung is not None:
-            stats |= {key: round(value, 4) for key, value in severity(self.lung, self.mask).items()}
         return stats
+
+    def severity(self) -> dict[str, float] | None:
+        """Per-lung infected percentages and the zone score (:mod:`covidseg.severity`); ``None`` without lungs."""
+        if self.lung is None:
+            return None
+        return {key: round(value, 4) for key, value in severity(self.lung, self.mask).items()}
 
 
 def segment(backend: Backend, spec: ModelSpec, images: Sequence[np.ndarray]) -> list[ImageResult]:

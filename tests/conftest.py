@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from covidseg.configs import compose_config
@@ -69,3 +71,28 @@ def real_data() -> Path:
     if not (REAL_DATA / "Infection Segmentation Data").is_dir():
         pytest.skip(f"real COVID-QU-Ex data not found at {REAL_DATA}")
     return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def xray() -> np.ndarray:
+    """A 300x280 phantom with a lesion: not the model's side, so answers must come back at this size."""
+    from covidseg.data.synthetic import make_phantom
+
+    image = make_phantom(np.random.default_rng(2), 300, infected=True)[0]
+    return np.ascontiguousarray(image[:, 10:290])
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``python -m covidseg.serve`` (the shipped model) as a user starts it, on a free port of 127.0.0.1."""
+    from covidseg.serve_bench import free_port, start_server, wait_until_up
+
+    port = free_port()
+    process = start_server(port, [], tmp_path_factory.mktemp("serve"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url, process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -1,10 +1,13 @@
-"""Objects that tests put into configs with ``_target_: helpers.<name>`` (tests/ on PYTHONPATH)."""
+"""Objects that tests put into configs with ``_target_: helpers.<name>`` (tests/ on PYTHONPATH),
+and small helpers the test modules share."""
 
 from __future__ import annotations
 
 import time
 
+import cv2
 import lightning as L
+import numpy as np
 import torch
 
 from covidseg.models import BCEDiceLoss
@@ -32,3 +35,8 @@ class NaNAfter(BCEDiceLoss):
         self.calls += 1
         loss = super().forward(logits, target)
         return loss * torch.nan if self.calls >= self.step else loss
+
+
+def png_bytes(image: np.ndarray, extension: str = ".png") -> bytes:
+    """An image encoded in memory (PNG by default; the extension picks the format)."""
+    return cv2.imencode(extension, image)[1].tobytes()
