@@ -346,3 +346,59 @@ def test_a_corrupt_onnx_graph_and_odd_messages_are_one_line(tmp_path: Path, caps
     say_error(f"a [bold]name[/] with markup,\na line break and {NOT_UTF8}")
     error = capsys.readouterr().err.strip()
     assert error == "error: a [bold]name[/] with markup, a line break and covid-19_\\udcff\\udcfe.png"
+
+
+# --- decoding: the type from the content, the size from the header ----------------------------
+
+
+def dicom_bytes(rows: int, columns: int, pixels: bytes) -> bytes:
+    import io
+
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID, meta.MediaStorageSOPClassUID = ExplicitVRLittleEndian, "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    dataset = pydicom.Dataset()
+    dataset.file_meta = meta
+    dataset.Rows, dataset.Columns, dataset.SamplesPerPixel = rows, columns, 1
+    dataset.PhotometricInterpretation, dataset.PixelRepresentation = "MONOCHROME2", 0
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 8, 8, 7
+    dataset.PixelData = pixels
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_huge_images_are_refused_from_their_header(tmp_path: Path) -> None:
+    """A 100 KB PNG of 10000 x 10000 zeros, and a DICOM header claiming 60000 x 60000 pixels over a
+    few bytes of data: both refused before anything of that size is allocated."""
+    pytest.importorskip("pydicom")
+    from covidseg.data.decode import decode_unchanged, read_gray
+
+    png = tmp_path / "bomb.png"
+    png.write_bytes(cv2.imencode(".png", np.zeros((10000, 10000), np.uint8))[1].tobytes())
+    assert png.stat().st_size < 200_000
+    with pytest.raises(DataError, match=r"bomb.png.*10000x10000 = 100,000,000 pixels; at most 50,000,000"):
+        read_gray(png)
+    with pytest.raises(DataError, match="60000x60000"):
+        decode_unchanged(dicom_bytes(60000, 60000, b"\0" * 16), "claims.dcm")
+    small = decode_unchanged(dicom_bytes(4, 6, bytes(range(24))), "small.dcm")
+    assert small.shape == (4, 6)
+
+
+def test_the_type_comes_from_the_content_not_the_name(tmp_path: Path) -> None:
+    from covidseg.data.decode import image_format, read_gray
+
+    image = np.arange(64 * 48, dtype=np.uint8).reshape(64, 48)
+    for name, extension, expected in (("a.png", ".jpg", "JPEG"), ("b.bmp", ".png", "PNG"), ("c.tif", ".bmp", "BMP")):
+        path = tmp_path / name
+        path.write_bytes(cv2.imencode(extension, image)[1].tobytes())
+        assert image_format(path.read_bytes(), name) == expected
+        assert read_gray(path).shape == (64, 48)
+    gif = tmp_path / "d.png"
+    gif.write_bytes(b"GIF89a" + b"\0" * 100)
+    with pytest.raises(DataError, match="d.png' is not a PNG, JPEG, TIFF, BMP or DICOM image"):
+        read_gray(gif)
