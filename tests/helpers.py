@@ -40,3 +40,29 @@ class NaNAfter(BCEDiceLoss):
 def png_bytes(image: np.ndarray, extension: str = ".png") -> bytes:
     """An image encoded in memory (PNG by default; the extension picks the format)."""
     return cv2.imencode(extension, image)[1].tobytes()
+
+
+def dicom_bytes(pixels: np.ndarray, **attributes) -> bytes:
+    """A DICOM Part 10 file made by pydicom: unsigned ``pixels`` (uint8 or uint16, 2-D) and any
+    extra attributes (``RescaleSlope``, ``WindowCenter``, ``PhotometricInterpretation``, ``Rows``...)."""
+    import io
+
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID, meta.MediaStorageSOPClassUID = ExplicitVRLittleEndian, "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    dataset = pydicom.Dataset()
+    dataset.file_meta = meta
+    bits = pixels.dtype.itemsize * 8
+    dataset.Rows, dataset.Columns = pixels.shape
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation, dataset.PixelRepresentation = 1, "MONOCHROME2", 0
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = bits, bits, bits - 1
+    dataset.PixelData = pixels.tobytes()
+    for key, value in attributes.items():
+        setattr(dataset, key, value)
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

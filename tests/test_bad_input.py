@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 from conftest import FAST
+from helpers import dicom_bytes
 
 from covidseg.data import DataError, SyntheticPhantoms
 from covidseg.data.decode import decode_samples
@@ -351,27 +352,6 @@ def test_a_corrupt_onnx_graph_and_odd_messages_are_one_line(tmp_path: Path, caps
 # --- decoding: the type from the content, the size from the header ----------------------------
 
 
-def dicom_bytes(rows: int, columns: int, pixels: bytes) -> bytes:
-    import io
-
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID, meta.MediaStorageSOPClassUID = ExplicitVRLittleEndian, "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    dataset = pydicom.Dataset()
-    dataset.file_meta = meta
-    dataset.Rows, dataset.Columns, dataset.SamplesPerPixel = rows, columns, 1
-    dataset.PhotometricInterpretation, dataset.PixelRepresentation = "MONOCHROME2", 0
-    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 8, 8, 7
-    dataset.PixelData = pixels
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 def test_huge_images_are_refused_from_their_header(tmp_path: Path) -> None:
     """A 100 KB PNG of 10000 x 10000 zeros, and a DICOM header claiming 60000 x 60000 pixels over a
     few bytes of data: both refused before anything of that size is allocated."""
@@ -384,8 +364,8 @@ def test_huge_images_are_refused_from_their_header(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"bomb.png.*10000x10000 = 100,000,000 pixels; at most 50,000,000"):
         read_gray(png)
     with pytest.raises(DataError, match="60000x60000"):
-        decode_unchanged(dicom_bytes(60000, 60000, b"\0" * 16), "claims.dcm")
-    small = decode_unchanged(dicom_bytes(4, 6, bytes(range(24))), "small.dcm")
+        decode_unchanged(dicom_bytes(np.zeros((4, 4), np.uint8), Rows=60000, Columns=60000), "claims.dcm")
+    small = decode_unchanged(dicom_bytes(np.arange(24, dtype=np.uint8).reshape(4, 6)), "small.dcm")
     assert small.shape == (4, 6)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from helpers import png_bytes
+from helpers import dicom_bytes, png_bytes
 
 from covidseg.configs import compose_config
 from covidseg.predict import predict
@@ -85,22 +84,9 @@ def test_raw_bytes_layers_and_the_type_from_the_content(client: TestClient, xray
 
 
 def test_a_dicom_upload_is_read_by_its_content(client: TestClient, xray: np.ndarray) -> None:
-    pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID, meta.MediaStorageSOPClassUID = ExplicitVRLittleEndian, "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    dataset = pydicom.Dataset()
-    dataset.file_meta = meta
-    dataset.Rows, dataset.Columns = xray.shape
-    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
-    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 12, 11, 0
-    dataset.PixelData = (xray.astype(np.uint16) * 16).tobytes()
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    answer = client.post("/api/predict", files={"file": ("study", buffer.getvalue(), "application/dicom")}).json()
+    pytest.importorskip("pydicom")
+    data = dicom_bytes(xray.astype(np.uint16) * 16, BitsStored=12, HighBit=11)
+    answer = client.post("/api/predict", files={"file": ("study", data, "application/dicom")}).json()
     assert (answer["format"], answer["width"], answer["height"]) == ("DICOM", 280, 300)
 
 

@@ -51,26 +51,43 @@ def _checked_pixels(name: str, width: int, height: int, max_pixels: int) -> None
 
 
 def decode_dicom(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Pixel data of a DICOM file (needs the ``dicom`` extra), with MONOCHROME1 inverted."""
+    """A DICOM image as a radiologist's viewer shows it, as 8-bit gray (needs the ``dicom`` extra).
+
+    pydicom applies the modality LUT (rescale slope/intercept) and the first VOI LUT or window
+    (centre/width); a window maps to the full 0-255 range, with values outside it clipped.
+    Without a window the modality values are scaled min-max. MONOCHROME1 (white = low) is
+    inverted; a multi-frame file gives its first frame; a colour one is converted to gray.
+    """
     try:
         import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError as error:
         raise DataError(f"{name!r} is DICOM: install the extra with pip install -e '.[dicom]'") from error
     try:
         dataset = pydicom.dcmread(io.BytesIO(data), force=True)
         frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
         _checked_pixels(name, int(dataset.Columns), int(dataset.Rows) * frames, max_pixels)
-        pixels = dataset.pixel_array.astype(np.float32)
+        pixels = dataset.pixel_array
+        if int(getattr(dataset, "SamplesPerPixel", 1)) > 1:  # colour: RGB, to_gray expects OpenCV's BGR
+            return to_gray(np.ascontiguousarray((pixels[0] if frames > 1 else pixels)[..., ::-1]))
+        pixels = pixels[0] if frames > 1 else pixels
+        values = apply_modality_lut(pixels, dataset).astype(np.float64)
+        if "WindowCenter" in dataset and "WindowWidth" in dataset and "VOILUTSequence" not in dataset:
+            low, high = apply_voi_lut(np.array([-1e300, 1e300]), dataset)  # the window's output range
+            shown = (apply_voi_lut(values, dataset) - low) / max(high - low, 1e-12) * 255
+            gray = np.clip(shown, 0, 255).round().astype(np.uint8)
+        else:
+            if "VOILUTSequence" in dataset:
+                values = apply_voi_lut(values.round().astype(np.int64), dataset)
+            gray = to_gray(np.asarray(values, np.float32))
     except DataError:
         raise
-    except Exception as error:  # pydicom raises many kinds for corrupt files
+    except Exception as error:  # pydicom raises many kinds for corrupt or unusual files
         first_line = (str(error).splitlines() or [type(error).__name__])[0][:200]
         raise DataError(f"{name!r} could not be read as DICOM: {first_line}") from None
-    if pixels.ndim == 3:  # colour or multi-frame: take the mean over channels / first frame
-        pixels = pixels.mean(axis=-1) if pixels.shape[-1] in (3, 4) else pixels[0]
     if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
-        pixels = pixels.max() - pixels
-    return pixels
+        gray = 255 - gray
+    return gray
 
 
 def image_format(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> str:
