@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from covidseg import CONF_DIR
 from covidseg.callbacks import ThresholdSweep
 from covidseg.errors import user_errors
 from covidseg.eval import load_for_data, run_test_loop
@@ -136,7 +137,7 @@ def print_choice(result: dict[str, Any], path: Path) -> None:
     )
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="calibrate")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="calibrate")
 def main(cfg: DictConfig) -> None:
     with user_errors():
         calibrate(cfg)

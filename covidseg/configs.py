@@ -11,8 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 import covidseg.builders  # noqa: F401  (registers the ${len:} resolver)
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from covidseg import CONF_DIR
 
 
 def compose_config(config_name: str, overrides: list[str], **paths: str | Path) -> DictConfig:

@@ -12,6 +12,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
+from covidseg import CONF_DIR
 from covidseg.builders import instantiate_each
 from covidseg.callbacks import PerImageResults, SeverityOnTest
 from covidseg.config_checks import check_settings
@@ -74,7 +75,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def main(cfg: DictConfig) -> None:
     with user_errors():
         evaluate(cfg)

@@ -22,6 +22,7 @@ from rich.console import Console
 from safetensors.torch import save_file
 from torch import nn
 
+from covidseg import CONF_DIR
 from covidseg.errors import user_errors
 from covidseg.loader import LoadedModel, inference_overrides, load_predictor
 from covidseg.model_spec import ExportMetadata, ModelFileError, ModelSpec
@@ -115,7 +116,7 @@ EXPORTERS = {
 }
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
 def main(cfg: DictConfig) -> None:
     with user_errors():
         if cfg.format not in EXPORTERS:

@@ -40,6 +40,7 @@ from covidseg.predictor import Predictor
 PRETRAINED = Path(__file__).parent / "pretrained" / "best_cpu.safetensors"
 MODULE_PREFIX = "network."  # the SegmentationModule's network in a Lightning checkpoint's state_dict
 BEST_DICE = re.compile(r"dice(\d+(?:\.\d+)?)")
+TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 INFERENCE_KEYS = ("threshold", "presence_threshold", "flip_tta", "restrict_to_lungs")
@@ -76,23 +77,26 @@ class LoadedModel:
 
 
 def _newest_last(log_dir: str | Path, task_name: str) -> Path:
+    if not TASK_NAME.fullmatch(task_name) or task_name in (".", ".."):
+        raise ModelFileError(f"ckpt_path=last:{task_name}: a task name is letters, digits, '_', '-' or '.'")
     runs = Path(log_dir, task_name)
     candidates = sorted(runs.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
     if not candidates:
-        raise ModelFileError(f"ckpt_path=last: no checkpoints/last.ckpt under {str(runs)!r}")
+        raise ModelFileError(f"ckpt_path=last:{task_name}: no checkpoints/last.ckpt under {str(runs)!r}")
     return candidates[-1]
 
 
 def resolve_ckpt_path(value: str | None, log_dir: str | Path, task_name: str) -> Path | None:
-    """One file: ``None`` stays ``None``; ``last``, ``pretrained`` or a path to an existing file."""
+    """One file: ``None`` stays ``None``; ``pretrained``; ``last`` (the newest ``last.ckpt`` of
+    ``task_name``) or ``last:<task>`` (of that task); or a path to an existing file."""
     if value is None:
         return None
     if value == "pretrained":
         if not PRETRAINED.is_file():
             raise ModelFileError(f"ckpt_path=pretrained: {str(PRETRAINED)!r} is not installed")
         return PRETRAINED
-    if value == "last":
-        return _newest_last(log_dir, task_name)
+    if value == "last" or (value.startswith("last:") and not Path(value).exists()):
+        return _newest_last(log_dir, value.partition(":")[2] or task_name)
     path = Path(value).expanduser()
     if not path.is_file():
         raise ModelFileError(f"ckpt_path {value!r} does not exist or is not a file")
@@ -117,7 +121,7 @@ def resolve_model_paths(value: Any, log_dir: str | Path, task_name: str = "train
     if value is None:
         raise ModelFileError("ckpt_path is not set: give a .ckpt, pretrained, last, a list or a k-fold multirun folder")
     folder = Path(str(value)).expanduser()
-    if str(value) not in ("pretrained", "last") and folder.is_dir():
+    if str(value) not in ("pretrained", "last") and not str(value).startswith("last:") and folder.is_dir():
         for name in ("model.safetensors", "model.onnx"):  # an export folder
             if (folder / name).is_file():
                 return [folder / name]

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import track
 
+from covidseg import CONF_DIR
 from covidseg.data.decode import read_gray
 from covidseg.data.index import IMAGE_SUFFIXES, DataError, printable
 from covidseg.errors import user_errors
@@ -196,7 +197,7 @@ def write_outputs(result: ImageResult, stem: Path, save_probability: bool, input
         write_png(target, array)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
 def main(cfg: DictConfig) -> None:
     with user_errors():
         write_run_info(cfg.paths.output_dir)

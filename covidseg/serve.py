@@ -39,6 +39,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from covidseg import CONF_DIR
 from covidseg.data.decode import decode_unchanged, image_format, to_gray
 from covidseg.data.index import DataError, printable
 from covidseg.errors import ConfigError, user_errors
@@ -321,7 +322,7 @@ def create_app(model: LoadedBackend, settings: ServeSettings) -> FastAPI:
     return app
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="serve")
 def main(cfg: DictConfig) -> None:
     import uvicorn
 

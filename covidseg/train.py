@@ -11,8 +11,11 @@ from typing import Any
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from covidseg import CONF_DIR
 from covidseg.builders import build_run
 from covidseg.callbacks import RecordRunStart
 from covidseg.config_checks import check_settings
@@ -69,11 +72,20 @@ def check_resume_settings(cfg: DictConfig, ckpt_path: Path) -> dict[str, Any] | 
     return OmegaConf.to_container(cfg, resolve=False)
 
 
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     """Fit (unless ``train=false``) and test; returns all final metrics and the sweep objective."""
     check_settings(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("ckpt_path") is not None and in_multirun():
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path!r} in a multirun would make every job resume the same checkpoint: "
+            "resume one run at a time (each job's folder has its own checkpoints/last.ckpt)"
+        )
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
     if ckpt_path is not None:
         if ckpt_path.suffix != ".ckpt":
@@ -134,7 +146,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     return metrics, objective
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     with user_errors():
         _, objective = train(cfg)

@@ -4,6 +4,7 @@ one line naming the file and the key by every entry point (eval, calibrate, pred
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -199,8 +200,10 @@ def test_every_entry_point_refuses_a_crafted_file_and_writes_nothing(
 def test_missing_model_files_are_named(tmp_path: Path) -> None:
     with pytest.raises(ModelFileError, match="ckpt_path 'nope.ckpt' does not exist"):
         load_predictor("nope.ckpt", tmp_path)
-    with pytest.raises(ModelFileError, match="ckpt_path=last: no checkpoints/last.ckpt under"):
+    with pytest.raises(ModelFileError, match="ckpt_path=last:train: no checkpoints/last.ckpt under"):
         load_predictor("last", tmp_path)
+    with pytest.raises(ModelFileError, match="last:..: a task name is letters"):
+        load_predictor("last:..", tmp_path)
     with pytest.raises(ModelFileError, match=r"is a folder without model.safetensors, model.onnx or \*/checkpoints/"):
         load_predictor(str(tmp_path), tmp_path)
     (tmp_path / "0" / "checkpoints").mkdir(parents=True)
@@ -287,3 +290,19 @@ def test_convert_turns_a_legacy_checkpoint_into_one_that_loads_alike(trained_che
     with pytest.raises(ModelFileError, match="'model.net._target_' = 'pathlib.Path.write_text' is not one of"):
         convert_checkpoint(legacy, tmp_path / "never.ckpt")
     assert not (tmp_path / "never.ckpt").exists()
+
+
+def test_last_finds_the_newest_last_checkpoint_of_the_named_task(tmp_path: Path) -> None:
+    from covidseg.loader import resolve_model_paths
+
+    def last(task: str, run: str) -> Path:
+        path = tmp_path / task / "runs" / run / "checkpoints" / "last.ckpt"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"")
+        return path
+
+    older, newer, other = last("train", "a"), last("train", "b"), last("fast_cpu", "a")
+    os.utime(older, (1, 1))
+    assert resolve_model_paths("last", tmp_path) == [newer]
+    assert resolve_model_paths("last:fast_cpu", tmp_path) == [other]
+    assert resolve_model_paths(["last:train", "last:fast_cpu"], tmp_path) == [newer, other]

@@ -116,7 +116,7 @@ def test_slurm_launcher_config_composes() -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from covidseg.configs import CONF_DIR
+    from covidseg import CONF_DIR
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):

@@ -2,6 +2,7 @@ import csv
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,8 @@ import torch
 from conftest import FAST
 from hydra.utils import instantiate
 
+from covidseg import CONF_DIR
 from covidseg.builders import build_run
-from covidseg.configs import CONF_DIR
 from covidseg.eval import evaluate
 from covidseg.learning_curves import learning_curves, score_by_time
 from covidseg.loader import check_checkpoint, load_predictor
@@ -191,6 +192,32 @@ def test_multirun_sweeps_two_jobs(tmp_path: Path) -> None:
     jobs = sorted((tmp_path / "outputs/train/multiruns").glob("*/[0-9]"))
     assert [job.name for job in jobs] == ["0", "1"]
     assert all((job / "checkpoints/last.ckpt").is_file() for job in jobs)
+
+
+@pytest.mark.slow
+def test_a_multirun_never_resumes_one_checkpoint_in_every_job(tmp_path: Path) -> None:
+    result = _run(
+        "-m", "covidseg.train", "-m", "data=synthetic", "seed=1,2", "ckpt_path=last", f"paths.log_dir={tmp_path}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2 and "would make every job resume the same checkpoint" in result.stderr
+
+
+def test_debug_runs_have_their_own_task(compose_cfg) -> None:
+    for debug in ("fast_dev_run", "limit", "overfit"):
+        assert compose_cfg("train", [f"debug={debug}", "experiment=fast_cpu"]).task_name == "debug"
+
+
+@pytest.mark.slow
+def test_installed_commands_take_hydra_overrides(tmp_path: Path) -> None:
+    for command in ("covidseg-train", "covidseg-eval", "covidseg-calibrate", "covidseg-predict", "covidseg-export"):
+        assert shutil.which(command), f"{command} is not installed: pip install -e ."
+    shown = subprocess.run(["covidseg-train", "--help"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "experiment: best_cpu, fast_cpu" in shown.stdout
+    refused = subprocess.run(
+        ["covidseg-eval", "ckpt_path=nope.ckpt"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode == 2 and "error: ckpt_path 'nope.ckpt' does not exist" in refused.stderr
 
 
 @pytest.mark.slow
