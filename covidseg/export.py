@@ -3,6 +3,7 @@
 python -m covidseg.export ckpt_path=<ckpt|pretrained|list|k-fold folder> format=onnx|torchscript|safetensors
     [output=DIR] [threshold=T] [presence_threshold=P] [flip_tta=true]
 
+Beside the file: its metadata ``.json`` and a ``MODEL_CARD.md`` (:mod:`covidseg.model_card`).
 ONNX and TorchScript hold the whole Predictor: every network of an ensemble, the resizing to each
 network's side, flip TTA, lung restriction and the presence gate. The ``.json`` beside the file
 says how to feed it and read it, and carries the model spec (plain data, validated on load).
@@ -25,6 +26,7 @@ from torch import nn
 from covidseg import CONF_DIR
 from covidseg.errors import user_errors
 from covidseg.loader import LoadedModel, inference_overrides, load_predictor
+from covidseg.model_card import render_model_card
 from covidseg.model_spec import ExportMetadata, ModelFileError, ModelSpec
 from covidseg.predictor import Predictor
 
@@ -116,15 +118,25 @@ EXPORTERS = {
 }
 
 
+def export(cfg: DictConfig) -> Path:
+    """Export what ``cfg.ckpt_path`` names to ``cfg.output`` in ``cfg.format``, with the metadata
+    ``.json`` and a ``MODEL_CARD.md`` beside it; returns the model file."""
+    if cfg.format not in EXPORTERS:
+        raise ModelFileError(f"format={cfg.format!r} is not one of {', '.join(EXPORTERS)}")
+    loaded = load_predictor(cfg.ckpt_path, cfg.paths.log_dir, **inference_overrides(cfg))
+    exporter, suffix = EXPORTERS[cfg.format]
+    path = exporter(loaded, Path(cfg.output) / f"model{suffix}")
+    files = sorted(file.name for file in path.parent.glob(f"{path.stem}.*"))
+    card = path.parent / "MODEL_CARD.md"
+    card.write_text(render_model_card(loaded.spec, loaded.paths[0].stem, files))
+    Console().print(f"exported {path}, {path.with_suffix('.json')} and {card}", markup=False, highlight=False)
+    return path
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
 def main(cfg: DictConfig) -> None:
     with user_errors():
-        if cfg.format not in EXPORTERS:
-            raise ModelFileError(f"format={cfg.format!r} is not one of {', '.join(EXPORTERS)}")
-        loaded = load_predictor(cfg.ckpt_path, cfg.paths.log_dir, **inference_overrides(cfg))
-        exporter, suffix = EXPORTERS[cfg.format]
-        path = exporter(loaded, Path(cfg.output) / f"model{suffix}")
-        Console().print(f"exported {path} and {path.with_suffix('.json')}", markup=False, highlight=False)
+        export(cfg)
 
 
 if __name__ == "__main__":

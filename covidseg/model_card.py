@@ -1,0 +1,110 @@
+"""A model card (Markdown) from a model spec: what the model is, what it was trained and measured
+on, what it is for and where it fails. ``export`` writes one beside every export; the shipped
+model's ``covidseg/pretrained/MODEL_CARD.md`` is this function's output for its spec (a test keeps
+the two equal), so a card never says more than its model file records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from covidseg.model_spec import ModelSpec
+
+DATASET = (
+    "COVID-QU-Ex, *Infection Segmentation Data* (Tahir et al., 2021; "
+    "[Kaggle](https://www.kaggle.com/datasets/anasmohammedtahir/covidqu), CC BY-SA 4.0): "
+    "256×256 8-bit chest X-rays with infection and lung masks; Train 1864 / Val 466 / Test 583 "
+    "COVID-19 images, and Non-COVID and Normal images (932 / 233 of each in Train / Val) whose "
+    "infection masks are empty"
+)
+METRIC_NAMES = {
+    "dice": "Dice, per image (mean over COVID-19 images)",
+    "iou": "IoU, per image",
+    "dice_pooled": "Dice, pooled over all pixels",
+    "iou_pooled": "IoU, pooled",
+    "healthy_val_images_below_1pct_area": "healthy Val images (Non-COVID, Normal) predicted below 1 % infected area",
+}
+INTENDED_USE = """\
+- Research on segmenting COVID-19 infection in chest X-rays: comparing methods, measuring the
+  extent of opacities in a study, teaching.
+- **Not a diagnostic device.** It has not been cleared by any regulator, tested prospectively or
+  validated on data from other hospitals; do not use it to decide anything about a patient."""
+LIMITS = """\
+- Trained and validated on COVID-QU-Ex only (256×256 frontal views, as the dataset publishes
+  them); other scanners, paediatric images, lateral views, post-processing or devices in the image
+  are outside what it was measured on.
+- Infected area is the share of the *image* (or of the predicted lungs, for lung models); left and
+  right in severity are the patient's, assuming a standard PA/AP view (patient's left on the image's
+  right).
+- Small lesions are the weak spot: per-image Dice falls for lesions of a few percent of the image,
+  and an image with a presence probability below the presence threshold gets an empty mask.
+- The metrics above are on Val, which also chose the thresholds; the held-out Test split was not
+  used, so expect them to be optimistic."""
+
+
+def _networks(spec: ModelSpec) -> str:
+    lines = []
+    for network in spec.networks:
+        options = ", ".join(f"{key} {value}" for key, value in network.options.items())
+        side = network.input_size or spec.image_size
+        head = ", presence head" if network.presence_head else ""
+        lines.append(f"- `{network.name}` ({options}){head}; runs at {side}×{side}")
+    return "\n".join(lines)
+
+
+def _metrics(metrics: dict[str, Any]) -> str:
+    rows = [(METRIC_NAMES[key], metrics[key]) for key in METRIC_NAMES if key in metrics]
+    if not rows:
+        return "No metrics are recorded in this model file: measure it with `python -m covidseg.eval`."
+    where = f"split {metrics.get('split', '?')}, class {metrics.get('classes', '?')}"
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    return f"Measured on {where}.\n\n| metric | value |\n|---|---:|\n{table}"
+
+
+def render_model_card(spec: ModelSpec, name: str, files: Sequence[str]) -> str:
+    """The card's Markdown for a model spec and its file names."""
+    inference = spec.inference
+    settings = f"threshold {inference.threshold}"
+    if inference.presence_threshold is not None:
+        settings += f", presence threshold {inference.presence_threshold}"
+    settings += f", flip TTA {'on' if inference.flip_tta else 'off'}"
+    if "lung" in spec.targets and "infection" in spec.targets:
+        settings += f", infection kept inside the lungs {'on' if inference.restrict_to_lungs else 'off'}"
+    classes = ", ".join(spec.data.classes) or "not recorded"
+    recipe = spec.metrics.get("recipe", "not recorded in this model file")
+    count = len(spec.networks)
+    what = f"An ensemble of {count} U-Net-family networks" if count > 1 else "A U-Net-family network"
+    outputs = ", ".join(spec.targets) + (", and a presence probability" if spec.has_presence else "")
+    return f"""# Model card: {name}
+
+{what} segmenting {" and ".join(spec.targets)} in chest X-rays, made with covidseg.
+Files: {", ".join(f"`{file}`" for file in files)}. Load with
+`ckpt_path=<file>` in `covidseg.eval`, `predict`, `serve` or `export`; the weights are plain tensors
+and the model spec is plain data (nothing in the files chooses code to run).
+
+## Model
+
+{_networks(spec)}
+- Input: one grayscale image resized to {spec.image_size}×{spec.image_size}, divided by 255
+- Output: a probability per pixel for {outputs}
+- Inference settings: {settings}
+
+## Training
+
+- Data: {DATASET}
+- Classes trained on: {classes}
+- Recipe: {recipe}
+
+## Metrics
+
+{_metrics(spec.metrics)}
+
+## Intended use
+
+{INTENDED_USE}
+
+## Known limits
+
+{LIMITS}
+"""
