@@ -7,7 +7,9 @@ train and the benchmark go through :func:`build_run`.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -23,7 +25,15 @@ from covidseg.models.registry import NETWORKS, network_name
 
 OmegaConf.register_new_resolver("len", len, replace=True)
 OmegaConf.register_new_resolver("cpu_precision", cpu_precision, replace=True)
+OmegaConf.register_new_resolver("tag_dict", lambda tags: {str(tag): "true" for tag in tags or []}, replace=True)
+OmegaConf.register_new_resolver("wandb_offline", lambda: not wandb_logged_in(), replace=True)
 log = logging.getLogger(__name__)
+
+
+def wandb_logged_in() -> bool:
+    """An API key in the environment or a ``wandb login`` entry in ``~/.netrc``."""
+    netrc = Path.home() / ".netrc"
+    return bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
 
 
 @dataclass

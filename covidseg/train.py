@@ -13,6 +13,7 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from covidseg import CONF_DIR
@@ -134,6 +135,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     if not trainer.is_global_zero:
         return metrics, objective
     write_metrics(output_dir, metrics)
+    for logger in trainer.loggers:
+        if isinstance(logger, MLFlowLogger):  # the run's config and best checkpoint beside its metrics
+            config = OmegaConf.to_container(cfg, resolve=True)
+            logger.experiment.log_dict(logger.run_id, config, "config/config.yaml")
+            if best_path:
+                logger.experiment.log_artifact(logger.run_id, best_path, "checkpoints")
     print_summary(
         f"{cfg.task_name}: final metrics",
         metrics,
