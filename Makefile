@@ -18,8 +18,8 @@ lint:  ## ruff check and ruff format --check
 	$(PYTHON) -m ruff check covidseg tests
 	$(PYTHON) -m ruff format --check covidseg tests
 
-train:  ## Train on synthetic data for two epochs (a first run that needs no download)
-	$(PYTHON) -m covidseg.train data=synthetic trainer.max_epochs=2
+train:  ## The first run: learn the synthetic phantoms (no download; about 15 s)
+	$(PYTHON) -m covidseg.train experiment=quickstart
 
 bench:  ## Measure CPU training/inference throughput (fp32, NHWC, bf16, ONNX) against the machine's matmul rate
 	$(PYTHON) -m covidseg.bench

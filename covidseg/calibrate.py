@@ -28,6 +28,7 @@ from covidseg import CONF_DIR
 from covidseg.callbacks import ThresholdSweep
 from covidseg.errors import user_errors
 from covidseg.eval import load_for_data, run_test_loop
+from covidseg.framework_noise import quiet_framework_noise
 from covidseg.metrics import CLEAN_AREA_SHARE
 from covidseg.run_files import write_run_info
 
@@ -139,6 +140,7 @@ def print_choice(result: dict[str, Any], path: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="calibrate")
 def main(cfg: DictConfig) -> None:
+    quiet_framework_noise()
     with user_errors():
         calibrate(cfg)
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import lightning as L
 import numpy as np
 import torch
 import yaml
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -32,6 +35,45 @@ from covidseg.predictor import Predictor
 from covidseg.run_files import write_run_info
 from covidseg.severity import agreement, severity
 from covidseg.visualize import comparison_row
+
+
+class EpochLines(ProgressBar):
+    """Progress as one line per epoch (epoch, seconds, the epoch's metrics), for output that is not
+    a terminal (a log file, CI), where a live progress bar breaks into fragments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enabled = True
+        self.started = time.perf_counter()
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.enabled or not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        shown = " ".join(
+            f"{name} {float(metrics[name]):.4f}"
+            for name in sorted(metrics)
+            if name.endswith(("loss_epoch", "/dice")) or name in ("val/loss",)
+        )
+        epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        print(
+            f"epoch {trainer.current_epoch + 1}{epochs}  {time.perf_counter() - self.started:.1f} s  {shown}",
+            flush=True,
+        )
+
+
+def progress_display() -> ProgressBar:
+    """Rich's live progress bar in a terminal; one line per epoch otherwise (logs, CI)."""
+    return RichProgressBar() if sys.stdout.isatty() else EpochLines()
 
 
 class EmbedModelSpec(L.Callback):

@@ -19,6 +19,7 @@ from covidseg.config_checks import check_settings
 from covidseg.data import CovidQuExDataModule
 from covidseg.errors import user_errors
 from covidseg.eval_report import write_eval_report
+from covidseg.framework_noise import quiet_framework_noise
 from covidseg.loader import LoadedModel, inference_bf16, inference_overrides, load_predictor
 from covidseg.predictor import PredictorModule
 from covidseg.run_files import print_summary, write_metrics, write_per_image, write_run_info
@@ -77,6 +78,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def main(cfg: DictConfig) -> None:
+    quiet_framework_noise()
     with user_errors():
         evaluate(cfg)
 

@@ -21,6 +21,7 @@ from covidseg.builders import build_run
 from covidseg.callbacks import RecordRunStart
 from covidseg.config_checks import check_settings
 from covidseg.errors import ConfigError, user_errors
+from covidseg.framework_noise import quiet_framework_noise
 from covidseg.loader import check_checkpoint, resolve_ckpt_path
 from covidseg.model_spec import ModelFileError
 from covidseg.run_files import print_summary, write_metrics, write_run_info
@@ -155,6 +156,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    quiet_framework_noise()
     with user_errors():
         _, objective = train(cfg)
     return objective

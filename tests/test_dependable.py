@@ -22,7 +22,7 @@ RESUMABLE = [
     "trainer.max_epochs=3",
     "trainer.deterministic=true",
     "callbacks.last_checkpoint.every_n_train_steps=1",
-    "~callbacks.rich_progress_bar",
+    "~callbacks.progress_bar",
     "~callbacks.model_summary",
     "logger=csv",
     "test=false",

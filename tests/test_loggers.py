@@ -14,7 +14,17 @@ from covidseg.train import train
 @pytest.mark.slow
 def test_a_tiny_run_logged_to_mlflow_reads_back(compose_cfg, tmp_path: Path) -> None:
     mlflow = pytest.importorskip("mlflow")
-    cfg = compose_cfg("train", [*FAST, "logger=many", "tags=[smoke,tiny]", "test=false", "trainer.max_epochs=2", "trainer.log_every_n_steps=1"])
+    cfg = compose_cfg(
+        "train",
+        [
+            *FAST,
+            "logger=many",
+            "tags=[smoke,tiny]",
+            "test=false",
+            "trainer.max_epochs=2",
+            "trainer.log_every_n_steps=1",
+        ],
+    )
     train(cfg)
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("train")

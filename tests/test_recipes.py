@@ -195,3 +195,35 @@ def test_calibrate_choices_are_what_eval_measures_with_them(compose_cfg, tmp_pat
     assert (
         loaded.spec.inference == loaded.predictor.settings == InferenceSettings(threshold=0.3, presence_threshold=0.4)
     )
+
+
+@pytest.mark.slow
+def test_the_quickstart_run_learns_the_phantoms(compose_cfg) -> None:
+    """The README's first command, with its outputs in the test's folder."""
+    from covidseg.train import train
+
+    metrics, _ = train(compose_cfg("train", ["experiment=quickstart", "test=false"]))
+    assert metrics["val/dice"] >= 0.5
+
+
+def test_progress_is_one_line_per_epoch_when_stdout_is_not_a_terminal(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from covidseg.callbacks import EpochLines, progress_display
+
+    assert isinstance(progress_display(), EpochLines)  # pytest captures stdout: not a terminal
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert isinstance(progress_display(), RichProgressBar)
+    monkeypatch.undo()
+
+    class Trainer:
+        is_global_zero, current_epoch, max_epochs = True, 2, 12
+        callback_metrics = {"val/dice": torch.tensor(0.5), "train/loss_epoch": torch.tensor(1.25), "lr": 1}
+
+    EpochLines().on_train_epoch_end(Trainer(), None)
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith("epoch 3/12  ") and line.endswith("train/loss_epoch 1.2500 val/dice 0.5000")
