@@ -111,10 +111,7 @@ def layer_pngs(result: ImageResult) -> dict[str, str | None]:
     transparent red layer (its opacity is the page's), and the lung outlines as a transparent layer."""
     height, width = result.image.shape
     infection = np.zeros((height, width, 4), np.uint8)
-    infection[result.mask] = (*PREDICTION_COLOR[::-1], 255)
-    infection_outline = outline(np.zeros((height, width, 3), np.uint8), result.mask, PREDICTION_COLOR[::-1])
-    edge = infection_outline.any(axis=2)
-    infection[edge] = (*PREDICTION_COLOR[::-1], 255)
+    infection[result.mask] = (*PREDICTION_COLOR[::-1], 255)  # BGRA
     lungs = None
     if result.lung is not None:
         drawn = outline(np.zeros((height, width, 3), np.uint8), result.lung, LUNG_COLOR[::-1])
@@ -126,7 +123,7 @@ def layer_pngs(result: ImageResult) -> dict[str, str | None]:
     }
 
 
-def model_card(model: LoadedBackend) -> dict[str, Any]:
+def model_info(model: LoadedBackend) -> dict[str, Any]:
     """What ``GET /api/model`` says: an id from the weights' bytes, the networks, sizes, targets,
     inference settings and the Val metrics and recipe recorded in the model file (names, no paths)."""
     digest = hashlib.sha256()
@@ -153,7 +150,7 @@ class Segmenter:
 
     def __init__(self, model: LoadedBackend, settings: ServeSettings) -> None:
         self.model, self.settings = model, settings
-        self.card = model_card(model)
+        self.card = model_info(model)
         self.limiter = anyio.CapacityLimiter(settings.workers)
         self.waiting = 0
 
