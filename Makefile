@@ -21,8 +21,8 @@ lint:  ## ruff check and ruff format --check
 train:  ## The first run: learn the synthetic phantoms (no download; about 15 s)
 	$(PYTHON) -m covidseg.train experiment=quickstart
 
-bench:  ## Measure CPU training/inference throughput (fp32, NHWC, bf16, ONNX) against the machine's matmul rate
-	$(PYTHON) -m covidseg.bench
+bench:  ## Measure CPU training/inference throughput of fast_cpu's network (fp32, NHWC, bf16, ONNX); any recipe: python -m covidseg.bench experiment=...
+	$(PYTHON) -m covidseg.bench experiment=fast_cpu
 
 bench-serve:  ## Load-test the server: 200 requests from 16 clients (throughput, p50/p95, errors, memory)
 	$(PYTHON) -m covidseg.serve_bench

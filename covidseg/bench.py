@@ -144,12 +144,14 @@ def inference(module: torch.nn.Module, batches: list[dict], bf16: bool = False) 
     return sum(len(b["image"]) for b in batches) / (time.perf_counter() - started)
 
 
-# Precision and memory-format variants compared side by side: name -> (bf16, channels_last).
-VARIANTS = {"fp32": (False, False), "fp32+NHWC": (False, True), "bf16+NHWC": (True, True)}
+# Precision and memory-format variants compared side by side: name -> (bf16, channels_last, compile).
+VARIANTS = {"fp32": (False, False, False), "fp32+NHWC": (False, True, False), "bf16+NHWC": (True, True, False)}
+COMPILED = {"bf16+NHWC+compile": (True, True, True)}  # --compile: torch.compile's first step is timed apart
 
 
-def _train_steps(module: torch.nn.Module, batches: list[dict], bf16: bool) -> float:
-    """Images per second of bare training steps over ``batches`` (after one untimed step)."""
+def _train_steps(module: torch.nn.Module, batches: list[dict], bf16: bool, first_step: list | None = None) -> float:
+    """Images per second of bare training steps over ``batches`` (after one untimed step, whose
+    seconds are appended to ``first_step``: compilation happens there)."""
     optimizer = module.optimizer_factory(params=module.parameters())
     module.train()
 
@@ -160,7 +162,10 @@ def _train_steps(module: torch.nn.Module, batches: list[dict], bf16: bool) -> fl
         loss.backward()
         optimizer.step()
 
+    started = time.perf_counter()
     step(batches[0])
+    if first_step is not None:
+        first_step.append(time.perf_counter() - started)
     started = time.perf_counter()
     for batch in batches:
         step(batch)
@@ -171,28 +176,32 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values))}
 
 
-def compare_variants(cfg: DictConfig, datamodule, rounds: int, steps: int) -> dict:
-    """fp32, fp32 NHWC and bf16 NHWC training and inference, and ONNX Runtime (fp32) inference, in
-    interleaved rounds (A B C A B C ...): the median, min and max of each, and speed-ups against fp32."""
+def compare_variants(cfg: DictConfig, datamodule, rounds: int, steps: int, compiled: bool = False) -> dict:
+    """fp32, fp32 NHWC and bf16 NHWC training and inference (and with ``compiled`` bf16 NHWC under
+    ``torch.compile``), and ONNX Runtime (fp32) inference, in interleaved rounds (A B C A B C ...):
+    the median, min and max of each, and speed-ups against fp32."""
     import onnxruntime
 
     from covidseg.export import trace_onnx
 
     train_batches = [batch for _, batch in zip(range(steps), datamodule.train_dataloader(), strict=False)]
     eval_batches = [batch for _, batch in zip(range(max(2, steps)), datamodule.val_dataloader(), strict=False)]
+    variants = VARIANTS | (COMPILED if compiled else {})
     modules = {}
-    for name, (_, channels_last) in VARIANTS.items():
+    for name, (_, channels_last, compile_network) in variants.items():
         torch.manual_seed(cfg.seed)
-        modules[name] = instantiate(cfg.model, channels_last=channels_last)
+        modules[name] = instantiate(cfg.model, channels_last=channels_last, compile=compile_network)
     with tempfile.TemporaryDirectory() as folder:  # the session keeps the graph in memory
         onnx_path = trace_onnx(
             predictor_of(modules["fp32"]).eval(), eval_batches[0]["image"][:1], Path(folder) / "m.onnx"
         )
         session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     measured: dict[str, list[float]] = {}
+    first_steps: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
-        for name, (bf16, _) in VARIANTS.items():
-            measured.setdefault(f"train {name}", []).append(_train_steps(modules[name], train_batches, bf16))
+        for name, (bf16, _, _) in variants.items():
+            speed = _train_steps(modules[name], train_batches, bf16, first_steps[name])
+            measured.setdefault(f"train {name}", []).append(speed)
             measured.setdefault(f"infer {name}", []).append(inference(modules[name], eval_batches, bf16))
         session.run(None, {"image": eval_batches[0]["image"].numpy()})
         started = time.perf_counter()
@@ -203,13 +212,16 @@ def compare_variants(cfg: DictConfig, datamodule, rounds: int, steps: int) -> di
     figures = {name: _spread(values) for name, values in measured.items()}
     for name, figure in figures.items():
         figure["speedup"] = figure["median"] / figures[f"{name.split()[0]} fp32"]["median"]
+    for name in COMPILED if compiled else ():  # the first round's first step holds the compilation
+        figures[f"train {name}"]["first_step_s"] = first_steps[name][0]
     return figures
 
 
 def variants_markdown(figures: dict) -> str:
-    lines = ["| path | img/s (median) | min–max | × fp32 |", "|---|---:|---:|---:|"]
+    lines = ["| path | img/s (median) | min–max | × fp32 | first step |", "|---|---:|---:|---:|---:|"]
     lines += [
-        f"| {name} | {f['median']:.2f} | {f['min']:.2f}–{f['max']:.2f} | {f['speedup']:.2f} |"
+        f"| {name} | {f['median']:.2f} | {f['min']:.2f}–{f['max']:.2f} | {f['speedup']:.2f} "
+        f"| {f'{first:.1f} s' if (first := f.get('first_step_s')) is not None else ''} |"
         for name, f in figures.items()
     ]
     return "\n".join(lines) + "\n"
@@ -236,7 +248,7 @@ def compose_bench_config(overrides: list[str]) -> DictConfig:
     return compose_config("train", overrides, output_dir="unused")
 
 
-def run(cfg: DictConfig, steps: int, warmup: int, rounds: int = 2) -> dict:
+def run(cfg: DictConfig, steps: int, warmup: int, rounds: int = 2, compiled: bool = False) -> dict:
     results: dict = {
         "model": cfg.model.net._target_.rsplit(".", 1)[-1],
         "data": str(cfg.data.root),
@@ -273,7 +285,7 @@ def run(cfg: DictConfig, steps: int, warmup: int, rounds: int = 2) -> dict:
     results["infer_efficiency"] = results["infer_gflops"] / results["matmul_gflops"]
     results["framework_overhead_ratio"] = results["train_img_s"] / results["train_plain_img_s"]
     results["data_to_train_ratio"] = results["data_img_s"] / results["train_img_s"]
-    results["variants"] = compare_variants(cfg, datamodule, rounds, steps)
+    results["variants"] = compare_variants(cfg, datamodule, rounds, steps, compiled)
     return results
 
 
@@ -308,10 +320,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the precision variants")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"), help="folder for bench.json/bench.md")
+    parser.add_argument("--compile", action="store_true", help="add bf16+NHWC under torch.compile (slow first step)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the train config")
     args = parser.parse_args()
     cfg = compose_bench_config(args.overrides)
-    results = run(cfg, args.steps, args.warmup, args.rounds)
+    results = run(cfg, args.steps, args.warmup, args.rounds, args.compile)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results) + "\n" + variants_markdown(results["variants"])

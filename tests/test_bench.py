@@ -23,6 +23,10 @@ def test_bench_reports_every_figure_on_a_tiny_model(compose_cfg, tmp_path: Path)
         v["min"] <= v["median"] <= v["max"] for v in variants.values()
     )
     assert "| infer onnxruntime fp32 |" in bench.variants_markdown(variants)
+    compiled = {"median": 4.0, "min": 3.0, "max": 5.0, "speedup": 2.0, "first_step_s": 31.25}
+    assert "| train bf16+NHWC+compile | 4.00 | 3.00–5.00 | 2.00 | 31.2 s |" in bench.variants_markdown(
+        {"train bf16+NHWC+compile": compiled}
+    )
     assert "not met" in bench.markdown({"first_batch_s": 6.0}) and "(met)" in bench.markdown({"first_batch_s": 4.0})
 
 
