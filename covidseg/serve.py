@@ -69,7 +69,7 @@ class ServeSettings(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    workers: int = Field(1, ge=1, le=64)
+    workers: int = Field(2, ge=1, le=64)
     max_queue: int = Field(64, ge=0)
     max_upload_mb: float = Field(20, gt=0)
     max_pixels: int = Field(50_000_000, ge=1)

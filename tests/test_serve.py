@@ -257,7 +257,7 @@ def test_bad_server_settings_are_one_line_and_exit_2(override: str, message: str
 
 def test_serve_config_composes() -> None:
     cfg = compose_config("serve", ["port=0"])
-    assert (cfg.host, cfg.ckpt_path, cfg.workers) == ("127.0.0.1", "pretrained", 1)
+    assert (cfg.host, cfg.ckpt_path, cfg.workers) == ("127.0.0.1", "pretrained", 2)
 
 
 @pytest.mark.slow
