@@ -1,9 +1,10 @@
 """Choose the pixel threshold and the presence threshold of a trained model on Val.
 
-python -m covidseg.calibrate ckpt_path=PATH [min_healthy_rate=0.95]
+python -m covidseg.calibrate ckpt_path=PATH [min_healthy_rate=0.95] [flip_tta=true|false]
 
-One pass over Val (all three classes) records, per image and per candidate pixel threshold, the
-predicted and overlapping infected areas, plus the presence probability. Every pair (pixel
+One pass over Val (all three classes) per flip setting (without and with horizontal flip TTA,
+unless ``flip_tta`` names one) records, per image and per candidate pixel threshold, the
+predicted and overlapping infected areas, plus the presence probability. Every (flip TTA, pixel
 threshold, presence threshold) is then scored: per-image Dice on images with infection, and the
 share of images without infection predicted below 1 % of the image (``CLEAN_AREA_SHARE``). The pair kept
 is the best Dice among those that keep at least ``min_healthy_rate`` of healthy images clean
@@ -39,6 +40,7 @@ class Choice:
     presence_threshold: float | None
     dice: float
     healthy_clean_rate: float
+    flip_tta: bool = False
 
 
 def score_choices(
@@ -49,6 +51,7 @@ def score_choices(
     thresholds: list[float],
     presence_thresholds: list[float],
     max_area: float,
+    flip_tta: bool = False,
 ) -> list[Choice]:
     """Per-image Dice on infected images and clean share of healthy images, for every pair."""
     infected = truth > 0
@@ -63,9 +66,8 @@ def score_choices(
             overlap = np.where(kept, intersection[:, column], 0)
             total = area + truth
             dice = np.where(total == 0, 1.0, 2 * overlap / np.maximum(total, 1))
-            choices.append(
-                Choice(threshold, gate, float(dice[infected].mean()), float((area[~infected] < max_area).mean()))
-            )
+            clean = float((area[~infected] < max_area).mean())
+            choices.append(Choice(threshold, gate, float(dice[infected].mean()), clean, flip_tta))
     return choices
 
 
@@ -81,25 +83,34 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     loaded, datamodule = load_for_data(cfg)
     predictor = loaded.predictor
-    # ungated probabilities: score_choices applies each candidate gate itself
-    predictor.settings = predictor.settings.model_copy(update={"presence_threshold": None})
     output_dir = Path(cfg.paths.output_dir)
     write_run_info(output_dir)
     thresholds = sorted({*cfg.thresholds, predictor.threshold})
-    sweep = ThresholdSweep(thresholds, predictor.targets.index(predictor.primary_target))
-    run_test_loop(cfg, loaded, datamodule, [sweep])
-    predicted, intersection, truth = sweep.areas()
-    choices = score_choices(
-        predicted,
-        intersection,
-        truth,
-        sweep.presence_probability(),
-        thresholds,
-        list(cfg.presence_thresholds),
-        CLEAN_AREA_SHARE * loaded.spec.image_size**2,
-    )
+    own_flip = predictor.settings.flip_tta
+    flips = [own_flip] if cfg.flip_tta is not None else [False, True]
+    choices: list[Choice] = []
+    for flip in flips:
+        # ungated probabilities: score_choices applies each candidate gate itself
+        predictor.settings = predictor.settings.model_copy(update={"presence_threshold": None, "flip_tta": flip})
+        sweep = ThresholdSweep(thresholds, predictor.targets.index(predictor.primary_target))
+        run_test_loop(cfg, loaded, datamodule, [sweep])
+        predicted, intersection, truth = sweep.areas()
+        choices += score_choices(
+            predicted,
+            intersection,
+            truth,
+            sweep.presence_probability(),
+            thresholds,
+            list(cfg.presence_thresholds),
+            CLEAN_AREA_SHARE * loaded.spec.image_size**2,
+            flip,
+        )
     chosen = choose(choices, cfg.min_healthy_rate)
-    untouched = next(c for c in choices if c.presence_threshold is None and c.threshold == predictor.threshold)
+    untouched = next(
+        c
+        for c in choices
+        if c.presence_threshold is None and c.threshold == predictor.threshold and c.flip_tta == own_flip
+    )
     result = {
         "ckpt_path": loaded.description,
         "split": datamodule.split,
@@ -118,18 +129,19 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
 
 def print_choice(result: dict[str, Any], path: Path) -> None:
     table = Table(title=f"calibration on {result['split']}: {result['ckpt_path']}")
-    for column in ("", "threshold", "presence_threshold", "Dice (infected)", "healthy clean"):
+    for column in ("", "flip_tta", "threshold", "presence_threshold", "Dice (infected)", "healthy clean"):
         table.add_column(column, justify="right")
     for label in ("as_trained", "chosen"):
         row = result[label]
-        table.add_row(label, f"{row['threshold']:.2f}", str(row["presence_threshold"]), f"{row['dice']:.4f}",
-                      f"{row['healthy_clean_rate']:.3f}")  # fmt: skip
+        table.add_row(label, str(row["flip_tta"]).lower(), f"{row['threshold']:.2f}", str(row["presence_threshold"]),
+                      f"{row['dice']:.4f}", f"{row['healthy_clean_rate']:.3f}")  # fmt: skip
     console = Console()
     console.print(table)
     chosen = result["chosen"]
     settings = f"threshold={chosen['threshold']}"
     if chosen["presence_threshold"] is not None:
         settings += f" presence_threshold={chosen['presence_threshold']}"
+    settings += f" flip_tta={str(chosen['flip_tta']).lower()}"
     console.print(
         f"use with eval, predict or export: {settings}\nall pairs: {path}",
         markup=False,

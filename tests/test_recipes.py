@@ -156,6 +156,7 @@ def test_choices_score_dice_on_infected_images_and_cleanliness_on_healthy_ones()
     assert by_pair[0.4, 0.7].healthy_clean_rate == 1  # healthy image gated off
     # clean enough: (0.6, no gate) Dice 0.375, (0.4, gate 0.7) Dice 0.4, (0.6, gate 0.7) Dice 0.375
     assert choose(choices, 0.9) == Choice(0.4, 0.7, pytest.approx(0.4), 1.0)
+    assert {choice.flip_tta for choice in choices} == {False}
     assert choose(choices, 0.0) == by_pair[0.4, None]
     with pytest.raises(ValueError, match="eval_classes"):
         score_choices(predicted[:2], intersection[:2], truth[:2], None, [0.4, 0.6], [], max_area=655)
@@ -176,11 +177,16 @@ def test_calibrate_choices_are_what_eval_measures_with_them(compose_cfg, tmp_pat
     result = calibrate(calibration_cfg)
     assert json.loads((Path(calibration_cfg.paths.output_dir) / "calibration.json").read_text()) == result
     assert result["infected_images"] > 0 and result["healthy_images"] > 0
-    assert len(result["all"]) == 9 * 15  # 9 thresholds x (no gate + 14 presence thresholds)
+    assert len(result["all"]) == 2 * 9 * 15  # flip TTA off/on x 9 thresholds x (no gate + 14 presence thresholds)
     assert Choice(**result["chosen"]) == choose([Choice(**row) for row in result["all"]], 0.5)
-    # any pair (here a gated one) is what eval then measures
-    pair = next(row for row in result["all"] if row["threshold"] == 0.45 and row["presence_threshold"] == 0.5)
-    settings = [f"threshold={pair['threshold']}", f"presence_threshold={pair['presence_threshold']}"]
+    assert result["as_trained"]["flip_tta"] is False and result["as_trained"]["presence_threshold"] is None
+    # any choice (here a gated one with flip TTA) is what eval then measures
+    pair = next(
+        row
+        for row in result["all"]
+        if row["threshold"] == 0.45 and row["presence_threshold"] == 0.5 and row["flip_tta"]
+    )
+    settings = [f"threshold={pair['threshold']}", f"presence_threshold={pair['presence_threshold']}", "flip_tta=true"]
     eval_cfg = compose_cfg("eval", [f"ckpt_path={checkpoint}", *data, *ALL_CLASSES, "data.split=Val", *settings])
     evaluate(eval_cfg)
     with (Path(eval_cfg.paths.output_dir) / "per_image.csv").open() as handle:
