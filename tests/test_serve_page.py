@@ -50,6 +50,8 @@ def test_upload_shows_the_overlay_and_the_apis_percentage(
     assert api["infected_pixels"] > 0  # the phantom's lesion is found, so the overlay has something to show
     with sync_api.sync_playwright() as playwright:
         browser, page = open_page(playwright, server, width, height)
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
         try:
             sync_api.expect(page.locator("#model")).to_contain_text(api["model"])
             page.set_input_files("#file", str(image))
@@ -67,5 +69,45 @@ def test_upload_shows_the_overlay_and_the_apis_percentage(
             page.screenshot(path=tmp_path / "page.png", full_page=True)
             page.set_input_files("#file", {"name": "notes.png", "mimeType": "image/png", "buffer": b"not an image"})
             sync_api.expect(page.locator("#status")).to_contain_text("judged by its content")
+            assert errors == []  # no script error on the page
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="no system Chromium (apt-get install chromium; .ci/run installs it)")
+def test_a_lung_model_shows_severity_and_lung_outlines(tmp_path: Path, cache_dir: Path, xray: np.ndarray) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from conftest import train_tiny
+
+    from covidseg.serve_bench import free_port, start_server, wait_until_up
+
+    checkpoint = train_tiny(tmp_path / "train", cache_dir, "data.targets=[lung,infection]")
+    port = free_port()
+    process = start_server(port, [f"ckpt_path={checkpoint}"], tmp_path / "serve")
+    url = f"http://127.0.0.1:{port}"
+    image = tmp_path / "chest.png"
+    image.write_bytes(png_bytes(xray))
+    try:
+        wait_until_up(url, process)
+        severity = httpx.post(f"{url}/api/predict", files={"file": ("chest.png", image.read_bytes())}).json()[
+            "severity"
+        ]
+        with sync_api.sync_playwright() as playwright:
+            browser, page = open_page(playwright, url, 1280, 800)
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            try:
+                page.set_input_files("#file", str(image))
+                sync_api.expect(page.locator("#severity")).to_be_visible(timeout=30_000)
+                assert page.locator("#zone-score").inner_text() == str(severity["zone_score"])
+                sync_api.expect(page.locator("#lung-toggle")).to_be_visible()
+                assert page.locator("#lung-layer").evaluate("layer => layer.complete && layer.naturalWidth") == 280
+                page.locator("#show-lungs").uncheck()
+                sync_api.expect(page.locator("#lung-layer")).to_be_hidden()
+                assert errors == []
+            finally:
+                browser.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
