@@ -86,6 +86,11 @@ def _newest_last(log_dir: str | Path, task_name: str) -> Path:
     return candidates[-1]
 
 
+def names_last(value: str) -> bool:
+    """``last`` or ``last:<task>`` (unless a file or folder has that name)."""
+    return value == "last" or (value.startswith("last:") and not Path(value).exists())
+
+
 def resolve_ckpt_path(value: str | None, log_dir: str | Path, task_name: str) -> Path | None:
     """One file: ``None`` stays ``None``; ``pretrained``; ``last`` (the newest ``last.ckpt`` of
     ``task_name``) or ``last:<task>`` (of that task); or a path to an existing file."""
@@ -95,7 +100,7 @@ def resolve_ckpt_path(value: str | None, log_dir: str | Path, task_name: str) ->
         if not PRETRAINED.is_file():
             raise ModelFileError(f"ckpt_path=pretrained: {str(PRETRAINED)!r} is not installed")
         return PRETRAINED
-    if value == "last" or (value.startswith("last:") and not Path(value).exists()):
+    if names_last(value):
         return _newest_last(log_dir, value.partition(":")[2] or task_name)
     path = Path(value).expanduser()
     if not path.is_file():
@@ -121,7 +126,7 @@ def resolve_model_paths(value: Any, log_dir: str | Path, task_name: str = "train
     if value is None:
         raise ModelFileError("ckpt_path is not set: give a .ckpt, pretrained, last, a list or a k-fold multirun folder")
     folder = Path(str(value)).expanduser()
-    if str(value) not in ("pretrained", "last") and not str(value).startswith("last:") and folder.is_dir():
+    if str(value) != "pretrained" and not names_last(str(value)) and folder.is_dir():
         for name in ("model.safetensors", "model.onnx"):  # an export folder
             if (folder / name).is_file():
                 return [folder / name]

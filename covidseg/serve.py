@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from covidseg import CONF_DIR
-from covidseg.data.decode import decode_unchanged, image_format, to_gray
+from covidseg.data.decode import decode_unchanged, to_gray
 from covidseg.data.index import DataError, printable
 from covidseg.errors import ConfigError, user_errors
 from covidseg.loader import inference_bf16, inference_overrides
@@ -156,8 +156,8 @@ class Segmenter:
 
     def answer(self, data: bytes, name: str, layers: bool) -> dict[str, Any]:
         started = time.perf_counter()
-        found = image_format(data, name, self.settings.max_pixels)
-        image = to_gray(decode_unchanged(data, name, self.settings.max_pixels))
+        decoded, found = decode_unchanged(data, name, self.settings.max_pixels)
+        image = to_gray(decoded)
         result = segment(self.model.run, self.model.spec, [image])[0]
         inference = self.model.spec.inference
         answer = {

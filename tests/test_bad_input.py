@@ -365,7 +365,7 @@ def test_huge_images_are_refused_from_their_header(tmp_path: Path) -> None:
         read_gray(png)
     with pytest.raises(DataError, match="60000x60000"):
         decode_unchanged(dicom_bytes(np.zeros((4, 4), np.uint8), Rows=60000, Columns=60000), "claims.dcm")
-    small = decode_unchanged(dicom_bytes(np.arange(24, dtype=np.uint8).reshape(4, 6)), "small.dcm")
+    small, _ = decode_unchanged(dicom_bytes(np.arange(24, dtype=np.uint8).reshape(4, 6)), "small.dcm")
     assert small.shape == (4, 6)
 
 

@@ -13,7 +13,9 @@ RAMP = np.arange(4096, dtype=np.uint16).reshape(64, 64)  # every 12-bit value on
 
 
 def decode(pixels: np.ndarray, **attributes) -> np.ndarray:
-    return decode_unchanged(dicom_bytes(pixels, BitsStored=12, HighBit=11, **attributes), "test.dcm")
+    gray, kind = decode_unchanged(dicom_bytes(pixels, BitsStored=12, HighBit=11, **attributes), "test.dcm")
+    assert kind == "DICOM"
+    return gray
 
 
 def test_without_a_window_the_modality_values_are_scaled_to_8_bits() -> None:

@@ -43,12 +43,16 @@ def test_a_tiny_run_logged_to_mlflow_reads_back(compose_cfg, tmp_path: Path) -> 
     assert (tmp_path / "outputs" / "run" / "csv" / "metrics.csv").is_file()  # many = TensorBoard + CSV + MLflow
 
 
-def test_tags_reach_every_logger_config(compose_cfg) -> None:
+def test_tags_reach_every_logger_config(compose_cfg, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     cfg = compose_cfg("train", ["logger=many", "tags=[a]"])
     assert cfg.logger.mlflow.tags == {"a": "true"}
     assert sorted(cfg.logger) == ["csv", "mlflow", "tensorboard"]
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc from `wandb login`
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
     wandb = compose_cfg("train", ["logger=wandb", "tags=[a]"]).logger.wandb
-    assert list(wandb.tags) == ["a"] and wandb.offline in (True, False)
+    assert list(wandb.tags) == ["a"] and wandb.offline is True
+    monkeypatch.setenv("WANDB_API_KEY", "key")
+    assert compose_cfg("train", ["logger=wandb"]).logger.wandb.offline is False
 
 
 def test_wandb_runs_offline_without_a_login(compose_cfg, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -19,11 +19,12 @@ from fastapi.testclient import TestClient
 from helpers import dicom_bytes, png_bytes
 
 from covidseg.configs import compose_config
+from covidseg.loader import INFERENCE_KEYS
 from covidseg.predict import predict
 from covidseg.segment import LoadedBackend, load_backend
 from covidseg.serve import ServeSettings, create_app
 
-NO_OVERRIDES = {"threshold": None, "presence_threshold": None, "flip_tta": None, "restrict_to_lungs": None}
+NO_OVERRIDES = dict.fromkeys(INFERENCE_KEYS)  # every inference setting as the model file has it
 REPO = Path(__file__).resolve().parents[1]
 
 

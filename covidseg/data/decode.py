@@ -114,16 +114,18 @@ def image_format(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> str:
     return found
 
 
-def decode_unchanged(data: bytes, name: str, max_pixels: int = MAX_PIXELS, dicom: bool = False) -> np.ndarray:
-    """Decode image bytes as stored (channels and bit depth kept); ``dicom`` reads a ``.dcm`` file
-    without the DICM preamble too."""
+def decode_unchanged(
+    data: bytes, name: str, max_pixels: int = MAX_PIXELS, dicom: bool = False
+) -> tuple[np.ndarray, str]:
+    """Decode image bytes as stored (channels and bit depth kept) and say which format they were
+    (:func:`image_format`); ``dicom`` reads a ``.dcm`` file without the DICM preamble too."""
     kind = "DICOM" if dicom and data else image_format(data, name, max_pixels)
     if kind == "DICOM":
-        return decode_dicom(data, name, max_pixels)
+        return decode_dicom(data, name, max_pixels), kind
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise DataError(f"{name!r} could not be decoded as an image: the file is corrupt or truncated")
-    return image
+    return image, kind
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:
@@ -138,8 +140,7 @@ def to_gray(image: np.ndarray) -> np.ndarray:
 
 def read_unchanged(path: Path) -> np.ndarray:
     """Decode an image file as stored, from its bytes (type found from the content)."""
-    data = np.fromfile(path, dtype=np.uint8).tobytes()
-    return decode_unchanged(data, str(path), dicom=path.suffix.lower() == ".dcm")
+    return decode_unchanged(path.read_bytes(), str(path), dicom=path.suffix.lower() == ".dcm")[0]
 
 
 def read_gray(path: Path) -> np.ndarray:
