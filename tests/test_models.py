@@ -3,6 +3,7 @@ import torch
 
 from covidseg.metrics import SegmentationScores
 from covidseg.models import BCEDiceLoss, UNet
+from covidseg.models.losses import lovasz_hinge_loss
 
 
 def test_unet_has_the_studys_parameter_count() -> None:
@@ -33,6 +34,31 @@ def test_loss_weights_select_terms() -> None:
     assert bce_only == pytest.approx(torch.log(torch.tensor(2.0)).item())
     # soft Dice with p = 0.5 everywhere: 1 - (2*2 + 1) / (2 + 4 + 1)
     assert dice_only == pytest.approx(1 - 5 / 7)
+
+
+def test_lovasz_hinge_at_unit_margins_is_twice_the_jaccard_loss_per_image() -> None:
+    # logits of +-1 make every pixel's hinge error 0 (right) or 2 (wrong); the Lovász extension is
+    # then 2 * (1 - IoU) of the predicted mask, per image, averaged over the batch
+    generator = torch.Generator().manual_seed(0)
+    target = (torch.rand(3, 1, 8, 8, generator=generator) > 0.6).float()
+    predicted = (torch.rand(3, 1, 8, 8, generator=generator) > 0.5).float()
+    logits = predicted * 2 - 1
+    intersection = (predicted * target).flatten(1).sum(1)
+    union = ((predicted + target) > 0).float().flatten(1).sum(1)
+    expected = (2 * (1 - intersection / union)).mean()
+    assert lovasz_hinge_loss(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert lovasz_hinge_loss(target * 4 - 2, target).item() == 0.0  # right with margin > 1
+
+
+def test_lovasz_weight_adds_the_hinge_and_gives_gradients() -> None:
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 1, 8, 8, generator=generator, requires_grad=True)
+    target = (torch.rand(2, 1, 8, 8, generator=generator) > 0.7).float()
+    combined = BCEDiceLoss(lovasz_weight=0.5)(logits, target)
+    expected = BCEDiceLoss()(logits, target) + 0.5 * lovasz_hinge_loss(logits, target)
+    torch.testing.assert_close(combined, expected)
+    combined.backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
 
 
 def _masks(*rows: list[int]) -> torch.Tensor:

@@ -188,3 +188,28 @@ def test_an_ensemble_evaluates_predicts_and_exports_as_one_model(
         spec["image_size"] = 128
         export.with_suffix(".yaml").write_text(yaml.safe_dump(spec))
         load_predictor([str(a), str(export)], tmp_path)
+
+
+def test_small_batches_read_and_written_alongside_the_model_give_the_same_rows_in_order(
+    compose_cfg, checkpoint, tmp_path
+) -> None:
+    folder = tmp_path / "many"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for index in range(7):
+        cv2.imwrite(str(folder / f"{index}.png"), rng.integers(0, 255, (40 + 9 * index, 64), dtype=np.uint8))
+    (folder / "3.png").write_bytes(b"not an image")  # a gap in the middle batch
+    by_two = compose_cfg("predict", [f"ckpt_path={checkpoint}", f"input={folder}", f"output={tmp_path / 'a'}",
+                                     "batch_size=2", "bf16=false"])  # fmt: skip
+    at_once = compose_cfg("predict", [f"ckpt_path={checkpoint}", f"input={folder}", f"output={tmp_path / 'b'}",
+                                      "batch_size=8", "bf16=false"])  # fmt: skip
+    pipelined, single = predict(by_two), predict(at_once)
+    assert [Path(row["file"]).name for row in pipelined.rows] == ["0.png", "1.png", "2.png", "4.png", "5.png", "6.png"]
+    assert [Path(path).name for path, _ in pipelined.skipped] == ["3.png"]
+    drop_time = [{key: value for key, value in row.items() if key != "seconds"} for row in pipelined.rows]
+    assert drop_time == [{key: value for key, value in row.items() if key != "seconds"} for row in single.rows]
+    for row in pipelined.rows:
+        name = Path(row["file"]).name
+        mask = cv2.imread(str(tmp_path / "a" / f"{name}.mask.png"), cv2.IMREAD_UNCHANGED)
+        assert int(row["infected_pixels"]) == int((mask > 0).sum())
+        assert (mask == cv2.imread(str(tmp_path / "b" / f"{name}.mask.png"), cv2.IMREAD_UNCHANGED)).all()

@@ -1,4 +1,10 @@
-"""BCE-with-logits plus soft Dice: the study's combined loss."""
+"""BCE-with-logits plus soft Dice (the study's combined loss), optionally plus the Lovász hinge.
+
+The Lovász hinge (Berman et al., CVPR 2018) is written here rather than taken from a package: the
+packages that ship it (segmentation_models_pytorch, pytorch-toolbelt) pull in torchvision, which
+this CPU-only project keeps out. It is the convex surrogate of 1 - IoU, computed per image, so it
+aims at the per-image metric the project reports.
+"""
 
 from __future__ import annotations
 
@@ -16,16 +22,37 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
     return (1 - (2 * intersection + smooth) / (total + smooth)).mean()
 
 
-class BCEDiceLoss(nn.Module):
-    """``bce_weight * BCEWithLogits + dice_weight * (1 - soft Dice)``."""
+def lovasz_hinge_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Lovász hinge per image and channel, averaged: errors sorted, weighted by the Jaccard steps."""
+    logits = logits.flatten(2)
+    target = target.flatten(2)
+    errors = 1 - logits * (2 * target - 1)
+    errors_sorted, order = errors.sort(dim=-1, descending=True)
+    target_sorted = target.gather(-1, order)
+    positives = target_sorted.sum(-1, keepdim=True)
+    intersection = positives - target_sorted.cumsum(-1)
+    union = positives + (1 - target_sorted).cumsum(-1)
+    jaccard = 1 - intersection / union
+    jaccard_steps = torch.cat([jaccard[..., :1], jaccard[..., 1:] - jaccard[..., :-1]], dim=-1)
+    return (F.relu(errors_sorted) * jaccard_steps).sum(-1).mean()
 
-    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0) -> None:
+
+class BCEDiceLoss(nn.Module):
+    """``bce_weight * BCEWithLogits + dice_weight * (1 - soft Dice) + lovasz_weight * Lovász hinge``."""
+
+    def __init__(
+        self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0, lovasz_weight: float = 0.0
+    ) -> None:
         super().__init__()
         self.bce_weight = bce_weight
         self.dice_weight = dice_weight
         self.smooth = smooth
+        self.lovasz_weight = lovasz_weight
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()  # under bf16 autocast the loss and its sums stay in fp32
         bce = F.binary_cross_entropy_with_logits(logits, target)
-        return self.bce_weight * bce + self.dice_weight * soft_dice_loss(logits, target, self.smooth)
+        loss = self.bce_weight * bce + self.dice_weight * soft_dice_loss(logits, target, self.smooth)
+        if self.lovasz_weight:
+            loss = loss + self.lovasz_weight * lovasz_hinge_loss(logits, target)
+        return loss
