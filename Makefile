@@ -24,6 +24,9 @@ train:  ## The first run: learn the synthetic phantoms (no download; about 15 s)
 bench:  ## Measure CPU training/inference throughput of fast_cpu's network (fp32, NHWC, bf16, ONNX); any recipe: python -m covidseg.bench experiment=...
 	$(PYTHON) -m covidseg.bench experiment=fast_cpu
 
+bench-predict:  ## Time predict with the shipped model over Val COVID-19 X-rays (or phantoms), fp32 vs bf16
+	$(PYTHON) -m covidseg.predict_bench
+
 bench-serve:  ## Load-test the server: 200 requests from 16 clients (throughput, p50/p95, errors, memory)
 	$(PYTHON) -m covidseg.serve_bench
 
@@ -36,4 +39,4 @@ report:  ## Render learning curves of a run (RUN=outputs/<task>/runs/<date>, def
 tensorboard:  ## Open TensorBoard on every run under outputs/
 	tensorboard --logdir outputs/
 
-.PHONY: help install test test-fast lint train bench bench-serve serve report tensorboard
+.PHONY: help install test test-fast lint train bench bench-predict bench-serve serve report tensorboard

@@ -172,7 +172,7 @@ def _train_steps(module: torch.nn.Module, batches: list[dict], bf16: bool, first
     return sum(len(b["image"]) for b in batches) / (time.perf_counter() - started)
 
 
-def _spread(values: list[float]) -> dict[str, float]:
+def spread(values: list[float]) -> dict[str, float]:
     return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values))}
 
 
@@ -209,7 +209,7 @@ def compare_variants(cfg: DictConfig, datamodule, rounds: int, steps: int, compi
             session.run(None, {"image": batch["image"].numpy()})
         images = sum(len(b["image"]) for b in eval_batches)
         measured.setdefault("infer onnxruntime fp32", []).append(images / (time.perf_counter() - started))
-    figures = {name: _spread(values) for name, values in measured.items()}
+    figures = {name: spread(values) for name, values in measured.items()}
     for name, figure in figures.items():
         figure["speedup"] = figure["median"] / figures[f"{name.split()[0]} fp32"]["median"]
     for name in COMPILED if compiled else ():  # the first round's first step holds the compilation

@@ -13,8 +13,6 @@ import os
 import sys
 import tempfile
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,29 +115,6 @@ class PredictRun:
     failed: list[tuple[Path, str]] = field(default_factory=list)  # outputs that could not be written
 
 
-def read_batch(paths: list[Path]) -> tuple[list[np.ndarray], list[Path], list[tuple[Path, str]]]:
-    """The decoded images of ``paths``, the paths they came from, and the unreadable ones with why."""
-    images, readable, skipped = [], [], []
-    for path in paths:
-        try:
-            images.append(read_gray(path))
-            readable.append(path)
-        except (DataError, OSError) as error:
-            skipped.append((path, str(error)))
-    return images, readable, skipped
-
-
-def collect_write(run: PredictRun, path: Path, result: ImageResult, seconds: float, written: Future) -> None:
-    """Wait for one image's files; its CSV row if they were written, else the reason in ``run.failed``."""
-    try:
-        written.result()
-    except (DataError, OSError) as error:
-        run.failed.append((path, str(error)))
-        return
-    row = {"file": printable(path), **result.stats(), **(result.severity() or {})}
-    run.rows.append(row | {"seconds": round(seconds, 4)})
-
-
 def predict(cfg: DictConfig) -> PredictRun:
     """Write mask, overlay (and optional probability) PNGs per image and ``predictions.csv``."""
     files, base = find_inputs(str(cfg.input))
@@ -153,30 +128,27 @@ def predict(cfg: DictConfig) -> PredictRun:
     inputs = {Path(os.path.realpath(path)) for path in files}
     run = PredictRun(output / "predictions.csv")
     batches = [files[start : start + cfg.batch_size] for start in range(0, len(files), cfg.batch_size)]
-    # Reading the next batch and writing the last one's PNGs run in threads while the model runs
-    # (OpenCV and file I/O release the GIL); rows are still collected in input order.
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="predict-io") as io:
-        next_read = io.submit(read_batch, batches[0])
-        writes: deque[tuple[Path, ImageResult, float, Future]] = deque()
-        for index in track(range(len(batches)), description="predicting", console=Console(stderr=True)):
-            images, readable, skipped = next_read.result()
-            if index + 1 < len(batches):
-                next_read = io.submit(read_batch, batches[index + 1])
-            run.skipped += skipped
-            if not images:
+    for batch in track(batches, description="predicting", console=Console(stderr=True)):
+        started = time.perf_counter()
+        images, readable = [], []
+        for path in batch:
+            try:
+                images.append(read_gray(path))
+                readable.append(path)
+            except (DataError, OSError) as error:
+                run.skipped.append((path, str(error)))
+        if not images:
+            continue
+        results = segment(model.run, model.spec, images)
+        seconds = (time.perf_counter() - started) / len(images)
+        for path, result in zip(readable, results, strict=True):
+            try:
+                write_outputs(result, output_stem(output, path, base), cfg.save_probability, inputs)
+            except (DataError, OSError) as error:
+                run.failed.append((path, str(error)))
                 continue
-            started = time.perf_counter()
-            results = segment(model.run, model.spec, images)
-            seconds = (time.perf_counter() - started) / len(images)
-            for path, result in zip(readable, results, strict=True):
-                stem = output_stem(output, path, base)
-                writes.append(
-                    (path, result, seconds, io.submit(write_outputs, result, stem, cfg.save_probability, inputs))
-                )
-            while len(writes) > 2 * cfg.batch_size:  # at most two batches of results held in memory
-                collect_write(run, *writes.popleft())
-        while writes:
-            collect_write(run, *writes.popleft())
+            row = {"file": printable(path), **result.stats(), **(result.severity() or {})}
+            run.rows.append(row | {"seconds": round(seconds, 4)})
     with run.csv_path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(run.rows[0]) if run.rows else ["file"])
         writer.writeheader()

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from conftest import FAST
 
-from covidseg import bench
+from covidseg import bench, predict_bench
 from covidseg.models import UNet
 
 
@@ -41,3 +41,20 @@ def test_channels_last_gives_the_same_outputs() -> None:
         net = net.to(memory_format=torch.channels_last)
         actual = net(images.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_predict_bench_times_whole_predict_calls(trained_checkpoints, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(predict_bench, "SHARED_DATA", tmp_path / "absent")  # phantoms even beside real data
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    folder = predict_bench.default_input(scratch)
+    assert len(list(folder.glob("*.png"))) == 64
+    figures = predict_bench.run(folder, 2, [f"ckpt_path={trained_checkpoints[0]}"], scratch)
+    assert figures["images"] == 64
+    per_second = figures["images_per_second"]
+    assert set(per_second) == {"fp32", "bf16"}
+    assert all(0 < v["min"] <= v["median"] <= v["max"] for v in per_second.values())
+    assert figures["bf16_speedup"] == pytest.approx(per_second["bf16"]["median"] / per_second["fp32"]["median"])
+    assert len(list(scratch.glob("*/*.mask.png"))) == 4 * 64  # 2 rounds x 2 precisions, every image written
+    assert "| bf16 |" in predict_bench.markdown(figures)

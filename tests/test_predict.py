@@ -190,9 +190,7 @@ def test_an_ensemble_evaluates_predicts_and_exports_as_one_model(
         load_predictor([str(a), str(export)], tmp_path)
 
 
-def test_small_batches_read_and_written_alongside_the_model_give_the_same_rows_in_order(
-    compose_cfg, checkpoint, tmp_path
-) -> None:
+def test_small_batches_give_the_same_rows_and_masks_in_input_order(compose_cfg, checkpoint, tmp_path) -> None:
     folder = tmp_path / "many"
     folder.mkdir()
     rng = np.random.default_rng(3)

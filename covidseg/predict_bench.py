@@ -1,0 +1,97 @@
+"""Benchmark of ``predict`` as users run it: a folder of X-rays in, masks, overlays and CSV out.
+
+python -m covidseg.predict_bench [--input FOLDER] [--rounds 3] [--out DIR] [predict overrides]
+
+Each round runs :func:`covidseg.predict.predict` once per precision (fp32, then bf16), in-process,
+so the figures leave out the interpreter's start-up but count everything ``predict`` does: finding
+the files, loading the model, reading, resizing, the model, the overlays and writing the PNGs and
+the CSV. The input defaults to the Val COVID-19 X-rays of ../shared/covid-qu-ex when they are
+there, else 64 synthetic phantoms. It asserts nothing: targets are read off the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from covidseg.bench import SHARED_DATA, spread
+from covidseg.configs import compose_config
+from covidseg.data.synthetic import make_phantom
+from covidseg.predict import predict
+
+VARIANTS = {"fp32": ["bf16=false"], "bf16": ["bf16=true"]}
+
+
+def default_input(scratch: Path) -> Path:
+    """The Val COVID-19 images when the real data is there, else 64 phantoms written to ``scratch``."""
+    real = SHARED_DATA / "Infection Segmentation Data" / "Val" / "COVID-19" / "images"
+    if real.is_dir():
+        return real
+    folder = scratch / "phantoms"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(64):
+        cv2.imwrite(str(folder / f"{index:03d}.png"), make_phantom(rng, 256, infected=True)[0])
+    return folder
+
+
+def run(input_folder: Path, rounds: int, overrides: list[str], scratch: Path) -> dict:
+    """Images per second of whole ``predict`` calls, per precision, in interleaved rounds."""
+    seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    images = 0
+    for round_index in range(rounds):
+        for name, variant in VARIANTS.items():
+            output = scratch / f"{name}_{round_index}"
+            model = [] if any(o.startswith("ckpt_path=") for o in overrides) else ["ckpt_path=pretrained"]
+            base = [*model, *overrides, *variant, f"input={input_folder}", f"output={output}"]
+            cfg = compose_config("predict", base, output_dir=output, log_dir=scratch / "logs")
+            started = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                images = len(predict(cfg).rows)  # its progress bar and summary line kept off the table
+            seconds[name].append(time.perf_counter() - started)
+    per_second = {name: spread([images / value for value in values]) for name, values in seconds.items()}
+    return {
+        "images": images,
+        "rounds": rounds,
+        "overrides": overrides,
+        "images_per_second": per_second,
+        "bf16_speedup": per_second["bf16"]["median"] / per_second["fp32"]["median"],
+    }
+
+
+def markdown(figures: dict) -> str:
+    lines = [f"predict, {figures['images']} images, {figures['rounds']} interleaved rounds", "",
+             "| precision | images/s (median) | min | max |", "|---|---:|---:|---:|"]  # fmt: skip
+    for name, figure in figures["images_per_second"].items():
+        lines.append(f"| {name} | {figure['median']:.1f} | {figure['min']:.1f} | {figure['max']:.1f} |")
+    lines.append(f"\nbf16 / fp32: x{figures['bf16_speedup']:.2f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", type=Path, help="a folder of X-rays (default: Val COVID-19, else phantoms)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of fp32 and bf16")
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench_predict"), help="folder for the figures")
+    parser.add_argument("overrides", nargs="*", help="predict overrides, e.g. ckpt_path=... flip_tta=false")
+    args = parser.parse_args()
+    logging.getLogger("covidseg").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="covidseg-predict-bench-") as scratch:
+        input_folder = args.input or default_input(Path(scratch))
+        figures = run(input_folder, args.rounds, args.overrides, Path(scratch))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "predict_bench.json").write_text(json.dumps(figures, indent=2) + "\n")
+    print(markdown(figures))
+
+
+if __name__ == "__main__":
+    main()
