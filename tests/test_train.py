@@ -77,7 +77,8 @@ def test_bf16_training_keeps_loss_and_metrics_in_fp32(compose_cfg) -> None:
     last = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     assert all(tensor.dtype != torch.bfloat16 for tensor in last["state_dict"].values())  # weights stay fp32
     assert compose_cfg("train", ["experiment=fast_cpu"]).trainer.precision == cpu_precision()
-    assert compose_cfg("train", ["experiment=best_cpu"]).trainer.precision == "32-true"
+    assert compose_cfg("train", ["experiment=best_cpu"]).trainer.precision == cpu_precision()
+    assert compose_cfg("train", ["experiment=lung_infection"]).trainer.precision == "32-true"
 
 
 @pytest.mark.slow
