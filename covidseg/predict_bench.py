@@ -25,7 +25,10 @@ import numpy as np
 
 from covidseg.bench import SHARED_DATA, spread
 from covidseg.configs import compose_config
+from covidseg.data import DataError
+from covidseg.data.index import printable
 from covidseg.data.synthetic import make_phantom
+from covidseg.errors import user_errors
 from covidseg.predict import predict
 
 VARIANTS = {"fp32": ["bf16=false"], "bf16": ["bf16=true"]}
@@ -58,6 +61,8 @@ def run(input_folder: Path, rounds: int, overrides: list[str], scratch: Path) ->
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 images = len(predict(cfg).rows)  # its progress bar and summary line kept off the table
             seconds[name].append(time.perf_counter() - started)
+            if not images:
+                raise DataError(f"input {printable(input_folder)!r}: predict could read none of its images")
     per_second = {name: spread([images / value for value in values]) for name, values in seconds.items()}
     return {
         "images": images,
@@ -77,15 +82,21 @@ def markdown(figures: dict) -> str:
     return "\n".join(lines)
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", type=Path, help="a folder of X-rays (default: Val COVID-19, else phantoms)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of fp32 and bf16")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds of fp32 and bf16")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_predict"), help="folder for the figures")
     parser.add_argument("overrides", nargs="*", help="predict overrides, e.g. ckpt_path=... flip_tta=false")
     args = parser.parse_args()
     logging.getLogger("covidseg").setLevel(logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="covidseg-predict-bench-") as scratch:
+    with user_errors(), tempfile.TemporaryDirectory(prefix="covidseg-predict-bench-") as scratch:
         input_folder = args.input or default_input(Path(scratch))
         figures = run(input_folder, args.rounds, args.overrides, Path(scratch))
     args.out.mkdir(parents=True, exist_ok=True)

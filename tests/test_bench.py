@@ -58,3 +58,18 @@ def test_predict_bench_times_whole_predict_calls(trained_checkpoints, tmp_path: 
     assert figures["bf16_speedup"] == pytest.approx(per_second["bf16"]["median"] / per_second["fp32"]["median"])
     assert len(list(scratch.glob("*/*.mask.png"))) == 4 * 64  # 2 rounds x 2 precisions, every image written
     assert "| bf16 |" in predict_bench.markdown(figures)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--rounds", "0"], "argument --rounds: '0' is not a whole number >= 1"),
+        (["--input", "/nonexistent/xrays"], "error: input '/nonexistent/xrays' names no image files"),
+    ],
+)
+def test_predict_bench_refuses_bad_arguments_in_one_line(arguments: list[str], message: str) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "covidseg.predict_bench", *arguments], capture_output=True, text=True)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
