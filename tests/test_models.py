@@ -3,7 +3,7 @@ import torch
 
 from covidseg.metrics import SegmentationScores
 from covidseg.models import BCEDiceLoss, UNet
-from covidseg.models.losses import lovasz_hinge_loss
+from covidseg.models.losses import focal_tversky_loss, lovasz_hinge_loss
 
 
 def test_unet_has_the_studys_parameter_count() -> None:
@@ -59,6 +59,23 @@ def test_lovasz_weight_adds_the_hinge_and_gives_gradients() -> None:
     torch.testing.assert_close(combined, expected)
     combined.backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_focal_tversky_by_hand_and_misses_cost_more_than_false_alarms() -> None:
+    target = torch.zeros(1, 1, 4, 4)
+    target[..., :2, :] = 1  # 8 infected pixels of 16
+    # p = 0.5 everywhere: TP 4, missed 4, false alarms 4 -> Tversky (4 + 1) / (4 + 0.7*4 + 0.3*4 + 1)
+    assert focal_tversky_loss(torch.zeros(1, 1, 4, 4), target).item() == pytest.approx((1 - 5 / 9) ** 0.75)
+    confident = (target * 2 - 1) * 20
+    assert focal_tversky_loss(confident, target).item() < 1e-3
+    missed, false_alarm = confident.clone(), confident.clone()
+    missed[..., 0, :2] = -20  # two infected pixels called healthy
+    false_alarm[..., 3, :2] = 20  # two healthy pixels called infected
+    assert focal_tversky_loss(missed, target) > focal_tversky_loss(false_alarm, target) > 0
+    logits = confident.clone().requires_grad_()
+    combined = BCEDiceLoss(dice_weight=0, focal_tversky_weight=1)(logits, target)
+    combined.backward()
+    assert torch.isfinite(logits.grad).all()  # finite even where an image is already perfect
 
 
 def _masks(*rows: list[int]) -> torch.Tensor:
