@@ -51,10 +51,10 @@ def run(input_folder: Path, rounds: int, overrides: list[str], scratch: Path) ->
     """Images per second of whole ``predict`` calls, per precision, in interleaved rounds."""
     seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
     images = 0
+    model = [] if any(o.startswith("ckpt_path=") for o in overrides) else ["ckpt_path=pretrained"]
     for round_index in range(rounds):
         for name, variant in VARIANTS.items():
             output = scratch / f"{name}_{round_index}"
-            model = [] if any(o.startswith("ckpt_path=") for o in overrides) else ["ckpt_path=pretrained"]
             base = [*model, *overrides, *variant, f"input={input_folder}", f"output={output}"]
             cfg = compose_config("predict", base, output_dir=output, log_dir=scratch / "logs")
             started = time.perf_counter()
