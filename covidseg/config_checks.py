@@ -34,12 +34,14 @@ class DataSettings(_Checked):
     seed: int = 0
     num_folds: int | None = Field(None, ge=2)
     fold: int = Field(0, ge=0)
+    teacher_targets: str | None = None
 
 
 class ModelSettings(_Checked):
     threshold: float = Field(0.5, gt=0, lt=1)
     input_size: int | None = Field(None, ge=16, le=4096)
     presence_weight: float = Field(0.0, ge=0)
+    distill_weight: float = Field(0.0, ge=0)
 
 
 class TrainerSettings(_Checked):
@@ -69,6 +71,12 @@ def check_settings(cfg: DictConfig, sections: Iterable[str] = ("data", "model", 
     except ValidationError as error:
         key, value, message = first_error(error)
         raise ConfigError(f"{key}={value!r}: {message}") from None
+    distill_weight = (values.get("model") or {}).get("distill_weight", 0.0)
+    if distill_weight > 0 and not (values.get("data") or {}).get("teacher_targets"):
+        raise ConfigError(
+            f"model.distill_weight={distill_weight!r} needs data.teacher_targets: the .npz that "
+            "python -m covidseg.distill writes"
+        )
 
 
 def check_network_sides(sides: Iterable[int], multiple: int, network: str) -> None:

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from covidseg.calibrate import calibrate
+from covidseg.distill import write_teacher_targets
 from covidseg.errors import user_errors
 from covidseg.eval import evaluate
 from covidseg.export import export_onnx, export_safetensors
@@ -144,6 +145,7 @@ def crafted(trained_checkpoints: list[Path], tmp_path_factory: pytest.TempPathFa
 ENTRY_POINTS: dict[str, tuple[str, Callable, list[str]]] = {
     "eval": ("eval", evaluate, ["data.split=Val"]),
     "calibrate": ("calibrate", calibrate, []),
+    "distill": ("distill", write_teacher_targets, []),
     "predict": ("predict", predict, []),
     "export": ("export", None, ["format=onnx"]),
     "resume": ("train", train, []),

@@ -211,7 +211,8 @@ def test_debug_runs_have_their_own_task(compose_cfg) -> None:
 
 @pytest.mark.slow
 def test_installed_commands_take_hydra_overrides(tmp_path: Path) -> None:
-    for command in ("covidseg-train", "covidseg-eval", "covidseg-calibrate", "covidseg-predict", "covidseg-export"):
+    commands = ("train", "eval", "calibrate", "distill", "predict", "export", "serve")
+    for command in (f"covidseg-{name}" for name in commands):
         assert shutil.which(command), f"{command} is not installed: pip install -e ."
     shown = subprocess.run(["covidseg-train", "--help"], capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0 and "experiment: best_cpu, fast_cpu" in shown.stdout

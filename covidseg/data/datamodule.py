@@ -16,6 +16,7 @@ from covidseg.data.decode import decode_samples
 from covidseg.data.index import DataError, Sample, canonical_split, find_split_root, index_split
 from covidseg.data.sampler import EpochShuffleSampler, distributed_rank
 from covidseg.data.synthetic import SyntheticPhantoms
+from covidseg.data.teacher_targets import load_teacher_targets
 
 
 class CovidQuExDataModule(L.LightningDataModule):
@@ -35,6 +36,8 @@ class CovidQuExDataModule(L.LightningDataModule):
         num_folds: with k >= 2, Train and Val are pooled and split into k folds stratified by class;
             fold ``fold`` validates and the others train. The test split never joins a fold.
         fold: which fold validates, ``0 <= fold < num_folds``.
+        teacher_targets: an ``.npz`` from ``python -m covidseg.distill``: a teacher's probabilities
+            for every training image, yielded as ``"teacher"`` with the training samples.
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class CovidQuExDataModule(L.LightningDataModule):
         seed: int = 0,
         num_folds: int | None = None,
         fold: int = 0,
+        teacher_targets: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -77,6 +81,7 @@ class CovidQuExDataModule(L.LightningDataModule):
             )
         self.num_folds = num_folds
         self.fold = fold
+        self.teacher_targets = teacher_targets
         self.datasets: dict[str, XRaySegmentationDataset] = {}
 
     def prepare_data(self) -> None:
@@ -102,7 +107,10 @@ class CovidQuExDataModule(L.LightningDataModule):
             images, masks = decode_samples(samples, self.image_size, self.cache_dir)
             transform = self.train_transform if train else None
             names = [sample.name for sample in samples]
-            self.datasets[key] = XRaySegmentationDataset(images, masks, names, transform, self.seed)
+            soft_targets = None
+            if train and self.teacher_targets is not None:
+                soft_targets = load_teacher_targets(self.teacher_targets, names, self.image_size)
+            self.datasets[key] = XRaySegmentationDataset(images, masks, names, transform, self.seed, soft_targets)
         return self.datasets[key]
 
     def _fold_samples(self, validation: bool, classes: list[str]) -> list[Sample]:

@@ -46,6 +46,9 @@ class SegmentationModule(L.LightningModule):
             not empty, leaving "nothing here" to the presence head (required). Per-image soft Dice
             on an empty truth punishes every predicted pixel, which makes the decoder cautious on
             infected lungs too; without it healthy lungs depend on the presence gate alone.
+        distill_weight: > 0 adds, in training steps, this weight times BCE between the primary
+            target's logits and a teacher's probabilities (the batch's ``"teacher"``, from
+            ``data.teacher_targets``), on the images the segmentation loss sees.
 
     ``network.train_input_size`` makes training steps run at another side than ``input_size``:
     progressive resizing sets it, evaluation never uses it.
@@ -65,6 +68,7 @@ class SegmentationModule(L.LightningModule):
         input_size: int | None = None,
         presence_weight: float = 0.0,
         segment_present_only: bool = False,
+        distill_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"], logger=False)
@@ -98,11 +102,11 @@ class SegmentationModule(L.LightningModule):
         logits, presence = self.network(batch["image"])
         masks = batch["mask"]
         present = masks[:, self.targets.index(self.primary_target)].flatten(1).amax(1) > 0.5
-        if self.hparams.segment_present_only:
-            # no infected image in the batch: a zero that keeps every parameter in the graph (DDP)
-            loss = self.loss(logits[present], masks[present]) if present.any() else logits.sum() * 0
-        else:
-            loss = self.loss(logits, masks)
+        segmented = present if self.hparams.segment_present_only else torch.ones_like(present)
+        # no image to segment in the batch: a zero that keeps every parameter in the graph (DDP)
+        loss = self.loss(logits[segmented], masks[segmented]) if segmented.any() else logits.sum() * 0
+        if self.hparams.distill_weight and stage == "train":
+            loss = loss + self.hparams.distill_weight * self._distill_loss(logits, batch, segmented)
         if presence is not None:
             presence = presence.float()
             presence_loss = F.binary_cross_entropy_with_logits(presence, present.float())
@@ -121,6 +125,15 @@ class SegmentationModule(L.LightningModule):
         for channel, target in enumerate(self.targets):
             self.scores[f"{stage}_scores"][target].update(detached[:, channel], masks[:, channel])
         return loss, detached
+
+    def _distill_loss(self, logits: torch.Tensor, batch: dict[str, Any], segmented: torch.Tensor) -> torch.Tensor:
+        """BCE of the primary target's logits against the teacher's probabilities."""
+        if "teacher" not in batch:
+            raise ValueError("model.distill_weight > 0 needs data.teacher_targets (python -m covidseg.distill)")
+        if not segmented.any():
+            return logits.sum() * 0
+        primary = logits[segmented, self.targets.index(self.primary_target)].float()
+        return F.binary_cross_entropy_with_logits(primary, batch["teacher"][segmented, 0])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")[0]

@@ -1,0 +1,65 @@
+"""Distillation, step one: a teacher's probabilities on every training image, for a student to learn.
+
+python -m covidseg.distill ckpt_path=<teacher> [flip_tta=true] data.root=...
+python -m covidseg.train experiment=best_cpu data.teacher_targets=<its teacher_targets.npz> model.distill_weight=1.0
+
+The teacher is anything the Predictor loads (one model, an ensemble, flip TTA); it runs once over
+the Train images of ``data.classes`` (the student's classes), unaugmented, and its ungated
+probabilities of the primary target are stored as uint8. Running it once here instead of in every
+training step keeps the student's steps as cheap as without a teacher; the price is that the
+targets are augmented with the masks rather than predicted on each augmented image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, open_dict
+from rich.progress import track
+
+from covidseg import CONF_DIR
+from covidseg.data.teacher_targets import save_teacher_targets
+from covidseg.errors import user_errors
+from covidseg.eval import load_for_data
+from covidseg.framework_noise import quiet_framework_noise
+from covidseg.run_files import write_run_info
+
+
+def write_teacher_targets(cfg: DictConfig) -> Path:
+    """Run the teacher over the training images; returns the ``teacher_targets.npz`` written."""
+    L.seed_everything(cfg.seed, workers=True)
+    with open_dict(cfg):
+        cfg.data.split = "Train"
+        cfg.data.eval_classes = list(cfg.data.classes)
+        cfg.presence_threshold = None  # the student learns the teacher's masks; its own head learns presence
+    loaded, datamodule = load_for_data(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    write_run_info(output_dir)
+    primary = loaded.predictor.targets.index(loaded.predictor.primary_target)
+    names: list[str] = []
+    probabilities: list[np.ndarray] = []
+    batches = datamodule.test_dataloader()
+    for batch in track(batches, description=f"teacher: {loaded.description}", total=len(batches)):
+        probability = loaded.predictor.predict(batch["image"]).probability[:, primary]
+        probabilities.append(probability.to(torch.float32).numpy())
+        names += batch["name"]
+    path = output_dir / "teacher_targets.npz"
+    save_teacher_targets(path, names, np.concatenate(probabilities))
+    print(f"teacher targets for {len(names)} training images: {path}")
+    print(f"train a student: python -m covidseg.train ... data.teacher_targets={path} model.distill_weight=1.0")
+    return path
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="distill")
+def main(cfg: DictConfig) -> None:
+    quiet_framework_noise()
+    with user_errors():
+        write_teacher_targets(cfg)
+
+
+if __name__ == "__main__":
+    main()
