@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
-import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig, open_dict
@@ -31,7 +30,6 @@ from covidseg.run_files import write_run_info
 
 def write_teacher_targets(cfg: DictConfig) -> Path:
     """Run the teacher over the training images; returns the ``teacher_targets.npz`` written."""
-    L.seed_everything(cfg.seed, workers=True)
     with open_dict(cfg):
         cfg.data.split = "Train"
         cfg.data.eval_classes = list(cfg.data.classes)
