@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import zipfile
 from pathlib import Path
 
 import albumentations as A
@@ -133,7 +134,7 @@ def test_bad_teacher_target_files_are_named(tmp_path: Path) -> None:
     cases = {
         tmp_path / "missing.npz": "is not a readable .npz",
         garbage: "is not a readable .npz",
-        pickled: "is not a readable .npz",  # object arrays would need pickle: never loaded
+        pickled: "'names' is object",  # object arrays would need pickle: never loaded
         _write_npz(tmp_path / "keys.npz", names=np.array(names)): r"lacks \['probabilities', 'version'\]",
         _write_npz(
             tmp_path / "version.npz", names=np.array(names), probabilities=probabilities, version=np.array(7)
@@ -154,6 +155,19 @@ def test_bad_teacher_target_files_are_named(tmp_path: Path) -> None:
             version=np.array(1),
         ): r"expected uint8 \(2, 8, 8\)",  # fmt: skip
     }
+    bomb = tmp_path / "bomb.npz"  # a few bytes that declare 10 million targets
+    with zipfile.ZipFile(bomb, "w") as archive:
+        for key, array in {"names": np.array(names), "version": np.array(1)}.items():
+            with archive.open(f"{key}.npy", "w") as handle:
+                np.lib.format.write_array(handle, array)
+        with archive.open("probabilities.npy", "w") as handle:
+            header = {"descr": "|u1", "fortran_order": False, "shape": (10_000_000, 8, 8)}
+            np.lib.format.write_array_header_1_0(handle, header)
+            handle.write(bytes(64))
+    cases[bomb] = r"expected uint8 \(2, 8, 8\)"
+    huge_names = _write_npz(tmp_path / "names.npz", names=np.array([f"x{i}" for i in range(9)]),
+                            probabilities=np.zeros((9, 8, 8), np.uint8), version=np.array(1))  # fmt: skip
+    cases[huge_names] = "holds 9 targets for 2 training images: more than 4 per image is refused"
     for path, message in cases.items():
         with pytest.raises(DataError, match=message) as error:
             load_teacher_targets(path, names, 8)

@@ -3,8 +3,8 @@
 ``python -m covidseg.distill`` writes them once (the teacher runs before training, not in every
 step); ``data.teacher_targets`` hands them to the training set, where they are augmented together
 with the masks. The file is an ``.npz`` read without pickle and checked like any outside file:
-names must be text, probabilities uint8 (probability × 255) of the data's image size, and every
-training image needs one.
+names must be text, probabilities uint8 (probability × 255) of the data's image size, sizes are
+checked from the array headers before anything is decompressed, and every training image needs one.
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ import numpy as np
 from covidseg.data.index import DataError, printable
 
 FORMAT_VERSION = 1
+# A file may hold targets for other classes too (the teacher ran on all three), but not many times
+# the training set: that bounds what a file can make covidseg allocate.
+MAX_ROWS_PER_IMAGE = 4
+MAX_NAME_BYTES = 4 * 1024  # numpy stores 4 bytes per character
 
 
 def save_teacher_targets(path: Path, names: Sequence[str], probabilities: np.ndarray) -> None:
@@ -26,27 +30,54 @@ def save_teacher_targets(path: Path, names: Sequence[str], probabilities: np.nda
     np.savez(path, names=np.array(list(names), dtype=str), probabilities=quantised, version=np.array(FORMAT_VERSION))
 
 
+def _array_headers(path: str | Path, where: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of each array in the archive, from the .npy headers alone (the first bytes of
+    each member), so that a small file declaring a huge array is refused before its data is read."""
+    headers = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.namelist():
+                with archive.open(member) as handle:
+                    version = np.lib.format.read_magic(handle)
+                    read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(
+                        version, np.lib.format.read_array_header_2_0
+                    )
+                    shape, _, dtype = read_header(handle)
+                headers[member.removesuffix(".npy")] = (shape, dtype)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"{where} is not a readable .npz of teacher targets ({error})") from None
+    missing_keys = {"names", "probabilities", "version"} - set(headers)
+    if missing_keys:
+        raise DataError(f"{where}: lacks {sorted(missing_keys)}; write it with python -m covidseg.distill")
+    return headers
+
+
 def load_teacher_targets(path: str | Path, names: Sequence[str], image_size: int) -> np.ndarray:
     """The targets of ``names``, in that order: (N, S, S) uint8; a ``DataError`` naming the file otherwise."""
     where = f"data.teacher_targets {printable(path)!r}"
+    headers = _array_headers(path, where)
+    names_shape, names_dtype = headers["names"]
+    if names_dtype.kind != "U" or len(names_shape) != 1 or names_dtype.itemsize > MAX_NAME_BYTES:
+        raise DataError(f"{where}: 'names' is {names_dtype} of shape {names_shape}, expected a text list")
+    if names_shape[0] > MAX_ROWS_PER_IMAGE * len(names):
+        raise DataError(
+            f"{where} holds {names_shape[0]} targets for {len(names)} training images: "
+            f"more than {MAX_ROWS_PER_IMAGE} per image is refused (write it for the same data.root)"
+        )
+    expected_shape = (names_shape[0], image_size, image_size)
+    shape, dtype = headers["probabilities"]
+    if dtype != np.uint8 or shape != expected_shape:
+        raise DataError(
+            f"{where}: probabilities are {dtype} {shape}, expected uint8 {expected_shape} "
+            "(data.image_size must match the teacher's)"
+        )
     try:
         with np.load(path, allow_pickle=False) as stored:
-            missing_keys = {"names", "probabilities", "version"} - set(stored.files)
-            if missing_keys:
-                raise DataError(f"{where}: lacks {sorted(missing_keys)}; write it with python -m covidseg.distill")
             version, stored_names, probabilities = stored["version"], stored["names"], stored["probabilities"]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise DataError(f"{where} is not a readable .npz of teacher targets ({error})") from None
     if version.shape != () or version.item() != FORMAT_VERSION:
         raise DataError(f"{where}: format version {version.tolist()!r}, expected {FORMAT_VERSION}")
-    if stored_names.dtype.kind != "U" or stored_names.ndim != 1:
-        raise DataError(f"{where}: 'names' is {stored_names.dtype} of shape {stored_names.shape}, expected a text list")
-    expected_shape = (len(stored_names), image_size, image_size)
-    if probabilities.dtype != np.uint8 or probabilities.shape != expected_shape:
-        raise DataError(
-            f"{where}: probabilities are {probabilities.dtype} {probabilities.shape}, expected uint8 {expected_shape} "
-            "(data.image_size must match the teacher's)"
-        )
     rows = {str(name): row for row, name in enumerate(stored_names)}
     missing = [name for name in names if name not in rows]
     if missing:
