@@ -16,7 +16,6 @@ from pathlib import Path
 
 import hydra
 import numpy as np
-import torch
 from omegaconf import DictConfig, open_dict
 from rich.progress import track
 
@@ -43,7 +42,7 @@ def write_teacher_targets(cfg: DictConfig) -> Path:
     batches = datamodule.test_dataloader()
     for batch in track(batches, description=f"teacher: {loaded.description}", total=len(batches)):
         probability = loaded.predictor.predict(batch["image"]).probability[:, primary]
-        probabilities.append(probability.to(torch.float32).numpy())
+        probabilities.append(probability.numpy())  # the Predictor's probabilities are fp32
         names += batch["name"]
     path = output_dir / "teacher_targets.npz"
     save_teacher_targets(path, names, np.concatenate(probabilities))

@@ -4,7 +4,7 @@
 step); ``data.teacher_targets`` hands them to the training set, where they are augmented together
 with the masks. The file is an ``.npz`` read without pickle and checked like any outside file:
 names must be text, probabilities uint8 (probability × 255) of the data's image size, sizes are
-checked from the array headers before anything is decompressed, and every training image needs one.
+checked from the array headers before any array data is read, and every training image needs one.
 """
 
 from __future__ import annotations

@@ -102,11 +102,15 @@ class SegmentationModule(L.LightningModule):
         logits, presence = self.network(batch["image"])
         masks = batch["mask"]
         present = masks[:, self.targets.index(self.primary_target)].flatten(1).amax(1) > 0.5
-        segmented = present if self.hparams.segment_present_only else torch.ones_like(present)
-        # no image to segment in the batch: a zero that keeps every parameter in the graph (DDP)
-        loss = self.loss(logits[segmented], masks[segmented]) if segmented.any() else logits.sum() * 0
-        if self.hparams.distill_weight and stage == "train":
-            loss = loss + self.hparams.distill_weight * self._distill_loss(logits, batch, segmented)
+        # the images the segmentation (and distillation) loss sees; a slice keeps the batch uncopied
+        selected = present if self.hparams.segment_present_only else slice(None)
+        segmented = logits[selected]
+        if len(segmented):
+            loss = self.loss(segmented, masks[selected])
+            if self.hparams.distill_weight and stage == "train":
+                loss = loss + self.hparams.distill_weight * self._distill_loss(segmented, batch, selected)
+        else:  # no image to segment in the batch: a zero that keeps every parameter in the graph (DDP)
+            loss = logits.sum() * 0
         if presence is not None:
             presence = presence.float()
             presence_loss = F.binary_cross_entropy_with_logits(presence, present.float())
@@ -126,14 +130,14 @@ class SegmentationModule(L.LightningModule):
             self.scores[f"{stage}_scores"][target].update(detached[:, channel], masks[:, channel])
         return loss, detached
 
-    def _distill_loss(self, logits: torch.Tensor, batch: dict[str, Any], segmented: torch.Tensor) -> torch.Tensor:
-        """BCE of the primary target's logits against the teacher's probabilities."""
+    def _distill_loss(
+        self, segmented: torch.Tensor, batch: dict[str, Any], selected: torch.Tensor | slice
+    ) -> torch.Tensor:
+        """BCE of the selected images' primary-target logits against the teacher's probabilities."""
         if "teacher" not in batch:
             raise ValueError("model.distill_weight > 0 needs data.teacher_targets (python -m covidseg.distill)")
-        if not segmented.any():
-            return logits.sum() * 0
-        primary = logits[segmented, self.targets.index(self.primary_target)].float()
-        return F.binary_cross_entropy_with_logits(primary, batch["teacher"][segmented, 0])
+        primary = segmented[:, self.targets.index(self.primary_target)].float()
+        return F.binary_cross_entropy_with_logits(primary, batch["teacher"][selected][:, 0])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")[0]
