@@ -81,6 +81,23 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path, uninterrupted: di
         assert resumed[name] == pytest.approx(uninterrupted[name], rel=1e-4, abs=1e-6), name
 
 
+def test_killed_run_with_weight_averaging_resumes_to_the_same_result(tmp_path: Path) -> None:
+    """The averaged weights and their step count come back too, not only the trained ones."""
+    ema = ["callbacks=[default,ema]", "callbacks.ema.decay=0.8"]
+    _finish(_start(tmp_path / "uninterrupted", *ema))
+    uninterrupted = _final_metrics(tmp_path / "uninterrupted")
+    log_dir = tmp_path / "outputs"
+    process = _start(log_dir, *ema, slow=0.3)
+    _wait_for_step(log_dir, 11, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    _finish(_start(log_dir, *ema, "ckpt_path=last"))
+    resumed = _final_metrics(log_dir)
+    assert resumed["global_step"] == uninterrupted["global_step"] == 24
+    for name in ("val/dice", "val/loss", "val/iou_pooled"):
+        assert resumed[name] == pytest.approx(uninterrupted[name], rel=1e-4, abs=1e-6), name
+
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(
     tmp_path: Path, uninterrupted: dict, stop: signal.Signals

@@ -16,7 +16,7 @@ from covidseg import CONF_DIR
 from covidseg.builders import build_run
 from covidseg.eval import evaluate
 from covidseg.learning_curves import learning_curves, score_by_time
-from covidseg.loader import check_checkpoint, load_predictor
+from covidseg.loader import best_checkpoint, check_checkpoint, load_predictor
 from covidseg.model_spec import SPEC_KEY, ModelFileError
 from covidseg.train import train
 
@@ -112,6 +112,22 @@ def test_train_then_eval_round_trip(compose_cfg, tmp_path: Path) -> None:
     report = (eval_dir / "report.html").read_text()
     assert report.count("data:image/png;base64,") == 4  # histogram + three galleries
     assert {p.name for p in (eval_dir / "gallery").iterdir()} == {"best.png", "median.png", "worst.png"}
+
+
+def test_weight_averaging_validates_saves_and_ships_the_averaged_weights(compose_cfg) -> None:
+    cfg = compose_cfg("train", [*FAST, "trainer.max_epochs=2", "callbacks=[default,ema]", "callbacks.ema.decay=0.5"])
+    train(cfg)
+    best = best_checkpoint(Path(cfg.paths.output_dir))
+    checkpoint, _ = check_checkpoint(best)
+    averaged, trained = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert any(not torch.equal(averaged[name], trained[name]) for name in averaged)
+    network = load_predictor(best, cfg.paths.log_dir).predictor.networks[0]
+    for name, tensor in network.state_dict().items():
+        assert torch.equal(tensor, averaged[f"network.{name}"]), name
+
+    same_data = [o for o in FAST if o.startswith("data") and not o.startswith("data.image_size")]
+    val = evaluate(compose_cfg("eval", [f"ckpt_path={best}", *same_data, "data.split=Val"]))
+    assert val["test/dice"] == pytest.approx(float(best.stem.split("dice")[-1]), abs=1e-4)  # what was validated
 
 
 @pytest.mark.slow
