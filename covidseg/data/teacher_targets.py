@@ -38,11 +38,10 @@ def _array_headers(path: str | Path, where: str) -> dict[str, tuple[tuple[int, .
         with zipfile.ZipFile(path) as archive:
             for member in archive.namelist():
                 with archive.open(member) as handle:
-                    version = np.lib.format.read_magic(handle)
-                    read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(
-                        version, np.lib.format.read_array_header_2_0
-                    )
-                    shape, _, dtype = read_header(handle)
+                    if np.lib.format.read_magic(handle) == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+                    else:
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
                 headers[member.removesuffix(".npy")] = (shape, dtype)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise DataError(f"{where} is not a readable .npz of teacher targets ({error})") from None
