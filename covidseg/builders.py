@@ -16,7 +16,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from covidseg.callbacks import EmbedModelSpec, SaveOnInterrupt
+from covidseg.callbacks import EmbedModelSpec, SaveOnInterrupt, TimeBudget
 from covidseg.config_checks import check_network_sides
 from covidseg.data import CovidQuExDataModule
 from covidseg.hardware import cpu_precision
@@ -80,7 +80,7 @@ def check_sides(cfg: DictConfig, module: L.LightningModule) -> None:
 
 def build_run(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> Run:
     """Everything a Lightning run needs; the run's model spec is embedded in its checkpoints."""
-    callbacks = [*instantiate_each(cfg.get("callbacks")), *(extra_callbacks or [])]
+    callbacks = [*instantiate_each(cfg.get("callbacks")), *(extra_callbacks or []), TimeBudget()]
     loggers = instantiate_each(cfg.get("logger"))
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model)

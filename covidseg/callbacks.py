@@ -1,20 +1,23 @@
 """covidseg's own callbacks, all in one place; the rest come from Lightning.
 
-Training: the model spec in every checkpoint, save on interrupt, progressive resizing, TensorBoard
-charts and images of validation. Testing and evaluation (``trainer.test`` of a
-:class:`~covidseg.models.SegmentationModule` or of a :class:`~covidseg.predictor.PredictorModule`,
-both of whose test steps return ``probability``, ``mask`` and ``presence``): per-image results,
-severity grading, and the threshold sweep of ``calibrate``.
+Training: the model spec in every checkpoint, save on interrupt, a warning when the time limit
+cuts a run short, progressive resizing, TensorBoard charts and images of validation. Testing and
+evaluation (``trainer.test`` of a :class:`~covidseg.models.SegmentationModule` or of a
+:class:`~covidseg.predictor.PredictorModule`, both of whose test steps return ``probability``,
+``mask`` and ``presence``): per-image results, severity grading, and the threshold sweep of
+``calibrate``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ import lightning as L
 import numpy as np
 import torch
 import yaml
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, Timer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -35,6 +38,8 @@ from covidseg.predictor import Predictor
 from covidseg.run_files import write_run_info
 from covidseg.severity import agreement, severity
 from covidseg.visualize import comparison_row
+
+log = logging.getLogger(__name__)
 
 
 class EpochLines(ProgressBar):
@@ -168,6 +173,70 @@ class SaveOnInterrupt(L.Callback):
             f"Saved {path} at epoch {trainer.current_epoch}, step {trainer.global_step}. Resume with:\n"
             f"  python -m covidseg.train <same overrides> ckpt_path={path}   (or ckpt_path=last)"
         )
+
+
+class TimeBudget(L.Callback):
+    """Says, once an epoch shows it, that ``trainer.max_time`` will stop training before
+    ``max_epochs``, and, when it has, after how many epochs.
+
+    A recipe's schedule (one-cycle learning rate, progressive resizing, the weight average) spans
+    its ``max_epochs``; a run that the time limit cuts short ends mid-schedule and scores below what
+    the recipe was measured at. The recipes are timed on a CPU with native bf16; where it is
+    missing they train in fp32, several times slower, and the limit meant as a guard decides the
+    result. Lightning's ``Timer`` only says that it stopped; this says what that costs.
+    """
+
+    def __init__(self) -> None:
+        self.epoch_started: float = 0.0
+        self.warned = False
+
+    @staticmethod
+    def _timer(trainer: L.Trainer) -> Timer | None:
+        if trainer.max_epochs is None or trainer.max_epochs < 0:  # no planned end to fall short of
+            return None
+        return next((callback for callback in trainer.callbacks if isinstance(callback, Timer)), None)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        timer = self._timer(trainer)
+        if timer is not None:
+            self.epoch_started = timer.time_elapsed("train")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        timer = self._timer(trainer)
+        if timer is None or self.warned or not trainer.is_global_zero:
+            return
+        done, elapsed = trainer.current_epoch + 1, timer.time_elapsed("train")
+        epoch_time = elapsed - self.epoch_started  # validation included
+        left = timer.time_remaining("train") or 0.0
+        if epoch_time <= 0 or (trainer.max_epochs - done) * epoch_time <= left:
+            return
+        self.warned = True
+        log.warning(
+            "at %s per epoch (precision %s), %d epochs take about %s, but trainer.max_time is %s: training will "
+            "stop around epoch %d, mid-schedule, short of what the recipe reaches; raise trainer.max_time or lower "
+            "trainer.max_epochs",
+            _clock(epoch_time), trainer.precision, trainer.max_epochs,
+            _clock(elapsed + (trainer.max_epochs - done) * epoch_time), _clock(elapsed + left),
+            done + int(left // epoch_time),
+        )  # fmt: skip
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        timer = self._timer(trainer)
+        completed = trainer.fit_loop.epoch_progress.current.completed
+        if timer is None or not trainer.is_global_zero or completed >= trainer.max_epochs:
+            return
+        if (timer.time_remaining("train") or 0.0) > 0:  # stopped by something else (early stopping, Ctrl-C)
+            return
+        log.warning(
+            "trainer.max_time stopped training after %d of %d epochs (%s): the model did not finish its "
+            "schedule and is not what the recipe measures; raise trainer.max_time or lower trainer.max_epochs",
+            completed, trainer.max_epochs, _clock(timer.time_elapsed("train")),
+        )  # fmt: skip
+
+
+def _clock(seconds: float) -> str:
+    """``H:MM:SS``, as Lightning's Timer reports elapsed time."""
+    return str(timedelta(seconds=round(seconds)))
 
 
 def tensorboard_writers(trainer: L.Trainer) -> list:

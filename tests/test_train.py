@@ -1,5 +1,6 @@
 import csv
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -30,6 +31,8 @@ def _options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("override", [f"{group}={option}" for group in GROUPS for option in _options(group)])
 def test_every_config_option_builds_the_whole_run(compose_cfg, override: str) -> None:
+    if override == "logger=wandb":
+        pytest.importorskip("wandb")  # an optional extra, not in [test]
     on_this_machine = (
         ["trainer.accelerator=cpu", "trainer.devices=1"] if override in ("trainer=gpu", "trainer=ddp") else []
     )
@@ -128,6 +131,20 @@ def test_weight_averaging_validates_saves_and_ships_the_averaged_weights(compose
     same_data = [o for o in FAST if o.startswith("data") and not o.startswith("data.image_size")]
     val = evaluate(compose_cfg("eval", [f"ckpt_path={best}", *same_data, "data.split=Val"]))
     assert val["test/dice"] == pytest.approx(float(best.stem.split("dice")[-1]), abs=1e-4)  # what was validated
+
+
+def test_a_time_limit_that_cuts_the_schedule_short_is_announced(compose_cfg, caplog) -> None:
+    def budget_warnings(overrides: list[str]) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="covidseg.callbacks"):
+            train(compose_cfg("train", [*FAST, "test=false", *overrides]))
+        return [record.getMessage() for record in caplog.records if record.name == "covidseg.callbacks"]
+
+    assert budget_warnings(["trainer.max_epochs=2", "+trainer.max_time=00:01:00:00"]) == []
+    foreseen, stopped = budget_warnings(["trainer.max_epochs=500", "+trainer.max_time=00:00:00:02"])
+    assert "precision 32-true), 500 epochs take about" in foreseen and "training will stop around epoch" in foreseen
+    assert stopped.startswith("trainer.max_time stopped training after ") and " of 500 epochs" in stopped
+    assert int(stopped.split(" after ")[1].split(" of ")[0]) < 500
 
 
 @pytest.mark.slow
