@@ -11,6 +11,7 @@ evaluation (``trainer.test`` of a :class:`~covidseg.models.SegmentationModule` o
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -177,17 +178,19 @@ class SaveOnInterrupt(L.Callback):
 
 class TimeBudget(L.Callback):
     """Says, once an epoch shows it, that ``trainer.max_time`` will stop training before
-    ``max_epochs``, and, when it has, after how many epochs.
+    ``max_epochs``; when it has, after how many epochs, and the limit to resume with.
 
     A recipe's schedule (one-cycle learning rate, progressive resizing, the weight average) spans
     its ``max_epochs``; a run that the time limit cuts short ends mid-schedule and scores below what
     the recipe was measured at. The recipes are timed on a CPU with native bf16; where it is
     missing they train in fp32, several times slower, and the limit meant as a guard decides the
-    result. Lightning's ``Timer`` only says that it stopped; this says what that costs.
+    result. Lightning's ``Timer`` only says that it stopped; this says what that costs and how to
+    finish (a resume from ``last.ckpt`` with a longer limit continues the same schedule).
     """
 
     def __init__(self) -> None:
-        self.epoch_started: float = 0.0
+        self.epoch_started = 0.0
+        self.epoch_time = 0.0
         self.warned = False
 
     @staticmethod
@@ -196,6 +199,11 @@ class TimeBudget(L.Callback):
             return None
         return next((callback for callback in trainer.callbacks if isinstance(callback, Timer)), None)
 
+    def _needed(self, elapsed: float, epochs_left: int) -> str:
+        """A ``trainer.max_time`` value that fits the remaining epochs at the last epoch's pace, +10 %."""
+        minutes = math.ceil((elapsed + epochs_left * self.epoch_time) * 1.1 / 60)
+        return f"00:{minutes // 60:02d}:{minutes % 60:02d}:00"
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         timer = self._timer(trainer)
         if timer is not None:
@@ -203,21 +211,21 @@ class TimeBudget(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         timer = self._timer(trainer)
-        if timer is None or self.warned or not trainer.is_global_zero:
+        if timer is None or not trainer.is_global_zero:
             return
-        done, elapsed = trainer.current_epoch + 1, timer.time_elapsed("train")
-        epoch_time = elapsed - self.epoch_started  # validation included
-        left = timer.time_remaining("train") or 0.0
-        if epoch_time <= 0 or (trainer.max_epochs - done) * epoch_time <= left:
+        elapsed, epochs_left = timer.time_elapsed("train"), trainer.max_epochs - trainer.current_epoch - 1
+        self.epoch_time = elapsed - self.epoch_started  # validation included
+        left = max(timer.time_remaining("train") or 0.0, 0.0)
+        if self.warned or self.epoch_time <= 0 or epochs_left * self.epoch_time <= left:
             return
         self.warned = True
         log.warning(
             "at %s per epoch (precision %s), %d epochs take about %s, but trainer.max_time is %s: training will "
-            "stop around epoch %d, mid-schedule, short of what the recipe reaches; raise trainer.max_time or lower "
-            "trainer.max_epochs",
-            _clock(epoch_time), trainer.precision, trainer.max_epochs,
-            _clock(elapsed + (trainer.max_epochs - done) * epoch_time), _clock(elapsed + left),
-            done + int(left // epoch_time),
+            "stop around epoch %d, mid-schedule, short of what the recipe reaches; resume it then with "
+            "trainer.max_time=%s ckpt_path=last, or lower trainer.max_epochs",
+            _clock(self.epoch_time), trainer.precision, trainer.max_epochs,
+            _clock(elapsed + epochs_left * self.epoch_time), _clock(elapsed + left),
+            trainer.current_epoch + 1 + int(left // self.epoch_time), self._needed(elapsed, epochs_left),
         )  # fmt: skip
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -227,10 +235,12 @@ class TimeBudget(L.Callback):
             return
         if (timer.time_remaining("train") or 0.0) > 0:  # stopped by something else (early stopping, Ctrl-C)
             return
+        elapsed = timer.time_elapsed("train")
         log.warning(
-            "trainer.max_time stopped training after %d of %d epochs (%s): the model did not finish its "
-            "schedule and is not what the recipe measures; raise trainer.max_time or lower trainer.max_epochs",
-            completed, trainer.max_epochs, _clock(timer.time_elapsed("train")),
+            "trainer.max_time stopped training after %d of %d epochs (%s): the model did not finish its schedule "
+            "and is not what the recipe measures; finish it with: python -m covidseg.train <same overrides> "
+            "trainer.max_time=%s ckpt_path=last",
+            completed, trainer.max_epochs, _clock(elapsed), self._needed(elapsed, trainer.max_epochs - completed),
         )  # fmt: skip
 
 

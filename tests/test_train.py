@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -133,18 +134,29 @@ def test_weight_averaging_validates_saves_and_ships_the_averaged_weights(compose
     assert val["test/dice"] == pytest.approx(float(best.stem.split("dice")[-1]), abs=1e-4)  # what was validated
 
 
-def test_a_time_limit_that_cuts_the_schedule_short_is_announced(compose_cfg, caplog) -> None:
-    def budget_warnings(overrides: list[str]) -> list[str]:
+def test_a_time_limit_that_cuts_the_schedule_short_is_announced_and_the_run_finishes_on_resume(
+    compose_cfg, caplog, tmp_path: Path
+) -> None:
+    def train_logged(overrides: list[str]) -> tuple[dict[str, float], list[str]]:
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="covidseg.callbacks"):
-            train(compose_cfg("train", [*FAST, "test=false", *overrides]))
-        return [record.getMessage() for record in caplog.records if record.name == "covidseg.callbacks"]
+            metrics, _ = train(compose_cfg("train", [*FAST, "test=false", "trainer.max_epochs=4", *overrides]))
+        return metrics, [record.getMessage() for record in caplog.records if record.name == "covidseg.callbacks"]
 
-    assert budget_warnings(["trainer.max_epochs=2", "+trainer.max_time=00:01:00:00"]) == []
-    foreseen, stopped = budget_warnings(["trainer.max_epochs=500", "+trainer.max_time=00:00:00:02"])
-    assert "precision 32-true), 500 epochs take about" in foreseen and "training will stop around epoch" in foreseen
-    assert stopped.startswith("trainer.max_time stopped training after ") and " of 500 epochs" in stopped
-    assert int(stopped.split(" after ")[1].split(" of ")[0]) < 500
+    straight, warnings = train_logged(["trainer.max_time=00:01:00:00", f"paths.output_dir={tmp_path / 'straight'}"])
+    assert warnings == []
+    # no time at all: min_epochs=1 lets the first epoch finish, then the limit stops the run
+    _, (foreseen, stopped) = train_logged(["trainer.max_time=00:00:00:00"])
+    assert "precision 32-true), 4 epochs take about" in foreseen and "training will stop around epoch 1," in foreseen
+    assert stopped.startswith("trainer.max_time stopped training after 1 of 4 epochs")
+    suggested = re.search(r"trainer\.max_time=(\S+) ckpt_path=last$", stopped)
+    assert suggested is not None, stopped
+
+    last = tmp_path / "outputs" / "run" / "checkpoints" / "last.ckpt"
+    resumed, warnings = train_logged([f"trainer.max_time={suggested.group(1)}", f"ckpt_path={last}"])
+    assert warnings == []
+    assert resumed["global_step"] == straight["global_step"]
+    assert resumed["val/loss"] == pytest.approx(straight["val/loss"], abs=1e-6)
 
 
 @pytest.mark.slow
