@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from covidseg.callbacks import EmbedModelSpec, SaveOnInterrupt, TimeBudget
@@ -81,6 +82,8 @@ def check_sides(cfg: DictConfig, module: L.LightningModule) -> None:
 def build_run(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> Run:
     """Everything a Lightning run needs; the run's model spec is embedded in its checkpoints."""
     callbacks = [*instantiate_each(cfg.get("callbacks")), *(extra_callbacks or []), TimeBudget()]
+    if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a progress bar callback then
+        callbacks = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
     loggers = instantiate_each(cfg.get("logger"))
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model)

@@ -23,7 +23,6 @@ FAST = [
     "trainer.max_epochs=1",
     "trainer.precision=32-true",  # bf16 gains nothing on a tiny network; test_train checks bf16 runs
     "trainer.enable_progress_bar=false",
-    "~callbacks.progress_bar",
     "~callbacks.model_summary",
 ]
 
