@@ -202,7 +202,7 @@ class TimeBudget(L.Callback):
     def _needed(self, elapsed: float, epochs_left: int) -> str:
         """A ``trainer.max_time`` value that fits the remaining epochs at the last epoch's pace, +10 %."""
         minutes = math.ceil((elapsed + epochs_left * self.epoch_time) * 1.1 / 60)
-        return f"00:{minutes // 60:02d}:{minutes % 60:02d}:00"
+        return f"{minutes // 1440:02d}:{minutes // 60 % 24:02d}:{minutes % 60:02d}:00"
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         timer = self._timer(trainer)

@@ -8,11 +8,12 @@ objects Hydra builds. Sizes a network cannot divide are checked once the network
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from covidseg.data.index import CLASSES
 from covidseg.errors import ConfigError
@@ -44,13 +45,27 @@ class ModelSettings(_Checked):
     distill_weight: float = Field(0.0, ge=0)
 
 
+# Lightning's accepted precision values (its Trainer fails with a traceback on any other)
+PRECISIONS = ("transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true", "bf16-mixed",
+              "32-true", "64-true", 64, 32, 16, "64", "32", "16", "bf16")  # fmt: skip
+
+
 class TrainerSettings(_Checked):
     max_epochs: int | None = Field(None, ge=-1)
+    max_time: str | None = None  # DD:HH:MM:SS (Lightning's keyword form does not pass through Hydra)
+    precision: Literal[PRECISIONS] | None = None  # type: ignore[valid-type]
     min_epochs: int | None = Field(None, ge=0)
     accumulate_grad_batches: int = Field(1, ge=1)
     check_val_every_n_epoch: int | None = Field(1, ge=1)
     log_every_n_steps: int | None = Field(None, ge=1)
     gradient_clip_val: float | None = Field(None, ge=0)
+
+    @field_validator("max_time")
+    @classmethod
+    def _duration(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"\d+:\d\d:\d\d:\d\d", value.strip()):
+            raise ValueError("expected DD:HH:MM:SS, e.g. 00:01:30:00")
+        return value
 
 
 class RunSettings(_Checked):

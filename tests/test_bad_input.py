@@ -292,6 +292,11 @@ TRAIN_CASES = [
     (["data.num_folds=1"], "data.num_folds=1: Input should be greater than or equal to 2"),
     (["data.num_folds=3", "data.fold=5"], "data.num_folds=3 and data.fold=5: need num_folds >= 2 and 0 <= fold"),
     (["seed=abc"], "seed='abc': Input should be a valid integer"),
+    (["trainer.max_time=banana"], "trainer.max_time='banana': expected DD:HH:MM:SS, e.g. 00:01:30:00"),
+    (["trainer.max_time=00:00:-1:00"], "trainer.max_time='00:00:-1:00': expected DD:HH:MM:SS"),
+    (["trainer.max_time={hours:1}"], "trainer.max_time={'hours': 1}: Input should be a valid string"),
+    (["trainer.precision=64x"], "trainer.precision='64x': Input should be 'transformer-engine'"),
+    (["trainer.min_epochs=-1"], "trainer.min_epochs=-1: Input should be greater than or equal to 0"),
     (["experiment=best_cpu", "callbacks.progressive_resizing.schedule=[[0,100]]"], "got 100"),
 ]
 
