@@ -178,7 +178,8 @@ class SaveOnInterrupt(L.Callback):
 
 class TimeBudget(L.Callback):
     """Says, once an epoch shows it, that ``trainer.max_time`` will stop training before
-    ``max_epochs``; when it has, after how many epochs, and the limit to resume with.
+    ``max_epochs`` (again if a later epoch's pace makes the forecast a quarter longer, as
+    progressive resizing does); when it has, after how many epochs, and the limit to resume with.
 
     A recipe's schedule (one-cycle learning rate, progressive resizing, the weight average) spans
     its ``max_epochs``; a run that the time limit cuts short ends mid-schedule and scores below what
@@ -191,7 +192,7 @@ class TimeBudget(L.Callback):
     def __init__(self) -> None:
         self.epoch_started = 0.0
         self.epoch_time = 0.0
-        self.warned = False
+        self.forecast = 0.0  # the total training time last announced
 
     @staticmethod
     def _timer(trainer: L.Trainer) -> Timer | None:
@@ -199,9 +200,10 @@ class TimeBudget(L.Callback):
             return None
         return next((callback for callback in trainer.callbacks if isinstance(callback, Timer)), None)
 
-    def _needed(self, elapsed: float, epochs_left: int) -> str:
-        """A ``trainer.max_time`` value that fits the remaining epochs at the last epoch's pace, +10 %."""
-        minutes = math.ceil((elapsed + epochs_left * self.epoch_time) * 1.1 / 60)
+    @staticmethod
+    def _limit_for(seconds: float) -> str:
+        """A ``trainer.max_time`` value (DD:HH:MM:SS) 10 % above ``seconds``, in whole minutes."""
+        minutes = math.ceil(seconds * 1.1 / 60)
         return f"{minutes // 1440:02d}:{minutes // 60 % 24:02d}:{minutes % 60:02d}:00"
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -216,16 +218,16 @@ class TimeBudget(L.Callback):
         elapsed, epochs_left = timer.time_elapsed("train"), trainer.max_epochs - trainer.current_epoch - 1
         self.epoch_time = elapsed - self.epoch_started  # validation included
         left = max(timer.time_remaining("train") or 0.0, 0.0)
-        if self.warned or self.epoch_time <= 0 or epochs_left * self.epoch_time <= left:
+        forecast = elapsed + epochs_left * self.epoch_time
+        if self.epoch_time <= 0 or epochs_left * self.epoch_time <= left or forecast <= 1.25 * self.forecast:
             return
-        self.warned = True
+        self.forecast = forecast
         log.warning(
             "at %s per epoch (precision %s), %d epochs take about %s, but trainer.max_time is %s: training will "
             "stop around epoch %d, mid-schedule, short of what the recipe reaches; resume it then with "
             "trainer.max_time=%s ckpt_path=last, or lower trainer.max_epochs",
-            _clock(self.epoch_time), trainer.precision, trainer.max_epochs,
-            _clock(elapsed + epochs_left * self.epoch_time), _clock(elapsed + left),
-            trainer.current_epoch + 1 + int(left // self.epoch_time), self._needed(elapsed, epochs_left),
+            _clock(self.epoch_time), trainer.precision, trainer.max_epochs, _clock(forecast), _clock(elapsed + left),
+            trainer.current_epoch + 1 + int(left // self.epoch_time), self._limit_for(forecast),
         )  # fmt: skip
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -236,11 +238,12 @@ class TimeBudget(L.Callback):
         if (timer.time_remaining("train") or 0.0) > 0:  # stopped by something else (early stopping, Ctrl-C)
             return
         elapsed = timer.time_elapsed("train")
+        forecast = elapsed + (trainer.max_epochs - completed) * self.epoch_time
         log.warning(
             "trainer.max_time stopped training after %d of %d epochs (%s): the model did not finish its schedule "
             "and is not what the recipe measures; finish it with: python -m covidseg.train <same overrides> "
             "trainer.max_time=%s ckpt_path=last",
-            completed, trainer.max_epochs, _clock(elapsed), self._needed(elapsed, trainer.max_epochs - completed),
+            completed, trainer.max_epochs, _clock(elapsed), self._limit_for(forecast),
         )  # fmt: skip
 
 

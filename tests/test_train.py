@@ -159,6 +159,42 @@ def test_a_time_limit_that_cuts_the_schedule_short_is_announced_and_the_run_fini
     assert resumed["val/loss"] == pytest.approx(straight["val/loss"], abs=1e-6)
 
 
+def test_the_time_forecast_is_repeated_only_when_the_pace_makes_it_a_quarter_longer(caplog) -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import Timer
+
+    from covidseg.callbacks import TimeBudget
+
+    class Clock(Timer):  # Lightning's Timer with a hand-moved clock
+        now = 0.0
+
+        def time_elapsed(self, stage: str = "train") -> float:
+            return self.now
+
+        def time_remaining(self, stage: str = "train") -> float:
+            return 1000.0 - self.now
+
+    timer, budget = Clock(duration="00:00:16:40"), TimeBudget()
+    trainer = SimpleNamespace(max_epochs=22, callbacks=[timer], is_global_zero=True, precision="32-true")
+    warnings = []
+    # progressive resizing: four 60 s epochs at 96², then 110 s epochs at 128²
+    for epoch, seconds in enumerate([60, 60, 60, 60, 110, 112]):
+        trainer.current_epoch = epoch
+        budget.on_train_epoch_start(trainer, None)
+        timer.now += seconds
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="covidseg.callbacks"):
+            budget.on_train_epoch_end(trainer, None)
+        warnings += [(epoch + 1, record.getMessage()) for record in caplog.records]
+    assert [epoch for epoch, _ in warnings] == [1, 5]
+    assert "at 0:01:00 per epoch (precision 32-true), 22 epochs take about 0:22:00" in warnings[0][1]
+    assert "trainer.max_time is 0:16:40: training will stop around epoch 16," in warnings[0][1]
+    assert "trainer.max_time=00:00:25:00 ckpt_path=last" in warnings[0][1]  # 22 min + 10 %, whole minutes
+    assert "at 0:01:50 per epoch" in warnings[1][1] and "22 epochs take about 0:37:00" in warnings[1][1]
+    assert "stop around epoch 10," in warnings[1][1]
+
+
 @pytest.mark.slow
 def test_tensorboard_gets_charts_and_learning_curves_render(compose_cfg) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
