@@ -216,8 +216,9 @@ class TimeBudget(L.Callback):
         if timer is None or not trainer.is_global_zero:
             return
         elapsed, epochs_left = timer.time_elapsed("train"), trainer.max_epochs - trainer.current_epoch - 1
-        self.epoch_time = elapsed - self.epoch_started  # validation included
         left = max(timer.time_remaining("train") or 0.0, 0.0)
+        if left > 0 or not self.epoch_time:  # an epoch the limit cut short does not set the pace
+            self.epoch_time = elapsed - self.epoch_started  # validation included
         forecast = elapsed + epochs_left * self.epoch_time
         if self.epoch_time <= 0 or epochs_left * self.epoch_time <= left or forecast <= 1.25 * self.forecast:
             return
@@ -232,18 +233,19 @@ class TimeBudget(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         timer = self._timer(trainer)
-        completed = trainer.fit_loop.epoch_progress.current.completed
-        if timer is None or not trainer.is_global_zero or completed >= trainer.max_epochs:
-            return
-        if (timer.time_remaining("train") or 0.0) > 0:  # stopped by something else (early stopping, Ctrl-C)
+        if timer is None or not trainer.is_global_zero or (timer.time_remaining("train") or 0.0) > 0:
+            return  # no limit, or stopped by something else (the last epoch, early stopping, Ctrl-C)
+        # Lightning counts an epoch the limit stopped as done: count the batches instead
+        done = trainer.fit_loop.epoch_loop.batch_progress.total.completed / max(trainer.num_training_batches, 1)
+        if done >= trainer.max_epochs:
             return
         elapsed = timer.time_elapsed("train")
-        forecast = elapsed + (trainer.max_epochs - completed) * self.epoch_time
+        forecast = elapsed + (trainer.max_epochs - done) * self.epoch_time
         log.warning(
-            "trainer.max_time stopped training after %d of %d epochs (%s): the model did not finish its schedule "
+            "trainer.max_time stopped training after %.1f of %d epochs (%s): the model did not finish its schedule "
             "and is not what the recipe measures; finish it with: python -m covidseg.train <same overrides> "
             "trainer.max_time=%s ckpt_path=last",
-            completed, trainer.max_epochs, _clock(elapsed), self._limit_for(forecast),
+            done, trainer.max_epochs, _clock(elapsed), self._limit_for(forecast),
         )  # fmt: skip
 
 

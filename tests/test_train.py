@@ -148,7 +148,8 @@ def test_a_time_limit_that_cuts_the_schedule_short_is_announced_and_the_run_fini
     # no time at all: min_epochs=1 lets the first epoch finish, then the limit stops the run
     _, (foreseen, stopped) = train_logged(["trainer.max_time=00:00:00:00"])
     assert "precision 32-true), 4 epochs take about" in foreseen and "training will stop around epoch 1," in foreseen
-    assert stopped.startswith("trainer.max_time stopped training after 1 of 4 epochs")
+    done = re.match(r"trainer\.max_time stopped training after (\d\.\d) of 4 epochs", stopped)
+    assert done is not None and 1.0 <= float(done.group(1)) < 2.0, stopped
     suggested = re.search(r"trainer\.max_time=(\S+) ckpt_path=last$", stopped)
     assert suggested is not None, stopped
 
@@ -178,8 +179,8 @@ def test_the_time_forecast_is_repeated_only_when_the_pace_makes_it_a_quarter_lon
     timer, budget = Clock(duration="00:00:16:40"), TimeBudget()
     trainer = SimpleNamespace(max_epochs=22, callbacks=[timer], is_global_zero=True, precision="32-true")
     warnings = []
-    # progressive resizing: four 60 s epochs at 96², then 110 s epochs at 128²
-    for epoch, seconds in enumerate([60, 60, 60, 60, 110, 112]):
+    # progressive resizing: four 60 s epochs at 96², then 110 s epochs at 128², the 11th cut at 1000 s
+    for epoch, seconds in enumerate([60, 60, 60, 60, 110, 112, 112, 112, 112, 112, 90]):
         trainer.current_epoch = epoch
         budget.on_train_epoch_start(trainer, None)
         timer.now += seconds
@@ -193,6 +194,19 @@ def test_the_time_forecast_is_repeated_only_when_the_pace_makes_it_a_quarter_lon
     assert "trainer.max_time=00:00:25:00 ckpt_path=last" in warnings[0][1]  # 22 min + 10 %, whole minutes
     assert "at 0:01:50 per epoch" in warnings[1][1] and "22 epochs take about 0:37:00" in warnings[1][1]
     assert "stop around epoch 10," in warnings[1][1]
+
+    # stopped 80 % into the 11th epoch: the cut epoch neither counts as done nor sets the pace
+    batches = SimpleNamespace(total=SimpleNamespace(completed=1080))
+    trainer.fit_loop, trainer.num_training_batches = (
+        SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=batches)),
+        100,
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="covidseg.callbacks"):
+        budget.on_train_end(trainer, None)
+    (stopped,) = [record.getMessage() for record in caplog.records]
+    assert stopped.startswith("trainer.max_time stopped training after 10.8 of 22 epochs (0:16:40)")
+    assert stopped.endswith("trainer.max_time=00:00:42:00 ckpt_path=last")  # (1000 s + 11.2 × 112 s) + 10 %
 
 
 @pytest.mark.slow
