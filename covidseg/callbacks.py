@@ -186,7 +186,8 @@ class TimeBudget(L.Callback):
     the recipe was measured at. The recipes are timed on a CPU with native bf16; where it is
     missing they train in fp32, several times slower, and the limit meant as a guard decides the
     result. Lightning's ``Timer`` only says that it stopped; this says what that costs and how to
-    finish (a resume from ``last.ckpt`` with a longer limit continues the same schedule).
+    finish (a resume from ``last.ckpt`` with a longer limit continues the schedule at the next
+    epoch: Lightning counts a cut epoch as done, so the rest of it is skipped).
     """
 
     def __init__(self) -> None:
@@ -225,8 +226,8 @@ class TimeBudget(L.Callback):
         self.forecast = forecast
         log.warning(
             "at %s per epoch (precision %s), %d epochs take about %s, but trainer.max_time is %s: training will "
-            "stop around epoch %d, mid-schedule, short of what the recipe reaches; resume it then with "
-            "trainer.max_time=%s ckpt_path=last, or lower trainer.max_epochs",
+            "stop around epoch %d, mid-schedule, short of what the recipe reaches; restart with trainer.max_time=%s "
+            "or lower trainer.max_epochs (after the stop, a resume with that limit and ckpt_path=last finishes it)",
             _clock(self.epoch_time), trainer.precision, trainer.max_epochs, _clock(forecast), _clock(elapsed + left),
             trainer.current_epoch + 1 + int(left // self.epoch_time), self._limit_for(forecast),
         )  # fmt: skip
@@ -241,11 +242,15 @@ class TimeBudget(L.Callback):
             return
         elapsed = timer.time_elapsed("train")
         forecast = elapsed + (trainer.max_epochs - done) * self.epoch_time
+        # Lightning resumes a stopped run at the next epoch, so the rest of a cut epoch is skipped
+        skipped = (
+            "" if done.is_integer() else f" (from epoch {math.ceil(done) + 1}: the rest of the cut one is skipped)"
+        )
         log.warning(
             "trainer.max_time stopped training after %.1f of %d epochs (%s): the model did not finish its schedule "
-            "and is not what the recipe measures; finish it with: python -m covidseg.train <same overrides> "
+            "and is not what the recipe measures; to finish it%s: python -m covidseg.train <same overrides> "
             "trainer.max_time=%s ckpt_path=last",
-            done, trainer.max_epochs, _clock(elapsed), self._limit_for(forecast),
+            done, trainer.max_epochs, _clock(elapsed), skipped, self._limit_for(forecast),
         )  # fmt: skip
 
 
