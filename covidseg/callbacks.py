@@ -1,7 +1,7 @@
 """covidseg's own callbacks, all in one place; the rest come from Lightning.
 
-Training: the model spec in every checkpoint, save on interrupt, a warning when the time limit
-cuts a run short, progressive resizing, TensorBoard charts and images of validation. Testing and
+Training: the model spec in every checkpoint, save on interrupt, a time limit that warns and stops
+at an epoch's end, progressive resizing, TensorBoard charts and images of validation. Testing and
 evaluation (``trainer.test`` of a :class:`~covidseg.models.SegmentationModule` or of a
 :class:`~covidseg.predictor.PredictorModule`, both of whose test steps return ``probability``,
 ``mask`` and ``presence``): per-image results, severity grading, and the threshold sweep of
@@ -179,21 +179,25 @@ class SaveOnInterrupt(L.Callback):
 class TimeBudget(L.Callback):
     """Says, once an epoch shows it, that ``trainer.max_time`` will stop training before
     ``max_epochs`` (again if a later epoch's pace makes the forecast a quarter longer, as
-    progressive resizing does); when it has, after how many epochs, and the limit to resume with.
+    progressive resizing does); stops at the end of the last epoch that fits rather than in the
+    middle of the next; says after how many epochs it stopped and the limit to resume with.
 
     A recipe's schedule (one-cycle learning rate, progressive resizing, the weight average) spans
     its ``max_epochs``; a run that the time limit cuts short ends mid-schedule and scores below what
     the recipe was measured at. The recipes are timed on a CPU with native bf16; where it is
     missing they train in fp32, several times slower, and the limit meant as a guard decides the
-    result. Lightning's ``Timer`` only says that it stopped; this says what that costs and how to
-    finish (a resume from ``last.ckpt`` with a longer limit continues the schedule at the next
-    epoch: Lightning counts a cut epoch as done, so the rest of it is skipped).
+    result. Lightning's ``Timer`` only says that it stopped, and stops mid-epoch, where it counts the
+    cut epoch as done: a resume would skip the rest of it. Stopping at an epoch's end instead, when
+    the last epoch's pace says the next would not finish in time, makes a resume from ``last.ckpt``
+    with a longer limit end where an uncut run ends. The Timer stays as the hard limit for an epoch
+    slower than its predecessor.
     """
 
     def __init__(self) -> None:
         self.epoch_started = 0.0
         self.epoch_time = 0.0
         self.forecast = 0.0  # the total training time last announced
+        self.stopped_early = False  # stopped by this callback, at an epoch's end
 
     @staticmethod
     def _timer(trainer: L.Trainer) -> Timer | None:
@@ -214,19 +218,28 @@ class TimeBudget(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         timer = self._timer(trainer)
-        if timer is None or not trainer.is_global_zero:
+        if timer is None:
             return
         elapsed, epochs_left = timer.time_elapsed("train"), trainer.max_epochs - trainer.current_epoch - 1
         left = max(timer.time_remaining("train") or 0.0, 0.0)
         if left > 0 or not self.epoch_time:  # an epoch the limit cut short does not set the pace
             self.epoch_time = elapsed - self.epoch_started  # validation included
+        # rank zero's clock decides for every rank, as Lightning's Timer does
+        may_stop = trainer.current_epoch + 1 >= (trainer.fit_loop.min_epochs or 0)
+        if trainer.strategy.broadcast(may_stop and epochs_left > 0 and 0 < left < self.epoch_time):
+            trainer.should_stop = self.stopped_early = True
         forecast = elapsed + epochs_left * self.epoch_time
-        if self.epoch_time <= 0 or epochs_left * self.epoch_time <= left or forecast <= 1.25 * self.forecast:
+        if (
+            not trainer.is_global_zero
+            or self.epoch_time <= 0
+            or epochs_left * self.epoch_time <= left
+            or forecast <= 1.25 * self.forecast
+        ):
             return
         self.forecast = forecast
         log.warning(
             "at %s per epoch (precision %s), %d epochs take about %s, but trainer.max_time is %s: training will "
-            "stop around epoch %d, mid-schedule, short of what the recipe reaches; restart with trainer.max_time=%s "
+            "stop after epoch %d, mid-schedule, short of what the recipe reaches; restart with trainer.max_time=%s "
             "or lower trainer.max_epochs (after the stop, a resume with that limit and ckpt_path=last finishes it)",
             _clock(self.epoch_time), trainer.precision, trainer.max_epochs, _clock(forecast), _clock(elapsed + left),
             trainer.current_epoch + 1 + int(left // self.epoch_time), self._limit_for(forecast),
@@ -234,7 +247,9 @@ class TimeBudget(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         timer = self._timer(trainer)
-        if timer is None or not trainer.is_global_zero or (timer.time_remaining("train") or 0.0) > 0:
+        if timer is None or not trainer.is_global_zero:
+            return
+        if not self.stopped_early and (timer.time_remaining("train") or 0.0) > 0:
             return  # no limit, or stopped by something else (the last epoch, early stopping, Ctrl-C)
         # Lightning counts an epoch the limit stopped as done: count the batches instead
         done = trainer.fit_loop.epoch_loop.batch_progress.total.completed / max(trainer.num_training_batches, 1)
@@ -242,15 +257,16 @@ class TimeBudget(L.Callback):
             return
         elapsed = timer.time_elapsed("train")
         forecast = elapsed + (trainer.max_epochs - done) * self.epoch_time
-        # Lightning resumes a stopped run at the next epoch, so the rest of a cut epoch is skipped
-        skipped = (
-            "" if done.is_integer() else f" (from epoch {math.ceil(done) + 1}: the rest of the cut one is skipped)"
-        )
+        how, resume = "", ""
+        if self.stopped_early:
+            how = f", at the end of epoch {round(done)}: the next would not have finished in time"
+        elif not done.is_integer():  # Lightning resumes at the next epoch, so the rest of a cut one is skipped
+            how, resume = ", mid-epoch", f" (from epoch {math.ceil(done) + 1}: the rest of the cut one is skipped)"
         log.warning(
-            "trainer.max_time stopped training after %.1f of %d epochs (%s): the model did not finish its schedule "
-            "and is not what the recipe measures; to finish it%s: python -m covidseg.train <same overrides> "
+            "trainer.max_time stopped training after %.1f of %d epochs (%s)%s; the model did not finish its "
+            "schedule and is not what the recipe measures; to finish it%s: python -m covidseg.train <same overrides> "
             "trainer.max_time=%s ckpt_path=last",
-            done, trainer.max_epochs, _clock(elapsed), skipped, self._limit_for(forecast),
+            done, trainer.max_epochs, _clock(elapsed), how, resume, self._limit_for(forecast),
         )  # fmt: skip
 
 

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -147,7 +148,7 @@ def test_a_time_limit_that_cuts_the_schedule_short_is_announced_and_the_run_fini
     assert warnings == []
     # no time at all: min_epochs=1 lets the first epoch finish, then the limit stops the run at its end
     _, (foreseen, stopped) = train_logged(["trainer.max_time=00:00:00:00"])
-    assert "precision 32-true), 4 epochs take about" in foreseen and "training will stop around epoch 1," in foreseen
+    assert "precision 32-true), 4 epochs take about" in foreseen and "training will stop after epoch 1," in foreseen
     done = re.match(r"trainer\.max_time stopped training after (\d\.\d) of 4 epochs", stopped)
     assert done is not None and done.group(1) == "1.0" and "to finish it: python" in stopped, stopped
     suggested = re.search(r"trainer\.max_time=(\S+) ckpt_path=last$", stopped)
@@ -160,7 +161,10 @@ def test_a_time_limit_that_cuts_the_schedule_short_is_announced_and_the_run_fini
     assert resumed["val/loss"] == pytest.approx(straight["val/loss"], abs=1e-6)
 
 
-def test_the_time_forecast_is_repeated_only_when_the_pace_makes_it_a_quarter_longer(caplog) -> None:
+@pytest.mark.parametrize("limit", [1000.0, 1040.0])
+def test_the_time_limit_stops_at_an_epoch_end_and_the_forecast_repeats_only_when_a_quarter_longer(
+    caplog, limit: float
+) -> None:
     from types import SimpleNamespace
 
     from lightning.pytorch.callbacks import Timer
@@ -174,40 +178,54 @@ def test_the_time_forecast_is_repeated_only_when_the_pace_makes_it_a_quarter_lon
             return self.now
 
         def time_remaining(self, stage: str = "train") -> float:
-            return 1000.0 - self.now
+            return limit - self.now
 
-    timer, budget = Clock(duration="00:00:16:40"), TimeBudget()
-    trainer = SimpleNamespace(max_epochs=22, callbacks=[timer], is_global_zero=True, precision="32-true")
+    timer, budget = Clock(duration=timedelta(seconds=limit)), TimeBudget()
+    trainer = SimpleNamespace(
+        max_epochs=22, callbacks=[timer], is_global_zero=True, precision="32-true", should_stop=False,
+        strategy=SimpleNamespace(broadcast=lambda decision: decision),
+        fit_loop=SimpleNamespace(min_epochs=None, epoch_loop=SimpleNamespace(batch_progress=None)),
+        num_training_batches=100,
+    )  # fmt: skip
     warnings = []
-    # progressive resizing: four 60 s epochs at 96², then 110 s epochs at 128², the 11th cut at 1000 s
-    for epoch, seconds in enumerate([60, 60, 60, 60, 110, 112, 112, 112, 112, 112, 90]):
+    # progressive resizing: four 60 s epochs at 96², then 110 s epochs at 128²; the 11th is slower (160 s)
+    for epoch, seconds in enumerate([60, 60, 60, 60, 110, 112, 112, 112, 112, 112, 160]):
+        if trainer.should_stop:
+            break
         trainer.current_epoch = epoch
         budget.on_train_epoch_start(trainer, None)
-        timer.now += seconds
+        timer.now = min(timer.now + seconds, limit)  # the Timer cuts an epoch at the limit
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="covidseg.callbacks"):
             budget.on_train_epoch_end(trainer, None)
         warnings += [(epoch + 1, record.getMessage()) for record in caplog.records]
     assert [epoch for epoch, _ in warnings] == [1, 5]
     assert "at 0:01:00 per epoch (precision 32-true), 22 epochs take about 0:22:00" in warnings[0][1]
-    assert "trainer.max_time is 0:16:40: training will stop around epoch 16," in warnings[0][1]
+    first_stop = 16 if limit == 1000 else 17
+    assert f"is {timedelta(seconds=limit)}: training will stop after epoch {first_stop}," in warnings[0][1]
     assert "restart with trainer.max_time=00:00:25:00" in warnings[0][1]  # 22 min + 10 %, whole minutes
     assert "at 0:01:50 per epoch" in warnings[1][1] and "22 epochs take about 0:37:00" in warnings[1][1]
-    assert "stop around epoch 10," in warnings[1][1]
+    assert f"stop after epoch {10 if limit == 1000 else 11}," in warnings[1][1]
 
-    # stopped 80 % into the 11th epoch: the cut epoch neither counts as done nor sets the pace
-    batches = SimpleNamespace(total=SimpleNamespace(completed=1080))
-    trainer.fit_loop, trainer.num_training_batches = (
-        SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=batches)),
-        100,
-    )
+    batches = 1000 if limit == 1000 else 1081  # 10 epochs of 100 batches, or 81 % of the 11th as well
+    trainer.fit_loop.epoch_loop.batch_progress = SimpleNamespace(total=SimpleNamespace(completed=batches))
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="covidseg.callbacks"):
         budget.on_train_end(trainer, None)
     (stopped,) = [record.getMessage() for record in caplog.records]
-    assert stopped.startswith("trainer.max_time stopped training after 10.8 of 22 epochs (0:16:40)")
-    assert "to finish it (from epoch 12: the rest of the cut one is skipped): python -m covidseg.train" in stopped
-    assert stopped.endswith("trainer.max_time=00:00:42:00 ckpt_path=last")  # (1000 s + 11.2 × 112 s) + 10 %
+    if limit == 1000:  # 910 s after 10 epochs, 90 s left: the 11th (112 s) would not fit, so it stops now
+        assert trainer.should_stop and timer.now == 910
+        assert stopped.startswith(
+            "trainer.max_time stopped training after 10.0 of 22 epochs (0:15:10), at the end of epoch 10: "
+            "the next would not have finished in time;"
+        )
+        assert "to finish it: python -m covidseg.train" in stopped
+        assert stopped.endswith("trainer.max_time=00:00:42:00 ckpt_path=last")  # (910 s + 12 × 112 s) + 10 %
+    else:  # 130 s left fit a 112 s epoch, but the 11th took longer: the Timer cut it, which sets no pace
+        assert not trainer.should_stop and timer.now == 1040
+        assert stopped.startswith("trainer.max_time stopped training after 10.8 of 22 epochs (0:17:20), mid-epoch;")
+        assert "to finish it (from epoch 12: the rest of the cut one is skipped): python -m covidseg.train" in stopped
+        assert stopped.endswith("trainer.max_time=00:00:43:00 ckpt_path=last")  # (1040 s + 11.19 × 112 s) + 10 %
 
 
 @pytest.mark.slow
