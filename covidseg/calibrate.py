@@ -1,14 +1,15 @@
-"""Choose the pixel threshold and the presence threshold of a trained model on Val.
+"""Choose a trained model's pixel threshold, presence threshold and small-region share on Val.
 
 python -m covidseg.calibrate ckpt_path=PATH [min_healthy_rate=0.95] [flip_tta=true|false]
 
 One pass over Val (all three classes) per flip setting (without and with horizontal flip TTA,
-unless ``flip_tta`` names one) records, per image and per candidate pixel threshold, the
-predicted and overlapping infected areas, plus the presence probability. Every (flip TTA, pixel
-threshold, presence threshold) is then scored: per-image Dice on images with infection, and the
-share of images without infection predicted below 1 % of the image (``CLEAN_AREA_SHARE``). The pair kept
-is the best Dice among those that keep at least ``min_healthy_rate`` of healthy images clean
-(the highest clean share when none does). Only Val is used: the Test split stays held back.
+unless ``flip_tta`` names one) records, per image, candidate pixel threshold and candidate
+small-region share (``min_region_shares``), the predicted and overlapping infected areas, plus the
+presence probability. Every (flip TTA, region share, pixel threshold, presence threshold) is then
+scored: per-image Dice on images with infection, and the share of images without infection
+predicted below 1 % of the image (``CLEAN_AREA_SHARE``). The choice kept is the best Dice among
+those that keep at least ``min_healthy_rate`` of healthy images clean (the highest clean share
+when none does). Only Val is used: the Test split stays held back.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from rich.table import Table
 
 from covidseg import CONF_DIR
 from covidseg.callbacks import ThresholdSweep
+from covidseg.config_checks import check_calibration
 from covidseg.errors import user_errors
 from covidseg.eval import load_for_data, run_test_loop
 from covidseg.framework_noise import quiet_framework_noise
@@ -41,6 +43,7 @@ class Choice:
     dice: float
     healthy_clean_rate: float
     flip_tta: bool = False
+    min_region_share: float = 0.0
 
 
 def score_choices(
@@ -52,6 +55,7 @@ def score_choices(
     presence_thresholds: list[float],
     max_area: float,
     flip_tta: bool = False,
+    min_region_share: float = 0.0,
 ) -> list[Choice]:
     """Per-image Dice on infected images and clean share of healthy images, for every pair."""
     infected = truth > 0
@@ -67,7 +71,7 @@ def score_choices(
             total = area + truth
             dice = np.where(total == 0, 1.0, 2 * overlap / np.maximum(total, 1))
             clean = float((area[~infected] < max_area).mean())
-            choices.append(Choice(threshold, gate, float(dice[infected].mean()), clean, flip_tta))
+            choices.append(Choice(threshold, gate, float(dice[infected].mean()), clean, flip_tta, min_region_share))
     return choices
 
 
@@ -80,36 +84,44 @@ def choose(choices: list[Choice], min_healthy_rate: float) -> Choice:
 
 
 def calibrate(cfg: DictConfig) -> dict[str, Any]:
+    check_calibration(cfg)
     L.seed_everything(cfg.seed, workers=True)
     loaded, datamodule = load_for_data(cfg)
     predictor = loaded.predictor
     output_dir = Path(cfg.paths.output_dir)
     write_run_info(output_dir)
     thresholds = sorted({*cfg.thresholds, predictor.threshold})
+    own_share = predictor.settings.min_region_share
+    shares = sorted({*cfg.min_region_shares, own_share})
     own_flip = predictor.settings.flip_tta
     flips = [own_flip] if cfg.flip_tta is not None else [False, True]
     choices: list[Choice] = []
     for flip in flips:
         # ungated probabilities: score_choices applies each candidate gate itself
         predictor.settings = predictor.settings.model_copy(update={"presence_threshold": None, "flip_tta": flip})
-        sweep = ThresholdSweep(thresholds, predictor.targets.index(predictor.primary_target))
+        sweep = ThresholdSweep(thresholds, predictor.targets.index(predictor.primary_target), shares)
         run_test_loop(cfg, loaded, datamodule, [sweep])
         predicted, intersection, truth = sweep.areas()
-        choices += score_choices(
-            predicted,
-            intersection,
-            truth,
-            sweep.presence_probability(),
-            thresholds,
-            list(cfg.presence_thresholds),
-            CLEAN_AREA_SHARE * loaded.spec.image_size**2,
-            flip,
-        )
+        for column, share in enumerate(shares):
+            choices += score_choices(
+                predicted[:, column],
+                intersection[:, column],
+                truth,
+                sweep.presence_probability(),
+                thresholds,
+                list(cfg.presence_thresholds),
+                CLEAN_AREA_SHARE * loaded.spec.image_size**2,
+                flip,
+                share,
+            )
     chosen = choose(choices, cfg.min_healthy_rate)
     untouched = next(
         c
         for c in choices
-        if c.presence_threshold is None and c.threshold == predictor.threshold and c.flip_tta == own_flip
+        if c.presence_threshold is None
+        and c.threshold == predictor.threshold
+        and c.flip_tta == own_flip
+        and c.min_region_share == own_share
     )
     result = {
         "ckpt_path": loaded.description,
@@ -129,19 +141,20 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
 
 def print_choice(result: dict[str, Any], path: Path) -> None:
     table = Table(title=f"calibration on {result['split']}: {result['ckpt_path']}")
-    for column in ("", "flip_tta", "threshold", "presence_threshold", "Dice (infected)", "healthy clean"):
+    for column in ("", "flip_tta", "threshold", "presence_threshold", "min_region_share", "Dice", "healthy clean"):
         table.add_column(column, justify="right")
     for label in ("as_trained", "chosen"):
         row = result[label]
         table.add_row(label, str(row["flip_tta"]).lower(), f"{row['threshold']:.2f}", str(row["presence_threshold"]),
-                      f"{row['dice']:.4f}", f"{row['healthy_clean_rate']:.3f}")  # fmt: skip
+                      str(row["min_region_share"]), f"{row['dice']:.4f}",
+                      f"{row['healthy_clean_rate']:.3f}")  # fmt: skip
     console = Console()
     console.print(table)
     chosen = result["chosen"]
     settings = f"threshold={chosen['threshold']}"
     if chosen["presence_threshold"] is not None:
         settings += f" presence_threshold={chosen['presence_threshold']}"
-    settings += f" flip_tta={str(chosen['flip_tta']).lower()}"
+    settings += f" flip_tta={str(chosen['flip_tta']).lower()} min_region_share={chosen['min_region_share']}"
     console.print(
         f"use with eval, predict or export: {settings}\nall pairs: {path}",
         markup=False,

@@ -36,6 +36,7 @@ from covidseg.errors import ConfigError
 from covidseg.metrics import CLEAN_AREA_SHARE, SegmentationScores
 from covidseg.model_spec import SPEC_KEY, InferenceSettings
 from covidseg.predictor import Predictor
+from covidseg.regions import drop_small_regions
 from covidseg.run_files import write_run_info
 from covidseg.severity import agreement, severity
 from covidseg.visualize import comparison_row
@@ -468,11 +469,12 @@ class SeverityOnTest(L.Callback):
 
 
 class ThresholdSweep(L.Callback):
-    """During ``trainer.test``, each image's predicted and overlapping areas at every threshold, and
-    its presence probability (``calibrate`` scores every threshold pair from these)."""
+    """During ``trainer.test``, each image's predicted and overlapping areas at every threshold and
+    small-region share, and its presence probability (``calibrate`` scores every choice from these)."""
 
-    def __init__(self, thresholds: Sequence[float], channel: int) -> None:
+    def __init__(self, thresholds: Sequence[float], channel: int, region_shares: Sequence[float] = (0.0,)) -> None:
         self.thresholds = torch.tensor(list(thresholds))
+        self.region_shares = list(region_shares)
         self.channel = channel
         self.predicted: list[torch.Tensor] = []
         self.intersection: list[torch.Tensor] = []
@@ -480,17 +482,22 @@ class ThresholdSweep(L.Callback):
         self.presence: list[torch.Tensor] = []
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        probability = outputs["probability"][:, self.channel].flatten(1).cpu()
-        truth = batch["mask"][:, self.channel].flatten(1).cpu() > 0.5
-        predicted = probability[:, None, :] > self.thresholds[None, :, None]  # (N, thresholds, pixels)
-        self.predicted.append(predicted.sum(-1).double())
-        self.intersection.append((predicted & truth[:, None, :]).sum(-1).double())
-        self.truth.append(truth.sum(-1).double())
+        probability = outputs["probability"][:, self.channel].cpu()
+        truth = batch["mask"][:, self.channel].cpu() > 0.5
+        predicted = probability[:, None] > self.thresholds[None, :, None, None]  # (N, thresholds, H, W)
+        # (N, shares, thresholds, H, W): each mask without its small regions, per share
+        kept = torch.from_numpy(
+            np.stack([[[drop_small_regions(mask, share) for mask in image] for share in self.region_shares]
+                      for image in predicted.numpy()])
+        )  # fmt: skip
+        self.predicted.append(kept.flatten(3).sum(-1).double())
+        self.intersection.append((kept & truth[:, None, None]).flatten(3).sum(-1).double())
+        self.truth.append(truth.flatten(1).sum(-1).double())
         if outputs.get("presence") is not None:
             self.presence.append(outputs["presence"].double().cpu())
 
     def areas(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Predicted and intersection areas (images x thresholds) and truth areas (images)."""
+        """Predicted and intersection areas (images x region shares x thresholds) and truth areas (images)."""
         return tuple(torch.cat(parts).numpy() for parts in (self.predicted, self.intersection, self.truth))
 
     def presence_probability(self) -> np.ndarray | None:

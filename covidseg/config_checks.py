@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -73,6 +73,25 @@ class RunSettings(_Checked):
     data: DataSettings
     trainer: TrainerSettings | None = None
     model: ModelSettings | None = None
+
+
+class CalibrationSettings(_Checked):
+    """``calibrate``'s candidates (its data section is checked as every command's)."""
+
+    thresholds: list[Annotated[float, Field(gt=0, lt=1)]] = Field(min_length=1)
+    presence_thresholds: list[Annotated[float, Field(ge=0, le=1)]]
+    min_region_shares: list[Annotated[float, Field(ge=0, lt=1)]]
+    min_healthy_rate: float = Field(ge=0, le=1)
+
+
+def check_calibration(cfg: DictConfig) -> None:
+    """Validate ``calibrate``'s candidate lists and healthy-rate floor."""
+    values = {key: OmegaConf.to_container(cfg, resolve=True).get(key) for key in CalibrationSettings.model_fields}
+    try:
+        CalibrationSettings.model_validate(values)
+    except ValidationError as error:
+        key, value, message = first_error(error)
+        raise ConfigError(f"{key}={value!r}: {message}") from None
 
 
 def check_settings(cfg: DictConfig, sections: Iterable[str] = ("data", "model", "trainer")) -> None:

@@ -43,7 +43,7 @@ BEST_DICE = re.compile(r"dice(\d+(?:\.\d+)?)")
 TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
-INFERENCE_KEYS = ("threshold", "presence_threshold", "flip_tta", "restrict_to_lungs")
+INFERENCE_KEYS = ("threshold", "presence_threshold", "flip_tta", "restrict_to_lungs", "min_region_share")
 
 
 def inference_overrides(cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -69,6 +69,8 @@ def render_model_card(spec: ModelSpec, name: str, files: Sequence[str]) -> str:
     if inference.presence_threshold is not None:
         settings += f", presence threshold {inference.presence_threshold}"
     settings += f", flip TTA {'on' if inference.flip_tta else 'off'}"
+    if inference.min_region_share:
+        settings += f", regions under {100 * inference.min_region_share:g} % of the image dropped (not the largest)"
     if "lung" in spec.targets and "infection" in spec.targets:
         settings += f", infection kept inside the lungs {'on' if inference.restrict_to_lungs else 'off'}"
     classes = ", ".join(spec.data.classes) or "not recorded"

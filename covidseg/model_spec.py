@@ -42,6 +42,8 @@ class InferenceSettings(_Plain):
     presence_threshold: float | None = Field(None, ge=0, le=1)
     flip_tta: bool = False
     restrict_to_lungs: bool = False
+    # connected regions of the mask smaller than this share of the image are dropped, all but the largest
+    min_region_share: float = Field(0.0, ge=0, lt=1)
 
 
 class NetworkSpec(_Plain):

@@ -5,7 +5,8 @@ eval, calibrate, predict, export, the HTML report and the validation-image callb
 network or several (an ensemble: the mean of their probabilities, presence averaged the same way)
 and owns what happens between the caller's images and the answer: resizing to each network's side
 (inside :class:`~covidseg.models.network.SegmentationNetwork`), flip TTA, lung restriction, the
-presence gate and the threshold. It is an ``nn.Module``, so ``export`` traces the whole of it.
+presence gate, the threshold and small-region removal. It is an ``nn.Module``, so ``export`` traces
+the whole of it up to the probabilities; threshold and regions are applied to the answer.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from torch import nn
 
 from covidseg.model_spec import InferenceSettings
 from covidseg.models.network import SegmentationNetwork
+from covidseg.regions import drop_small_regions
 
 
 @dataclass
 class Prediction:
-    """``probability`` (N, T, H, W) after lung restriction and gate; ``mask`` = probability > threshold;
-    ``presence`` (N,) the mean presence probability (``None`` without presence heads)."""
+    """``probability`` (N, T, H, W) after lung restriction and gate; ``mask`` = probability > threshold,
+    the primary target's without its small regions (``min_region_share``); ``presence`` (N,) the mean
+    presence probability (``None`` without presence heads)."""
 
     probability: torch.Tensor
     mask: torch.Tensor
@@ -37,7 +40,7 @@ class Predictor(nn.Module):
     Args:
         networks: networks with the same targets (and all or none with a presence head).
         targets: the output channels' names, e.g. ``["lung", "infection"]``.
-        settings: threshold, presence threshold, flip TTA and lung restriction.
+        settings: threshold, presence threshold, flip TTA, lung restriction and small-region removal.
         bf16: run the networks under CPU bf16 autocast (faster where the CPU has native bf16);
             probabilities, averaging, gate and threshold stay in fp32.
     """
@@ -96,7 +99,13 @@ class Predictor(nn.Module):
         self.eval()
         with torch.inference_mode():
             probability, presence = self(images)
-        return Prediction(probability, probability > self.threshold, presence)
+            mask = probability > self.threshold
+            if self.settings.min_region_share > 0:  # on the CPU: OpenCV labels the regions
+                primary = self.targets.index(self.primary_target)
+                for image in mask:
+                    kept = drop_small_regions(image[primary].cpu().numpy(), self.settings.min_region_share)
+                    image[primary] = torch.from_numpy(kept).to(image.device)
+        return Prediction(probability, mask, presence)
 
 
 class PredictorModule(L.LightningModule):

@@ -21,8 +21,9 @@ from covidseg.data.decode import resize_image
 from covidseg.data.index import printable
 from covidseg.export import export_onnx
 from covidseg.loader import load_predictor, read_onnx_metadata, resolve_model_paths
-from covidseg.model_spec import ModelFileError, ModelSpec
+from covidseg.model_spec import InferenceSettings, ModelFileError, ModelSpec
 from covidseg.predictor import Predictor
+from covidseg.regions import drop_small_regions
 from covidseg.severity import severity
 from covidseg.visualize import LUNG_COLOR, PREDICTION_COLOR, outline, overlay
 
@@ -77,11 +78,13 @@ def load_backend(
     if any(path.suffix == ".onnx" for path in paths):
         if len(paths) > 1:
             raise ModelFileError("an exported .onnx graph runs alone: export the ensemble as one graph instead")
-        baked = sorted(key for key, value in inference.items() if key != "threshold" and value is not None)
+        applied_after = ("threshold", "min_region_share")  # to the graph's probabilities, so a command may set them
+        baked = sorted(key for key, value in inference.items() if key not in applied_after and value is not None)
         if baked:
             raise ModelFileError(f"{', '.join(baked)} cannot change an exported .onnx graph: export again with them")
         _, spec = read_onnx_metadata(paths[0])
-        return LoadedBackend(onnx_backend(paths[0]), spec.with_inference(threshold=inference["threshold"]), paths)
+        settings = {key: inference.get(key) for key in applied_after}
+        return LoadedBackend(onnx_backend(paths[0]), spec.with_inference(**settings), paths)
     loaded = load_predictor([str(path) for path in paths], log_dir, bf16 and backend == "torch", **inference)
     if backend == "onnx":  # an ONNX export is traced in fp32
         return LoadedBackend(onnx_backend(export_onnx(loaded, onnx_dir / "model.onnx")), loaded.spec, paths)
@@ -98,15 +101,15 @@ class ImageResult:
         probability: np.ndarray,
         lung: np.ndarray | None,
         presence: float | None,
-        threshold: float,
+        settings: InferenceSettings,
     ) -> None:
         height, width = image.shape
         self.image, self.presence = image, presence
         self.probability = cv2.resize(probability, (width, height), interpolation=cv2.INTER_LINEAR)
-        self.mask = self.probability > threshold
+        self.mask = drop_small_regions(self.probability > settings.threshold, settings.min_region_share)
         self.lung = None
         if lung is not None:
-            self.lung = cv2.resize(lung, (width, height), interpolation=cv2.INTER_LINEAR) > threshold
+            self.lung = cv2.resize(lung, (width, height), interpolation=cv2.INTER_LINEAR) > settings.threshold
 
     def overlay(self) -> np.ndarray:
         """The X-ray (RGB) with the infection tinted and outlined, and the lungs outlined."""
@@ -148,7 +151,7 @@ def segment(backend: Backend, spec: ModelSpec, images: Sequence[np.ndarray]) -> 
             probability[channel],
             probability[lung_channel] if lung_channel is not None else None,
             None if presences is None else float(presences[index]),
-            spec.inference.threshold,
+            spec.inference,
         )
         for index, (image, probability) in enumerate(zip(images, probabilities, strict=True))
     ]

@@ -167,6 +167,7 @@ class Segmenter:
             "severity": result.severity(),
             "threshold": inference.threshold,
             "presence_threshold": inference.presence_threshold,
+            "min_region_share": inference.min_region_share,
             "model": self.card["id"],
             "mask_png": png_base64(result.mask.astype(np.uint8) * 255),
             "overlay_png": png_base64(cv2.cvtColor(result.overlay(), cv2.COLOR_RGB2BGR)),

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -194,3 +195,65 @@ def test_unetpp_deep_supervision_averages_every_head() -> None:
         features = net.forward_features(images)
         expected = sum(head(f) for head, f in zip(net.heads, features, strict=True)) / 3
         torch.testing.assert_close(net(images), expected)
+
+
+def test_small_regions_are_dropped_but_never_the_largest() -> None:
+    from covidseg.regions import drop_small_regions
+
+    mask = np.zeros((64, 64), bool)
+    mask[5:25, 5:25] = True  # 400 px
+    mask[40:43, 40:43] = True  # 9 px
+    mask[50:55, 50:55] = mask[55:60, 55:60] = True  # 50 px, touching only at a corner: one region
+    kept = drop_small_regions(mask, 0.01)  # under 41 px goes
+    assert kept[5:25, 5:25].all() and not kept[40:43, 40:43].any() and kept[50:60, 50:60].sum() == 50
+    assert kept.sum() == 450
+    assert drop_small_regions(mask, 0.0) is mask
+    assert drop_small_regions(mask, 0.5).sum() == 400  # all small: only the largest stays
+    specks = np.zeros((64, 64), bool)
+    specks[0, 0] = specks[10, 10] = specks[10, 11] = True
+    assert drop_small_regions(specks, 0.01).sum() == 2  # never emptied by size alone
+    empty = np.zeros((64, 64), bool)
+    assert not drop_small_regions(empty, 0.01).any()
+
+
+def test_the_predictor_and_segment_drop_small_regions_of_the_infection_only() -> None:
+    from covidseg.model_spec import InferenceSettings, ModelSpec
+    from covidseg.models.network import SegmentationNetwork
+    from covidseg.predictor import Predictor
+    from covidseg.segment import segment
+
+    pattern = torch.full((64, 64), -5.0)
+    pattern[8:40, 8:40] = 5.0  # 1,024 px
+    pattern[50:54, 50:54] = 5.0  # 16 px: 0.4 % of the image
+
+    class Pattern(torch.nn.Module):
+        """The same lung and infection logits for every image."""
+
+        in_channels, out_channels = 1, 2
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return pattern.expand(len(images), 2, 64, 64).clone()
+
+    network = SegmentationNetwork(Pattern())
+    targets = ["lung", "infection"]
+    images = torch.rand(2, 1, 64, 64)
+    plain = Predictor([network], targets, InferenceSettings()).predict(images)
+    dropped = Predictor([network], targets, InferenceSettings(min_region_share=0.005)).predict(images)
+    torch.testing.assert_close(dropped.probability, plain.probability)
+    assert plain.mask[:, 1].flatten(1).sum(1).tolist() == [1040, 1040]
+    assert dropped.mask[:, 1].flatten(1).sum(1).tolist() == [1024, 1024]  # the speck is gone
+    assert torch.equal(dropped.mask[:, 0], plain.mask[:, 0])  # the lungs keep theirs
+
+    # at each image's own size (predict, serve, ONNX): the share is of that image
+    spec = ModelSpec.model_validate(
+        {
+            "networks": [{"name": "unet", "options": {"out_channels": 2}}],
+            "targets": targets,
+            "image_size": 64,
+            "inference": {"min_region_share": 0.005},
+        }
+    )
+    probability = plain.probability.numpy()
+    results = segment(lambda batch: (probability[: len(batch)], None), spec, [np.zeros((128, 96), np.uint8)])
+    assert results[0].mask.shape == (128, 96)
+    assert results[0].mask.sum() == 1024 * 3  # the 2 x 1.5 upscaled square, without the speck

@@ -93,6 +93,12 @@ def test_onnx_export_matches_pytorch_and_predicts_the_same_masks(compose_cfg, ch
         _predict(compose_cfg, path, xrays, tmp_path / "gated", "presence_threshold=0.5")
     higher = _predict(compose_cfg, path, xrays, tmp_path / "higher", "threshold=0.9")  # read from the probabilities
     assert all(int(h["infected_pixels"]) <= int(t["infected_pixels"]) for h, t in zip(higher, torch_rows, strict=True))
+    # small regions are dropped from the answer, not inside the graph: the same as the torch Predictor
+    onnx_kept = _predict(compose_cfg, path, xrays, tmp_path / "onnx_kept", "min_region_share=0.02")
+    torch_kept = _predict(compose_cfg, checkpoint, xrays, tmp_path / "torch_kept", "min_region_share=0.02")
+    assert [row["infected_pixels"] for row in onnx_kept] == [row["infected_pixels"] for row in torch_kept]
+    pairs = zip(onnx_kept, torch_rows, strict=True)
+    assert all(int(kept["infected_pixels"]) <= int(row["infected_pixels"]) for kept, row in pairs)
 
 
 def test_torchscript_export_matches_pytorch(checkpoint, tmp_path) -> None:

@@ -177,16 +177,21 @@ def test_calibrate_choices_are_what_eval_measures_with_them(compose_cfg, tmp_pat
     result = calibrate(calibration_cfg)
     assert json.loads((Path(calibration_cfg.paths.output_dir) / "calibration.json").read_text()) == result
     assert result["infected_images"] > 0 and result["healthy_images"] > 0
-    assert len(result["all"]) == 2 * 9 * 15  # flip TTA off/on x 9 thresholds x (no gate + 14 presence thresholds)
+    # flip TTA off/on x 4 small-region shares x 9 thresholds x (no gate + 14 presence thresholds)
+    assert len(result["all"]) == 2 * 4 * 9 * 15
     assert Choice(**result["chosen"]) == choose([Choice(**row) for row in result["all"]], 0.5)
-    assert result["as_trained"]["flip_tta"] is False and result["as_trained"]["presence_threshold"] is None
-    # any choice (here a gated one with flip TTA) is what eval then measures
+    as_trained = result["as_trained"]
+    assert as_trained["flip_tta"] is False and as_trained["presence_threshold"] is None
+    assert as_trained["min_region_share"] == 0
+    # any choice (here a gated one with flip TTA, dropping regions under 0.9 % of the image) is what eval then measures
     pair = next(
         row
         for row in result["all"]
         if row["threshold"] == 0.45 and row["presence_threshold"] == 0.5 and row["flip_tta"]
-    )
-    settings = [f"threshold={pair['threshold']}", f"presence_threshold={pair['presence_threshold']}", "flip_tta=true"]
+        and row["min_region_share"] == 0.009
+    )  # fmt: skip
+    settings = [f"threshold={pair['threshold']}", f"presence_threshold={pair['presence_threshold']}", "flip_tta=true",
+                f"min_region_share={pair['min_region_share']}"]  # fmt: skip
     eval_cfg = compose_cfg("eval", [f"ckpt_path={checkpoint}", *data, *ALL_CLASSES, "data.split=Val", *settings])
     evaluate(eval_cfg)
     with (Path(eval_cfg.paths.output_dir) / "per_image.csv").open() as handle:
