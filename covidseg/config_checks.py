@@ -86,7 +86,8 @@ class CalibrationSettings(_Checked):
 
 def check_calibration(cfg: DictConfig) -> None:
     """Validate ``calibrate``'s candidate lists and healthy-rate floor."""
-    values = {key: OmegaConf.to_container(cfg, resolve=True).get(key) for key in CalibrationSettings.model_fields}
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    values = {key: settings.get(key) for key in CalibrationSettings.model_fields}
     try:
         CalibrationSettings.model_validate(values)
     except ValidationError as error:
