@@ -1,12 +1,13 @@
 """Export a model (or an ensemble) to ONNX, TorchScript or safetensors, with its metadata beside it.
 
 python -m covidseg.export ckpt_path=<ckpt|pretrained|list|k-fold folder> format=onnx|torchscript|safetensors
-    [output=DIR] [threshold=T] [presence_threshold=P] [flip_tta=true]
+    [output=DIR] [threshold=T] [presence_threshold=P] [flip_tta=true] [min_region_share=S]
 
 Beside the file: its metadata ``.json`` and a ``MODEL_CARD.md`` (:mod:`covidseg.model_card`).
 ONNX and TorchScript hold the whole Predictor: every network of an ensemble, the resizing to each
 network's side, flip TTA, lung restriction and the presence gate. The ``.json`` beside the file
-says how to feed it and read it, and carries the model spec (plain data, validated on load).
+says how to feed it and read it, and carries the model spec (plain data, validated on load) with
+the settings applied to the graph's probabilities: the threshold and ``min_region_share``.
 """
 
 from __future__ import annotations
