@@ -102,12 +102,13 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
         sweep = ThresholdSweep(thresholds, predictor.targets.index(predictor.primary_target), shares)
         run_test_loop(cfg, loaded, datamodule, [sweep])
         predicted, intersection, truth = sweep.areas()
+        presence = sweep.presence_probability()
         for column, share in enumerate(shares):
             choices += score_choices(
                 predicted[:, column],
                 intersection[:, column],
                 truth,
-                sweep.presence_probability(),
+                presence,
                 thresholds,
                 list(cfg.presence_thresholds),
                 CLEAN_AREA_SHARE * loaded.spec.image_size**2,
