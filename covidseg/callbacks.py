@@ -26,7 +26,7 @@ import lightning as L
 import numpy as np
 import torch
 import yaml
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, Timer
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, Timer, WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -58,6 +58,9 @@ class EpochLines(ProgressBar):
 
     def enable(self) -> None:
         self.enabled = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started = time.perf_counter()  # an epoch resumed midway starts no epoch: time its rest
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.started = time.perf_counter()
@@ -146,11 +149,15 @@ class SaveOnInterrupt(L.Callback):
     resumable ``last.ckpt`` and say how to resume. A second Ctrl-C stops at once.
 
     The first Ctrl-C is turned into SIGTERM, so that Lightning stops where its loop state is whole.
+    A stop during an epoch's validation is saved as that epoch trained but not validated: Lightning
+    would resume it without validating (or over the batches the stop left only), and a weight
+    average would be saved in place of the trained weights it stands in for while validating.
     """
 
     def __init__(self, dirpath: str | Path) -> None:
         self.dirpath = Path(dirpath)
         self._previous_handler: Any = None
+        self._validation_cut = False
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -169,12 +176,28 @@ class SaveOnInterrupt(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException | KeyboardInterrupt) or trainer.sanity_checking:
             return
+        self._validation_cut = trainer.validating
+        if self._validation_cut:  # put the trained weights back where the average was swapped in
+            for callback in trainer.callbacks:
+                if isinstance(callback, WeightAveraging):
+                    callback.on_validation_epoch_end(trainer, pl_module)
         path = self.dirpath / "last.ckpt"
-        trainer.save_checkpoint(path, weights_only=False)
+        try:
+            trainer.save_checkpoint(path, weights_only=False)
+        finally:
+            self._validation_cut = False
         rank_zero_info(
             f"Saved {path} at epoch {trainer.current_epoch}, step {trainer.global_step}. Resume with:\n"
             f"  python -m covidseg.train <same overrides> ckpt_path={path}   (or ckpt_path=last)"
         )
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self._validation_cut:
+            # validation's first batch in flight, none done: the resume validates the epoch over every batch
+            in_flight = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
+            checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"] = {
+                "total": in_flight, "current": dict.fromkeys(in_flight, 0), "is_last_batch": False,
+            }  # fmt: skip
 
 
 class TimeBudget(L.Callback):
@@ -195,7 +218,7 @@ class TimeBudget(L.Callback):
     """
 
     def __init__(self) -> None:
-        self.epoch_started = 0.0
+        self.epoch_started: float | None = None  # None for an epoch resumed midway: its length is unknown
         self.epoch_time = 0.0
         self.forecast = 0.0  # the total training time last announced
         self.stopped_early = False  # stopped by this callback, at an epoch's end
@@ -223,8 +246,9 @@ class TimeBudget(L.Callback):
             return
         elapsed, epochs_left = timer.time_elapsed("train"), trainer.max_epochs - trainer.current_epoch - 1
         left = max(timer.time_remaining("train") or 0.0, 0.0)
-        if left > 0 or not self.epoch_time:  # an epoch the limit cut short does not set the pace
-            self.epoch_time = elapsed - self.epoch_started  # validation included
+        started, self.epoch_started = self.epoch_started, None
+        if started is not None and (left > 0 or not self.epoch_time):  # nor does one the limit cut short
+            self.epoch_time = elapsed - started  # validation included
         # rank zero's clock decides for every rank, as Lightning's Timer does
         may_stop = trainer.current_epoch + 1 >= (trainer.fit_loop.min_epochs or 0)
         if trainer.strategy.broadcast(may_stop and epochs_left > 0 and 0 < left < self.epoch_time):

@@ -3,6 +3,8 @@ and small helpers the test modules share."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import cv2
@@ -21,6 +23,18 @@ class SlowSteps(L.Callback):
 
     def on_train_batch_end(self, *args, **kwargs) -> None:
         time.sleep(self.seconds)
+
+
+class StopDuringValidation(L.Callback):
+    """Sends the process SIGTERM after the first validation batch of epoch ``epoch`` (counted from
+    0), as a scheduler pre-empting a job would, so that a test can stop a run mid-validation."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_validation_batch_end(self, trainer: L.Trainer, module, outputs, batch, batch_idx: int, *rest) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == 0 and not trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 class NaNAfter(BCEDiceLoss):

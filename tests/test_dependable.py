@@ -1,5 +1,6 @@
 """Interruption, resume, and what happens to bad input during training."""
 
+import csv
 import json
 import os
 import signal
@@ -26,7 +27,9 @@ RESUMABLE = [
     "~callbacks.model_summary",
     "logger=csv",
     "test=false",
+    "data.eval_batch_size=1",  # Val's 4 images in 4 batches: a stop can fall between them
 ]
+EMA = ["callbacks=[default,ema]", "callbacks.ema.decay=0.8"]
 
 
 def _start(log_dir: Path, *overrides: str, slow: float = 0.0) -> subprocess.Popen:
@@ -81,17 +84,24 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path, uninterrupted: di
         assert resumed[name] == pytest.approx(uninterrupted[name], rel=1e-4, abs=1e-6), name
 
 
-def test_killed_run_with_weight_averaging_resumes_to_the_same_result(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def uninterrupted_with_weight_averaging(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    log_dir = tmp_path_factory.mktemp("uninterrupted_ema") / "outputs"
+    _finish(_start(log_dir, *EMA))
+    return log_dir
+
+
+def test_killed_run_with_weight_averaging_resumes_to_the_same_result(
+    tmp_path: Path, uninterrupted_with_weight_averaging: Path
+) -> None:
     """The averaged weights and their step count come back too, not only the trained ones."""
-    ema = ["callbacks=[default,ema]", "callbacks.ema.decay=0.8"]
-    _finish(_start(tmp_path / "uninterrupted", *ema))
-    uninterrupted = _final_metrics(tmp_path / "uninterrupted")
+    uninterrupted = _final_metrics(uninterrupted_with_weight_averaging)
     log_dir = tmp_path / "outputs"
-    process = _start(log_dir, *ema, slow=0.3)
+    process = _start(log_dir, *EMA, slow=0.3)
     _wait_for_step(log_dir, 11, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    _finish(_start(log_dir, *ema, "ckpt_path=last"))
+    _finish(_start(log_dir, *EMA, "ckpt_path=last"))
     resumed = _final_metrics(log_dir)
     assert resumed["global_step"] == uninterrupted["global_step"] == 24
     for name in ("val/dice", "val/loss", "val/iou_pooled"):
@@ -114,6 +124,34 @@ def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(
     assert torch.load(last, weights_only=True)["global_step"] > 8
     _finish(_start(log_dir, f"ckpt_path={last}"))
     assert _final_metrics(log_dir)["val/dice"] == pytest.approx(uninterrupted["val/dice"], rel=1e-4, abs=1e-6)
+
+
+def _val_dice_by_epoch(log_dir: Path) -> dict[int, float]:
+    """The last process's validation Dice per epoch (Lightning's CSV logger starts its file anew on a resume)."""
+    (path,) = log_dir.glob("train/runs/*/**/metrics.csv")
+    return {int(row["epoch"]): float(row["val/dice"]) for row in csv.DictReader(path.open()) if row["val/dice"]}
+
+
+def test_stop_during_validation_resumes_with_that_validation_whole(
+    tmp_path: Path, uninterrupted_with_weight_averaging: Path
+) -> None:
+    """A stop while the second epoch validates the weight average: the resume trains on from the
+    trained weights (not the average), validates that epoch again over all of Val (not skipped, not
+    only the batches the stop left) and ends where an uninterrupted run ends."""
+    log_dir = tmp_path / "outputs"
+    stop = ["+callbacks.stop._target_=helpers.StopDuringValidation", "+callbacks.stop.epoch=1"]
+    output, _ = (process := _start(log_dir, *EMA, *stop)).communicate(timeout=240)
+    assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
+    assert "Resume with" in output
+    output = _finish(_start(log_dir, *EMA, "ckpt_path=last"))
+    assert "Traceback" not in output
+    expected = _val_dice_by_epoch(uninterrupted_with_weight_averaging)
+    assert sorted(expected) == [0, 1, 2]
+    assert _val_dice_by_epoch(log_dir) == pytest.approx({1: expected[1], 2: expected[2]}, rel=1e-4, abs=1e-6)
+    resumed, uninterrupted = _final_metrics(log_dir), _final_metrics(uninterrupted_with_weight_averaging)
+    assert resumed["global_step"] == uninterrupted["global_step"] == 24
+    for name in ("val/dice", "val/loss", "val/iou_pooled"):
+        assert resumed[name] == pytest.approx(uninterrupted[name], rel=1e-4, abs=1e-6), name
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(compose_cfg) -> None:

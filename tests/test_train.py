@@ -9,6 +9,7 @@ import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -161,17 +162,14 @@ def test_a_time_limit_that_cuts_the_schedule_short_is_announced_and_the_run_fini
     assert resumed["val/loss"] == pytest.approx(straight["val/loss"], abs=1e-6)
 
 
-@pytest.mark.parametrize("limit", [1000.0, 1040.0])
-def test_the_time_limit_stops_at_an_epoch_end_and_the_forecast_repeats_only_when_a_quarter_longer(
-    caplog, limit: float
-) -> None:
-    from types import SimpleNamespace
-
+def _clocked_trainer(limit: float) -> tuple:
+    """A :class:`~covidseg.callbacks.TimeBudget`, Lightning's Timer with a hand-moved clock (``timer.now``)
+    and the little of a Trainer they read: 22 epochs of 100 batches."""
     from lightning.pytorch.callbacks import Timer
 
     from covidseg.callbacks import TimeBudget
 
-    class Clock(Timer):  # Lightning's Timer with a hand-moved clock
+    class Clock(Timer):
         now = 0.0
 
         def time_elapsed(self, stage: str = "train") -> float:
@@ -180,13 +178,21 @@ def test_the_time_limit_stops_at_an_epoch_end_and_the_forecast_repeats_only_when
         def time_remaining(self, stage: str = "train") -> float:
             return limit - self.now
 
-    timer, budget = Clock(duration=timedelta(seconds=limit)), TimeBudget()
+    timer = Clock(duration=timedelta(seconds=limit))
     trainer = SimpleNamespace(
         max_epochs=22, callbacks=[timer], is_global_zero=True, precision="32-true", should_stop=False,
         strategy=SimpleNamespace(broadcast=lambda decision: decision),
         fit_loop=SimpleNamespace(min_epochs=None, epoch_loop=SimpleNamespace(batch_progress=None)),
         num_training_batches=100,
     )  # fmt: skip
+    return TimeBudget(), timer, trainer
+
+
+@pytest.mark.parametrize("limit", [1000.0, 1040.0])
+def test_the_time_limit_stops_at_an_epoch_end_and_the_forecast_repeats_only_when_a_quarter_longer(
+    caplog, limit: float
+) -> None:
+    budget, timer, trainer = _clocked_trainer(limit)
     warnings = []
     # progressive resizing: four 60 s epochs at 96², then 110 s epochs at 128²; the 11th is slower (160 s)
     for epoch, seconds in enumerate([60, 60, 60, 60, 110, 112, 112, 112, 112, 112, 160]):
@@ -226,6 +232,25 @@ def test_the_time_limit_stops_at_an_epoch_end_and_the_forecast_repeats_only_when
         assert stopped.startswith("trainer.max_time stopped training after 10.8 of 22 epochs (0:17:20), mid-epoch;")
         assert "to finish it (from epoch 12: the rest of the cut one is skipped): python -m covidseg.train" in stopped
         assert stopped.endswith("trainer.max_time=00:00:43:00 ckpt_path=last")  # (1040 s + 11.19 × 112 s) + 10 %
+
+
+def test_an_epoch_resumed_midway_sets_no_pace(caplog) -> None:
+    """Resumed in the middle of an epoch, Lightning calls no ``on_train_epoch_start`` for its rest:
+    that epoch's length is unknown, so it neither stops the run nor sets the pace; the next does."""
+    budget, timer, trainer = _clocked_trainer(4000.0)
+    timer.now = 3000.0  # the interrupted process's time, restored with the Timer's state
+    trainer.current_epoch = 15
+    with caplog.at_level(logging.WARNING, logger="covidseg.callbacks"):
+        timer.now += 60  # the rest of the 16th epoch
+        budget.on_train_epoch_end(trainer, None)
+        assert not trainer.should_stop and caplog.records == []
+        trainer.current_epoch = 16
+        budget.on_train_epoch_start(trainer, None)
+        timer.now += 200  # 3260 s: 5 epochs of 200 s left, 740 s to the limit
+        budget.on_train_epoch_end(trainer, None)
+    (forecast,) = [record.getMessage() for record in caplog.records]
+    assert "at 0:03:20 per epoch" in forecast and "22 epochs take about 1:11:00" in forecast
+    assert "training will stop after epoch 20," in forecast and not trainer.should_stop
 
 
 @pytest.mark.slow

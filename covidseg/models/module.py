@@ -153,6 +153,8 @@ class SegmentationModule(L.LightningModule):
 
     def _log_scores(self, stage: str) -> None:
         for target, metric in self.scores[f"{stage}_scores"].items():
+            if not metric.update_count:  # an epoch resumed after its last training batch trained nothing here
+                continue
             scores = metric.compute()
             names = {f"{stage}/{key}": value for key, value in scores.items()} if target == self.primary_target else {}
             if len(self.targets) > 1:
