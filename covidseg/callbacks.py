@@ -149,9 +149,9 @@ class SaveOnInterrupt(L.Callback):
     resumable ``last.ckpt`` and say how to resume. A second Ctrl-C stops at once.
 
     The first Ctrl-C is turned into SIGTERM, so that Lightning stops where its loop state is whole.
-    A stop during an epoch's validation is saved as that epoch trained but not validated: Lightning
-    would resume it without validating (or over the batches the stop left only), and a weight
-    average would be saved in place of the trained weights it stands in for while validating.
+    A stop during an epoch's validation is saved as that epoch trained but not validated: as Lightning
+    leaves the loop state, the resume would skip that validation, and a weight average would be
+    saved in place of the trained weights it stands in for while validating.
     """
 
     def __init__(self, dirpath: str | Path) -> None:
