@@ -8,7 +8,7 @@ install:  ## Install covidseg with its test extras (CPU build of torch when torc
 	$(PYTHON) -m pip show torch >/dev/null 2>&1 || $(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -e ".[test]"
 
-test:  ## Run the whole test suite (about 3 minutes on 2 cores)
+test:  ## Run the whole test suite (about 9 minutes on 2 cores)
 	$(PYTHON) -m pytest
 
 test-fast:  ## Run the quick tier: no training runs, no subprocesses
