@@ -8,7 +8,7 @@ install:  ## Install covidseg with its test extras (CPU build of torch when torc
 	$(PYTHON) -m pip show torch >/dev/null 2>&1 || $(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -e ".[test]"
 
-test:  ## Run the whole test suite (about 9 minutes on 2 cores)
+test:  ## Run the whole test suite (about 5 minutes on 2 cores)
 	$(PYTHON) -m pytest
 
 test-fast:  ## Run the quick tier: no training runs, no subprocesses
@@ -18,7 +18,7 @@ lint:  ## ruff check and ruff format --check
 	$(PYTHON) -m ruff check covidseg tests
 	$(PYTHON) -m ruff format --check covidseg tests
 
-train:  ## The first run: learn the synthetic phantoms (no download; about 15 s)
+train:  ## The first run: learn the synthetic phantoms (no download; about a minute)
 	$(PYTHON) -m covidseg.train experiment=quickstart
 
 bench:  ## Measure CPU training/inference throughput of fast_cpu's network (fp32, NHWC, bf16, ONNX); any recipe: python -m covidseg.bench experiment=...

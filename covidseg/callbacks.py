@@ -159,7 +159,9 @@ class SaveOnInterrupt(L.Callback):
         self._previous_handler: Any = None
         self._validation_cut = False
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Not earlier: after a stop, Lightning puts back the handlers it found when fitting began;
+        # had this one been among them, a later Ctrl-C in the same process would find it in place
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGINT, self._stop_after_batch)
 

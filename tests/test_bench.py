@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FAST
+from helpers import run_command
 
 from covidseg import bench, predict_bench
 from covidseg.models import UNet
@@ -67,9 +68,9 @@ def test_predict_bench_times_whole_predict_calls(trained_checkpoints, tmp_path: 
         (["--input", "/nonexistent/xrays"], "error: input '/nonexistent/xrays' names no image files"),
     ],
 )
-def test_predict_bench_refuses_bad_arguments_in_one_line(arguments: list[str], message: str) -> None:
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-m", "covidseg.predict_bench", *arguments], capture_output=True, text=True)
-    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+def test_predict_bench_refuses_bad_arguments_in_one_line(
+    arguments: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    assert run_command(predict_bench.main, *arguments) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -13,9 +14,11 @@ import pytest
 import torch
 from conftest import FAST
 
+from covidseg.configs import compose_config
+from covidseg.errors import user_errors
 from covidseg.train import train
 
-pytestmark = pytest.mark.slow  # subprocess training runs
+pytestmark = pytest.mark.slow  # training runs, some in a subprocess
 TESTS = Path(__file__).resolve().parent
 RESUMABLE = [
     o.replace("{Train: 8, Val: 4, Test: 4}", "{Train:32,Val:4,Test:4}") for o in FAST if not o.startswith("~")
@@ -39,10 +42,14 @@ def _start(log_dir: Path, *overrides: str, slow: float = 0.0) -> subprocess.Pope
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(process: subprocess.Popen) -> str:
-    output, _ = process.communicate(timeout=240)
-    assert process.returncode == 0, output[-3000:]
-    return output
+def _train_here(log_dir: Path, *overrides: str) -> None:
+    """The same run in this process: to start the uninterrupted runs the others are held against,
+    and to resume (``ckpt_path=...``) what a stopped process left, without another ~10 s import."""
+    run_folder = log_dir / "train" / "runs" / "uninterrupted"  # a resume continues its checkpoint's run folder
+    cfg = compose_config(
+        "train", [*RESUMABLE, *overrides], log_dir=log_dir, output_dir=run_folder, cache_dir=log_dir.parent / "cache"
+    )
+    train(cfg)
 
 
 def _final_metrics(log_dir: Path) -> dict:
@@ -66,64 +73,86 @@ def _wait_for_step(log_dir: Path, step: int, process: subprocess.Popen) -> Path:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     log_dir = tmp_path_factory.mktemp("uninterrupted") / "outputs"
-    _finish(_start(log_dir))
+    _train_here(log_dir)
     return _final_metrics(log_dir)
-
-
-def test_killed_run_resumes_to_the_same_result(tmp_path: Path, uninterrupted: dict) -> None:
-    log_dir = tmp_path / "outputs"
-    process = _start(log_dir, slow=0.3)
-    _wait_for_step(log_dir, 11, process)  # 8 steps per epoch: in the middle of the second epoch
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    output = _finish(_start(log_dir, "ckpt_path=last"))
-    assert "resuming" in output
-    resumed = _final_metrics(log_dir)  # one run folder: the resumed run continued the killed one
-    assert resumed["global_step"] == uninterrupted["global_step"] == 24
-    for name in ("val/dice", "val/loss", "val/iou_pooled"):
-        assert resumed[name] == pytest.approx(uninterrupted[name], rel=1e-4, abs=1e-6), name
 
 
 @pytest.fixture(scope="module")
 def uninterrupted_with_weight_averaging(tmp_path_factory: pytest.TempPathFactory) -> Path:
     log_dir = tmp_path_factory.mktemp("uninterrupted_ema") / "outputs"
-    _finish(_start(log_dir, *EMA))
+    _train_here(log_dir, *EMA)
     return log_dir
 
 
-def test_killed_run_with_weight_averaging_resumes_to_the_same_result(
-    tmp_path: Path, uninterrupted_with_weight_averaging: Path
+def test_killed_run_resumes_to_the_same_result(
+    tmp_path: Path, uninterrupted_with_weight_averaging: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The averaged weights and their step count come back too, not only the trained ones."""
+    """A run killed without warning resumes from its last step's checkpoint and ends where an
+    uninterrupted run ends: the trained weights, the averaged weights and their step count come
+    back. (A resume without weight averaging: the SIGTERM test below.)"""
     uninterrupted = _final_metrics(uninterrupted_with_weight_averaging)
     log_dir = tmp_path / "outputs"
     process = _start(log_dir, *EMA, slow=0.3)
-    _wait_for_step(log_dir, 11, process)
+    _wait_for_step(log_dir, 11, process)  # 8 steps per epoch: in the middle of the second epoch
     process.send_signal(signal.SIGKILL)
     process.wait()
-    _finish(_start(log_dir, *EMA, "ckpt_path=last"))
+    with caplog.at_level(logging.INFO, logger="covidseg"):
+        _train_here(log_dir, *EMA, "ckpt_path=last")
+    assert "resuming" in caplog.text
     resumed = _final_metrics(log_dir)
     assert resumed["global_step"] == uninterrupted["global_step"] == 24
     for name in ("val/dice", "val/loss", "val/iou_pooled"):
         assert resumed[name] == pytest.approx(uninterrupted[name], rel=1e-4, abs=1e-6), name
 
 
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(
-    tmp_path: Path, uninterrupted: dict, stop: signal.Signals
-) -> None:
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path: Path, uninterrupted: dict) -> None:
+    """SIGTERM from outside (a scheduler pre-empting the job, a closed laptop) while a step runs."""
     log_dir = tmp_path / "outputs"
     process = _start(log_dir, "callbacks.last_checkpoint.every_n_train_steps=1000", slow=0.3)
     _wait_for_step(log_dir, 8, process)  # the epoch-end checkpoint of the first epoch
     time.sleep(1.0)
-    process.send_signal(stop)
+    process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
     assert "Resume with" in output and "ckpt_path=" in output
     (last,) = log_dir.glob("train/runs/*/checkpoints/last.ckpt")
     assert torch.load(last, weights_only=True)["global_step"] > 8
-    _finish(_start(log_dir, f"ckpt_path={last}"))
+    _train_here(log_dir, f"ckpt_path={last}")
     assert _final_metrics(log_dir)["val/dice"] == pytest.approx(uninterrupted["val/dice"], rel=1e-4, abs=1e-6)
+
+
+def _stopped_here(log_dir: Path, caplog: pytest.LogCaptureFixture, *overrides: str) -> str:
+    """The run in this process, stopped by a signal one of ``overrides``' callbacks sends: the
+    exit status of a stopped run, and what Lightning logged (its logger may not propagate)."""
+    lightning_log = logging.getLogger("lightning.pytorch")
+    lightning_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO), pytest.raises(SystemExit) as stopped, user_errors():
+            _train_here(log_dir, *overrides)
+    finally:
+        lightning_log.removeHandler(caplog.handler)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    return caplog.text
+
+
+def test_ctrl_c_saves_a_checkpoint_and_gives_ctrl_c_back(
+    tmp_path: Path, uninterrupted: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ctrl-C in the middle of the second epoch; afterwards Ctrl-C does what it did before the run
+    (for a notebook or a script that trains in its own process)."""
+    log_dir = tmp_path / "outputs"
+    ctrl_c = ["+callbacks.stop._target_=helpers.SignalAfterStep", "+callbacks.stop.signal_name=SIGINT"]
+    output = _stopped_here(
+        log_dir, caplog, "callbacks.last_checkpoint.every_n_train_steps=1000", *ctrl_c, "+callbacks.stop.step=10"
+    )
+    assert "Resume with" in output and "ckpt_path=" in output
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    (last,) = log_dir.glob("train/runs/*/checkpoints/last.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] == 10
+    _train_here(log_dir, "ckpt_path=last")
+    resumed = _final_metrics(log_dir)
+    assert resumed["global_step"] == uninterrupted["global_step"] == 24
+    assert resumed["val/dice"] == pytest.approx(uninterrupted["val/dice"], rel=1e-4, abs=1e-6)
 
 
 def _val_dice_by_epoch(log_dir: Path) -> dict[int, float]:
@@ -133,18 +162,15 @@ def _val_dice_by_epoch(log_dir: Path) -> dict[int, float]:
 
 
 def test_stop_during_validation_resumes_with_that_validation_whole(
-    tmp_path: Path, uninterrupted_with_weight_averaging: Path
+    tmp_path: Path, uninterrupted_with_weight_averaging: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A stop while the second epoch validates the weight average: the resume trains on from the
     trained weights (not the average), validates that epoch again over all of Val (not skipped, not
     only the batches the stop left) and ends where an uninterrupted run ends."""
     log_dir = tmp_path / "outputs"
     stop = ["+callbacks.stop._target_=helpers.StopDuringValidation", "+callbacks.stop.epoch=1"]
-    output, _ = (process := _start(log_dir, *EMA, *stop)).communicate(timeout=240)
-    assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
-    assert "Resume with" in output
-    output = _finish(_start(log_dir, *EMA, "ckpt_path=last"))
-    assert "Traceback" not in output
+    assert "Resume with" in _stopped_here(log_dir, caplog, *EMA, *stop)
+    _train_here(log_dir, *EMA, "ckpt_path=last")
     expected = _val_dice_by_epoch(uninterrupted_with_weight_averaging)
     assert sorted(expected) == [0, 1, 2]
     assert _val_dice_by_epoch(log_dir) == pytest.approx({1: expected[1], 2: expected[2]}, rel=1e-4, abs=1e-6)

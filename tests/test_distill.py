@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import zipfile
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import run_command
 
 from covidseg.config_checks import check_settings
 from covidseg.data import DataError
@@ -176,10 +176,10 @@ def test_bad_teacher_target_files_are_named(tmp_path: Path) -> None:
         load_teacher_targets(good, [*names, "Train/Normal/c.png"], 8)
 
 
-@pytest.mark.slow
-def test_distill_command_refuses_a_missing_teacher(tmp_path: Path) -> None:
-    result = subprocess.run(
-        ["covidseg-distill", "ckpt_path=nope.ckpt"], cwd=tmp_path, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 2 and result.stderr.startswith("error: ckpt_path 'nope.ckpt' does not exist")
-    assert len(result.stderr.splitlines()) == 1 and not list(tmp_path.rglob("*.npz"))
+def test_distill_command_refuses_a_missing_teacher(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from covidseg.distill import main
+
+    assert run_command(main, "ckpt_path=nope.ckpt", f"paths.log_dir={tmp_path}") == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ckpt_path 'nope.ckpt' does not exist") and len(error.splitlines()) == 1
+    assert not list(tmp_path.rglob("*.npz"))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FAST
+from helpers import run_command
 
 from covidseg.data import CovidQuExDataModule, DataError, SyntheticPhantoms
 from covidseg.kfold_summary import summarise
@@ -47,18 +48,15 @@ def test_bad_fold_settings_name_the_keys(root: Path) -> None:
 
 
 @pytest.mark.slow
-def test_three_fold_multirun_summary_and_its_folds_as_an_ensemble(tmp_path: Path, compose_cfg) -> None:
+def test_three_fold_multirun_summary_and_its_folds_as_an_ensemble(tmp_path: Path, compose_cfg, cache_dir: Path) -> None:
+    from covidseg import kfold_summary
+    from covidseg.train import main
+
     overrides = [o.replace("{Train: 8, Val: 4, Test: 4}", "{Train:8,Val:4,Test:4}") for o in FAST]
-    env = {**os.environ, "COVIDSEG_CACHE": str(tmp_path / "cache")}
-    command = [sys.executable, "-m", "covidseg.train", "-m", *overrides, "data.num_folds=3", "data.fold=0,1,2",
-               "logger=csv", f"paths.log_dir={tmp_path / 'outputs'}"]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    folds = ["data.num_folds=3", "data.fold=0,1,2", "logger=csv", f"paths.cache_dir={cache_dir}"]
+    assert run_command(main, "-m", *overrides, *folds, f"paths.log_dir={tmp_path / 'outputs'}") == 0
     (multirun,) = (tmp_path / "outputs/train/multiruns").iterdir()
-    report = subprocess.run(
-        [sys.executable, "-m", "covidseg.kfold_summary", str(multirun)], capture_output=True, text=True, timeout=60
-    )
-    assert report.returncode == 0, report.stderr
+    assert run_command(kfold_summary.main, str(multirun)) == 0
     summary = json.loads((multirun / "kfold_summary.json").read_text())
     assert summary["val/dice"]["n"] == 3 and "test/dice" in summary
     folds = [json.loads((multirun / str(job) / "metrics.json").read_text())["val/dice"] for job in range(3)]
@@ -99,17 +97,21 @@ def test_ddp_on_cpu_gives_the_single_process_metrics(tmp_path: Path, compose_cfg
 
 
 @pytest.mark.slow
-def test_optuna_sweep_runs_two_trials(tmp_path: Path) -> None:
+def test_optuna_sweep_runs_two_trials(tmp_path: Path, cache_dir: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from covidseg.train import main
+
     overrides = [o.replace("{Train: 8, Val: 4, Test: 4}", "{Train:8,Val:4,Test:4}") for o in FAST]
     overrides = [o for o in overrides if not o.startswith("model.net.base_width")]  # swept
-    env = {**os.environ, "COVIDSEG_CACHE": str(tmp_path / "cache")}
-    command = [sys.executable, "-m", "covidseg.train", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
-               *overrides, "logger=csv", "test=false", f"paths.log_dir={tmp_path / 'outputs'}"]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Best value:" in result.stdout + result.stderr
+    sweep = ["hparams_search=optuna", "hydra.sweeper.n_trials=2", "logger=csv", "test=false"]
+    paths = [f"paths.cache_dir={cache_dir}", f"paths.log_dir={tmp_path / 'outputs'}"]
+    assert run_command(main, *sweep, *overrides, *paths) == 0
     (multirun,) = (tmp_path / "outputs/train/multiruns").iterdir()
     assert sorted(p.name for p in multirun.iterdir() if p.name.isdigit()) == ["0", "1"]
+    best = OmegaConf.load(multirun / "optimization_results.yaml")
+    trials = [json.loads((multirun / job / "metrics.json").read_text())["val/dice"] for job in ("0", "1")]
+    assert best.best_value == pytest.approx(max(trials)) and "model.net.base_width" in best.best_params
 
 
 def test_slurm_launcher_config_composes() -> None:

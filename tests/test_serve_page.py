@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers import png_bytes
+from helpers import png_bytes, served
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = [
@@ -80,16 +80,15 @@ def test_a_lung_model_shows_severity_and_lung_outlines(tmp_path: Path, cache_dir
     sync_api = pytest.importorskip("playwright.sync_api")
     from conftest import train_tiny
 
-    from covidseg.serve_bench import free_port, start_server, wait_until_up
+    from covidseg.loader import INFERENCE_KEYS
+    from covidseg.segment import load_backend
+    from covidseg.serve import ServeSettings, create_app
 
     checkpoint = train_tiny(tmp_path / "train", cache_dir, "data.targets=[lung,infection]")
-    port = free_port()
-    process = start_server(port, [f"ckpt_path={checkpoint}"], tmp_path / "serve")
-    url = f"http://127.0.0.1:{port}"
+    model = load_backend(str(checkpoint), tmp_path, "torch", dict.fromkeys(INFERENCE_KEYS), False, tmp_path)
     image = tmp_path / "chest.png"
     image.write_bytes(png_bytes(xray))
-    try:
-        wait_until_up(url, process)
+    with served(create_app(model, ServeSettings())) as url:
         severity = httpx.post(f"{url}/api/predict", files={"file": ("chest.png", image.read_bytes())}).json()[
             "severity"
         ]
@@ -108,6 +107,3 @@ def test_a_lung_model_shows_severity_and_lung_outlines(tmp_path: Path, cache_dir
                 assert errors == []
             finally:
                 browser.close()
-    finally:
-        process.terminate()
-        process.wait(timeout=30)

@@ -6,7 +6,6 @@ import pickle
 import re
 import shutil
 import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,15 +13,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import FAST
+from helpers import run_command
 from hydra.utils import instantiate
 
 from covidseg import CONF_DIR
 from covidseg.builders import build_run
 from covidseg.eval import evaluate
+from covidseg.eval import main as eval_main
 from covidseg.learning_curves import learning_curves, score_by_time
 from covidseg.loader import best_checkpoint, check_checkpoint, load_predictor
 from covidseg.model_spec import SPEC_KEY, ModelFileError
-from covidseg.train import train
+from covidseg.train import main, train
 
 ROOT = CONF_DIR.parent
 GROUPS = ["data", "model", "trainer", "callbacks", "logger", "debug", "experiment", "hparams_search"]
@@ -310,37 +311,19 @@ def test_checkpoint_whose_spec_does_not_fit_or_is_missing_is_refused(trained_che
         load_predictor(str(tmp_path / "bare.ckpt"), tmp_path)
 
 
-def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COVIDSEG_CACHE": str(cwd / "cache")}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.slow
-def test_multirun_sweeps_two_jobs(tmp_path: Path) -> None:
+def test_multirun_sweeps_two_jobs(tmp_path: Path, cache_dir: Path) -> None:
     overrides = [o.replace("{Train: 8, Val: 4, Test: 4}", "{Train:8,Val:4,Test:4}") for o in FAST]
-    result = _run(
-        "-m",
-        "covidseg.train",
-        "-m",
-        *overrides,
-        "model.optimizer.lr=1e-3,3e-4",
-        "test=false",
-        f"paths.log_dir={tmp_path / 'outputs'}",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    swept = ["model.optimizer.lr=1e-3,3e-4", "test=false", f"paths.cache_dir={cache_dir}"]
+    assert run_command(main, "-m", *overrides, *swept, f"paths.log_dir={tmp_path / 'outputs'}") == 0
     jobs = sorted((tmp_path / "outputs/train/multiruns").glob("*/[0-9]"))
     assert [job.name for job in jobs] == ["0", "1"]
     assert all((job / "checkpoints/last.ckpt").is_file() for job in jobs)
 
 
-@pytest.mark.slow
-def test_a_multirun_never_resumes_one_checkpoint_in_every_job(tmp_path: Path) -> None:
-    result = _run(
-        "-m", "covidseg.train", "-m", "data=synthetic", "seed=1,2", "ckpt_path=last", f"paths.log_dir={tmp_path}",
-        cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 2 and "would make every job resume the same checkpoint" in result.stderr
+def test_a_multirun_never_resumes_one_checkpoint_in_every_job(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run_command(main, "-m", "data=synthetic", "seed=1,2", "ckpt_path=last", f"paths.log_dir={tmp_path}") == 2
+    assert "would make every job resume the same checkpoint" in capsys.readouterr().err
 
 
 def test_debug_runs_have_their_own_task(compose_cfg) -> None:
@@ -349,34 +332,30 @@ def test_debug_runs_have_their_own_task(compose_cfg) -> None:
 
 
 @pytest.mark.slow
-def test_installed_commands_take_hydra_overrides(tmp_path: Path) -> None:
+def test_installed_commands_take_hydra_overrides(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     commands = ("train", "eval", "calibrate", "distill", "predict", "export", "serve")
     for command in (f"covidseg-{name}" for name in commands):
         assert shutil.which(command), f"{command} is not installed: pip install -e ."
-    shown = subprocess.run(["covidseg-train", "--help"], capture_output=True, text=True, timeout=120)
-    assert shown.returncode == 0 and "experiment: best_cpu, fast_cpu" in shown.stdout
     refused = subprocess.run(
         ["covidseg-eval", "ckpt_path=nope.ckpt"], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert refused.returncode == 2 and "error: ckpt_path 'nope.ckpt' does not exist" in refused.stderr
+    assert run_command(main, "--help") == 0 and "experiment: best_cpu, fast_cpu" in capsys.readouterr().out
 
 
-@pytest.mark.slow
-def test_user_errors_exit_cleanly_with_the_key_named(tmp_path: Path) -> None:
-    result = _run(
-        "-m", "covidseg.train", f"data.root={tmp_path / 'missing'}", f"paths.log_dir={tmp_path}", cwd=tmp_path
-    )
-    assert result.returncode == 2
-    assert "data.root" in result.stderr and "missing" in result.stderr and "Traceback" not in result.stderr
-    result = _run("-m", "covidseg.train", "model=nope", "trainer.max_epoch=3", cwd=tmp_path)
-    assert result.returncode != 0 and "nope" in result.stderr  # Hydra's own message
+def test_user_errors_exit_cleanly_with_the_key_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert run_command(main, f"data.root={tmp_path / 'missing'}", f"paths.log_dir={tmp_path}") == 2
+    error = capsys.readouterr().err
+    assert "data.root" in error and "missing" in error and "Traceback" not in error
+    assert run_command(main, "model=nope", "trainer.max_epoch=3", f"paths.log_dir={tmp_path}") != 0
+    assert "nope" in capsys.readouterr().err  # Hydra's own message
     # a model file whose spec would make Hydra write a file: one line, exit 2, nothing written
     payload = {"_target_": "pathlib.Path.write_text", "self": str(tmp_path / "pwned"), "data": "pwned"}
     torch.save({"state_dict": {}, SPEC_KEY: {"networks": [payload]}}, tmp_path / "crafted.ckpt")
-    result = _run("-m", "covidseg.eval", "ckpt_path=crafted.ckpt", f"paths.log_dir={tmp_path}", cwd=tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr and not (tmp_path / "pwned").exists()
-    assert (
-        result.stderr.strip()
-        .splitlines()[-1]
-        .startswith("error: 'crafted.ckpt': key 'covidseg_model.networks.0._target_'")
-    )
+    assert run_command(eval_main, "ckpt_path=crafted.ckpt", f"paths.log_dir={tmp_path}") == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and not (tmp_path / "pwned").exists()
+    assert error.strip().splitlines()[-1].startswith("error: 'crafted.ckpt': key 'covidseg_model.networks.0._target_'")
