@@ -8,16 +8,39 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 
+from covidseg.data import DataError
+from covidseg.errors import ConfigError, user_errors
+
+
+def read_metrics(path: Path) -> dict[str, float]:
+    """A job's ``metrics.json``: names to finite numbers, or one line naming the file."""
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{str(path)!r} is not a metrics.json covidseg wrote: {error}") from None
+    if not isinstance(metrics, dict):
+        raise DataError(f"{str(path)!r} holds a {type(metrics).__name__}, expected metric names and values")
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise DataError(f"{str(path)!r}: {name}={value!r}, expected a finite number")
+    return metrics
+
 
 def summarise(multirun_dir: Path) -> dict[str, dict[str, float]]:
     """``{metric: {mean, std, n}}`` over the jobs' ``metrics.json`` (std with n-1)."""
-    runs = [json.loads(path.read_text()) for path in sorted(multirun_dir.glob("*/metrics.json"))]
+    if not (multirun_dir / "multirun.yaml").is_file():
+        raise ConfigError(
+            f"{str(multirun_dir)!r} has no multirun.yaml: not the folder of a multirun "
+            "(python -m covidseg.train -m ...), into which the summary is written"
+        )
+    runs = [read_metrics(path) for path in sorted(multirun_dir.glob("*/metrics.json"))]
     if not runs:
-        raise FileNotFoundError(f"no */metrics.json under {str(multirun_dir)!r}: is it a finished multirun folder?")
+        raise DataError(f"no */metrics.json under {str(multirun_dir)!r}: has the multirun finished a job?")
     names = sorted(set.intersection(*(set(run) for run in runs)))
     summary = {}
     for name in names:
@@ -38,9 +61,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("multirun_dir", type=Path)
     folder = parser.parse_args().multirun_dir
-    summary = summarise(folder)
-    (folder / "kfold_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (folder / "kfold_summary.md").write_text(markdown(summary))
+    with user_errors():
+        summary = summarise(folder)
+        (folder / "kfold_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (folder / "kfold_summary.md").write_text(markdown(summary))
     print(markdown(summary), end="")
     print(f"written: {folder / 'kfold_summary.json'}, {folder / 'kfold_summary.md'}")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -15,7 +16,30 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from covidseg.data import DataError  # noqa: E402
+from covidseg.errors import ConfigError, user_errors  # noqa: E402
 from covidseg.visualize import figure_png  # noqa: E402
+
+
+def run_started(run_dir: Path) -> float:
+    """When the run began, from its ``run_info.json``: the origin of its score-by-time curve, and
+    the sign that ``run_dir`` is a covidseg run folder, the only kind this command writes into."""
+    info_path = run_dir / "run_info.json"
+    if not info_path.is_file():
+        raise ConfigError(
+            f"{str(run_dir)!r} has no run_info.json: not a covidseg run folder "
+            "(the curves are written into the run folder they are read from)"
+        )
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{str(info_path)!r} is not a run_info.json covidseg wrote: {error}") from None
+    if not isinstance(info, dict):
+        raise DataError(f"{str(info_path)!r} holds a {type(info).__name__}, expected the run's facts")
+    started = info.get("started", info_path.stat().st_mtime)  # older runs: when the file was written
+    if isinstance(started, bool) or not isinstance(started, int | float) or not math.isfinite(started):
+        raise DataError(f"{str(info_path)!r}: started={started!r}, expected seconds since the epoch")
+    return float(started)
 
 
 def read_scalars(run_dir: Path) -> dict[str, list]:
@@ -24,13 +48,15 @@ def read_scalars(run_dir: Path) -> dict[str, list]:
 
     event_files = sorted(run_dir.rglob("events.out.tfevents.*"))
     if not event_files:
-        raise FileNotFoundError(f"no TensorBoard events under {str(run_dir)!r}")
+        raise DataError(f"no TensorBoard events under {str(run_dir)!r} (was the run's logger TensorBoard?)")
     series: dict[str, list] = {}
     for event_file in event_files:
         events = EventAccumulator(str(event_file), size_guidance={"scalars": 0})
         events.Reload()
         for tag in events.Tags()["scalars"]:
             series.setdefault(tag, []).extend(events.Scalars(tag))
+    if not series:
+        raise DataError(f"the TensorBoard events under {str(run_dir)!r} hold no scalars: empty or damaged")
     return series
 
 
@@ -60,10 +86,7 @@ def learning_curves(run_dir: Path, series: dict[str, list] | None = None) -> Pat
 def score_by_time(run_dir: Path, tag: str = "val/dice", series: dict[str, list] | None = None) -> Path:
     """``tag`` against minutes since the run started (``run_info.json``), to ``<tag>_by_time.csv``:
     what a recipe reaches within a time budget."""
-    info_path = run_dir / "run_info.json"
-    if not info_path.is_file():
-        raise FileNotFoundError(f"no run_info.json in {str(run_dir)!r}: not a covidseg run folder")
-    started = json.loads(info_path.read_text()).get("started", info_path.stat().st_mtime)
+    started = run_started(run_dir)
     series = read_scalars(run_dir) if series is None else series
     rows = sorted(((p.wall_time - started) / 60, p.step, p.value) for p in series.get(tag, []))
     path = run_dir / f"{tag.replace('/', '_')}_by_time.csv"
@@ -78,9 +101,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Render a run's learning curves from its TensorBoard events.")
     parser.add_argument("run_dir", type=Path, help="a run folder under outputs/")
     run_dir = parser.parse_args().run_dir
-    series = read_scalars(run_dir)  # the event files are read once for both outputs
-    print(learning_curves(run_dir, series))
-    print(score_by_time(run_dir, series=series))
+    with user_errors():
+        run_started(run_dir)  # a covidseg run folder, checked before anything is written into it
+        series = read_scalars(run_dir)  # the event files are read once for both outputs
+        print(learning_curves(run_dir, series))
+        print(score_by_time(run_dir, series=series))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 from conftest import FAST
-from helpers import dicom_bytes
+from helpers import dicom_bytes, run_command
 
 from covidseg.data import DataError, SyntheticPhantoms
 from covidseg.data.decode import decode_samples
@@ -351,6 +351,53 @@ def test_bad_eval_and_calibration_settings_are_one_line_and_exit_2(
     error = capsys.readouterr().err.strip()
     assert stopped.value.code == 2 and len(error.splitlines()) == 1 and message in error, error
     assert not {"metrics.json", "calibration.json"} & {path.name for path in Path(cfg.paths.output_dir).glob("*")}
+
+
+# --- the tools that read a run's folder and write beside what they read --------------------------
+
+
+def _run_folder(tmp_path: Path, name: str, files: dict[str, str | bytes]) -> Path:
+    folder = tmp_path / name
+    for relative, content in files.items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        data = content.encode() if isinstance(content, str) else content
+        (folder / relative).write_bytes(data)
+    return folder
+
+
+RUN_FOLDER_CASES = [
+    ("learning_curves", {"events.out.tfevents.1": "x"}, "has no run_info.json: not a covidseg run folder"),
+    ("learning_curves", {"run_info.json": "{"}, "run_info.json' is not a run_info.json covidseg wrote"),
+    ("learning_curves", {"run_info.json": "[1]"}, "run_info.json' holds a list, expected the run's facts"),
+    ("learning_curves", {"run_info.json": '{"started": "noon"}'}, "started='noon', expected seconds"),
+    ("learning_curves", {"run_info.json": '{"started": 1}'}, "no TensorBoard events under"),
+    (
+        "learning_curves",
+        {"run_info.json": '{"started": 1}', "tb/events.out.tfevents.1": b"\x00garbage" * 9},
+        "hold no scalars: empty or damaged",
+    ),
+    ("kfold_summary", {"0/metrics.json": '{"val/dice": 0.5}'}, "has no multirun.yaml: not the folder of a multirun"),
+    ("kfold_summary", {"multirun.yaml": ""}, "no */metrics.json under"),
+    ("kfold_summary", {"multirun.yaml": "", "0/metrics.json": "[1, 2"}, "0/metrics.json' is not a metrics.json"),
+    ("kfold_summary", {"multirun.yaml": "", "0/metrics.json": "[0.5]"}, "holds a list, expected metric names"),
+    ("kfold_summary", {"multirun.yaml": "", "0/metrics.json": '{"val/dice": NaN}'}, "val/dice=nan, expected a finite"),
+    ("kfold_summary", {"multirun.yaml": "", "0/metrics.json": '{"val/dice": "0.5"}'}, "val/dice='0.5', expected"),
+]
+
+
+@pytest.mark.parametrize(("tool", "files", "message"), RUN_FOLDER_CASES, ids=[m for *_, m in RUN_FOLDER_CASES])
+def test_run_folder_tools_refuse_folders_they_cannot_read_and_write_nothing_there(
+    tool: str, files: dict[str, str | bytes], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from covidseg import kfold_summary, learning_curves
+
+    folder = _run_folder(tmp_path, "run", files)
+    before = sorted(folder.rglob("*"))
+    main = {"learning_curves": learning_curves.main, "kfold_summary": kfold_summary.main}[tool]
+    assert run_command(main, str(folder)) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error:") and len(error.splitlines()) == 1 and message in error, error
+    assert sorted(folder.rglob("*")) == before
 
 
 def test_a_corrupt_onnx_graph_and_odd_messages_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
