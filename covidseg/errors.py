@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from hydra.errors import InstantiationException
@@ -29,6 +30,18 @@ def say_error(message: str) -> None:
     """``error: <message>`` on stderr, as plain text (no markup, any file name printable)."""
     text = Text.assemble(("error:", "bold red"), " ", printable(" ".join(message.split())))
     Console(stderr=True).print(text, highlight=False, soft_wrap=True)
+
+
+def whole_number(minimum: int) -> Callable[[str], int]:
+    """An ``argparse`` type for the scripts' counts: a whole number >= ``minimum``, else argparse's
+    own one-line usage error and exit code 2."""
+
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {minimum}")
+        return int(text)
+
+    return parse
 
 
 def _user_error(error: BaseException) -> BaseException | None:

@@ -28,7 +28,7 @@ from covidseg.configs import compose_config
 from covidseg.data import DataError
 from covidseg.data.index import printable
 from covidseg.data.synthetic import make_phantom
-from covidseg.errors import user_errors
+from covidseg.errors import user_errors, whole_number
 from covidseg.predict import predict
 
 VARIANTS = {"fp32": ["bf16=false"], "bf16": ["bf16=true"]}
@@ -82,16 +82,10 @@ def markdown(figures: dict) -> str:
     return "\n".join(lines)
 
 
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
-    return int(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", type=Path, help="a folder of X-rays (default: Val COVID-19, else phantoms)")
-    parser.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds of fp32 and bf16")
+    parser.add_argument("--rounds", type=whole_number(1), default=3, help="interleaved rounds of fp32 and bf16")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_predict"), help="folder for the figures")
     parser.add_argument("overrides", nargs="*", help="predict overrides, e.g. ckpt_path=... flip_tta=false")
     args = parser.parse_args()

@@ -27,7 +27,9 @@ import httpx
 import numpy as np
 
 from covidseg.bench import SHARED_DATA
+from covidseg.data import DataError
 from covidseg.data.synthetic import make_phantom
+from covidseg.errors import say_error, user_errors, whole_number
 
 
 def free_port() -> int:
@@ -44,6 +46,14 @@ def rss_mib(pid: int) -> dict[str, float]:
         return {}
     fields = dict(line.split(":", 1) for line in lines if ":" in line)
     return {key: int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM") if key in fields}
+
+
+def read_image(path: Path) -> tuple[bytes, str]:
+    """The bytes to send as they are (the server judges them), from a file that must exist."""
+    try:
+        return path.read_bytes(), path.name
+    except OSError as error:
+        raise DataError(f"--image {str(path)!r}: {error.strerror or error}") from None
 
 
 def default_image() -> tuple[bytes, str]:
@@ -63,8 +73,10 @@ def start_server(port: int, overrides: list[str], run_dir: Path) -> subprocess.P
 def wait_until_up(url: str, server: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited with {server.returncode}: {server.stderr.read()[-2000:]}")
+        if server.poll() is not None:  # its own last line says why; a refused setting keeps exit code 2
+            said = (server.stderr.read().strip().splitlines() or [""])[-1].removeprefix("error: ")
+            say_error(f"the server stopped before answering (exit code {server.returncode}): {said}")
+            sys.exit(2 if server.returncode == 2 else 1)
         try:
             if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                 return
@@ -107,21 +119,23 @@ def percentile(values: list[float], share: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=200, help="timed requests")
-    parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed requests first")
+    parser.add_argument("--requests", type=whole_number(2), default=200, help="timed requests (p50 needs two)")
+    parser.add_argument("--concurrency", type=whole_number(1), default=16, help="concurrent clients")
+    parser.add_argument("--warmup", type=whole_number(0), default=10, help="untimed requests first")
     parser.add_argument("--image", type=Path, help="the image to send (default: a Val X-ray or a phantom)")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_serve"), help="folder for serve_bench.json")
     parser.add_argument("overrides", nargs="*", help="overrides of conf/serve.yaml, e.g. ckpt_path=... workers=2")
     args = parser.parse_args()
-    image, name = (args.image.read_bytes(), args.image.name) if args.image else default_image()
+    with user_errors():
+        image, name = read_image(args.image) if args.image else default_image()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="covidseg-serve-bench-") as run_dir:
         server = start_server(port, args.overrides, Path(run_dir))
         try:
             wait_until_up(url, server)
-            asyncio.run(load(url, image, name, args.warmup, min(args.concurrency, args.warmup), lambda _: None))
+            if args.warmup:
+                asyncio.run(load(url, image, name, args.warmup, min(args.concurrency, args.warmup), lambda _: None))
             memory = {"after_warmup": rss_mib(server.pid)}
             half = args.requests // 2
 

@@ -4,7 +4,7 @@ import pytest
 from conftest import FAST
 from helpers import run_command
 
-from covidseg import bench, predict_bench
+from covidseg import bench, predict_bench, serve_bench
 from covidseg.models import UNet
 
 
@@ -62,15 +62,33 @@ def test_predict_bench_times_whole_predict_calls(trained_checkpoints, tmp_path: 
 
 
 @pytest.mark.parametrize(
-    ("arguments", "message"),
+    ("bench", "arguments", "message"),
     [
-        (["--rounds", "0"], "argument --rounds: '0' is not a whole number >= 1"),
-        (["--input", "/nonexistent/xrays"], "error: input '/nonexistent/xrays' names no image files"),
+        (predict_bench, ["--rounds", "0"], "argument --rounds: '0' is not a whole number >= 1"),
+        (predict_bench, ["--input", "/nonexistent/xrays"], "error: input '/nonexistent/xrays' names no image files"),
+        (serve_bench, ["--requests", "1"], "argument --requests: '1' is not a whole number >= 2"),
+        (serve_bench, ["--concurrency", "-3"], "argument --concurrency: '-3' is not a whole number >= 1"),
+        (serve_bench, ["--warmup", "1.5"], "argument --warmup: '1.5' is not a whole number >= 0"),
+        (serve_bench, ["--image", "/nonexistent.png"], "error: --image '/nonexistent.png': No such file or directory"),
     ],
 )
-def test_predict_bench_refuses_bad_arguments_in_one_line(
-    arguments: list[str], message: str, capsys: pytest.CaptureFixture
+def test_benchmarks_refuse_bad_arguments_before_any_work(
+    bench, arguments: list[str], message: str, capsys: pytest.CaptureFixture
 ) -> None:
-    assert run_command(predict_bench.main, *arguments) == 2
+    assert run_command(bench.main, *arguments) == 2
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error
+
+
+def test_a_server_that_stops_at_start_is_its_own_last_line(capsys: pytest.CaptureFixture) -> None:
+    import subprocess
+    import sys
+
+    refusing = "import sys; sys.stderr.write('noise\\nerror: ckpt_path nope.ckpt does not exist\\n'); sys.exit(2)"
+    server = subprocess.Popen([sys.executable, "-c", refusing], stderr=subprocess.PIPE, text=True)
+    server.wait(timeout=30)
+    with pytest.raises(SystemExit) as stopped:
+        serve_bench.wait_until_up("http://127.0.0.1:9", server)
+    error = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2
+    assert error == "error: the server stopped before answering (exit code 2): ckpt_path nope.ckpt does not exist"
