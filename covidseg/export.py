@@ -25,6 +25,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from covidseg import CONF_DIR
+from covidseg.data import DataError
+from covidseg.data.index import printable
 from covidseg.errors import user_errors
 from covidseg.loader import LoadedModel, inference_overrides, load_predictor
 from covidseg.model_card import render_model_card
@@ -119,11 +121,27 @@ EXPORTERS = {
 }
 
 
+def check_output(output: Path, file_format: str) -> None:
+    """A folder, new or existing, that holds none of the files the export writes: an export never
+    replaces a file (the default output, the run's own folder, is always new)."""
+    if output.exists() and not output.is_dir():
+        raise DataError(f"output {printable(output)!r} is an existing file; expected a folder (new or existing)")
+    written = [f"model{EXPORTERS[file_format][1]}", "model.json", "MODEL_CARD.md"]
+    written += ["model.yaml"] if file_format == "safetensors" else []
+    taken = [name for name in written if (output / name).exists() or (output / name).is_symlink()]
+    if taken:
+        raise DataError(
+            f"output {printable(output)!r} already holds {', '.join(taken)}: an export never replaces files; "
+            "choose a new folder"
+        )
+
+
 def export(cfg: DictConfig) -> Path:
     """Export what ``cfg.ckpt_path`` names to ``cfg.output`` in ``cfg.format``, with the metadata
     ``.json`` and a ``MODEL_CARD.md`` beside it; returns the model file."""
     if cfg.format not in EXPORTERS:
         raise ModelFileError(f"format={cfg.format!r} is not one of {', '.join(EXPORTERS)}")
+    check_output(Path(cfg.output), cfg.format)
     loaded = load_predictor(cfg.ckpt_path, cfg.paths.log_dir, **inference_overrides(cfg))
     exporter, suffix = EXPORTERS[cfg.format]
     path = exporter(loaded, Path(cfg.output) / f"model{suffix}")

@@ -400,6 +400,33 @@ def test_run_folder_tools_refuse_folders_they_cannot_read_and_write_nothing_ther
     assert sorted(folder.rglob("*")) == before
 
 
+@pytest.mark.parametrize("file_format", ["onnx", "safetensors"])
+def test_an_export_never_replaces_a_file(
+    file_format: str, compose_cfg, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from covidseg.errors import user_errors
+    from covidseg.export import export
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "model.json").write_text("a user's notes")
+    (theirs / "MODEL_CARD.md").symlink_to(tmp_path / "nowhere")  # a dangling link is taken too
+    (tmp_path / "a_file").write_text("a user's file")
+    cases = {
+        theirs: "already holds model.json, MODEL_CARD.md: an export never replaces files",
+        tmp_path / "a_file": "is an existing file; expected a folder",
+    }
+    for output, message in cases.items():
+        with pytest.raises(SystemExit) as stopped, user_errors():
+            export(compose_cfg("export", ["ckpt_path=pretrained", f"format={file_format}", f"output={output}"]))
+        error = capsys.readouterr().err.strip()
+        assert stopped.value.code == 2 and len(error.splitlines()) == 1 and message in error, error
+    assert sorted(path.name for path in theirs.iterdir()) == ["MODEL_CARD.md", "model.json"]
+    assert (theirs / "model.json").read_text() == "a user's notes" and (
+        tmp_path / "a_file"
+    ).read_text() == "a user's file"
+
+
 def test_a_corrupt_onnx_graph_and_odd_messages_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from covidseg.errors import say_error
     from covidseg.model_spec import ModelFileError
