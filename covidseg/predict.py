@@ -121,8 +121,9 @@ def predict(cfg: DictConfig) -> PredictRun:
     output = Path(cfg.output)
     recursive = Path(str(cfg.input)).expanduser().is_dir() or "**" in str(cfg.input)
     check_output(output, files, base, recursive, cfg.allow_output_in_input)
+    run_folder = Path(cfg.paths.output_dir)  # covidseg's own: a graph exported for backend=onnx goes there
     model = load_backend(
-        cfg.ckpt_path, cfg.paths.log_dir, cfg.backend, inference_overrides(cfg), inference_bf16(cfg), output
+        cfg.ckpt_path, cfg.paths.log_dir, cfg.backend, inference_overrides(cfg), inference_bf16(cfg), run_folder
     )
     output.mkdir(parents=True, exist_ok=True)
     inputs = {Path(os.path.realpath(path)) for path in files}

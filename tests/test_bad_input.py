@@ -217,6 +217,22 @@ def test_bad_outputs_and_odd_names(compose_cfg, checkpoint: Path, tmp_path: Path
         _predict(compose_cfg, checkpoint, f"{tmp_path}/nothing/*.png", tmp_path / "out2")
 
 
+@pytest.mark.slow
+def test_predict_on_onnx_exports_its_graph_into_its_run_folder(compose_cfg, checkpoint: Path, tmp_path: Path) -> None:
+    """``backend=onnx`` with a checkpoint exports a graph first: into the run's own folder, never
+    over a user's file of that name in the output."""
+    _image(tmp_path / "xrays" / "x.png")
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "model.onnx").write_bytes(b"the user's own graph")
+    (output / "model.json").write_text("the user's own notes")
+    run = _predict(compose_cfg, checkpoint, tmp_path / "xrays", output, "backend=onnx")
+    assert len(run.rows) == 1 and (output / "x.png.mask.png").is_file()
+    assert (output / "model.onnx").read_bytes() == b"the user's own graph"
+    assert (output / "model.json").read_text() == "the user's own notes"
+    assert (tmp_path / "outputs" / "run" / "model.onnx").stat().st_size > 10_000  # compose_cfg's run folder
+
+
 # --- checkpoints as promised ------------------------------------------------------------------------
 
 
