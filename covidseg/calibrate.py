@@ -28,7 +28,7 @@ from rich.table import Table
 
 from covidseg import CONF_DIR
 from covidseg.callbacks import ThresholdSweep
-from covidseg.config_checks import check_calibration
+from covidseg.config_checks import CalibrationSettings, check_command_keys
 from covidseg.errors import user_errors
 from covidseg.eval import load_for_data, run_test_loop
 from covidseg.framework_noise import quiet_framework_noise
@@ -84,7 +84,7 @@ def choose(choices: list[Choice], min_healthy_rate: float) -> Choice:
 
 
 def calibrate(cfg: DictConfig) -> dict[str, Any]:
-    check_calibration(cfg)
+    check_command_keys(cfg, CalibrationSettings)
     L.seed_everything(cfg.seed, workers=True)
     loaded, datamodule = load_for_data(cfg)
     predictor = loaded.predictor

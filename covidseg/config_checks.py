@@ -24,6 +24,15 @@ class _Checked(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
 
+class SyntheticSettings(_Checked):
+    """The phantoms ``data=synthetic`` writes: how many per split and class, and their side."""
+
+    counts: dict[str, Annotated[int, Field(ge=0, le=100_000)]]
+    classes: list[Literal[CLASSES]] = Field(min_length=1)  # type: ignore[valid-type]
+    image_size: int = Field(ge=16, le=4096)
+    seed: int = 0
+
+
 class DataSettings(_Checked):
     classes: list[Literal[CLASSES]] = Field(min_length=1)  # type: ignore[valid-type]
     eval_classes: list[Literal[CLASSES]] | None = None  # type: ignore[valid-type]
@@ -36,9 +45,16 @@ class DataSettings(_Checked):
     num_folds: int | None = Field(None, ge=2)
     fold: int = Field(0, ge=0)
     teacher_targets: str | None = None
+    synthetic: SyntheticSettings | None = None
+
+
+class OptimizerSettings(_Checked):
+    lr: float = Field(gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
 
 
 class ModelSettings(_Checked):
+    optimizer: OptimizerSettings | None = None
     threshold: float = Field(0.5, gt=0, lt=1)
     input_size: int | None = Field(None, ge=16, le=4096)
     presence_weight: float = Field(0.0, ge=0)
@@ -84,12 +100,20 @@ class CalibrationSettings(_Checked):
     min_healthy_rate: float = Field(ge=0, le=1)
 
 
-def check_calibration(cfg: DictConfig) -> None:
-    """Validate ``calibrate``'s candidate lists and healthy-rate floor."""
-    settings = OmegaConf.to_container(cfg, resolve=True)
-    values = {key: settings.get(key) for key in CalibrationSettings.model_fields}
+class PredictSettings(_Checked):
+    """``predict``'s own keys (its inference keys are checked with the model file's)."""
+
+    batch_size: int = Field(ge=1)
+    save_probability: bool
+    allow_output_in_input: bool
+
+
+def check_command_keys(cfg: DictConfig, settings: type[BaseModel]) -> None:
+    """Validate a command's own top-level keys (``settings``' fields) of its composed config."""
+    composed = OmegaConf.to_container(cfg, resolve=True)
+    values = {key: composed.get(key) for key in settings.model_fields}
     try:
-        CalibrationSettings.model_validate(values)
+        settings.model_validate(values)
     except ValidationError as error:
         key, value, message = first_error(error)
         raise ConfigError(f"{key}={value!r}: {message}") from None
@@ -106,12 +130,34 @@ def check_settings(cfg: DictConfig, sections: Iterable[str] = ("data", "model", 
     except ValidationError as error:
         key, value, message = first_error(error)
         raise ConfigError(f"{key}={value!r}: {message}") from None
+    check_network_options((values.get("model") or {}).get("net") or {})
     distill_weight = (values.get("model") or {}).get("distill_weight", 0.0)
     if distill_weight > 0 and not (values.get("data") or {}).get("teacher_targets"):
         raise ConfigError(
             f"model.distill_weight={distill_weight!r} needs data.teacher_targets: the .npz that "
             "python -m covidseg.distill writes"
         )
+
+
+def check_network_options(net: dict[str, Any]) -> None:
+    """``model.net``'s options, when it names one of covidseg's networks, as a model file's are
+    checked (the registry's options model), so a width of 0 is one line, not a traceback."""
+    from hydra.utils import get_class
+
+    from covidseg.models.registry import NETWORKS
+
+    try:
+        cls = get_class(net["_target_"])
+    except (KeyError, ImportError, ValueError):  # not a class path: Hydra says so when it builds
+        return
+    entry = next((entry for entry in NETWORKS.values() if entry.cls is cls), None)
+    if entry is None:
+        return
+    try:
+        entry.options.model_validate({key: value for key, value in net.items() if not key.startswith("_")})
+    except ValidationError as error:
+        key, value, message = first_error(error)
+        raise ConfigError(f"model.net.{key}={value!r}: {message}") from None
 
 
 def check_network_sides(sides: Iterable[int], multiple: int, network: str) -> None:

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import track
 
 from covidseg import CONF_DIR
+from covidseg.config_checks import PredictSettings, check_command_keys
 from covidseg.data.decode import read_gray
 from covidseg.data.index import IMAGE_SUFFIXES, DataError, printable
 from covidseg.errors import user_errors
@@ -117,6 +118,7 @@ class PredictRun:
 
 def predict(cfg: DictConfig) -> PredictRun:
     """Write mask, overlay (and optional probability) PNGs per image and ``predictions.csv``."""
+    check_command_keys(cfg, PredictSettings)
     files, base = find_inputs(str(cfg.input))
     output = Path(cfg.output)
     recursive = Path(str(cfg.input)).expanduser().is_dir() or "**" in str(cfg.input)

@@ -56,6 +56,16 @@ def test_synthetic_data_with_other_settings_is_rewritten_only_when_nothing_else_
     assert empty.stat().st_ino == inode and (empty / "synthetic.json").is_file()
 
 
+def test_synthetic_data_with_empty_folders_is_rewritten_whole(tmp_path: Path) -> None:
+    """A split of 0 phantoms leaves folders without files; a rewrite removes them too (they once
+    blocked it, "Directory not empty", and left the folder without its marker: unusable)."""
+    root = SyntheticPhantoms({"Train": 0, "Val": 1}, image_size=32).write(tmp_path / "synthetic")
+    assert (root / "Train" / "Normal" / "images").is_dir()
+    SyntheticPhantoms({"Train": 1}, image_size=32).write(root)
+    assert sorted(p.name for p in root.iterdir()) == ["Train", "synthetic.json"]
+    assert len(list((root / "Train" / "Normal" / "images").glob("*.png"))) == 1
+
+
 def test_a_marker_that_is_not_covidseg_s_is_refused(tmp_path: Path) -> None:
     (tmp_path / "synthetic.json").write_text('{"counts": {"Train": 1}, "rm": "-rf"}')
     (tmp_path / "keep.png").write_bytes(b"user data")
@@ -299,7 +309,7 @@ TRAIN_CASES = [
     (["data.image_size=abc"], "data.image_size='abc': Input should be a valid integer"),
     (["data.image_size=100"], "unet needs image sides divisible by 16 (one halving per level), got 100"),
     (["model.input_size=40"], "unet needs image sides divisible by 16 (one halving per level), got 40"),
-    (["model.net.depth=7"], "unet needs image sides divisible by 128 (one halving per level), got 64"),
+    (["model.net.depth=5", "data.image_size=48"], "unet needs image sides divisible by 32 (one halving per level), got 48"),
     (["model.threshold=abc"], "model.threshold='abc': Input should be a valid number"),
     (["model.threshold=1.5"], "model.threshold=1.5: Input should be less than 1"),
     (["data.classes=[Cats]"], "data.classes.0='Cats': Input should be 'COVID-19', 'Non-COVID' or 'Normal'"),
@@ -314,6 +324,13 @@ TRAIN_CASES = [
     (["trainer.precision=64x"], "trainer.precision='64x': Input should be 'transformer-engine'"),
     (["trainer.min_epochs=-1"], "trainer.min_epochs=-1: Input should be greater than or equal to 0"),
     (["experiment=best_cpu", "callbacks.progressive_resizing.schedule=[[0,100]]"], "got 100"),
+    (["model.net.base_width=0"], "model.net.base_width=0: Input should be greater than or equal to 1"),
+    (["+model.net.dropout=0.1"], "model.net.dropout=0.1: Extra inputs are not permitted"),
+    (["model=res_unet", "model.net.depth=7"], "model.net.depth=7: Input should be less than or equal to 6"),
+    (["model.optimizer.lr=-1"], "model.optimizer.lr=-1: Input should be greater than 0"),
+    (["model.optimizer.lr=nan"], "model.optimizer.lr=nan: Input should be a finite number"),
+    (["data.synthetic.counts={Train:-3}"], "data.synthetic.counts.Train=-3: Input should be greater than or equal"),
+    (["data.synthetic.image_size=100000"], "data.synthetic.image_size=100000: Input should be less than or equal"),
 ]
 
 
@@ -351,22 +368,26 @@ def test_bad_training_settings_are_one_line_and_exit_2(
         ("calibrate", ["min_region_shares=[0.01,inf]"], "min_region_shares.1=inf: Input should be less than 1"),
         ("calibrate", ["min_region_shares=0.01"], "min_region_shares=0.01: Input should be a valid list"),
         ("calibrate", ["min_healthy_rate=95"], "min_healthy_rate=95: Input should be less than or equal to 1"),
+        ("predict", ["batch_size=0"], "batch_size=0: Input should be greater than or equal to 1"),
+        ("predict", ["save_probability=maybe"], "save_probability='maybe': Input should be a valid boolean"),
     ],
 )
-def test_bad_eval_and_calibration_settings_are_one_line_and_exit_2(
-    compose_cfg, command: str, overrides: list[str], message: str, capsys: pytest.CaptureFixture
+def test_bad_eval_calibration_and_predict_settings_are_one_line_and_exit_2(
+    compose_cfg, command: str, overrides: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     from covidseg.calibrate import calibrate
     from covidseg.errors import user_errors
     from covidseg.eval import evaluate
 
     data = [o for o in FAST if o.startswith("data") and not o.startswith("data.batch_size")]
-    cfg = compose_cfg(command, ["ckpt_path=pretrained", *data, *overrides])
+    source = [f"input={tmp_path / 'nowhere'}"] if command == "predict" else data
+    cfg = compose_cfg(command, ["ckpt_path=pretrained", *source, *overrides])
     with pytest.raises(SystemExit) as stopped, user_errors():
-        {"eval": evaluate, "calibrate": calibrate}[command](cfg)
+        {"eval": evaluate, "calibrate": calibrate, "predict": predict}[command](cfg)
     error = capsys.readouterr().err.strip()
     assert stopped.value.code == 2 and len(error.splitlines()) == 1 and message in error, error
-    assert not {"metrics.json", "calibration.json"} & {path.name for path in Path(cfg.paths.output_dir).glob("*")}
+    written = {path.name for path in Path(cfg.paths.output_dir).glob("*")}
+    assert not {"metrics.json", "calibration.json", "predictions.csv"} & written
 
 
 # --- the tools that read a run's folder and write beside what they read --------------------------

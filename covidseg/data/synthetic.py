@@ -21,15 +21,15 @@ from covidseg.data.index import CLASSES, TARGET_FOLDERS, DataError, canonical_sp
 MARKER = "synthetic.json"
 
 
-def _remove_written(root: Path, written: set[str]) -> None:
-    """Delete exactly the files a generator wrote below ``root``, then the folders they leave empty."""
-    folders = set()
-    for relative in written:
+def _remove_written(root: Path, files: set[str], folders: set[str]) -> None:
+    """Delete exactly the files a generator wrote below ``root`` (its marker last, so an interrupted
+    removal can be done again), then those of its folders this leaves empty; anything else stays."""
+    for relative in sorted(files - {MARKER}):
         (root / relative).unlink(missing_ok=True)
-        folders |= {root / parent for parent in Path(relative).parents if parent != Path(".")}
-    for folder in sorted(folders, key=lambda path: len(path.parts), reverse=True):
-        if folder.is_dir() and not any(folder.iterdir()):
+    for folder in sorted((root / relative for relative in folders), key=lambda path: len(path.parts), reverse=True):
+        if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
             folder.rmdir()
+    (root / MARKER).unlink(missing_ok=True)
 
 
 def _files_below(root: Path) -> set[str]:
@@ -117,6 +117,19 @@ class SyntheticPhantoms:
             for number in range(count)
         }
 
+    def written_folders(self) -> set[str]:
+        """Every folder this generator makes below its root, whether or not a file lands in it."""
+        return {
+            path
+            for split in self.counts
+            for label in self.classes
+            for path in (
+                split,
+                f"{split}/{label}",
+                *(f"{split}/{label}/{sub}" for sub in ("images", *TARGET_FOLDERS.values())),
+            )
+        }
+
     def write(self, root: str | Path) -> Path:
         """Write the dataset into ``root`` unless it already holds this exact one.
 
@@ -124,7 +137,7 @@ class SyntheticPhantoms:
         generator wrote there (its marker file says with which settings) and nothing else.
         """
         root = Path(root)
-        marker = root / MARKER
+        marker, previous = root / MARKER, None
         if marker.is_file():
             previous = self._previous(root)
             if previous.spec() == self.spec():
@@ -144,8 +157,8 @@ class SyntheticPhantoms:
         staging = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=root.parent))
         try:
             self._write_files(staging)
-            if marker.is_file():
-                _remove_written(root, previous.written_files())
+            if previous is not None:  # every file and folder it made, the empty ones included
+                _remove_written(root, previous.written_files(), previous.written_folders())
             root.mkdir(exist_ok=True)
             for child in sorted(staging.iterdir(), key=lambda path: path.name == MARKER):  # the marker last
                 child.rename(root / child.name)
