@@ -25,7 +25,7 @@ from rich.progress import track
 
 from covidseg import CONF_DIR
 from covidseg.config_checks import PredictSettings, check_command_keys
-from covidseg.data.decode import read_gray
+from covidseg.data.decode import check_xray, read_gray
 from covidseg.data.index import IMAGE_SUFFIXES, DataError, printable
 from covidseg.errors import user_errors
 from covidseg.loader import inference_bf16, inference_overrides
@@ -136,7 +136,7 @@ def predict(cfg: DictConfig) -> PredictRun:
         images, readable = [], []
         for path in batch:
             try:
-                images.append(read_gray(path))
+                images.append(check_xray(read_gray(path), str(path)))
                 readable.append(path)
             except (DataError, OSError) as error:
                 run.skipped.append((path, str(error)))

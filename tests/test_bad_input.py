@@ -228,6 +228,24 @@ def test_bad_outputs_and_odd_names(compose_cfg, checkpoint: Path, tmp_path: Path
 
 
 @pytest.mark.slow
+def test_images_that_hold_no_xray_are_skipped_with_the_reason(compose_cfg, checkpoint: Path, tmp_path: Path) -> None:
+    """A blank frame, a thumbnail or a strip: the network would answer with a confident mask, so
+    predict lists them as skipped (exit code 3) and answers for the rest."""
+    folder = tmp_path / "xrays"
+    _image(folder / "x.png")
+    folder.joinpath("blank.png").write_bytes(cv2.imencode(".png", np.zeros((64, 64), np.uint8))[1].tobytes())
+    folder.joinpath("tiny.png").write_bytes(cv2.imencode(".png", np.eye(8, dtype=np.uint8) * 255)[1].tobytes())
+    folder.joinpath("strip.png").write_bytes(cv2.imencode(".png", np.eye(40, 200, dtype=np.uint8) * 255)[1].tobytes())
+    run = _predict(compose_cfg, checkpoint, folder, tmp_path / "out")
+    assert [Path(row["file"]).name for row in run.rows] == ["x.png"]
+    reasons = {path.name: reason for path, reason in run.skipped}
+    assert "has a single grey level (0)" in reasons["blank.png"]
+    assert "is 8x8 pixels: expected a chest X-ray" in reasons["tiny.png"]
+    assert "is 200x40 pixels" in reasons["strip.png"]
+    assert not (tmp_path / "out" / "blank.png.mask.png").exists()
+
+
+@pytest.mark.slow
 def test_predict_on_onnx_exports_its_graph_into_its_run_folder(compose_cfg, checkpoint: Path, tmp_path: Path) -> None:
     """``backend=onnx`` with a checkpoint exports a graph first: into the run's own folder, never
     over a user's file of that name in the output."""
@@ -309,7 +327,10 @@ TRAIN_CASES = [
     (["data.image_size=abc"], "data.image_size='abc': Input should be a valid integer"),
     (["data.image_size=100"], "unet needs image sides divisible by 16 (one halving per level), got 100"),
     (["model.input_size=40"], "unet needs image sides divisible by 16 (one halving per level), got 40"),
-    (["model.net.depth=5", "data.image_size=48"], "unet needs image sides divisible by 32 (one halving per level), got 48"),
+    (
+        ["model.net.depth=5", "data.image_size=48"],
+        "unet needs image sides divisible by 32 (one halving per level), got 48",
+    ),
     (["model.threshold=abc"], "model.threshold='abc': Input should be a valid number"),
     (["model.threshold=1.5"], "model.threshold=1.5: Input should be less than 1"),
     (["data.classes=[Cats]"], "data.classes.0='Cats': Input should be 'COVID-19', 'Non-COVID' or 'Normal'"),

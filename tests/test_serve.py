@@ -104,8 +104,23 @@ def bomb_png() -> bytes:
         ({"file": ("big.png", "bomb", "image/png")}, 422, "9,000,000 pixels; at most 4,000,000"),
         ({"file": ("a.png", b"x" * (1024 * 1024 + 1), "image/png")}, 413, "larger than the limit of 1,048,576 bytes"),
         ({"image": ("a.png", b"x", "image/png")}, 422, "no file field named 'file'"),
+        ({"file": ("a.png", png_bytes(np.full((300, 280), 7, np.uint8)), "image/png")}, 422, "a single grey level (7)"),
+        ({"file": ("a.png", png_bytes(np.zeros((300, 280, 4), np.uint8)), "image/png")}, 422, "a single grey level"),
+        ({"file": ("a.png", png_bytes(np.full((9, 9), 65535, np.uint16)), "image/png")}, 422, "is 9x9 pixels"),
+        ({"file": ("a.png", png_bytes(np.eye(40, 400, dtype=np.uint8)), "image/png")}, 422, "is 400x40 pixels"),
     ],
-    ids=["empty", "not-an-image", "truncated", "bomb", "too-large", "wrong-field"],
+    ids=[
+        "empty",
+        "not-an-image",
+        "truncated",
+        "bomb",
+        "too-large",
+        "wrong-field",
+        "blank",
+        "blank-rgba",
+        "tiny",
+        "strip",
+    ],
 )
 def test_bad_uploads_get_one_line_of_json(client: TestClient, xray: np.ndarray, files, status, message) -> None:
     name, content, kind = next(iter(files.values()))

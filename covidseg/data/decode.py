@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 
 MAX_PIXELS = 50_000_000  # width x height; larger files are refused before decoding (decompression bombs)
+MIN_SIDE, MAX_ASPECT = 32, 4.0  # predict and serve answer for nothing smaller or more elongated than this
 RASTER_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")  # what Pillow must recognise in the header; OpenCV decodes
 
 
@@ -135,6 +136,21 @@ def to_gray(image: np.ndarray) -> np.ndarray:
         image = cv2.cvtColor(image, code)
     if image.dtype != np.uint8:
         image = cv2.normalize(image.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    return image
+
+
+def check_xray(image: np.ndarray, name: str) -> np.ndarray:
+    """``image`` (8-bit gray, as :func:`to_gray` gives it) if predict and serve can answer for it:
+    a single grey level, a side under ``MIN_SIDE`` or a side over ``MAX_ASPECT`` times the other
+    holds no chest X-ray, and the network would still return a confident mask for it."""
+    height, width = image.shape[:2]
+    if min(height, width) < MIN_SIDE or max(height, width) > MAX_ASPECT * min(height, width):
+        raise DataError(
+            f"{name!r} is {width}x{height} pixels: expected a chest X-ray, at least {MIN_SIDE} pixels a side "
+            f"and at most {MAX_ASPECT:g} times as long as wide"
+        )
+    if image.min() == image.max():
+        raise DataError(f"{name!r} has a single grey level ({int(image.min())}): there is no X-ray in it to segment")
     return image
 
 
