@@ -103,9 +103,18 @@ class CalibrationSettings(_Checked):
 class PredictSettings(_Checked):
     """``predict``'s own keys (its inference keys are checked with the model file's)."""
 
+    input: Any
+    output: Any
     batch_size: int = Field(ge=1)
     save_probability: bool
     allow_output_in_input: bool
+
+    @field_validator("input", "output")
+    @classmethod
+    def _named(cls, value: Any) -> Any:
+        if value is None or not str(value).strip():  # an unset variable in a script, most likely
+            raise ValueError("expected a path; an empty value would mean the current folder")
+        return value
 
 
 def check_command_keys(cfg: DictConfig, settings: type[BaseModel]) -> None:

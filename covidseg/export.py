@@ -32,6 +32,7 @@ from covidseg.loader import LoadedModel, inference_overrides, load_predictor
 from covidseg.model_card import render_model_card
 from covidseg.model_spec import ExportMetadata, ModelFileError, ModelSpec
 from covidseg.predictor import Predictor
+from covidseg.run_files import make_output_folder
 
 INPUT = "image, float32 (N, 1, S, S): grayscale / 255, resized to S x S (S = model.image_size) with area interpolation"
 
@@ -144,7 +145,7 @@ def export(cfg: DictConfig) -> Path:
     check_output(Path(cfg.output), cfg.format)
     loaded = load_predictor(cfg.ckpt_path, cfg.paths.log_dir, **inference_overrides(cfg))
     exporter, suffix = EXPORTERS[cfg.format]
-    path = exporter(loaded, Path(cfg.output) / f"model{suffix}")
+    path = exporter(loaded, make_output_folder(Path(cfg.output)) / f"model{suffix}")
     files = sorted(file.name for file in path.parent.glob(f"{path.stem}.*"))
     card = path.parent / "MODEL_CARD.md"
     card.write_text(render_model_card(loaded.spec, loaded.paths[0].stem, files))

@@ -29,7 +29,7 @@ from covidseg.data.decode import check_xray, read_gray
 from covidseg.data.index import IMAGE_SUFFIXES, DataError, printable
 from covidseg.errors import user_errors
 from covidseg.loader import inference_bf16, inference_overrides
-from covidseg.run_files import write_run_info
+from covidseg.run_files import make_output_folder, write_run_info
 from covidseg.segment import ImageResult, load_backend, segment
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def predict(cfg: DictConfig) -> PredictRun:
     model = load_backend(
         cfg.ckpt_path, cfg.paths.log_dir, cfg.backend, inference_overrides(cfg), inference_bf16(cfg), run_folder
     )
-    output.mkdir(parents=True, exist_ok=True)
+    make_output_folder(output)
     inputs = {Path(os.path.realpath(path)) for path in files}
     run = PredictRun(output / "predictions.csv")
     batches = [files[start : start + cfg.batch_size] for start in range(0, len(files), cfg.batch_size)]

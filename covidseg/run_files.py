@@ -36,6 +36,16 @@ def _git_commit() -> str | None:
     return result.stdout.strip() or None
 
 
+def make_output_folder(output: Path) -> Path:
+    """``output`` made, parents included, for a command's files; one line naming it when it cannot
+    be (a parent that is a file, a read-only or virtual file system)."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"output {printable(output)!r} cannot be made: {error.strerror or error}") from None
+    return output
+
+
 def write_run_info(output_dir: str | Path) -> None:
     """Record the exact command, versions and commit next to Hydra's composed config."""
     info = {

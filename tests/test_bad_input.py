@@ -219,6 +219,8 @@ def test_bad_outputs_and_odd_names(compose_cfg, checkpoint: Path, tmp_path: Path
     (tmp_path / "taken").write_text("a file, not a folder")
     with pytest.raises(DataError, match="output .*taken' is an existing file; expected a folder"):
         _predict(compose_cfg, checkpoint, folder, tmp_path / "taken")
+    with pytest.raises(DataError, match="output .*taken/below' cannot be made: Not a directory"):
+        _predict(compose_cfg, checkpoint, folder, tmp_path / "taken" / "below")
     assert (tmp_path / "taken").read_text() == "a file, not a folder"
     run = _predict(compose_cfg, checkpoint, folder, tmp_path / "out")
     assert run.rows[0]["file"].endswith("covid-19_\\udcff\\udcfe.png")
@@ -391,6 +393,7 @@ def test_bad_training_settings_are_one_line_and_exit_2(
         ("calibrate", ["min_healthy_rate=95"], "min_healthy_rate=95: Input should be less than or equal to 1"),
         ("predict", ["batch_size=0"], "batch_size=0: Input should be greater than or equal to 1"),
         ("predict", ["save_probability=maybe"], "save_probability='maybe': Input should be a valid boolean"),
+        ("predict", ["output="], "output='': expected a path; an empty value would mean the current folder"),
     ],
 )
 def test_bad_eval_calibration_and_predict_settings_are_one_line_and_exit_2(
@@ -473,6 +476,7 @@ def test_an_export_never_replaces_a_file(
     cases = {
         theirs: "already holds model.json, MODEL_CARD.md: an export never replaces files",
         tmp_path / "a_file": "is an existing file; expected a folder",
+        tmp_path / "a_file" / "below": "a_file/below' cannot be made: Not a directory",
     }
     for output, message in cases.items():
         with pytest.raises(SystemExit) as stopped, user_errors():
