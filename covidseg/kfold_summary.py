@@ -15,16 +15,12 @@ import numpy as np
 
 from covidseg.data import DataError
 from covidseg.errors import ConfigError, user_errors
+from covidseg.run_files import read_run_file
 
 
 def read_metrics(path: Path) -> dict[str, float]:
     """A job's ``metrics.json``: names to finite numbers, or one line naming the file."""
-    try:
-        metrics = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DataError(f"{str(path)!r} is not a metrics.json covidseg wrote: {error}") from None
-    if not isinstance(metrics, dict):
-        raise DataError(f"{str(path)!r} holds a {type(metrics).__name__}, expected metric names and values")
+    metrics = read_run_file(path)
     for name, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise DataError(f"{str(path)!r}: {name}={value!r}, expected a finite number")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from covidseg.data import DataError  # noqa: E402
 from covidseg.errors import ConfigError, user_errors  # noqa: E402
+from covidseg.run_files import read_run_file  # noqa: E402
 from covidseg.visualize import figure_png  # noqa: E402
 
 
@@ -30,13 +30,9 @@ def run_started(run_dir: Path) -> float:
             f"{str(run_dir)!r} has no run_info.json: not a covidseg run folder "
             "(the curves are written into the run folder they are read from)"
         )
-    try:
-        info = json.loads(info_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DataError(f"{str(info_path)!r} is not a run_info.json covidseg wrote: {error}") from None
-    if not isinstance(info, dict):
-        raise DataError(f"{str(info_path)!r} holds a {type(info).__name__}, expected the run's facts")
-    started = info.get("started", info_path.stat().st_mtime)  # older runs: when the file was written
+    started = read_run_file(info_path).get(
+        "started", info_path.stat().st_mtime
+    )  # older runs: when the file was written
     if isinstance(started, bool) or not isinstance(started, int | float) or not math.isfinite(started):
         raise DataError(f"{str(info_path)!r}: started={started!r}, expected seconds since the epoch")
     return float(started)

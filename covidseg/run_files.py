@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning
 import torch
@@ -34,6 +35,18 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return result.stdout.strip() or None
+
+
+def read_run_file(path: Path) -> dict[str, Any]:
+    """A JSON object a run wrote (``run_info.json``, ``metrics.json``), read as untrusted: anything
+    else is one line naming the file."""
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{str(path)!r} is not a {path.name} covidseg wrote: {error}") from None
+    if not isinstance(content, dict):
+        raise DataError(f"{str(path)!r} holds a {type(content).__name__}, expected names and values")
+    return content
 
 
 def make_output_folder(output: Path) -> Path:

@@ -429,7 +429,7 @@ def _run_folder(tmp_path: Path, name: str, files: dict[str, str | bytes]) -> Pat
 RUN_FOLDER_CASES = [
     ("learning_curves", {"events.out.tfevents.1": "x"}, "has no run_info.json: not a covidseg run folder"),
     ("learning_curves", {"run_info.json": "{"}, "run_info.json' is not a run_info.json covidseg wrote"),
-    ("learning_curves", {"run_info.json": "[1]"}, "run_info.json' holds a list, expected the run's facts"),
+    ("learning_curves", {"run_info.json": "[1]"}, "run_info.json' holds a list, expected names and values"),
     ("learning_curves", {"run_info.json": '{"started": "noon"}'}, "started='noon', expected seconds"),
     ("learning_curves", {"run_info.json": '{"started": 1}'}, "no TensorBoard events under"),
     (
@@ -440,7 +440,7 @@ RUN_FOLDER_CASES = [
     ("kfold_summary", {"0/metrics.json": '{"val/dice": 0.5}'}, "has no multirun.yaml: not the folder of a multirun"),
     ("kfold_summary", {"multirun.yaml": ""}, "no */metrics.json under"),
     ("kfold_summary", {"multirun.yaml": "", "0/metrics.json": "[1, 2"}, "0/metrics.json' is not a metrics.json"),
-    ("kfold_summary", {"multirun.yaml": "", "0/metrics.json": "[0.5]"}, "holds a list, expected metric names"),
+    ("kfold_summary", {"multirun.yaml": "", "0/metrics.json": "[0.5]"}, "holds a list, expected names and values"),
     ("kfold_summary", {"multirun.yaml": "", "0/metrics.json": '{"val/dice": NaN}'}, "val/dice=nan, expected a finite"),
     ("kfold_summary", {"multirun.yaml": "", "0/metrics.json": '{"val/dice": "0.5"}'}, "val/dice='0.5', expected"),
 ]
