@@ -5,7 +5,7 @@ becomes a model.
 newest ``last.ckpt`` of a task), a ``.safetensors`` file with its ``.yaml`` spec beside it, an
 export folder, a list (an ensemble) or a finished k-fold multirun folder (an ensemble of its folds'
 best checkpoints). Files are read without unpickling objects (``torch.load(weights_only=True)``,
-safetensors, ``yaml.safe_load``); the model spec inside is validated by
+safetensors, YAML's safe loader without aliases); the model spec inside is validated by
 :mod:`covidseg.model_spec` and the networks come from covidseg's registry only.
 """
 
@@ -41,6 +41,20 @@ PRETRAINED = Path(__file__).parent / "pretrained" / "best_cpu.safetensors"
 MODULE_PREFIX = "network."  # the SegmentationModule's network in a Lightning checkpoint's state_dict
 BEST_DICE = re.compile(r"dice(\d+(?:\.\d+)?)")
 TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+MAX_SPEC_BYTES = 1_000_000  # a model spec or export metadata file is a few kB; larger ones are not read
+
+
+class _PlainDataLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without aliases: a model spec is plain data, and aliases let a few hundred
+    bytes stand for a billion nodes ("billion laughs"), which validating them would walk."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "anchors and aliases are not allowed in a model spec", mark)
+        return super().compose_node(parent, index)
 
 
 INFERENCE_KEYS = ("threshold", "presence_threshold", "flip_tta", "restrict_to_lungs", "min_region_share")
@@ -166,11 +180,20 @@ def check_checkpoint(path: Path) -> tuple[dict[str, Any], ModelSpec]:
     return checkpoint, parse_spec(checkpoint[SPEC_KEY], repr(str(path)))
 
 
+def _small_file(path: Path) -> bytes:
+    """The bytes of a spec or metadata file, refused unread when it is far larger than one can be."""
+    if path.stat().st_size > MAX_SPEC_BYTES:
+        size = path.stat().st_size
+        raise ModelFileError(f"{str(path)!r} is {size:,} bytes; a model's spec is under {MAX_SPEC_BYTES:,}")
+    return path.read_bytes()
+
+
 def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise ModelFileError(f"{str(path)!r} is missing: a .safetensors model keeps its spec in a .yaml beside it")
+    text = _small_file(path)
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(text, Loader=_PlainDataLoader)  # noqa: S506 (a SafeLoader, aliases refused)
     except Exception as error:  # malformed untrusted YAML in any way
         raise ModelFileError(f"{str(path)!r} is not valid YAML: {str(error).splitlines()[0][:200]}") from None
 
@@ -252,8 +275,9 @@ def read_onnx_metadata(path: Path) -> tuple[ExportMetadata, ModelSpec]:
     meta_path = path.with_suffix(".json")
     if not meta_path.is_file():
         raise ModelFileError(f"{str(path)!r} has no metadata file {str(meta_path)!r}: export it with covidseg.export")
+    text = _small_file(meta_path)
     try:
-        data = json.loads(meta_path.read_text())
+        data = json.loads(text)
     except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
         raise ModelFileError(f"{str(meta_path)!r} is not valid JSON: {error}") from None
     return parse_export_metadata(data, repr(str(meta_path)))

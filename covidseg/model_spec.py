@@ -161,10 +161,16 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+MAX_PLAIN_VALUES = 100_000  # values outside a model file's tensors; covidseg's own hold about 700
+
+
 def hydra_keys(data: Any) -> Iterator[str]:
     """Dotted paths of every Hydra instantiation key in nested dicts and lists (iteratively: a
-    crafted file may nest deeper than Python's recursion limit)."""
+    crafted file may nest deeper than Python's recursion limit). ``OverflowError`` after
+    :data:`MAX_PLAIN_VALUES` values: a list that holds the same list ten times, nine levels deep, is
+    a few hundred bytes of pickle or YAML and a billion values to walk."""
     stack: list[tuple[str, Any]] = [("", data)]
+    walked = 0
     while stack:
         path, node = stack.pop()
         if isinstance(node, Mapping):
@@ -173,6 +179,9 @@ def hydra_keys(data: Any) -> Iterator[str]:
             items = [(str(index), value) for index, value in enumerate(node)]
         else:
             continue
+        walked += len(items)
+        if walked > MAX_PLAIN_VALUES:
+            raise OverflowError(f"more than {MAX_PLAIN_VALUES:,} values outside the tensors")
         for key, value in reversed(items):
             where = f"{path}.{key}" if path else key
             if key in HYDRA_KEYS:
@@ -182,7 +191,12 @@ def hydra_keys(data: Any) -> Iterator[str]:
 
 def refuse_hydra_keys(data: Any, source: str) -> None:
     """A model file may carry plain data only, never a key that makes Hydra choose code to run."""
-    found = next(hydra_keys(data), None)
+    try:
+        found = next(hydra_keys(data), None)
+    except OverflowError as error:
+        raise ModelFileError(
+            f"{source}: {error} (or one list many times over): not a model file covidseg wrote"
+        ) from None
     if found is not None:
         legacy = found.startswith(f"{LEGACY_CONFIG_KEY}.")
         hint = " (a covidseg 0.1 checkpoint: if you trust it, convert it with python -m covidseg.convert)" * legacy

@@ -92,6 +92,32 @@ def test_deeply_nested_and_malformed_metadata_is_one_line(tmp_path: Path) -> Non
             read_onnx_metadata(onnx)
 
 
+def test_a_small_file_that_stands_for_a_billion_values_is_refused_at_once(tmp_path: Path) -> None:
+    """ "Billion laughs": a list holding one list ten times, nine levels deep, is a kilobyte and a
+    billion values to walk; in a .ckpt (pickle's memo), a .yaml spec (aliases) or an oversized spec."""
+    from covidseg.loader import MAX_SPEC_BYTES
+
+    laughs: list = ["lol"] * 10
+    for _ in range(8):
+        laughs = [laughs] * 10
+    torch.save({"state_dict": {}, "covidseg_model": {"networks": laughs}}, tmp_path / "laughs.ckpt")
+    assert (tmp_path / "laughs.ckpt").stat().st_size < 5000
+    weights = tmp_path / "model.safetensors"
+    export_safetensors(load_predictor("pretrained", tmp_path), weights)
+    anchors = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    anchors += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)] + ["networks: *a8"]
+    cases = {
+        "laughs.ckpt": (None, "more than 100,000 values outside the tensors"),
+        "model.safetensors": ("\n".join(anchors), "anchors and aliases are not allowed in a model spec"),
+        "big": ("networks: []\n" + "#" * MAX_SPEC_BYTES, f"bytes; a model's spec is under {MAX_SPEC_BYTES:,}"),
+    }
+    for name, (spec, message) in cases.items():
+        if spec is not None:
+            weights.with_suffix(".yaml").write_text(spec)
+        with pytest.raises(ModelFileError, match=message):  # refused, not walked: the walk would take hours
+            load_predictor(str(tmp_path / (name if name.endswith(".ckpt") else "model.safetensors")), tmp_path)
+
+
 def test_a_valid_spec_keeps_its_values_and_fills_the_defaults() -> None:
     spec = parse_spec(_with("networks.0.input_size", 32), "model.yaml")
     assert spec.networks[0].input_size == 32 and spec.inference.threshold == 0.5 and spec.primary_target == "infection"
