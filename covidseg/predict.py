@@ -34,6 +34,8 @@ from covidseg.segment import ImageResult, load_backend, segment
 
 log = logging.getLogger(__name__)
 SOME_IMAGES_FAILED = 3  # exit code: the run finished, but some images could not be read or written
+OUTPUT_MARKER = ".covidseg-predict"  # in a folder predict wrote into: a later run may replace those files
+OUTPUT_KINDS = ("mask", "lung", "overlay", "probability")  # <file>.<kind>.png
 
 
 def _walk(folder: Path) -> list[Path]:
@@ -106,6 +108,23 @@ def check_output(output: Path, files: list[Path], base: Path, recursive: bool, a
             )
 
 
+def check_nothing_replaced(output: Path, files: list[Path], base: Path) -> None:
+    """A folder predict has not written into holds none of the files it would write: predict
+    replaces only its own outputs (a folder it wrote into carries :data:`OUTPUT_MARKER`)."""
+    if not output.is_dir() or (output / OUTPUT_MARKER).is_file():
+        return
+    stems = [output_stem(output, path, base) for path in files]
+    names = [output / "predictions.csv"] + [
+        stem.with_name(f"{stem.name}.{kind}.png") for stem in stems for kind in OUTPUT_KINDS
+    ]
+    taken = next((name for name in names if name.exists() or name.is_symlink()), None)
+    if taken is not None:
+        raise DataError(
+            f"output {printable(output)!r} already holds {printable(taken.relative_to(output))!r}, which predict "
+            "did not write: choose another output (predict never replaces a file it did not write)"
+        )
+
+
 @dataclass
 class PredictRun:
     """What ``predict`` did: the CSV, the rows written, and the images it could not read or write."""
@@ -123,11 +142,12 @@ def predict(cfg: DictConfig) -> PredictRun:
     output = Path(cfg.output)
     recursive = Path(str(cfg.input)).expanduser().is_dir() or "**" in str(cfg.input)
     check_output(output, files, base, recursive, cfg.allow_output_in_input)
+    check_nothing_replaced(output, files, base)
     run_folder = Path(cfg.paths.output_dir)  # covidseg's own: a graph exported for backend=onnx goes there
     model = load_backend(
         cfg.ckpt_path, cfg.paths.log_dir, cfg.backend, inference_overrides(cfg), inference_bf16(cfg), run_folder
     )
-    make_output_folder(output)
+    make_output_folder(output).joinpath(OUTPUT_MARKER).touch()
     inputs = {Path(os.path.realpath(path)) for path in files}
     run = PredictRun(output / "predictions.csv")
     batches = [files[start : start + cfg.batch_size] for start in range(0, len(files), cfg.batch_size)]

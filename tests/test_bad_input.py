@@ -19,7 +19,7 @@ from helpers import dicom_bytes, run_command
 from covidseg.data import DataError, SyntheticPhantoms
 from covidseg.data.decode import decode_samples
 from covidseg.data.index import index_split
-from covidseg.predict import predict
+from covidseg.predict import OUTPUT_MARKER, predict
 
 NOT_UTF8 = os.fsdecode(b"covid-19_\xff\xfe.png")  # a name that is not valid UTF-8
 
@@ -205,6 +205,7 @@ def test_a_failed_write_is_an_error_for_that_image(compose_cfg, checkpoint: Path
     _image(folder / "b.png", seed=2)
     output = tmp_path / "out"
     (output / "a.png.mask.png").mkdir(parents=True)  # something in the way of a's mask
+    (output / OUTPUT_MARKER).touch()  # in a folder predict wrote into before (else it is refused up front)
     run = _predict(compose_cfg, checkpoint, folder, output)
     assert [Path(path).name for path, _ in run.failed] == ["a.png"] and "a.png.mask.png" in run.failed[0][1]
     with run.csv_path.open() as handle:
@@ -245,6 +246,26 @@ def test_images_that_hold_no_xray_are_skipped_with_the_reason(compose_cfg, check
     assert "is 8x8 pixels: expected a chest X-ray" in reasons["tiny.png"]
     assert "is 200x40 pixels" in reasons["strip.png"]
     assert not (tmp_path / "out" / "blank.png.mask.png").exists()
+
+
+@pytest.mark.slow
+def test_predict_replaces_only_what_it_wrote(compose_cfg, checkpoint: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "xrays"
+    _image(folder / "x.png")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "x.png.overlay.png").write_bytes(b"the user's own overlay")
+    (theirs / "notes.txt").write_text("the user's notes")
+    before = checksums(theirs)
+    with pytest.raises(DataError, match=r"already holds 'x.png.overlay.png', which predict did not write"):
+        _predict(compose_cfg, checkpoint, folder, theirs)
+    assert checksums(theirs) == before
+    (theirs / "x.png.overlay.png").unlink()
+    _predict(compose_cfg, checkpoint, folder, theirs)  # new names beside the user's notes
+    first = checksums(theirs)
+    assert (theirs / "notes.txt").read_text() == "the user's notes" and (theirs / "x.png.mask.png").is_file()
+    _predict(compose_cfg, checkpoint, folder, theirs)  # its own files, replaced by a second run
+    assert checksums(theirs).keys() == first.keys()
 
 
 @pytest.mark.slow
