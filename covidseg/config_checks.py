@@ -12,12 +12,14 @@ import re
 from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from covidseg.data.index import CLASSES
 from covidseg.errors import ConfigError
 from covidseg.model_spec import TARGETS, first_error
+from covidseg.models.registry import NETWORKS
 
 
 class _Checked(BaseModel):
@@ -151,10 +153,6 @@ def check_settings(cfg: DictConfig, sections: Iterable[str] = ("data", "model", 
 def check_network_options(net: dict[str, Any]) -> None:
     """``model.net``'s options, when it names one of covidseg's networks, as a model file's are
     checked (the registry's options model), so a width of 0 is one line, not a traceback."""
-    from hydra.utils import get_class
-
-    from covidseg.models.registry import NETWORKS
-
     try:
         cls = get_class(net["_target_"])
     except (KeyError, ImportError, ValueError):  # not a class path: Hydra says so when it builds

@@ -79,10 +79,12 @@ def learning_curves(run_dir: Path, series: dict[str, list] | None = None) -> Pat
     return path
 
 
-def score_by_time(run_dir: Path, tag: str = "val/dice", series: dict[str, list] | None = None) -> Path:
+def score_by_time(
+    run_dir: Path, tag: str = "val/dice", series: dict[str, list] | None = None, started: float | None = None
+) -> Path:
     """``tag`` against minutes since the run started (``run_info.json``), to ``<tag>_by_time.csv``:
     what a recipe reaches within a time budget."""
-    started = run_started(run_dir)
+    started = run_started(run_dir) if started is None else started
     series = read_scalars(run_dir) if series is None else series
     rows = sorted(((p.wall_time - started) / 60, p.step, p.value) for p in series.get(tag, []))
     path = run_dir / f"{tag.replace('/', '_')}_by_time.csv"
@@ -98,10 +100,10 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path, help="a run folder under outputs/")
     run_dir = parser.parse_args().run_dir
     with user_errors():
-        run_started(run_dir)  # a covidseg run folder, checked before anything is written into it
+        started = run_started(run_dir)  # a covidseg run folder, checked before anything is written into it
         series = read_scalars(run_dir)  # the event files are read once for both outputs
         print(learning_curves(run_dir, series))
-        print(score_by_time(run_dir, series=series))
+        print(score_by_time(run_dir, series=series, started=started))
 
 
 if __name__ == "__main__":
