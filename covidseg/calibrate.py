@@ -29,7 +29,7 @@ from rich.table import Table
 from covidseg import CONF_DIR
 from covidseg.callbacks import ThresholdSweep
 from covidseg.config_checks import CalibrationSettings, check_command_keys
-from covidseg.errors import user_errors
+from covidseg.errors import hydra_errors_in_one_line, user_errors
 from covidseg.eval import load_for_data, run_test_loop
 from covidseg.framework_noise import quiet_framework_noise
 from covidseg.metrics import CLEAN_AREA_SHARE
@@ -164,6 +164,7 @@ def print_choice(result: dict[str, Any], path: Path) -> None:
     )
 
 
+@hydra_errors_in_one_line
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="calibrate")
 def main(cfg: DictConfig) -> None:
     quiet_framework_noise()

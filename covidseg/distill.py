@@ -21,7 +21,7 @@ from rich.progress import track
 
 from covidseg import CONF_DIR
 from covidseg.data.teacher_targets import save_teacher_targets
-from covidseg.errors import user_errors
+from covidseg.errors import hydra_errors_in_one_line, user_errors
 from covidseg.eval import load_for_data
 from covidseg.framework_noise import quiet_framework_noise
 from covidseg.run_files import write_run_info
@@ -51,6 +51,7 @@ def write_teacher_targets(cfg: DictConfig) -> Path:
     return path
 
 
+@hydra_errors_in_one_line
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="distill")
 def main(cfg: DictConfig) -> None:
     quiet_framework_noise()

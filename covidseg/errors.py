@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import ParamSpec, TypeVar
 
-from hydra.errors import InstantiationException
+from hydra.errors import HydraException, InstantiationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from rich.text import Text
 
@@ -24,6 +28,13 @@ class ConfigError(ValueError):
 
 
 USER_ERRORS = (DataError, ModelFileError, ConfigError, FloatingPointError)
+# Hydra's and OmegaConf's refusals of the command line and the config: an override that does not
+# parse or names no key, a config group option that does not exist, a value of the wrong type, an
+# interpolation that does not resolve, a _target_ that cannot be built.
+SETTING_ERRORS = (HydraException, OmegaConfBaseException)
+DISK_FULL_OR_LOCKED = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)
+Params = ParamSpec("Params")
+Result = TypeVar("Result")
 
 
 def say_error(message: str) -> None:
@@ -51,24 +62,60 @@ def _user_error(error: BaseException) -> BaseException | None:
     return error if isinstance(error, USER_ERRORS) else None
 
 
+def _setting_message(error: BaseException) -> str:
+    """Hydra's message with the first line of the OmegaConf error behind it (which names the key),
+    less Hydra's hint to set ``HYDRA_FULL_ERROR`` (already set: that is how the error got here)."""
+    message = str(error).replace(", set env var HYDRA_FULL_ERROR=1 to see chained exception", "")
+    cause = error.__cause__
+    if isinstance(cause, OmegaConfBaseException) and str(cause) not in message:
+        return f"{message} ({str(cause).splitlines()[0]})"
+    return message
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn mistakes in the user's data, paths or settings into one clear line and exit code 2."""
     try:
         yield
-    except (*USER_ERRORS, InstantiationException) as error:
+    except (*USER_ERRORS, *SETTING_ERRORS) as error:
         cause = _user_error(error)
-        if cause is None:
+        if cause is None and not isinstance(error, SETTING_ERRORS):
             raise
-        say_error(str(cause))
+        say_error(str(cause) if cause is not None else _setting_message(error))
         sys.exit(2)
     except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+        if error.errno in DISK_FULL_OR_LOCKED:
+            say_error(
+                f"{error}. Free space or choose a writable paths.log_dir or output; "
+                "checkpoints are written atomically, so the last complete one is intact."
+            )
+        elif error.filename is not None:  # a folder that cannot be made, a path below a file
+            say_error(f"{error.filename!r}: {error.strerror}; choose another path in the settings")
+        else:
             raise
-        say_error(
-            f"{error}. Free space or choose a writable paths.log_dir or output; "
-            "checkpoints are written atomically, so the last complete one is intact."
-        )
         sys.exit(2)
     except SIGTERMException:
         sys.exit(128 + signal.SIGTERM)  # stopped on request; the checkpoint is saved
+
+
+def hydra_errors_in_one_line(main: Callable[Params, Result]) -> Callable[Params, Result]:
+    """Wraps a ``@hydra.main`` entry point so that what Hydra refuses before or around the task (an
+    unknown key, a bad override, a missing config option, a run folder it cannot make) is one line
+    and exit code 2 like every other setting: Hydra itself prints those over several lines, some as
+    a traceback, with exit code 1. ``HYDRA_FULL_ERROR`` is Hydra's documented switch that makes it
+    raise them instead; it is set only while the command runs."""
+
+    @functools.wraps(main)
+    def run(*args: Params.args, **kwargs: Params.kwargs) -> Result:
+        before = os.environ.get("HYDRA_FULL_ERROR")
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        try:
+            with user_errors():
+                return main(*args, **kwargs)
+        finally:
+            if before is None:
+                del os.environ["HYDRA_FULL_ERROR"]
+            else:
+                os.environ["HYDRA_FULL_ERROR"] = before
+
+    return run

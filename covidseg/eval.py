@@ -17,7 +17,7 @@ from covidseg.builders import instantiate_each
 from covidseg.callbacks import PerImageResults, SeverityOnTest
 from covidseg.config_checks import check_settings
 from covidseg.data import CovidQuExDataModule
-from covidseg.errors import user_errors
+from covidseg.errors import hydra_errors_in_one_line, user_errors
 from covidseg.eval_report import write_eval_report
 from covidseg.framework_noise import quiet_framework_noise
 from covidseg.loader import LoadedModel, inference_bf16, inference_overrides, load_predictor
@@ -76,6 +76,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+@hydra_errors_in_one_line
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def main(cfg: DictConfig) -> None:
     quiet_framework_noise()

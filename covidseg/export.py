@@ -27,7 +27,7 @@ from torch import nn
 from covidseg import CONF_DIR
 from covidseg.data import DataError
 from covidseg.data.index import printable
-from covidseg.errors import user_errors
+from covidseg.errors import hydra_errors_in_one_line, user_errors
 from covidseg.loader import LoadedModel, inference_overrides, load_predictor
 from covidseg.model_card import render_model_card
 from covidseg.model_spec import ExportMetadata, ModelFileError, ModelSpec
@@ -153,6 +153,7 @@ def export(cfg: DictConfig) -> Path:
     return path
 
 
+@hydra_errors_in_one_line
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
 def main(cfg: DictConfig) -> None:
     with user_errors():

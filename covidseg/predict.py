@@ -27,7 +27,7 @@ from covidseg import CONF_DIR
 from covidseg.config_checks import PredictSettings, check_command_keys
 from covidseg.data.decode import check_xray, read_gray
 from covidseg.data.index import IMAGE_SUFFIXES, DataError, printable
-from covidseg.errors import user_errors
+from covidseg.errors import hydra_errors_in_one_line, user_errors
 from covidseg.loader import inference_bf16, inference_overrides
 from covidseg.run_files import make_output_folder, write_run_info
 from covidseg.segment import ImageResult, load_backend, segment
@@ -220,6 +220,7 @@ def write_outputs(result: ImageResult, stem: Path, save_probability: bool, input
         write_png(target, array)
 
 
+@hydra_errors_in_one_line
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
 def main(cfg: DictConfig) -> None:
     with user_errors():

@@ -42,7 +42,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from covidseg import CONF_DIR
 from covidseg.data.decode import check_xray, decode_unchanged, to_gray
 from covidseg.data.index import DataError, printable
-from covidseg.errors import ConfigError, user_errors
+from covidseg.errors import ConfigError, hydra_errors_in_one_line, user_errors
 from covidseg.loader import inference_bf16, inference_overrides
 from covidseg.model_spec import first_error
 from covidseg.run_files import write_run_info
@@ -320,6 +320,7 @@ def create_app(model: LoadedBackend, settings: ServeSettings) -> FastAPI:
     return app
 
 
+@hydra_errors_in_one_line
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="serve")
 def main(cfg: DictConfig) -> None:
     import uvicorn

@@ -20,7 +20,7 @@ from covidseg import CONF_DIR
 from covidseg.builders import build_run
 from covidseg.callbacks import RecordRunStart
 from covidseg.config_checks import check_settings
-from covidseg.errors import ConfigError, user_errors
+from covidseg.errors import ConfigError, hydra_errors_in_one_line, user_errors
 from covidseg.framework_noise import quiet_framework_noise
 from covidseg.loader import check_checkpoint, resolve_ckpt_path
 from covidseg.model_spec import ModelFileError
@@ -154,6 +154,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     return metrics, objective
 
 
+@hydra_errors_in_one_line
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     quiet_framework_noise()

@@ -395,6 +395,41 @@ def test_bad_training_settings_are_one_line_and_exit_2(
     assert not list(Path(cfg.paths.output_dir).glob("checkpoints/*"))  # no work was done
 
 
+HYDRA_CASES = [
+    ("train", ["trainer.max_epoch=3"], "Could not override 'trainer.max_epoch'. To append to your config use"),
+    ("train", ["data.split=["], "no viable alternative at input '['"),
+    ("train", ["experiment=nope"], "Could not find 'experiment/nope' Available options in 'experiment': best_cpu"),
+    ("train", ["data.batch_size=${oc.env:COVIDSEG_NO_SUCH_VARIABLE}"], "'COVIDSEG_NO_SUCH_VARIABLE' not found"),
+    ("train", ["model.optimizer._target_=no_such_module.Adam"], "Error locating target 'no_such_module.Adam'"),
+    ("train", ["paths.cache_dir=/proc/covidseg"], "'/proc/covidseg': No such file or directory; choose another"),
+    ("train", ["hydra.run.dir=/proc/covidseg"], "'/proc/covidseg': No such file or directory; choose another"),
+    ("eval", ["ckpt_path=pretrained", "trheshold=0.5"], "Key 'trheshold' is not in struct"),
+    ("calibrate", ["ckpt_path=pretrained", "hydra.run.dir=/proc/covidseg"], "'/proc/covidseg': No such file"),
+    ("predict", ["ckpt_path=pretrained", "input=x", "output=y", "output=z,w"], "Ambiguous value for argument"),
+    ("export", ["ckpt_path=pretrained", "format=onnx", "+format=onnx"], "Could not append to config"),
+    ("distill", ["--config-name=nope", "ckpt_path=pretrained"], "Cannot find primary config 'nope'"),
+    ("serve", ["ckpt_path=pretrained", "port=${nope}"], "Interpolation key 'nope' not found"),
+]
+
+
+@pytest.mark.parametrize(("command", "overrides", "message"), HYDRA_CASES, ids=[" ".join(c[1]) for c in HYDRA_CASES])
+def test_hydra_s_own_refusals_are_one_line_and_exit_2(
+    command: str, overrides: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Hydra prints these over several lines, some as a traceback, with exit code 1; covidseg's
+    entry points make them one line and exit code 2 like its own refusals."""
+    import importlib
+
+    main = importlib.import_module(f"covidseg.{command}").main
+    paths = [f"paths.log_dir={tmp_path / 'outputs'}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    paths = [p for p in paths if p.split("=")[0] not in {o.split("=")[0] for o in overrides}]
+    data = FAST[:5] if command in {"train", "eval", "calibrate"} else []  # the synthetic data
+    assert run_command(main, *data, *overrides, *paths) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error:") and len(error.splitlines()) == 1 and message in error, error
+    assert "HYDRA_FULL_ERROR" not in os.environ  # set only while the command runs
+
+
 @pytest.mark.parametrize(
     ("command", "overrides", "message"),
     [
