@@ -25,7 +25,7 @@ from rich.progress import track
 
 from covidseg import CONF_DIR
 from covidseg.config_checks import PredictSettings, check_command_keys
-from covidseg.data.decode import check_xray, read_gray
+from covidseg.data.decode import read_unchanged, xray_gray
 from covidseg.data.index import IMAGE_SUFFIXES, DataError, printable
 from covidseg.errors import hydra_errors_in_one_line, user_errors
 from covidseg.loader import inference_bf16, inference_overrides
@@ -156,7 +156,7 @@ def predict(cfg: DictConfig) -> PredictRun:
         images, readable = [], []
         for path in batch:
             try:
-                images.append(check_xray(read_gray(path), str(path)))
+                images.append(xray_gray(read_unchanged(path), str(path)))
                 readable.append(path)
             except (DataError, OSError) as error:
                 run.skipped.append((path, str(error)))

@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from covidseg import CONF_DIR
-from covidseg.data.decode import check_xray, decode_unchanged, to_gray
+from covidseg.data.decode import decode_unchanged, xray_gray
 from covidseg.data.index import DataError, printable
 from covidseg.errors import ConfigError, hydra_errors_in_one_line, user_errors
 from covidseg.loader import inference_bf16, inference_overrides
@@ -157,7 +157,7 @@ class Segmenter:
     def answer(self, data: bytes, name: str, layers: bool) -> dict[str, Any]:
         started = time.perf_counter()
         decoded, found = decode_unchanged(data, name, self.settings.max_pixels)
-        image = check_xray(to_gray(decoded), name)
+        image = xray_gray(decoded, name)
         result = segment(self.model.run, self.model.spec, [image])[0]
         inference = self.model.spec.inference
         answer = {

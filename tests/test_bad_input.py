@@ -232,16 +232,27 @@ def test_bad_outputs_and_odd_names(compose_cfg, checkpoint: Path, tmp_path: Path
 
 @pytest.mark.slow
 def test_images_that_hold_no_xray_are_skipped_with_the_reason(compose_cfg, checkpoint: Path, tmp_path: Path) -> None:
-    """A blank frame, a thumbnail or a strip: the network would answer with a confident mask, so
-    predict lists them as skipped (exit code 3) and answers for the rest."""
+    """A blank frame, a thumbnail, a strip or a colour photograph: the network would answer with a
+    confident mask, so predict lists them as skipped (exit code 3) and answers for the rest: a grey
+    X-ray saved as RGB, also with a small red mark on it, is read."""
     folder = tmp_path / "xrays"
-    _image(folder / "x.png")
+    gray = cv2.imread(str(_image(folder / "x.png")), cv2.IMREAD_GRAYSCALE)
+    marked = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+    cv2.imwrite(str(folder / "rgb.png"), marked)
+    marked[5:15, 5:20] = (0, 0, 255)  # a red mark on 2 % of the image
+    cv2.imwrite(str(folder / "marked.png"), marked)
+    photo = np.random.default_rng(1).integers(0, 255, (70, 90, 3), dtype=np.uint8)  # colour noise
+    cv2.imwrite(str(folder / "photo.jpg"), photo)
+    tinted = cv2.merge([gray // 3, gray // 2, gray])  # a grey picture with a strong orange cast
+    cv2.imwrite(str(folder / "tinted.png"), tinted)
     folder.joinpath("blank.png").write_bytes(cv2.imencode(".png", np.zeros((64, 64), np.uint8))[1].tobytes())
     folder.joinpath("tiny.png").write_bytes(cv2.imencode(".png", np.eye(8, dtype=np.uint8) * 255)[1].tobytes())
     folder.joinpath("strip.png").write_bytes(cv2.imencode(".png", np.eye(40, 200, dtype=np.uint8) * 255)[1].tobytes())
     run = _predict(compose_cfg, checkpoint, folder, tmp_path / "out")
-    assert [Path(row["file"]).name for row in run.rows] == ["x.png"]
+    assert sorted(Path(row["file"]).name for row in run.rows) == ["marked.png", "rgb.png", "x.png"]
     reasons = {path.name: reason for path, reason in run.skipped}
+    assert "is a colour picture (" in reasons["photo.jpg"] and "expected a grey chest X-ray" in reasons["photo.jpg"]
+    assert "is a colour picture (" in reasons["tinted.png"]
     assert "has a single grey level (0)" in reasons["blank.png"]
     assert "is 8x8 pixels: expected a chest X-ray" in reasons["tiny.png"]
     assert "is 200x40 pixels" in reasons["strip.png"]

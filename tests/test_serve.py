@@ -108,6 +108,11 @@ def bomb_png() -> bytes:
         ({"file": ("a.png", png_bytes(np.zeros((300, 280, 4), np.uint8)), "image/png")}, 422, "a single grey level"),
         ({"file": ("a.png", png_bytes(np.full((9, 9), 65535, np.uint16)), "image/png")}, 422, "is 9x9 pixels"),
         ({"file": ("a.png", png_bytes(np.eye(40, 400, dtype=np.uint8)), "image/png")}, 422, "is 400x40 pixels"),
+        (
+            {"file": ("a.png", png_bytes(np.indices((64, 64, 3)).sum(0).astype(np.uint8) * 40), "image/png")},
+            422,
+            "is a colour picture",
+        ),
     ],
     ids=[
         "empty",
@@ -120,6 +125,7 @@ def bomb_png() -> bytes:
         "blank-rgba",
         "tiny",
         "strip",
+        "colour",
     ],
 )
 def test_bad_uploads_get_one_line_of_json(client: TestClient, xray: np.ndarray, files, status, message) -> None:

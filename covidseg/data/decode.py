@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 MAX_PIXELS = 50_000_000  # width x height; larger files are refused before decoding (decompression bombs)
 MIN_SIDE, MAX_ASPECT = 32, 4.0  # predict and serve answer for nothing smaller or more elongated than this
+COLOUR_SPREAD, MAX_COLOUR_SHARE = 1 / 8, 0.10  # ... nor for a colour picture (see xray_gray)
 RASTER_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")  # what Pillow must recognise in the header; OpenCV decodes
 
 
@@ -139,19 +140,31 @@ def to_gray(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def check_xray(image: np.ndarray, name: str) -> np.ndarray:
-    """``image`` (8-bit gray, as :func:`to_gray` gives it) if predict and serve can answer for it:
-    a single grey level, a side under ``MIN_SIDE`` or a side over ``MAX_ASPECT`` times the other
-    holds no chest X-ray, and the network would still return a confident mask for it."""
-    height, width = image.shape[:2]
+def xray_gray(image: np.ndarray, name: str) -> np.ndarray:
+    """``image`` (as decoded, channels and depth kept) as 8-bit gray, if predict and serve can answer
+    for it: a colour picture (over ``MAX_COLOUR_SHARE`` of its pixels with channels further apart
+    than ``COLOUR_SPREAD`` of its range), a single grey level, a side under ``MIN_SIDE`` or a side
+    over ``MAX_ASPECT`` times the other holds no chest X-ray, and the network would still return a
+    confident mask for it. A grey X-ray saved as RGB, or with a small coloured mark on it, passes."""
+    if image.ndim == 3:
+        colour = image[..., :3].astype(np.float32)
+        spread = colour.max(axis=2) - colour.min(axis=2)
+        coloured = float(np.mean(spread > COLOUR_SPREAD * max(float(np.ptp(colour)), 1.0)))
+        if coloured > MAX_COLOUR_SHARE:
+            raise DataError(
+                f"{name!r} is a colour picture ({coloured:.0%} of its pixels coloured): expected a grey chest "
+                f"X-ray (at most {MAX_COLOUR_SHARE:.0%} coloured); if it is one, save it in grey"
+            )
+    gray = to_gray(image)
+    height, width = gray.shape[:2]
     if min(height, width) < MIN_SIDE or max(height, width) > MAX_ASPECT * min(height, width):
         raise DataError(
             f"{name!r} is {width}x{height} pixels: expected a chest X-ray, at least {MIN_SIDE} pixels a side "
             f"and at most {MAX_ASPECT:g} times as long as wide"
         )
-    if image.min() == image.max():
-        raise DataError(f"{name!r} has a single grey level ({int(image.min())}): there is no X-ray in it to segment")
-    return image
+    if gray.min() == gray.max():
+        raise DataError(f"{name!r} has a single grey level ({int(gray.min())}): there is no X-ray in it to segment")
+    return gray
 
 
 def read_unchanged(path: Path) -> np.ndarray:
