@@ -28,6 +28,7 @@ import numpy as np
 
 from covidseg.bench import SHARED_DATA
 from covidseg.data import DataError
+from covidseg.data.decode import read_image_file
 from covidseg.data.synthetic import make_phantom
 from covidseg.errors import say_error, user_errors, whole_number
 
@@ -51,7 +52,7 @@ def rss_mib(pid: int) -> dict[str, float]:
 def read_image(path: Path) -> tuple[bytes, str]:
     """The bytes to send as they are (the server judges them), from a file that must exist."""
     try:
-        return path.read_bytes(), path.name
+        return read_image_file(path), path.name
     except OSError as error:
         raise DataError(f"--image {str(path)!r}: {error.strerror or error}") from None
 

@@ -259,6 +259,33 @@ def test_images_that_hold_no_xray_are_skipped_with_the_reason(compose_cfg, check
     assert not (tmp_path / "out" / "blank.png.mask.png").exists()
 
 
+def test_pipes_and_devices_named_like_images_are_skipped_unread(compose_cfg, checkpoint: Path, tmp_path: Path) -> None:
+    """A FIFO called ``b.png`` would block a plain read forever and a link to ``/dev/zero`` would never
+    end; predict lists both as skipped and answers for the rest. SIGALRM ends the test if one blocks."""
+    import signal
+
+    def blocked(*_: object) -> None:
+        raise TimeoutError("predict blocked on a file that is not a regular file")
+
+    previous = signal.signal(signal.SIGALRM, blocked)
+    folder = tmp_path / "xrays"
+    _image(folder / "a.png")
+    os.mkfifo(folder / "b.png")
+    (folder / "zero.png").symlink_to("/dev/zero")
+    (folder / "gone.png").symlink_to(folder / "nowhere.png")
+    (folder / "dir.png").mkdir()  # a folder named like an image is searched, not read
+    signal.alarm(60)
+    try:
+        run = _predict(compose_cfg, checkpoint, folder, tmp_path / "out")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert [Path(row["file"]).name for row in run.rows] == ["a.png"]
+    reasons = {path.name: reason for path, reason in run.skipped}
+    assert sorted(reasons) == ["b.png", "gone.png", "zero.png"]
+    assert "is not a regular file (a pipe, socket or device)" in reasons["b.png"] and "regular" in reasons["zero.png"]
+
+
 @pytest.mark.slow
 def test_predict_replaces_only_what_it_wrote(compose_cfg, checkpoint: Path, tmp_path: Path) -> None:
     folder = tmp_path / "xrays"

@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import stat
 import warnings
 import zlib
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 
 MAX_PIXELS = 50_000_000  # width x height; larger files are refused before decoding (decompression bombs)
+MAX_FILE_BYTES = 1 << 30  # 50 M pixels of 16-bit RGBA, uncompressed, is 400 MB
 MIN_SIDE, MAX_ASPECT = 32, 4.0  # predict and serve answer for nothing smaller or more elongated than this
 COLOUR_SPREAD, MAX_COLOUR_SHARE = 1 / 8, 0.10  # ... nor for a colour picture (see xray_gray)
 RASTER_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")  # what Pillow must recognise in the header; OpenCV decodes
@@ -167,9 +169,22 @@ def xray_gray(image: np.ndarray, name: str) -> np.ndarray:
     return gray
 
 
+def read_image_file(path: Path) -> bytes:
+    """The bytes of an image file, which must be a regular file under ``MAX_FILE_BYTES``. It is
+    opened without blocking and checked through the open descriptor: a FIFO named like an image
+    would block the read forever and a device (a link to ``/dev/zero``) would never end."""
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise DataError(f"{str(path)!r} is not a regular file (a pipe, socket or device); expected an image file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise DataError(f"{str(path)!r} is {info.st_size:,} bytes; an image file is read up to {MAX_FILE_BYTES:,}")
+        return file.read()
+
+
 def read_unchanged(path: Path) -> np.ndarray:
     """Decode an image file as stored, from its bytes (type found from the content)."""
-    return decode_unchanged(path.read_bytes(), str(path), dicom=path.suffix.lower() == ".dcm")[0]
+    return decode_unchanged(read_image_file(path), str(path), dicom=path.suffix.lower() == ".dcm")[0]
 
 
 def read_gray(path: Path) -> np.ndarray:
