@@ -23,6 +23,7 @@ import yaml
 from safetensors.torch import load_file
 
 from covidseg.errors import ConfigError
+from covidseg.file_bytes import read_file_bytes
 from covidseg.hardware import cpu_precision
 from covidseg.model_spec import (
     SPEC_KEY,
@@ -182,10 +183,7 @@ def check_checkpoint(path: Path) -> tuple[dict[str, Any], ModelSpec]:
 
 def _small_file(path: Path) -> bytes:
     """The bytes of a spec or metadata file, refused unread when it is far larger than one can be."""
-    if path.stat().st_size > MAX_SPEC_BYTES:
-        size = path.stat().st_size
-        raise ModelFileError(f"{str(path)!r} is {size:,} bytes; a model's spec is under {MAX_SPEC_BYTES:,}")
-    return path.read_bytes()
+    return read_file_bytes(path, MAX_SPEC_BYTES, "a model's spec", ModelFileError)
 
 
 def _read_yaml(path: Path) -> Any:

@@ -21,10 +21,12 @@ from rich.table import Table
 import covidseg
 from covidseg.data import DataError
 from covidseg.data.index import printable
+from covidseg.file_bytes import read_file_bytes
 from covidseg.model_spec import ModelFileError
 
 log = logging.getLogger(__name__)
 USER_ERRORS = (DataError, ModelFileError, FloatingPointError)
+MAX_RUN_FILE_BYTES = 10 * 1024 * 1024  # a run_info.json or metrics.json is a few kB
 
 
 def _git_commit() -> str | None:
@@ -41,8 +43,10 @@ def read_run_file(path: Path) -> dict[str, Any]:
     """A JSON object a run wrote (``run_info.json``, ``metrics.json``), read as untrusted: anything
     else is one line naming the file."""
     try:
-        content = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        content = json.loads(read_file_bytes(path, MAX_RUN_FILE_BYTES, f"a {path.name}"))
+    except DataError:  # not a regular file, or too large: already one line naming it
+        raise
+    except (OSError, ValueError, RecursionError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise DataError(f"{str(path)!r} is not a {path.name} covidseg wrote: {error}") from None
     if not isinstance(content, dict):
         raise DataError(f"{str(path)!r} holds a {type(content).__name__}, expected names and values")

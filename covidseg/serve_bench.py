@@ -28,9 +28,10 @@ import numpy as np
 
 from covidseg.bench import SHARED_DATA
 from covidseg.data import DataError
-from covidseg.data.decode import read_image_file
+from covidseg.data.decode import MAX_FILE_BYTES
 from covidseg.data.synthetic import make_phantom
 from covidseg.errors import say_error, user_errors, whole_number
+from covidseg.file_bytes import read_file_bytes
 
 
 def free_port() -> int:
@@ -52,7 +53,7 @@ def rss_mib(pid: int) -> dict[str, float]:
 def read_image(path: Path) -> tuple[bytes, str]:
     """The bytes to send as they are (the server judges them), from a file that must exist."""
     try:
-        return read_image_file(path), path.name
+        return read_file_bytes(path, MAX_FILE_BYTES, "an image file"), path.name
     except OSError as error:
         raise DataError(f"--image {str(path)!r}: {error.strerror or error}") from None
 

@@ -511,12 +511,17 @@ def test_bad_eval_calibration_and_predict_settings_are_one_line_and_exit_2(
 # --- the tools that read a run's folder and write beside what they read --------------------------
 
 
-def _run_folder(tmp_path: Path, name: str, files: dict[str, str | bytes]) -> Path:
+def _run_folder(tmp_path: Path, name: str, files: dict[str, str | bytes | Path | None]) -> Path:
+    """Files with their contents; a ``Path`` makes a link to it, ``None`` a FIFO."""
     folder = tmp_path / name
     for relative, content in files.items():
         (folder / relative).parent.mkdir(parents=True, exist_ok=True)
-        data = content.encode() if isinstance(content, str) else content
-        (folder / relative).write_bytes(data)
+        if content is None:
+            os.mkfifo(folder / relative)
+        elif isinstance(content, Path):
+            (folder / relative).symlink_to(content)
+        else:
+            (folder / relative).write_bytes(content.encode() if isinstance(content, str) else content)
     return folder
 
 
@@ -537,12 +542,15 @@ RUN_FOLDER_CASES = [
     ("kfold_summary", {"multirun.yaml": "", "0/metrics.json": "[0.5]"}, "holds a list, expected names and values"),
     ("kfold_summary", {"multirun.yaml": "", "0/metrics.json": '{"val/dice": NaN}'}, "val/dice=nan, expected a finite"),
     ("kfold_summary", {"multirun.yaml": "", "0/metrics.json": '{"val/dice": "0.5"}'}, "val/dice='0.5', expected"),
+    ("kfold_summary", {"multirun.yaml": "", "0/metrics.json": "[" * 100_000}, "0/metrics.json' is not a metrics"),
+    ("kfold_summary", {"multirun.yaml": "", "0/metrics.json": None}, "0/metrics.json' is not a regular file"),
+    ("kfold_summary", {"multirun.yaml": "", "0/metrics.json": Path("/dev/zero")}, "json' is not a regular file (a"),
 ]
 
 
 @pytest.mark.parametrize(("tool", "files", "message"), RUN_FOLDER_CASES, ids=[m for *_, m in RUN_FOLDER_CASES])
 def test_run_folder_tools_refuse_folders_they_cannot_read_and_write_nothing_there(
-    tool: str, files: dict[str, str | bytes], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+    tool: str, files: dict[str, str | bytes | Path | None], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     from covidseg import kfold_summary, learning_curves
 

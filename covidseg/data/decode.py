@@ -18,7 +18,6 @@ import io
 import json
 import logging
 import os
-import stat
 import warnings
 import zlib
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from covidseg.data.index import DataError, Sample, printable
+from covidseg.file_bytes import read_file_bytes
 
 log = logging.getLogger(__name__)
 
@@ -169,22 +169,11 @@ def xray_gray(image: np.ndarray, name: str) -> np.ndarray:
     return gray
 
 
-def read_image_file(path: Path) -> bytes:
-    """The bytes of an image file, which must be a regular file under ``MAX_FILE_BYTES``. It is
-    opened without blocking and checked through the open descriptor: a FIFO named like an image
-    would block the read forever and a device (a link to ``/dev/zero``) would never end."""
-    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
-        info = os.fstat(file.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise DataError(f"{str(path)!r} is not a regular file (a pipe, socket or device); expected an image file")
-        if info.st_size > MAX_FILE_BYTES:
-            raise DataError(f"{str(path)!r} is {info.st_size:,} bytes; an image file is read up to {MAX_FILE_BYTES:,}")
-        return file.read()
-
-
 def read_unchanged(path: Path) -> np.ndarray:
     """Decode an image file as stored, from its bytes (type found from the content)."""
-    return decode_unchanged(read_image_file(path), str(path), dicom=path.suffix.lower() == ".dcm")[0]
+    return decode_unchanged(
+        read_file_bytes(path, MAX_FILE_BYTES, "an image file"), str(path), dicom=path.suffix.lower() == ".dcm"
+    )[0]
 
 
 def read_gray(path: Path) -> np.ndarray:
