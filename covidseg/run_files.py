@@ -22,10 +22,8 @@ import covidseg
 from covidseg.data import DataError
 from covidseg.data.index import printable
 from covidseg.file_bytes import read_file_bytes
-from covidseg.model_spec import ModelFileError
 
 log = logging.getLogger(__name__)
-USER_ERRORS = (DataError, ModelFileError, FloatingPointError)
 MAX_RUN_FILE_BYTES = 10 * 1024 * 1024  # a run_info.json or metrics.json is a few kB
 
 

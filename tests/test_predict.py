@@ -31,7 +31,8 @@ def xrays(tmp_path: Path) -> Path:
     (folder / "sub").mkdir(parents=True)
     rng = np.random.default_rng(0)
     cv2.imwrite(str(folder / "gray.png"), rng.integers(0, 255, (300, 250), dtype=np.uint8))
-    cv2.imwrite(str(folder / "rgb.jpg"), rng.integers(0, 255, (97, 131, 3), dtype=np.uint8))
+    grey_in_rgb = cv2.cvtColor(rng.integers(0, 255, (97, 131), dtype=np.uint8), cv2.COLOR_GRAY2BGR)
+    cv2.imwrite(str(folder / "rgb.jpg"), grey_in_rgb)  # an X-ray saved as RGB (a colour picture is refused)
     cv2.imwrite(str(folder / "sub" / "deep.tif"), rng.integers(0, 65535, (64, 80), dtype=np.uint16))
     (folder / "broken.png").write_bytes(b"\x89PNG not really")
     return folder
