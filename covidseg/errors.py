@@ -78,9 +78,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except (*USER_ERRORS, *SETTING_ERRORS) as error:
-        cause = _user_error(error)
-        if cause is None and not isinstance(error, SETTING_ERRORS):
-            raise
+        cause = _user_error(error)  # None: a setting Hydra or OmegaConf refused
         say_error(str(cause) if cause is not None else _setting_message(error))
         sys.exit(2)
     except OSError as error:
