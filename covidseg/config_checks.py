@@ -60,6 +60,7 @@ class ModelSettings(_Checked):
     threshold: float = Field(0.5, gt=0, lt=1)
     input_size: int | None = Field(None, ge=16, le=4096)
     presence_weight: float = Field(0.0, ge=0)
+    presence_label_smoothing: float = Field(0.0, ge=0, lt=1)
     distill_weight: float = Field(0.0, ge=0)
 
 

@@ -78,6 +78,20 @@ def test_presence_loss_is_added_with_its_weight_and_learns_which_images_are_infe
     assert (probability[:2] > 0.5).all() and (probability[2:] < 0.5).all()
 
 
+def test_presence_label_smoothing_trains_the_head_towards_soft_targets() -> None:
+    module = _module(presence_weight=1.0, presence_label_smoothing=0.2).train()
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[0, :, 8:16, 8:16] = 1  # the first image infected, the second healthy
+    images = torch.rand(2, 1, 32, 32)
+    loss = module._shared_step({"image": images, "mask": masks, "name": ["a", "b"]}, "train")[0]
+    logits, presence = module.network(images)
+    soft = torch.nn.functional.binary_cross_entropy_with_logits(presence, torch.tensor([0.9, 0.1]))
+    torch.testing.assert_close(loss, BCEDiceLoss()(logits, masks) + soft)
+    for smoothing in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="presence_label_smoothing is"):
+            _module(presence_weight=1.0, presence_label_smoothing=smoothing)
+
+
 def test_segment_present_only_scores_segmentation_on_infected_images_and_presence_on_all() -> None:
     module = _module(presence_weight=0.5, segment_present_only=True).train()
     masks = torch.zeros(3, 1, 32, 32)

@@ -42,6 +42,9 @@ class SegmentationModule(L.LightningModule):
         presence_weight: > 0 gives the network a presence head (see
             :class:`~covidseg.models.network.SegmentationNetwork`) that predicts whether the primary
             target is present at all, trained with this weight on BCE.
+        presence_label_smoothing: train the presence head towards ``s/2`` and ``1 - s/2`` instead
+            of 0 and 1, so that a few unusual images cannot drive its logits (and the encoder
+            features it shares) to extremes; 0 keeps hard targets.
         segment_present_only: compute the segmentation loss only on images whose primary mask is
             not empty, leaving "nothing here" to the presence head (required). Per-image soft Dice
             on an empty truth punishes every predicted pixel, which makes the decoder cautious on
@@ -67,6 +70,7 @@ class SegmentationModule(L.LightningModule):
         compile: bool = False,
         input_size: int | None = None,
         presence_weight: float = 0.0,
+        presence_label_smoothing: float = 0.0,
         segment_present_only: bool = False,
         distill_weight: float = 0.0,
     ) -> None:
@@ -74,6 +78,8 @@ class SegmentationModule(L.LightningModule):
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"], logger=False)
         if segment_present_only and presence_weight <= 0:
             raise ValueError("model.segment_present_only needs a presence head: set model.presence_weight > 0")
+        if not 0 <= presence_label_smoothing < 1:
+            raise ValueError(f"model.presence_label_smoothing is {presence_label_smoothing}; expected 0 <= s < 1")
         self.network = SegmentationNetwork(net, presence_weight > 0, input_size, channels_last)
         if compile:
             self.network.net.compile()  # in place: parameter names, hence checkpoints, stay the same
@@ -113,7 +119,9 @@ class SegmentationModule(L.LightningModule):
             loss = logits.sum() * 0
         if presence is not None:
             presence = presence.float()
-            presence_loss = F.binary_cross_entropy_with_logits(presence, present.float())
+            smoothing = self.hparams.presence_label_smoothing
+            target = present.float() * (1 - smoothing) + smoothing / 2
+            presence_loss = F.binary_cross_entropy_with_logits(presence, target)
             self.log(f"{stage}/presence_loss", presence_loss, on_epoch=True, batch_size=len(masks),
                      sync_dist=stage != "train")  # fmt: skip
             loss = loss + self.hparams.presence_weight * presence_loss
