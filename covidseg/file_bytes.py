@@ -1,4 +1,4 @@
-"""The bytes of a file the user names, read as untrusted: a regular file only, and only up to a size.
+"""A file the user names, opened as untrusted: a regular file only, and only up to a size.
 
 ``Path.read_bytes`` on a FIFO named like an image blocks forever, and on a link to ``/dev/zero``
 fills memory until the kernel kills the process. The file is opened without blocking and checked
@@ -9,18 +9,30 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from covidseg.data.index import DataError
 
 
-def read_file_bytes(path: Path, max_bytes: int, expected: str, error: type[Exception] = DataError) -> bytes:
-    """``path``'s bytes if it is a regular file of at most ``max_bytes``; else ``error`` naming the
-    file and what was ``expected`` (e.g. "an image file", "a model's spec")."""
+@contextmanager
+def open_regular_file(
+    path: Path, max_bytes: int, expected: str, error: type[Exception] = DataError
+) -> Iterator[BinaryIO]:
+    """``path`` open for reading if it is a regular file of at most ``max_bytes``; else ``error``
+    naming the file and what was ``expected`` (e.g. "an image file", "a model's spec")."""
     with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
         info = os.fstat(file.fileno())
         if not stat.S_ISREG(info.st_mode):
             raise error(f"{str(path)!r} is not a regular file (a pipe, socket or device); expected {expected}")
         if info.st_size > max_bytes:
             raise error(f"{str(path)!r} is {info.st_size:,} bytes; {expected} is under {max_bytes:,}")
+        yield file
+
+
+def read_file_bytes(path: Path, max_bytes: int, expected: str, error: type[Exception] = DataError) -> bytes:
+    """``path``'s bytes, checked as :func:`open_regular_file` does."""
+    with open_regular_file(path, max_bytes, expected, error) as file:
         return file.read()

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 
 from covidseg.errors import ConfigError
-from covidseg.file_bytes import read_file_bytes
+from covidseg.file_bytes import open_regular_file, read_file_bytes
 from covidseg.hardware import cpu_precision
 from covidseg.model_spec import (
     SPEC_KEY,
@@ -45,6 +45,7 @@ TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 MAX_SPEC_BYTES = 1_000_000  # a model spec or export metadata file is a few kB; larger ones are not read
+MAX_MODEL_BYTES = 2 * 1024**3  # covidseg's largest checkpoints (with optimiser state) are a few hundred MB
 
 
 class _PlainDataLoader(yaml.SafeLoader):
@@ -156,13 +157,14 @@ def resolve_model_paths(value: Any, log_dir: str | Path, task_name: str = "train
 
 
 def _torch_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any failure to read an untrusted file is the user's one-line error
-        first_line = (str(error).splitlines() or [type(error).__name__])[0]
-        raise ModelFileError(
-            f"{str(path)!r} is not a checkpoint covidseg can read without unpickling objects: {first_line[:200]}"
-        ) from None
+    with open_regular_file(path, MAX_MODEL_BYTES, "a model file", ModelFileError) as file:
+        try:
+            checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as error:  # any failure to read an untrusted file is the user's one-line error
+            first_line = (str(error).splitlines() or [type(error).__name__])[0]
+            raise ModelFileError(
+                f"{str(path)!r} is not a checkpoint covidseg can read without unpickling objects: {first_line[:200]}"
+            ) from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ModelFileError(f"{str(path)!r} has no 'state_dict': it is not a covidseg checkpoint")
     return checkpoint
@@ -200,8 +202,9 @@ def read_model_file(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
     """The spec and the Predictor-layout state dict (``networks.<i>.``) of a ``.ckpt`` or ``.safetensors``."""
     if path.suffix == ".safetensors":
         spec = parse_spec(_read_yaml(path.with_suffix(".yaml")), repr(str(path.with_suffix(".yaml"))))
+        data = read_file_bytes(path, MAX_MODEL_BYTES, "a model file", ModelFileError)
         try:
-            state = {name: tensor.float() for name, tensor in load_file(path).items()}
+            state = {name: tensor.float() for name, tensor in load_safetensors(data).items()}
         except Exception as error:  # a corrupt untrusted file
             raise ModelFileError(f"{str(path)!r} is not a readable safetensors file: {error}") from None
         return spec, state

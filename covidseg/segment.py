@@ -20,7 +20,8 @@ import torch
 from covidseg.data.decode import resize_image
 from covidseg.data.index import printable
 from covidseg.export import export_onnx
-from covidseg.loader import load_predictor, read_onnx_metadata, resolve_model_paths
+from covidseg.file_bytes import open_regular_file
+from covidseg.loader import MAX_MODEL_BYTES, load_predictor, read_onnx_metadata, resolve_model_paths
 from covidseg.model_spec import InferenceSettings, ModelFileError, ModelSpec
 from covidseg.predictor import Predictor
 from covidseg.regions import drop_small_regions
@@ -44,7 +45,9 @@ def torch_backend(predictor: Predictor) -> Backend:
 def onnx_backend(path: Path) -> Backend:
     import onnxruntime
 
-    try:
+    with open_regular_file(path, MAX_MODEL_BYTES, "an ONNX graph", ModelFileError):
+        pass  # a pipe, a device or an oversized file is refused before ONNX Runtime reads it
+    try:  # by path: ONNX Runtime refuses external data outside the graph's folder
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own types for corrupt or unsupported graphs
         first_line = (str(error).splitlines() or [type(error).__name__])[0][:200]

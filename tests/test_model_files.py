@@ -8,9 +8,12 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import run_command
 
 from covidseg.calibrate import calibrate
 from covidseg.distill import write_teacher_targets
@@ -19,6 +22,7 @@ from covidseg.eval import evaluate
 from covidseg.export import export_onnx, export_safetensors
 from covidseg.loader import load_predictor
 from covidseg.model_spec import ModelFileError, parse_spec
+from covidseg.predict import main as predict_main
 from covidseg.predict import predict
 from covidseg.train import train
 
@@ -253,6 +257,57 @@ def test_files_that_are_not_checkpoints_are_named(tmp_path: Path, content: bytes
     path.write_bytes(content)
     with pytest.raises(ModelFileError, match=message):
         load_predictor(str(path), tmp_path)
+
+
+@pytest.mark.parametrize("name", ["model.ckpt", "model.safetensors", "model.onnx"])
+def test_model_files_over_the_size_limit_are_refused_unread(tmp_path: Path, capsys, name: str) -> None:
+    """A sparse 3 GiB file (no disk used): read, it would take 3 GiB of memory or more."""
+    path = tmp_path / name
+    path.touch()
+    os.truncate(path, 3 * 1024**3)
+    path.with_suffix(".yaml").write_text(yaml.safe_dump(VALID))
+    path.with_suffix(".json").write_text("{}")
+    if name.endswith(".onnx"):  # its metadata is checked first; the graph itself by the backend
+        from covidseg.segment import onnx_backend
+
+        with pytest.raises(ModelFileError, match=r"is 3,221,225,472 bytes; an ONNX graph is under 2,147,483,648"):
+            onnx_backend(path)
+        return
+    with pytest.raises(ModelFileError, match=r"is 3,221,225,472 bytes; a model file is under 2,147,483,648"):
+        load_predictor(str(path), tmp_path)
+    (tmp_path / "in").mkdir()
+    cv2.imwrite(str(tmp_path / "in" / "xray.png"), np.full((64, 64), 128, np.uint8))
+    assert run_command(predict_main, f"ckpt_path={path}", f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}",
+                       f"paths.log_dir={tmp_path / 'outputs'}") == 2  # fmt: skip
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and str(path) in error and "3,221,225,472 bytes" in error, error
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_onnx_graph_that_points_outside_its_folder_for_weights_is_refused(tmp_path: Path) -> None:
+    """ONNX keeps large weights in "external data" files named inside the graph: a shared graph
+    could name any file. ONNX Runtime, given the graph's path, refuses names outside its folder."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from covidseg.segment import onnx_backend
+
+    secret = tmp_path / "secret.bin"
+    np.arange(4, dtype=np.float32).tofile(secret)
+    weights = numpy_helper.from_array(np.zeros(4, np.float32), "w")
+    weights.ClearField("raw_data")
+    weights.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "../secret.bin"), ("offset", "0"), ("length", "16")):
+        entry = weights.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [weights],
+    )  # fmt: skip
+    path = tmp_path / "model" / "model.onnx"
+    path.parent.mkdir()
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    with pytest.raises(ModelFileError, match="is not an ONNX graph ONNX Runtime can run: .*escapes model directory"):
+        onnx_backend(path)
 
 
 @pytest.mark.slow
