@@ -21,14 +21,14 @@ lint:  ## ruff check and ruff format --check
 train:  ## The first run: learn the synthetic phantoms (no download; about a minute)
 	$(PYTHON) -m covidseg.train experiment=quickstart
 
-bench:  ## Measure CPU training/inference throughput of fast_cpu's network (fp32, NHWC, bf16, ONNX); any recipe: python -m covidseg.bench experiment=...
-	$(PYTHON) -m covidseg.bench experiment=fast_cpu
+bench:  ## Measure CPU training/inference throughput of fast_cpu's network (fp32, NHWC, bf16, ONNX); any recipe: python -m covidseg.benchmarks.throughput experiment=...
+	$(PYTHON) -m covidseg.benchmarks.throughput experiment=fast_cpu
 
 bench-predict:  ## Time predict with the shipped model over Val COVID-19 X-rays (or phantoms), fp32 vs bf16
-	$(PYTHON) -m covidseg.predict_bench
+	$(PYTHON) -m covidseg.benchmarks.predict
 
 bench-serve:  ## Load-test the server: 200 requests from 16 clients (throughput, p50/p95, errors, memory)
-	$(PYTHON) -m covidseg.serve_bench
+	$(PYTHON) -m covidseg.benchmarks.serve
 
 serve:  ## Serve the shipped model: page and API on http://127.0.0.1:8000
 	$(PYTHON) -m covidseg.serve ckpt_path=pretrained

@@ -15,72 +15,34 @@ when none does). Only Val is used: the Test split stays held back.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import hydra
 import lightning as L
-import numpy as np
 from omegaconf import DictConfig
+from pydantic import Field
 from rich.console import Console
 from rich.table import Table
 
-from covidseg import CONF_DIR
-from covidseg.callbacks import ThresholdSweep
-from covidseg.config_checks import CalibrationSettings, check_command_keys
-from covidseg.errors import hydra_errors_in_one_line, user_errors
-from covidseg.eval import load_for_data, run_test_loop
-from covidseg.framework_noise import quiet_framework_noise
-from covidseg.metrics import CLEAN_AREA_SHARE
-from covidseg.run_files import write_run_info
+from covidseg.core.config import CONF_DIR
+from covidseg.core.errors import hydra_errors_in_one_line, user_errors
+from covidseg.core.framework_noise import quiet_framework_noise
+from covidseg.core.metrics import CLEAN_AREA_SHARE
+from covidseg.core.run_files import write_run_info
+from covidseg.core.validation import CheckedSettings, check_command_keys
+from covidseg.evaluation.test_loop import load_for_data, run_test_loop
+from covidseg.evaluation.thresholds import Choice, ThresholdSweep, choose, score_choices
 
 
-@dataclass
-class Choice:
-    threshold: float
-    presence_threshold: float | None
-    dice: float
-    healthy_clean_rate: float
-    flip_tta: bool = False
-    min_region_share: float = 0.0
+class CalibrationSettings(CheckedSettings):
+    """``calibrate``'s candidates (its data section is checked as every command's)."""
 
-
-def score_choices(
-    predicted: np.ndarray,
-    intersection: np.ndarray,
-    truth: np.ndarray,
-    presence: np.ndarray | None,
-    thresholds: list[float],
-    presence_thresholds: list[float],
-    max_area: float,
-    flip_tta: bool = False,
-    min_region_share: float = 0.0,
-) -> list[Choice]:
-    """Per-image Dice on infected images and clean share of healthy images, for every pair."""
-    infected = truth > 0
-    if not infected.any() or infected.all():
-        raise ValueError("calibration needs images with and without infection: set data.eval_classes to all classes")
-    gates: list[float | None] = [None] + (list(presence_thresholds) if presence is not None else [])
-    choices = []
-    for gate in gates:
-        kept = np.ones(len(truth), bool) if gate is None else presence >= gate
-        for column, threshold in enumerate(thresholds):
-            area = np.where(kept, predicted[:, column], 0)
-            overlap = np.where(kept, intersection[:, column], 0)
-            total = area + truth
-            dice = np.where(total == 0, 1.0, 2 * overlap / np.maximum(total, 1))
-            clean = float((area[~infected] < max_area).mean())
-            choices.append(Choice(threshold, gate, float(dice[infected].mean()), clean, flip_tta, min_region_share))
-    return choices
-
-
-def choose(choices: list[Choice], min_healthy_rate: float) -> Choice:
-    """Best Dice among choices clean enough on healthy images; else the cleanest."""
-    clean = [choice for choice in choices if choice.healthy_clean_rate >= min_healthy_rate]
-    if clean:
-        return max(clean, key=lambda choice: choice.dice)
-    return max(choices, key=lambda choice: (choice.healthy_clean_rate, choice.dice))
+    thresholds: list[Annotated[float, Field(gt=0, lt=1)]] = Field(min_length=1)
+    presence_thresholds: list[Annotated[float, Field(ge=0, le=1)]]
+    min_region_shares: list[Annotated[float, Field(ge=0, lt=1)]]
+    min_healthy_rate: float = Field(ge=0, le=1)
 
 
 def calibrate(cfg: DictConfig) -> dict[str, Any]:

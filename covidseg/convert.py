@@ -22,9 +22,9 @@ import yaml
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 
-from covidseg.data.index import printable
-from covidseg.errors import say_error
-from covidseg.model_spec import LEGACY_CONFIG_KEY, SPEC_KEY, ModelFileError, spec_from_run_config
+from covidseg.core.errors import ModelFileError, say_error
+from covidseg.core.files import printable
+from covidseg.inference.model_spec import LEGACY_CONFIG_KEY, SPEC_KEY, spec_from_run_config
 from covidseg.models.registry import NETWORKS
 
 LEGACY_NETWORKS = {f"covidseg.models.{entry.cls.__name__}": name for name, entry in NETWORKS.items()}

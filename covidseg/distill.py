@@ -19,12 +19,12 @@ import numpy as np
 from omegaconf import DictConfig, open_dict
 from rich.progress import track
 
-from covidseg import CONF_DIR
+from covidseg.core.config import CONF_DIR
+from covidseg.core.errors import hydra_errors_in_one_line, user_errors
+from covidseg.core.framework_noise import quiet_framework_noise
+from covidseg.core.run_files import write_run_info
 from covidseg.data.teacher_targets import save_teacher_targets
-from covidseg.errors import hydra_errors_in_one_line, user_errors
-from covidseg.eval import load_for_data
-from covidseg.framework_noise import quiet_framework_noise
-from covidseg.run_files import write_run_info
+from covidseg.evaluation.test_loop import load_for_data
 
 
 def write_teacher_targets(cfg: DictConfig) -> Path:

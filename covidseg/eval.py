@@ -9,38 +9,15 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from covidseg import CONF_DIR
-from covidseg.builders import instantiate_each
-from covidseg.callbacks import PerImageResults, SeverityOnTest
-from covidseg.config_checks import check_settings
-from covidseg.data import CovidQuExDataModule
-from covidseg.errors import hydra_errors_in_one_line, user_errors
-from covidseg.eval_report import write_eval_report
-from covidseg.framework_noise import quiet_framework_noise
-from covidseg.loader import LoadedModel, inference_bf16, inference_overrides, load_predictor
-from covidseg.predictor import PredictorModule
-from covidseg.run_files import print_summary, write_metrics, write_per_image, write_run_info
-
-
-def load_for_data(cfg: DictConfig) -> tuple[LoadedModel, CovidQuExDataModule]:
-    """The model that ``ckpt_path`` names (with the command's inference settings), and the
-    datamodule of ``data.*`` at the model's image size and targets."""
-    loaded = load_predictor(cfg.ckpt_path, cfg.paths.log_dir, inference_bf16(cfg), **inference_overrides(cfg))
-    with open_dict(cfg):
-        cfg.data.targets = list(loaded.spec.targets)
-        cfg.data.image_size = loaded.spec.image_size
-    check_settings(cfg, sections=("data",))
-    return loaded, instantiate(cfg.data)
-
-
-def run_test_loop(cfg: DictConfig, loaded: LoadedModel, datamodule: CovidQuExDataModule, callbacks: list) -> dict:
-    """Run the Predictor over ``data.split`` in Lightning's test loop; returns what callbacks logged."""
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
-    trainer.test(PredictorModule(loaded.predictor), datamodule=datamodule, verbose=False)
-    return {name: float(value) for name, value in trainer.callback_metrics.items()}
+from covidseg.core.config import CONF_DIR, instantiate_each
+from covidseg.core.errors import hydra_errors_in_one_line, user_errors
+from covidseg.core.framework_noise import quiet_framework_noise
+from covidseg.core.run_files import print_summary, write_metrics, write_per_image, write_run_info
+from covidseg.evaluation.collectors import PerImageResults, SeverityOnTest
+from covidseg.evaluation.test_loop import load_for_data, run_test_loop
+from covidseg.reports.eval_report import write_eval_report
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:

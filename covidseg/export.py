@@ -3,7 +3,7 @@
 python -m covidseg.export ckpt_path=<ckpt|pretrained|list|k-fold folder> format=onnx|torchscript|safetensors
     [output=DIR] [threshold=T] [presence_threshold=P] [flip_tta=true] [min_region_share=S]
 
-Beside the file: its metadata ``.json`` and a ``MODEL_CARD.md`` (:mod:`covidseg.model_card`).
+Beside the file: its metadata ``.json`` and a ``MODEL_CARD.md`` (:mod:`covidseg.reports.model_card`).
 ONNX and TorchScript hold the whole Predictor: every network of an ensemble, the resizing to each
 network's side, flip TTA, lung restriction and the presence gate. The ``.json`` beside the file
 says how to feed it and read it, and carries the model spec (plain data, validated on load) with
@@ -12,114 +12,19 @@ the settings applied to the graph's probabilities: the threshold and ``min_regio
 
 from __future__ import annotations
 
-import json
-import warnings
 from pathlib import Path
 
 import hydra
-import torch
-import yaml
 from omegaconf import DictConfig
 from rich.console import Console
-from safetensors.torch import save_file
-from torch import nn
 
-from covidseg import CONF_DIR
-from covidseg.data import DataError
-from covidseg.data.index import printable
-from covidseg.errors import hydra_errors_in_one_line, user_errors
-from covidseg.loader import LoadedModel, inference_overrides, load_predictor
-from covidseg.model_card import render_model_card
-from covidseg.model_spec import ExportMetadata, ModelFileError, ModelSpec
-from covidseg.predictor import Predictor
-from covidseg.run_files import make_output_folder
-
-INPUT = "image, float32 (N, 1, S, S): grayscale / 255, resized to S x S (S = model.image_size) with area interpolation"
-
-
-class TracedPredictor(nn.Module):
-    """The Predictor's probabilities and, with presence heads, presence: a graph's outputs."""
-
-    def __init__(self, predictor: Predictor) -> None:
-        super().__init__()
-        self.predictor = predictor.eval()
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        probability, presence = self.predictor(images)
-        return probability if presence is None else (probability, presence)
-
-
-def outputs(predictor: Predictor) -> list[str]:
-    return ["probability", "presence"] if predictor.has_presence else ["probability"]
-
-
-def write_metadata(path: Path, file_format: str, loaded: LoadedModel) -> Path:
-    """``<path>.json``: input, outputs and the model spec."""
-    metadata = ExportMetadata(
-        format=file_format, input=INPUT, outputs=outputs(loaded.predictor), model=loaded.spec.to_plain()
-    )
-    meta_path = path.with_suffix(".json")
-    meta_path.write_text(json.dumps(metadata.model_dump(mode="json"), indent=2) + "\n")
-    return meta_path
-
-
-def _example(spec: ModelSpec) -> torch.Tensor:
-    return torch.rand(2, 1, spec.image_size, spec.image_size)
-
-
-def trace_onnx(predictor: Predictor, example: torch.Tensor, path: Path) -> Path:
-    """The whole Predictor as an ONNX graph with a dynamic batch dimension (TorchScript-based
-    exporter: no onnxscript needed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    names = outputs(predictor)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(
-            TracedPredictor(predictor),
-            (example,),
-            str(path),
-            input_names=["image"],
-            output_names=names,
-            dynamic_axes={name: {0: "batch"} for name in ["image", *names]},
-            dynamo=False,
-        )
-    return path
-
-
-def export_onnx(loaded: LoadedModel, path: Path) -> Path:
-    """ONNX of the Predictor plus its metadata ``.json``."""
-    trace_onnx(loaded.predictor, _example(loaded.spec), path)
-    write_metadata(path, "onnx", loaded)
-    return path
-
-
-def export_torchscript(loaded: LoadedModel, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        traced = torch.jit.trace(TracedPredictor(loaded.predictor), _example(loaded.spec))
-    traced.save(str(path))
-    write_metadata(path, "torchscript", loaded)
-    return path
-
-
-def export_safetensors(loaded: LoadedModel, path: Path) -> Path:
-    """fp16 weights of every network (safetensors: nothing to unpickle) with the model spec as
-    ``.yaml`` beside them; ``ckpt_path`` accepts the result like a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().half().contiguous() for name, tensor in loaded.predictor.state_dict().items()}
-    save_file(state, str(path))
-    path.with_suffix(".yaml").write_text(yaml.safe_dump(loaded.spec.to_plain(), sort_keys=False))
-    write_metadata(path, "safetensors", loaded)
-    return path
-
-
-EXPORTERS = {
-    "onnx": (export_onnx, ".onnx"),
-    "torchscript": (export_torchscript, ".pt"),
-    "safetensors": (export_safetensors, ".safetensors"),
-}
+from covidseg.core.config import CONF_DIR
+from covidseg.core.errors import DataError, ModelFileError, hydra_errors_in_one_line, user_errors
+from covidseg.core.files import printable
+from covidseg.core.run_files import make_output_folder
+from covidseg.inference.exporters import EXPORTERS
+from covidseg.inference.loader import inference_overrides, load_predictor
+from covidseg.reports.model_card import render_model_card
 
 
 def check_output(output: Path, file_format: str) -> None:

@@ -15,27 +15,46 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import hydra
 import numpy as np
 from omegaconf import DictConfig
+from pydantic import Field, field_validator
 from rich.console import Console
 from rich.progress import track
 
-from covidseg import CONF_DIR
-from covidseg.config_checks import PredictSettings, check_command_keys
-from covidseg.data.decode import read_unchanged, xray_gray
-from covidseg.data.index import IMAGE_SUFFIXES, DataError, printable
-from covidseg.errors import hydra_errors_in_one_line, user_errors
-from covidseg.loader import inference_bf16, inference_overrides
-from covidseg.run_files import make_output_folder, write_run_info
-from covidseg.segment import ImageResult, load_backend, segment
+from covidseg.core.config import CONF_DIR
+from covidseg.core.errors import DataError, hydra_errors_in_one_line, user_errors
+from covidseg.core.files import printable
+from covidseg.core.images import IMAGE_SUFFIXES, read_unchanged, xray_gray
+from covidseg.core.run_files import make_output_folder, write_run_info
+from covidseg.core.validation import CheckedSettings, check_command_keys
+from covidseg.inference.loader import inference_bf16, inference_overrides
+from covidseg.inference.segment import ImageResult, load_backend, segment
 
 log = logging.getLogger(__name__)
 SOME_IMAGES_FAILED = 3  # exit code: the run finished, but some images could not be read or written
 OUTPUT_MARKER = ".covidseg-predict"  # in a folder predict wrote into: a later run may replace those files
 OUTPUT_KINDS = ("mask", "lung", "overlay", "probability")  # <file>.<kind>.png
+
+
+class PredictSettings(CheckedSettings):
+    """``predict``'s own keys (its inference keys are checked with the model file's)."""
+
+    input: Any
+    output: Any
+    batch_size: int = Field(ge=1)
+    save_probability: bool
+    allow_output_in_input: bool
+
+    @field_validator("input", "output")
+    @classmethod
+    def _named(cls, value: Any) -> Any:
+        if value is None or not str(value).strip():  # an unset variable in a script, most likely
+            raise ValueError("expected a path; an empty value would mean the current folder")
+        return value
 
 
 def _walk(folder: Path) -> list[Path]:

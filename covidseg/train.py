@@ -7,71 +7,25 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.loggers import MLFlowLogger
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from covidseg import CONF_DIR
-from covidseg.builders import build_run
-from covidseg.callbacks import RecordRunStart
-from covidseg.config_checks import check_settings
-from covidseg.errors import ConfigError, hydra_errors_in_one_line, user_errors
-from covidseg.framework_noise import quiet_framework_noise
-from covidseg.loader import check_checkpoint, resolve_ckpt_path
-from covidseg.model_spec import ModelFileError
-from covidseg.run_files import print_summary, write_metrics, write_run_info
+from covidseg.core.config import CONF_DIR
+from covidseg.core.errors import ConfigError, ModelFileError, hydra_errors_in_one_line, user_errors
+from covidseg.core.framework_noise import quiet_framework_noise
+from covidseg.core.run_files import print_summary, write_metrics, write_run_info
+from covidseg.inference.loader import check_checkpoint, resolve_ckpt_path
+from covidseg.training.build import build_run
+from covidseg.training.callbacks import RecordRunStart
+from covidseg.training.resume import check_resume_settings
+from covidseg.training.settings import check_settings
 
 log = logging.getLogger(__name__)
-# What a resume compares with the run's recorded config: what alters the model, the data or their
-# order. Where the data lives and how it is loaded may change.
-RESUME_FREE_DATA_KEYS = frozenset({"root", "cache_dir", "num_workers", "pin_memory", "eval_batch_size"})
-
-
-def _settings(config: DictConfig) -> dict[str, Any]:
-    """``model.*``, ``data.*`` (less :data:`RESUME_FREE_DATA_KEYS`) and ``seed`` as dotted keys."""
-    flat: dict[str, Any] = {"seed": config.get("seed")}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, DictConfig):
-            for key in node:
-                if prefix == "data." and key in RESUME_FREE_DATA_KEYS:
-                    continue
-                walk(node[key], f"{prefix}{key}.")
-        elif isinstance(node, ListConfig):
-            flat[prefix[:-1]] = OmegaConf.to_container(node, resolve=True)
-        else:
-            flat[prefix[:-1]] = node
-
-    for section in ("model", "data"):
-        walk(config.get(section), f"{section}.")
-    return flat
-
-
-def check_resume_settings(cfg: DictConfig, ckpt_path: Path) -> dict[str, Any] | None:
-    """Refuse a resume whose model, data or seed settings differ from the run's recorded config
-    (unless ``resume_with_changes=true``); returns the new config to record when they differ."""
-    recorded_path = ckpt_path.parent.parent / ".hydra" / "config.yaml"
-    if not recorded_path.is_file():
-        return None
-    recorded = OmegaConf.load(recorded_path)
-    before, now = _settings(recorded), _settings(cfg)
-    changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
-    if not changed:
-        return None
-    shown = ", ".join(f"{key} ({before.get(key)!r} -> {now.get(key)!r})" for key in changed[:6])
-    shown += " ..." if len(changed) > 6 else ""
-    if not cfg.get("resume_with_changes"):
-        raise ConfigError(
-            f"ckpt_path={str(ckpt_path)!r}: resuming with settings that differ from the run's "
-            f"{str(recorded_path)!r}: {shown}; resume with the same settings or set resume_with_changes=true"
-        )
-    log.warning("resuming with changed settings (resume_with_changes=true): %s", shown)
-    return OmegaConf.to_container(cfg, resolve=False)
 
 
 def in_multirun() -> bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from covidseg.configs import compose_config
+from covidseg.core.config import compose_config
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "covid-qu-ex"
 
@@ -48,7 +48,7 @@ def compose_cfg(tmp_path: Path, cache_dir: Path):
 
 def train_tiny(out_dir: Path, cache_dir: Path, *overrides: str) -> Path:
     """Train the tiny U-Net for one epoch and return its best checkpoint."""
-    from covidseg.loader import best_checkpoint
+    from covidseg.inference.loader import best_checkpoint
     from covidseg.train import train
 
     cfg = compose_config("train", [*FAST, "test=false", "logger=csv", *overrides], **_paths(out_dir, cache_dir))
@@ -84,7 +84,7 @@ def xray() -> np.ndarray:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``python -m covidseg.serve`` (the shipped model) as a user starts it, on a free port of 127.0.0.1."""
-    from covidseg.serve_bench import free_port, start_server, wait_until_up
+    from covidseg.benchmarks.serve import free_port, start_server, wait_until_up
 
     port = free_port()
     process = start_server(port, [], tmp_path_factory.mktemp("serve"))

@@ -129,7 +129,7 @@ def served(app) -> Iterator[str]:
 
     import uvicorn
 
-    from covidseg.serve_bench import free_port
+    from covidseg.benchmarks.serve import free_port
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

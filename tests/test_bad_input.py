@@ -16,7 +16,8 @@ import pytest
 from conftest import FAST
 from helpers import dicom_bytes, run_command
 
-from covidseg.data import DataError, SyntheticPhantoms
+from covidseg.core.errors import DataError
+from covidseg.data import SyntheticPhantoms
 from covidseg.data.decode import decode_samples
 from covidseg.data.index import index_split
 from covidseg.predict import OUTPUT_MARKER, predict
@@ -352,7 +353,7 @@ def test_a_resume_with_other_settings_is_refused_and_leaves_the_run_files_alone(
 
     from omegaconf import OmegaConf
 
-    from covidseg.errors import ConfigError
+    from covidseg.core.errors import ConfigError
     from covidseg.train import train
 
     cfg = compose_cfg("train", [*FAST, "trainer.max_epochs=1", "test=false", "logger=csv"])
@@ -420,7 +421,7 @@ TRAIN_CASES = [
 def test_bad_training_settings_are_one_line_and_exit_2(
     compose_cfg, overrides: list[str], message: str, capsys: pytest.CaptureFixture
 ) -> None:
-    from covidseg.errors import user_errors
+    from covidseg.core.errors import user_errors
     from covidseg.train import train
 
     base = [o for o in FAST if not any(o.split("=")[0] == override.split("=")[0] for override in overrides)]
@@ -494,7 +495,7 @@ def test_bad_eval_calibration_and_predict_settings_are_one_line_and_exit_2(
     compose_cfg, command: str, overrides: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     from covidseg.calibrate import calibrate
-    from covidseg.errors import user_errors
+    from covidseg.core.errors import user_errors
     from covidseg.eval import evaluate
 
     data = [o for o in FAST if o.startswith("data") and not o.startswith("data.batch_size")]
@@ -567,7 +568,7 @@ def test_run_folder_tools_refuse_folders_they_cannot_read_and_write_nothing_ther
 def test_an_export_never_replaces_a_file(
     file_format: str, compose_cfg, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from covidseg.errors import user_errors
+    from covidseg.core.errors import user_errors
     from covidseg.export import export
 
     theirs = tmp_path / "theirs"
@@ -592,9 +593,8 @@ def test_an_export_never_replaces_a_file(
 
 
 def test_a_corrupt_onnx_graph_and_odd_messages_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from covidseg.errors import say_error
-    from covidseg.model_spec import ModelFileError
-    from covidseg.segment import onnx_backend
+    from covidseg.core.errors import ModelFileError, say_error
+    from covidseg.inference.segment import onnx_backend
 
     (tmp_path / "model.onnx").write_bytes(b"\x08\x07 not a graph")
     with pytest.raises(ModelFileError, match="is not an ONNX graph ONNX Runtime can run"):
@@ -611,7 +611,7 @@ def test_huge_images_are_refused_from_their_header(tmp_path: Path) -> None:
     """A 100 KB PNG of 10000 x 10000 zeros, and a DICOM header claiming 60000 x 60000 pixels over a
     few bytes of data: both refused before anything of that size is allocated."""
     pytest.importorskip("pydicom")
-    from covidseg.data.decode import decode_unchanged, read_gray
+    from covidseg.core.images import decode_unchanged, read_gray
 
     png = tmp_path / "bomb.png"
     png.write_bytes(cv2.imencode(".png", np.zeros((10000, 10000), np.uint8))[1].tobytes())
@@ -625,7 +625,7 @@ def test_huge_images_are_refused_from_their_header(tmp_path: Path) -> None:
 
 
 def test_the_type_comes_from_the_content_not_the_name(tmp_path: Path) -> None:
-    from covidseg.data.decode import image_format, read_gray
+    from covidseg.core.images import image_format, read_gray
 
     image = np.arange(64 * 48, dtype=np.uint8).reshape(64, 48)
     for name, extension, expected in (("a.png", ".jpg", "JPEG"), ("b.bmp", ".png", "PNG"), ("c.tif", ".bmp", "BMP")):

@@ -4,7 +4,9 @@ import pytest
 from conftest import FAST
 from helpers import run_command
 
-from covidseg import bench, predict_bench, serve_bench
+from covidseg.benchmarks import predict as predict_bench
+from covidseg.benchmarks import serve as serve_bench
+from covidseg.benchmarks import throughput as bench
 from covidseg.models import UNet
 
 

@@ -6,7 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from covidseg.data import CovidQuExDataModule, DataError, SyntheticPhantoms
+from covidseg.core.errors import DataError
+from covidseg.data import CovidQuExDataModule, SyntheticPhantoms
 from covidseg.data.decode import decode_samples
 from covidseg.data.index import find_split_root, index_split
 

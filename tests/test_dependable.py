@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import FAST
 
-from covidseg.configs import compose_config
-from covidseg.errors import user_errors
+from covidseg.core.config import compose_config
+from covidseg.core.errors import user_errors
 from covidseg.train import train
 
 pytestmark = pytest.mark.slow  # training runs, some in a subprocess
@@ -197,7 +197,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(compose_cfg
 
     from fsspec.implementations.local import LocalFileOpener
 
-    from covidseg.errors import user_errors
+    from covidseg.core.errors import user_errors
 
     real_write, writes = LocalFileOpener.write, []
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from helpers import dicom_bytes
 
-from covidseg.data.decode import decode_unchanged
+from covidseg.core.images import decode_unchanged
 
 pytest.importorskip("pydicom")
 RAMP = np.arange(4096, dtype=np.uint16).reshape(64, 64)  # every 12-bit value once

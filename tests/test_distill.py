@@ -12,14 +12,13 @@ import torch
 import torch.nn.functional as F
 from helpers import run_command
 
-from covidseg.config_checks import check_settings
-from covidseg.data import DataError
+from covidseg.core.errors import ConfigError, DataError
 from covidseg.data.dataset import XRaySegmentationDataset
 from covidseg.data.teacher_targets import load_teacher_targets, save_teacher_targets
 from covidseg.distill import write_teacher_targets
-from covidseg.errors import ConfigError
-from covidseg.loader import load_predictor
+from covidseg.inference.loader import load_predictor
 from covidseg.train import train
+from covidseg.training.settings import check_settings
 from tests.conftest import FAST
 
 SYNTHETIC = [o for o in FAST if o.startswith("data.") or o == "data=synthetic"]

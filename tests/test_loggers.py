@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import FAST
 
-from covidseg.builders import instantiate_each
 from covidseg.train import train
+from covidseg.training.build import instantiate_each
 
 
 @pytest.mark.slow

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from covidseg.export import export
-from covidseg.loader import PRETRAINED, read_model_file
-from covidseg.model_card import render_model_card
+from covidseg.inference.loader import PRETRAINED, read_model_file
+from covidseg.reports.model_card import render_model_card
 
 
 def test_the_shipped_card_is_rendered_from_the_shipped_spec() -> None:

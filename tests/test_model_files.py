@@ -16,12 +16,12 @@ import yaml
 from helpers import run_command
 
 from covidseg.calibrate import calibrate
+from covidseg.core.errors import ModelFileError, user_errors
 from covidseg.distill import write_teacher_targets
-from covidseg.errors import user_errors
 from covidseg.eval import evaluate
-from covidseg.export import export_onnx, export_safetensors
-from covidseg.loader import load_predictor
-from covidseg.model_spec import ModelFileError, parse_spec
+from covidseg.inference.exporters import export_onnx, export_safetensors
+from covidseg.inference.loader import load_predictor
+from covidseg.inference.model_spec import parse_spec
 from covidseg.predict import main as predict_main
 from covidseg.predict import predict
 from covidseg.train import train
@@ -83,7 +83,7 @@ def test_deeply_nested_and_malformed_metadata_is_one_line(tmp_path: Path) -> Non
     node["_target_"] = "os.system"
     with pytest.raises(ModelFileError, match=r"key 'x\.x\..*\._target_' is a Hydra instantiation key"):
         parse_spec(deep, "deep.yaml")
-    from covidseg.loader import read_onnx_metadata
+    from covidseg.inference.loader import read_onnx_metadata
 
     onnx = tmp_path / "model.onnx"
     for text, message in [
@@ -99,7 +99,7 @@ def test_deeply_nested_and_malformed_metadata_is_one_line(tmp_path: Path) -> Non
 def test_a_small_file_that_stands_for_a_billion_values_is_refused_at_once(tmp_path: Path) -> None:
     """ "Billion laughs": a list holding one list ten times, nine levels deep, is a kilobyte and a
     billion values to walk; in a .ckpt (pickle's memo), a .yaml spec (aliases) or an oversized spec."""
-    from covidseg.loader import MAX_SPEC_BYTES
+    from covidseg.inference.loader import MAX_SPEC_BYTES
 
     laughs: list = ["lol"] * 10
     for _ in range(8):
@@ -268,7 +268,7 @@ def test_model_files_over_the_size_limit_are_refused_unread(tmp_path: Path, caps
     path.with_suffix(".yaml").write_text(yaml.safe_dump(VALID))
     path.with_suffix(".json").write_text("{}")
     if name.endswith(".onnx"):  # its metadata is checked first; the graph itself by the backend
-        from covidseg.segment import onnx_backend
+        from covidseg.inference.segment import onnx_backend
 
         with pytest.raises(ModelFileError, match=r"is 3,221,225,472 bytes; an ONNX graph is under 2,147,483,648"):
             onnx_backend(path)
@@ -289,7 +289,7 @@ def test_an_onnx_graph_that_points_outside_its_folder_for_weights_is_refused(tmp
     could name any file. ONNX Runtime, given the graph's path, refuses names outside its folder."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from covidseg.segment import onnx_backend
+    from covidseg.inference.segment import onnx_backend
 
     secret = tmp_path / "secret.bin"
     np.arange(4, dtype=np.float32).tofile(secret)
@@ -376,7 +376,7 @@ def test_convert_turns_a_legacy_checkpoint_into_one_that_loads_alike(trained_che
 
 
 def test_last_finds_the_newest_last_checkpoint_of_the_named_task(tmp_path: Path) -> None:
-    from covidseg.loader import resolve_model_paths
+    from covidseg.inference.loader import resolve_model_paths
 
     def last(task: str, run: str) -> Path:
         path = tmp_path / task / "runs" / run / "checkpoints" / "last.ckpt"

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from covidseg.metrics import SegmentationScores
+from covidseg.core.metrics import SegmentationScores
 from covidseg.models import BCEDiceLoss, UNet
 from covidseg.models.losses import focal_tversky_loss, lovasz_hinge_loss
 
@@ -113,9 +113,9 @@ def test_scores_all_empty_split_is_perfect() -> None:
 
 
 def test_flip_tta_averages_the_mirrored_probabilities_at_the_callers_side() -> None:
-    from covidseg.model_spec import InferenceSettings
+    from covidseg.inference.model_spec import InferenceSettings
+    from covidseg.inference.predictor import Predictor
     from covidseg.models.network import SegmentationNetwork
-    from covidseg.predictor import Predictor
 
     torch.manual_seed(0)
     network = SegmentationNetwork(UNet(base_width=4), input_size=32).eval()
@@ -129,9 +129,9 @@ def test_flip_tta_averages_the_mirrored_probabilities_at_the_callers_side() -> N
 
 
 def test_restrict_to_lungs_drops_infection_outside_predicted_lungs() -> None:
-    from covidseg.model_spec import InferenceSettings
+    from covidseg.inference.model_spec import InferenceSettings
+    from covidseg.inference.predictor import Predictor
     from covidseg.models.network import SegmentationNetwork
-    from covidseg.predictor import Predictor
 
     class LungWhereBright(torch.nn.Module):
         """Lung logit = pixel - 0.5; infection logit = 1 everywhere."""
@@ -157,9 +157,9 @@ def test_restrict_to_lungs_drops_infection_outside_predicted_lungs() -> None:
 
 
 def test_an_ensemble_averages_probabilities_and_presence() -> None:
-    from covidseg.model_spec import InferenceSettings
+    from covidseg.inference.model_spec import InferenceSettings
+    from covidseg.inference.predictor import Predictor
     from covidseg.models.network import SegmentationNetwork
-    from covidseg.predictor import Predictor
 
     torch.manual_seed(0)
     networks = [SegmentationNetwork(UNet(base_width=4), presence_head=True).eval() for _ in range(3)]
@@ -198,7 +198,7 @@ def test_unetpp_deep_supervision_averages_every_head() -> None:
 
 
 def test_small_regions_are_dropped_but_never_the_largest() -> None:
-    from covidseg.regions import drop_small_regions
+    from covidseg.inference.regions import drop_small_regions
 
     mask = np.zeros((64, 64), bool)
     mask[5:25, 5:25] = True  # 400 px
@@ -217,10 +217,10 @@ def test_small_regions_are_dropped_but_never_the_largest() -> None:
 
 
 def test_the_predictor_and_segment_drop_small_regions_of_the_infection_only() -> None:
-    from covidseg.model_spec import InferenceSettings, ModelSpec
+    from covidseg.inference.model_spec import InferenceSettings, ModelSpec
+    from covidseg.inference.predictor import Predictor
+    from covidseg.inference.segment import segment
     from covidseg.models.network import SegmentationNetwork
-    from covidseg.predictor import Predictor
-    from covidseg.segment import segment
 
     pattern = torch.full((64, 64), -5.0)
     pattern[8:40, 8:40] = 5.0  # 1,024 px

@@ -10,10 +10,9 @@ import torch
 import yaml
 from conftest import FAST
 
-from covidseg.data import DataError
-from covidseg.export import export_onnx, export_safetensors, export_torchscript
-from covidseg.loader import load_predictor
-from covidseg.model_spec import ModelFileError
+from covidseg.core.errors import DataError, ModelFileError
+from covidseg.inference.exporters import export_onnx, export_safetensors, export_torchscript
+from covidseg.inference.loader import load_predictor
 from covidseg.predict import predict
 
 pytestmark = pytest.mark.slow
@@ -126,7 +125,7 @@ def test_safetensors_export_loads_without_pickle_and_predicts_alike(checkpoint, 
 
 
 def test_shipped_model_predicts_out_of_the_box(compose_cfg, xrays, tmp_path) -> None:
-    from covidseg.loader import PRETRAINED
+    from covidseg.inference.loader import PRETRAINED
 
     assert PRETRAINED.stat().st_size <= 20 * 2**20
     spec = load_predictor("pretrained", tmp_path).spec
@@ -155,8 +154,8 @@ def test_predict_reads_dicom(compose_cfg, checkpoint, tmp_path) -> None:
 def test_an_ensemble_evaluates_predicts_and_exports_as_one_model(
     compose_cfg, trained_checkpoints: list[Path], xrays: Path, tmp_path: Path
 ) -> None:
+    from covidseg.core.metrics import SegmentationScores
     from covidseg.eval import evaluate
-    from covidseg.metrics import SegmentationScores
 
     a, b = trained_checkpoints
     ensemble = load_predictor([str(a), str(b)], tmp_path)

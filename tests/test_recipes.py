@@ -14,13 +14,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from covidseg import models
 from covidseg.calibrate import Choice, calibrate, choose, score_choices
-from covidseg.callbacks import ProgressiveResizing
 from covidseg.eval import evaluate
-from covidseg.loader import load_predictor
-from covidseg.model_spec import InferenceSettings
+from covidseg.inference.loader import load_predictor
+from covidseg.inference.model_spec import InferenceSettings
+from covidseg.inference.predictor import Predictor
 from covidseg.models import BCEDiceLoss, ResUNet, SegmentationModule, UNet
-from covidseg.predictor import Predictor
 from covidseg.train import train
+from covidseg.training.callbacks import ProgressiveResizing
 
 NETS = ["UNet", "AttentionUNet", "UNetPlusPlus", "ResUNet"]
 
@@ -238,7 +238,7 @@ def test_progress_is_one_line_per_epoch_when_stdout_is_not_a_terminal(
 
     from lightning.pytorch.callbacks import RichProgressBar
 
-    from covidseg.callbacks import EpochLines, progress_display
+    from covidseg.training.callbacks import EpochLines, progress_display
 
     assert isinstance(progress_display(), EpochLines)  # pytest captures stdout: not a terminal
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)

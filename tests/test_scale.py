@@ -10,8 +10,9 @@ import pytest
 from conftest import FAST
 from helpers import run_command
 
-from covidseg.data import CovidQuExDataModule, DataError, SyntheticPhantoms
-from covidseg.kfold_summary import summarise
+from covidseg.core.errors import DataError
+from covidseg.data import CovidQuExDataModule, SyntheticPhantoms
+from covidseg.reports.kfold_summary import summarise
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def test_three_fold_multirun_summary_and_its_folds_as_an_ensemble(tmp_path: Path
     assert summary == summarise(multirun)
 
     from covidseg.eval import evaluate
-    from covidseg.loader import best_checkpoint, load_predictor
+    from covidseg.inference.loader import best_checkpoint, load_predictor
 
     folds = [best_checkpoint(multirun / str(job)) for job in range(3)]
     ensemble = load_predictor(str(multirun), tmp_path)
@@ -118,7 +119,7 @@ def test_slurm_launcher_config_composes() -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from covidseg import CONF_DIR
+    from covidseg.core.config import CONF_DIR
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):

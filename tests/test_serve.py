@@ -17,11 +17,11 @@ import pytest
 from fastapi.testclient import TestClient
 from helpers import dicom_bytes, png_bytes, run_command
 
-from covidseg.configs import compose_config
-from covidseg.loader import INFERENCE_KEYS
+from covidseg.core.config import compose_config
+from covidseg.inference.loader import INFERENCE_KEYS
+from covidseg.inference.segment import LoadedBackend, load_backend
 from covidseg.predict import predict
-from covidseg.segment import LoadedBackend, load_backend
-from covidseg.serve import ServeSettings, create_app
+from covidseg.serving.app import ServeSettings, create_app
 
 NO_OVERRIDES = dict.fromkeys(INFERENCE_KEYS)  # every inference setting as the model file has it
 REPO = Path(__file__).resolve().parents[1]

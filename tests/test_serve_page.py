@@ -80,9 +80,9 @@ def test_a_lung_model_shows_severity_and_lung_outlines(tmp_path: Path, cache_dir
     sync_api = pytest.importorskip("playwright.sync_api")
     from conftest import train_tiny
 
-    from covidseg.loader import INFERENCE_KEYS
-    from covidseg.segment import load_backend
-    from covidseg.serve import ServeSettings, create_app
+    from covidseg.inference.loader import INFERENCE_KEYS
+    from covidseg.inference.segment import load_backend
+    from covidseg.serving.app import ServeSettings, create_app
 
     checkpoint = train_tiny(tmp_path / "train", cache_dir, "data.targets=[lung,infection]")
     model = load_backend(str(checkpoint), tmp_path, "torch", dict.fromkeys(INFERENCE_KEYS), False, tmp_path)

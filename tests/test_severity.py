@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from covidseg.severity import agreement, severity, split_lungs, zone_masks
+from covidseg.inference.severity import agreement, severity, split_lungs, zone_masks
 
 
 def _two_lungs() -> np.ndarray:

@@ -16,14 +16,15 @@ from conftest import FAST
 from helpers import run_command
 from hydra.utils import instantiate
 
-from covidseg import CONF_DIR
-from covidseg.builders import build_run
+from covidseg.core.config import CONF_DIR
+from covidseg.core.errors import ModelFileError
 from covidseg.eval import evaluate
 from covidseg.eval import main as eval_main
-from covidseg.learning_curves import learning_curves, score_by_time
-from covidseg.loader import best_checkpoint, check_checkpoint, load_predictor
-from covidseg.model_spec import SPEC_KEY, ModelFileError
+from covidseg.inference.loader import best_checkpoint, check_checkpoint, load_predictor
+from covidseg.inference.model_spec import SPEC_KEY
+from covidseg.reports.learning_curves import learning_curves, score_by_time
 from covidseg.train import main, train
+from covidseg.training.build import build_run
 
 ROOT = CONF_DIR.parent
 GROUPS = ["data", "model", "trainer", "callbacks", "logger", "debug", "experiment", "hparams_search"]
@@ -63,7 +64,7 @@ def test_every_experiment_trains_one_batch(compose_cfg, experiment: str) -> None
 
 
 def test_bf16_only_where_the_cpu_has_native_bf16(monkeypatch) -> None:
-    from covidseg import hardware
+    from covidseg.core import hardware
 
     for flags, expected in (
         ({"avx2", "avx512_bf16"}, "bf16-mixed"),
@@ -76,7 +77,7 @@ def test_bf16_only_where_the_cpu_has_native_bf16(monkeypatch) -> None:
 
 @pytest.mark.slow
 def test_bf16_training_keeps_loss_and_metrics_in_fp32(compose_cfg) -> None:
-    from covidseg.hardware import cpu_precision
+    from covidseg.core.hardware import cpu_precision
 
     cfg = compose_cfg("train", [*FAST, "trainer.precision=bf16-mixed", "test=false", "logger=csv"])
     metrics, _ = train(cfg)
@@ -142,9 +143,11 @@ def test_a_time_limit_that_cuts_the_schedule_short_is_announced_and_the_run_fini
 ) -> None:
     def train_logged(overrides: list[str]) -> tuple[dict[str, float], list[str]]:
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="covidseg.callbacks"):
+        with caplog.at_level(logging.WARNING, logger="covidseg.training.callbacks.time_budget"):
             metrics, _ = train(compose_cfg("train", [*FAST, "test=false", "trainer.max_epochs=4", *overrides]))
-        return metrics, [record.getMessage() for record in caplog.records if record.name == "covidseg.callbacks"]
+        return metrics, [
+            record.getMessage() for record in caplog.records if record.name == "covidseg.training.callbacks.time_budget"
+        ]
 
     straight, warnings = train_logged(["trainer.max_time=00:01:00:00", f"paths.output_dir={tmp_path / 'straight'}"])
     assert warnings == []
@@ -164,11 +167,11 @@ def test_a_time_limit_that_cuts_the_schedule_short_is_announced_and_the_run_fini
 
 
 def _clocked_trainer(limit: float) -> tuple:
-    """A :class:`~covidseg.callbacks.TimeBudget`, Lightning's Timer with a hand-moved clock (``timer.now``)
+    """A :class:`~covidseg.training.callbacks.TimeBudget`, Lightning's Timer with a hand-moved clock (``timer.now``)
     and the little of a Trainer they read: 22 epochs of 100 batches."""
     from lightning.pytorch.callbacks import Timer
 
-    from covidseg.callbacks import TimeBudget
+    from covidseg.training.callbacks import TimeBudget
 
     class Clock(Timer):
         now = 0.0
@@ -203,7 +206,7 @@ def test_the_time_limit_stops_at_an_epoch_end_and_the_forecast_repeats_only_when
         budget.on_train_epoch_start(trainer, None)
         timer.now = min(timer.now + seconds, limit)  # the Timer cuts an epoch at the limit
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="covidseg.callbacks"):
+        with caplog.at_level(logging.WARNING, logger="covidseg.training.callbacks.time_budget"):
             budget.on_train_epoch_end(trainer, None)
         warnings += [(epoch + 1, record.getMessage()) for record in caplog.records]
     assert [epoch for epoch, _ in warnings] == [1, 5]
@@ -217,7 +220,7 @@ def test_the_time_limit_stops_at_an_epoch_end_and_the_forecast_repeats_only_when
     batches = 1000 if limit == 1000 else 1081  # 10 epochs of 100 batches, or 81 % of the 11th as well
     trainer.fit_loop.epoch_loop.batch_progress = SimpleNamespace(total=SimpleNamespace(completed=batches))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="covidseg.callbacks"):
+    with caplog.at_level(logging.WARNING, logger="covidseg.training.callbacks.time_budget"):
         budget.on_train_end(trainer, None)
     (stopped,) = [record.getMessage() for record in caplog.records]
     if limit == 1000:  # 910 s after 10 epochs, 90 s left: the 11th (112 s) would not fit, so it stops now
@@ -241,7 +244,7 @@ def test_an_epoch_resumed_midway_sets_no_pace(caplog) -> None:
     budget, timer, trainer = _clocked_trainer(4000.0)
     timer.now = 3000.0  # the interrupted process's time, restored with the Timer's state
     trainer.current_epoch = 15
-    with caplog.at_level(logging.WARNING, logger="covidseg.callbacks"):
+    with caplog.at_level(logging.WARNING, logger="covidseg.training.callbacks.time_budget"):
         timer.now += 60  # the rest of the 16th epoch
         budget.on_train_epoch_end(trainer, None)
         assert not trainer.should_stop and caplog.records == []

@@ -11,9 +11,10 @@ import numpy as np
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
+from covidseg.core.errors import DataError
 from covidseg.data.dataset import XRaySegmentationDataset
 from covidseg.data.decode import decode_samples
-from covidseg.data.index import DataError, Sample, canonical_split, find_split_root, index_split
+from covidseg.data.index import Sample, canonical_split, find_split_root, index_split
 from covidseg.data.sampler import EpochShuffleSampler, distributed_rank
 from covidseg.data.synthetic import SyntheticPhantoms
 from covidseg.data.teacher_targets import load_teacher_targets

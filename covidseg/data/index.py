@@ -9,25 +9,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-CLASSES = ("COVID-19", "Non-COVID", "Normal")
+from covidseg.core.errors import DataError
+from covidseg.core.files import printable
+from covidseg.core.images import IMAGE_SUFFIXES
+from covidseg.core.labels import CLASSES
+
 SPLITS = ("Train", "Val", "Test")
-TARGET_FOLDERS = {"infection": "infection masks", "lung": "lung masks"}
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")
+TARGET_FOLDERS = {"infection": "infection masks", "lung": "lung masks"}  # one per name in TARGETS
 DATASET_HELP = (
     "Download COVID-QU-Ex from https://www.kaggle.com/datasets/anasmohammedtahir/covidqu and set "
     "data.root (or the COVIDSEG_DATA variable) to its 'Infection Segmentation Data' folder, "
     "or try every command without a download with data=synthetic."
 )
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file or folder and says how to fix it."""
-
-
-def printable(path: str | Path) -> str:
-    """A file name as text that can always be printed or written to a CSV: bytes that are not
-    UTF-8 (kept by Python as surrogates) appear escaped, e.g. ``\\udcff``."""
-    return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True)

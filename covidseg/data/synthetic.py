@@ -16,7 +16,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from covidseg.data.index import CLASSES, TARGET_FOLDERS, DataError, canonical_split, printable
+from covidseg.core.errors import DataError
+from covidseg.core.files import printable
+from covidseg.core.labels import CLASSES
+from covidseg.data.index import TARGET_FOLDERS, canonical_split
 
 MARKER = "synthetic.json"
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from covidseg.data.index import DataError, printable
+from covidseg.core.errors import DataError
+from covidseg.core.files import printable
 
 FORMAT_VERSION = 1
 # A file may hold targets for other classes too (the teacher ran on all three), but not many times

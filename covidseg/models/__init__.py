@@ -1,4 +1,12 @@
-"""Networks, losses and the LightningModule that trains them."""
+"""Networks, losses and the LightningModule that trains them.
+
+Owns the networks (``unet``, ``attention_unet``, ``unetpp``, ``res_unet`` and their ``blocks``),
+the registry of those a model file may name (``registry``), the wrapper that resizes, runs channels
+last and adds the presence head (``network``), the losses (``losses``) and the LightningModule
+(``module``). A new network or loss goes here; inference builds networks from the registry only.
+
+Imports from: core.
+"""
 
 from covidseg.models.attention_unet import AttentionUNet
 from covidseg.models.losses import BCEDiceLoss

@@ -1,7 +1,7 @@
 """The LightningModule: network + combined loss + optimiser + per-split Dice/IoU.
 
 Inference settings (threshold aside, flip TTA, lung restriction, presence gate) belong to
-:class:`covidseg.predictor.Predictor`; validation and test here score the network's raw output.
+:class:`covidseg.inference.predictor.Predictor`; validation and test here score the network's raw output.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from covidseg.metrics import SegmentationScores
+from covidseg.core.metrics import SegmentationScores
 from covidseg.models.network import SegmentationNetwork
 
 STAGES = ("train", "val", "test")
@@ -155,7 +155,7 @@ class SegmentationModule(L.LightningModule):
         return {"logits": self._shared_step(batch, "val")[1]}
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        """Returns probabilities and masks, as :class:`~covidseg.predictor.PredictorModule` does."""
+        """Returns probabilities and masks, as :class:`~covidseg.inference.predictor.PredictorModule` does."""
         probability = self._shared_step(batch, "test")[1].sigmoid()
         return {"probability": probability, "mask": probability > self.hparams.threshold, "presence": None}
 

@@ -16,8 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from covidseg.predictor import Predictor  # noqa: E402
-from covidseg.visualize import comparison_row, figure_png  # noqa: E402
+from covidseg.core.visualize import comparison_row, figure_png  # noqa: E402
+from covidseg.inference.predictor import Predictor  # noqa: E402
 
 GALLERY_SIZE = 4
 

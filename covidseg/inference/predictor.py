@@ -18,9 +18,9 @@ import lightning as L
 import torch
 from torch import nn
 
-from covidseg.model_spec import InferenceSettings
+from covidseg.inference.model_spec import InferenceSettings
+from covidseg.inference.regions import drop_small_regions
 from covidseg.models.network import SegmentationNetwork
-from covidseg.regions import drop_small_regions
 
 
 @dataclass

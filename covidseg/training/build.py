@@ -7,9 +7,7 @@ train and the benchmark go through :func:`build_run`.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -17,24 +15,15 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from covidseg.callbacks import EmbedModelSpec, SaveOnInterrupt, TimeBudget
-from covidseg.config_checks import check_network_sides
+from covidseg.core.config import instantiate_each
+from covidseg.core.errors import ModelFileError
 from covidseg.data import CovidQuExDataModule
-from covidseg.hardware import cpu_precision
-from covidseg.model_spec import ModelFileError, spec_from_run_config
+from covidseg.inference.model_spec import spec_from_run_config
 from covidseg.models.registry import NETWORKS, network_name
+from covidseg.training.callbacks import EmbedModelSpec, SaveOnInterrupt, TimeBudget
+from covidseg.training.settings import check_network_sides
 
-OmegaConf.register_new_resolver("len", len, replace=True)
-OmegaConf.register_new_resolver("cpu_precision", cpu_precision, replace=True)
-OmegaConf.register_new_resolver("tag_dict", lambda tags: {str(tag): "true" for tag in tags or []}, replace=True)
-OmegaConf.register_new_resolver("wandb_offline", lambda: not wandb_logged_in(), replace=True)
 log = logging.getLogger(__name__)
-
-
-def wandb_logged_in() -> bool:
-    """An API key in the environment or a ``wandb login`` entry in ``~/.netrc``."""
-    netrc = Path.home() / ".netrc"
-    return bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
 
 
 @dataclass
@@ -42,13 +31,6 @@ class Run:
     datamodule: CovidQuExDataModule
     module: L.LightningModule
     trainer: L.Trainer
-
-
-def instantiate_each(group: DictConfig | None) -> list:
-    """Instantiate every entry of a ``name -> {_target_: ...}`` group (callbacks, loggers)."""
-    if not group:
-        return []
-    return [instantiate(entry) for entry in group.values() if entry is not None and "_target_" in entry]
 
 
 def training_spec(cfg: DictConfig, module: L.LightningModule) -> dict[str, Any] | None:

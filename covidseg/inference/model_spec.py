@@ -15,20 +15,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from covidseg.data.index import CLASSES, TARGET_FOLDERS
+from covidseg.core.errors import ModelFileError
+from covidseg.core.labels import CLASSES, TARGETS
+from covidseg.core.validation import first_error
 from covidseg.models.registry import NETWORKS
 
 SPEC_KEY = "covidseg_model"
 LEGACY_CONFIG_KEY = "covidseg_config"  # covidseg 0.1 stored the whole run config, Hydra targets and all
 FORMAT_VERSION = 1
 HYDRA_KEYS = frozenset({"_target_", "_partial_", "_args_", "_recursive_", "_convert_"})
-TARGETS = tuple(TARGET_FOLDERS)
 NORMALIZATION = "gray_divided_by_255"
 Scalar = str | bool | int | float | None
-
-
-class ModelFileError(ValueError):
-    """A model file that covidseg will not load: the message names the file and the key."""
 
 
 class _Plain(BaseModel):
@@ -214,13 +211,6 @@ def parse_spec(data: Any, source: str) -> ModelSpec:
         return ModelSpec.model_validate(dict(data))
     except ValidationError as error:
         raise ModelFileError(_one_line(error, source)) from None
-
-
-def first_error(error: ValidationError) -> tuple[str, Any, str]:
-    """pydantic's first complaint as (dotted key, the value given, what was expected)."""
-    first = error.errors()[0]
-    loc = [part for part in first["loc"] if part not in ("str", "bool", "int", "float")]  # union members tried
-    return ".".join(str(part) for part in loc), first.get("input"), first["msg"].removeprefix("Value error, ")
 
 
 def _one_line(error: ValidationError, source: str) -> str:

@@ -1,4 +1,4 @@
-"""From ``ckpt_path`` to a :class:`~covidseg.predictor.Predictor`: the one way a model file
+"""From ``ckpt_path`` to a :class:`~covidseg.inference.predictor.Predictor`: the one way a model file
 becomes a model.
 
 ``ckpt_path`` takes a ``.ckpt``, ``pretrained`` (the model shipped in the package), ``last`` (the
@@ -6,7 +6,7 @@ newest ``last.ckpt`` of a task), a ``.safetensors`` file with its ``.yaml`` spec
 export folder, a list (an ensemble) or a finished k-fold multirun folder (an ensemble of its folds'
 best checkpoints). Files are read without unpickling objects (``torch.load(weights_only=True)``,
 safetensors, YAML's safe loader without aliases); the model spec inside is validated by
-:mod:`covidseg.model_spec` and the networks come from covidseg's registry only.
+:mod:`covidseg.inference.model_spec` and the networks come from covidseg's registry only.
 """
 
 from __future__ import annotations
@@ -22,23 +22,22 @@ import torch
 import yaml
 from safetensors.torch import load as load_safetensors
 
-from covidseg.errors import ConfigError
-from covidseg.file_bytes import open_regular_file, read_file_bytes
-from covidseg.hardware import cpu_precision
-from covidseg.model_spec import (
+from covidseg.core.errors import ConfigError, ModelFileError
+from covidseg.core.files import open_regular_file, read_file_bytes
+from covidseg.core.hardware import cpu_precision
+from covidseg.inference.model_spec import (
     SPEC_KEY,
     ExportMetadata,
-    ModelFileError,
     ModelSpec,
     parse_export_metadata,
     parse_spec,
     refuse_hydra_keys,
 )
+from covidseg.inference.predictor import Predictor
 from covidseg.models.network import SegmentationNetwork
 from covidseg.models.registry import build_network
-from covidseg.predictor import Predictor
 
-PRETRAINED = Path(__file__).parent / "pretrained" / "best_cpu.safetensors"
+PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained" / "best_cpu.safetensors"
 MODULE_PREFIX = "network."  # the SegmentationModule's network in a Lightning checkpoint's state_dict
 BEST_DICE = re.compile(r"dice(\d+(?:\.\d+)?)")
 TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from covidseg.model_spec import ModelSpec
+from covidseg.inference.model_spec import ModelSpec
 
 DATASET = (
     "COVID-QU-Ex, *Infection Segmentation Data* (Tahir et al., 2021; "

@@ -1,7 +1,7 @@
 """Load benchmark of the server: start ``covidseg.serve`` on 127.0.0.1, send many requests from
 concurrent clients, and report throughput, latency percentiles, errors and the server's memory.
 
-python -m covidseg.serve_bench [--requests 200] [--concurrency 16] [--image FILE] [--out DIR] [serve overrides]
+python -m covidseg.benchmarks.serve [--requests 200] [--concurrency 16] [--image FILE] [--out DIR] [serve overrides]
 
 The image is a Val X-ray of ../shared/covid-qu-ex when it is there, else a synthetic phantom. The
 server's resident memory (Linux ``/proc``) is read after the warm-up requests, half-way and at the
@@ -26,12 +26,11 @@ import cv2
 import httpx
 import numpy as np
 
-from covidseg.bench import SHARED_DATA
-from covidseg.data import DataError
-from covidseg.data.decode import MAX_FILE_BYTES
+from covidseg.benchmarks.throughput import SHARED_DATA
+from covidseg.core.errors import DataError, say_error, user_errors, whole_number
+from covidseg.core.files import read_file_bytes
+from covidseg.core.images import MAX_FILE_BYTES
 from covidseg.data.synthetic import make_phantom
-from covidseg.errors import say_error, user_errors, whole_number
-from covidseg.file_bytes import read_file_bytes
 
 
 def free_port() -> int:
@@ -53,7 +52,7 @@ def rss_mib(pid: int) -> dict[str, float]:
 def read_image(path: Path) -> tuple[bytes, str]:
     """The bytes to send as they are (the server judges them), from a file that must exist."""
     try:
-        return read_file_bytes(path, MAX_FILE_BYTES, "an image file"), path.name
+        return read_file_bytes(path, MAX_FILE_BYTES, "an image file", DataError), path.name
     except OSError as error:
         raise DataError(f"--image {str(path)!r}: {error.strerror or error}") from None
 

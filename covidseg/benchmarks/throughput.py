@@ -1,7 +1,7 @@
 """CPU throughput benchmark: covidseg's Lightning loop vs a bare PyTorch loop vs the machine's GEMM rate,
 and fp32 / NHWC / bf16 training and inference (plus ONNX Runtime) side by side in interleaved rounds.
 
-python -m covidseg.bench [--steps N] [--rounds R] [--out DIR] [hydra overrides, e.g. experiment=fast_cpu]
+python -m covidseg.benchmarks.throughput [--steps N] [--rounds R] [--out DIR] [overrides, e.g. experiment=fast_cpu]
 
 Runs on the real data when ../shared/covid-qu-ex (or data.root) is there, else on synthetic data.
 Writes bench.json and bench.md; prints the table. It asserts nothing: targets are read off the table.
@@ -23,12 +23,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode
 
-from covidseg.configs import compose_config
-from covidseg.data.index import DataError, find_split_root
-from covidseg.model_spec import InferenceSettings
-from covidseg.predictor import Predictor
+from covidseg.core.config import compose_config
+from covidseg.core.errors import DataError
+from covidseg.data.index import find_split_root
+from covidseg.inference.model_spec import InferenceSettings
+from covidseg.inference.predictor import Predictor
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO.parent / "shared" / "covid-qu-ex"
 
 
@@ -182,7 +183,7 @@ def compare_variants(cfg: DictConfig, datamodule, rounds: int, steps: int, compi
     the median, min and max of each, and speed-ups against fp32."""
     import onnxruntime
 
-    from covidseg.export import trace_onnx
+    from covidseg.inference.exporters import trace_onnx
 
     train_batches = [batch for _, batch in zip(range(steps), datamodule.train_dataloader(), strict=False)]
     eval_batches = [batch for _, batch in zip(range(max(2, steps)), datamodule.val_dataloader(), strict=False)]

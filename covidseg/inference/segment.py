@@ -17,16 +17,16 @@ import cv2
 import numpy as np
 import torch
 
-from covidseg.data.decode import resize_image
-from covidseg.data.index import printable
-from covidseg.export import export_onnx
-from covidseg.file_bytes import open_regular_file
-from covidseg.loader import MAX_MODEL_BYTES, load_predictor, read_onnx_metadata, resolve_model_paths
-from covidseg.model_spec import InferenceSettings, ModelFileError, ModelSpec
-from covidseg.predictor import Predictor
-from covidseg.regions import drop_small_regions
-from covidseg.severity import severity
-from covidseg.visualize import LUNG_COLOR, PREDICTION_COLOR, outline, overlay
+from covidseg.core.errors import ModelFileError
+from covidseg.core.files import open_regular_file, printable
+from covidseg.core.images import resize_image
+from covidseg.core.visualize import LUNG_COLOR, PREDICTION_COLOR, outline, overlay
+from covidseg.inference.exporters import export_onnx
+from covidseg.inference.loader import MAX_MODEL_BYTES, load_predictor, read_onnx_metadata, resolve_model_paths
+from covidseg.inference.model_spec import InferenceSettings, ModelSpec
+from covidseg.inference.predictor import Predictor
+from covidseg.inference.regions import drop_small_regions
+from covidseg.inference.severity import severity
 
 # (N, 1, S, S) float32 in [0, 1] -> probabilities (N, T, S, S) and presence probabilities (N,) or None
 Backend = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
@@ -135,7 +135,8 @@ class ImageResult:
         return stats
 
     def severity(self) -> dict[str, float] | None:
-        """Per-lung infected percentages and the zone score (:mod:`covidseg.severity`); ``None`` without lungs."""
+        """Per-lung infected percentages and the zone score (:mod:`covidseg.inference.severity`);
+        ``None`` without lungs."""
         if self.lung is None:
             return None
         return {key: round(value, 4) for key, value in severity(self.lung, self.mask).items()}

@@ -18,16 +18,28 @@ from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from rich.text import Text
 
-from covidseg.data import DataError
-from covidseg.data.index import printable
-from covidseg.model_spec import ModelFileError
+from covidseg.core.files import printable
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """A mistake in what the user gave covidseg, said in one line that names the file or key, the
+    value and what was expected. Every command turns one into that line and exit code 2."""
+
+
+class DataError(UserError):
+    """Bad input data: the message names the file or folder and says how to fix it."""
+
+
+class ModelFileError(UserError):
+    """A model file that covidseg will not load: the message names the file and the key."""
+
+
+class ConfigError(UserError):
     """A setting that cannot work: the message names the key, the value and what is expected."""
 
 
-USER_ERRORS = (DataError, ModelFileError, ConfigError, FloatingPointError)
+# FloatingPointError: training diverged (a non-finite loss), which the user's settings caused
+USER_ERRORS = (UserError, FloatingPointError)
 # Hydra's and OmegaConf's refusals of the command line and the config: an override that does not
 # parse or names no key, a config group option that does not exist, a value of the wrong type, an
 # interpolation that does not resolve, a _target_ that cannot be built.

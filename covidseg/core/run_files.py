@@ -19,9 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 import covidseg
-from covidseg.data import DataError
-from covidseg.data.index import printable
-from covidseg.file_bytes import read_file_bytes
+from covidseg.core.errors import DataError
+from covidseg.core.files import printable, read_file_bytes
 
 log = logging.getLogger(__name__)
 MAX_RUN_FILE_BYTES = 10 * 1024 * 1024  # a run_info.json or metrics.json is a few kB
@@ -41,7 +40,7 @@ def read_run_file(path: Path) -> dict[str, Any]:
     """A JSON object a run wrote (``run_info.json``, ``metrics.json``), read as untrusted: anything
     else is one line naming the file."""
     try:
-        content = json.loads(read_file_bytes(path, MAX_RUN_FILE_BYTES, f"a {path.name}"))
+        content = json.loads(read_file_bytes(path, MAX_RUN_FILE_BYTES, f"a {path.name}", DataError))
     except DataError:  # not a regular file, or too large: already one line naming it
         raise
     except (OSError, ValueError, RecursionError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors

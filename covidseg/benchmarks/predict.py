@@ -1,6 +1,6 @@
 """Benchmark of ``predict`` as users run it: a folder of X-rays in, masks, overlays and CSV out.
 
-python -m covidseg.predict_bench [--input FOLDER] [--rounds 3] [--out DIR] [predict overrides]
+python -m covidseg.benchmarks.predict [--input FOLDER] [--rounds 3] [--out DIR] [predict overrides]
 
 Each round runs :func:`covidseg.predict.predict` once per precision (fp32, then bf16), in-process,
 so the figures leave out the interpreter's start-up but count everything ``predict`` does: finding
@@ -23,12 +23,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from covidseg.bench import SHARED_DATA, spread
-from covidseg.configs import compose_config
-from covidseg.data import DataError
-from covidseg.data.index import printable
+from covidseg.benchmarks.throughput import SHARED_DATA, spread
+from covidseg.core.config import compose_config
+from covidseg.core.errors import DataError, user_errors, whole_number
+from covidseg.core.files import printable
 from covidseg.data.synthetic import make_phantom
-from covidseg.errors import user_errors, whole_number
 from covidseg.predict import predict
 
 VARIANTS = {"fp32": ["bf16=false"], "bf16": ["bf16=true"]}

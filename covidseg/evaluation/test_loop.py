@@ -1,0 +1,35 @@
+"""A model over a labelled split in Lightning's test loop: what eval, calibrate and distill share.
+
+The model comes from the loader with the command's inference settings; the datamodule is built
+from ``data.*`` at the model's own image side and targets, so a model is always scored at the
+size it was trained for.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+from covidseg.data import CovidQuExDataModule
+from covidseg.data.settings import check_data_settings
+from covidseg.inference.loader import LoadedModel, inference_bf16, inference_overrides, load_predictor
+from covidseg.inference.predictor import PredictorModule
+
+
+def load_for_data(cfg: DictConfig) -> tuple[LoadedModel, CovidQuExDataModule]:
+    """The model that ``ckpt_path`` names (with the command's inference settings), and the
+    datamodule of ``data.*`` at the model's image size and targets."""
+    loaded = load_predictor(cfg.ckpt_path, cfg.paths.log_dir, inference_bf16(cfg), **inference_overrides(cfg))
+    with open_dict(cfg):
+        cfg.data.targets = list(loaded.spec.targets)
+        cfg.data.image_size = loaded.spec.image_size
+    check_data_settings(cfg)
+    return loaded, instantiate(cfg.data)
+
+
+def run_test_loop(cfg: DictConfig, loaded: LoadedModel, datamodule: CovidQuExDataModule, callbacks: list) -> dict:
+    """Run the Predictor over ``data.split`` in Lightning's test loop; returns what callbacks logged."""
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
+    trainer.test(PredictorModule(loaded.predictor), datamodule=datamodule, verbose=False)
+    return {name: float(value) for name, value in trainer.callback_metrics.items()}

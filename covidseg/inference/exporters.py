@@ -1,0 +1,111 @@
+"""A loaded model as files other runtimes read: ONNX and TorchScript of the whole Predictor, or
+fp16 safetensors with the model spec as ``.yaml``; each with its metadata ``.json`` beside it.
+
+ONNX and TorchScript hold every network of an ensemble, the resizing to each network's side, flip
+TTA, lung restriction and the presence gate; the ``.json`` says how to feed the graph and read it,
+and carries the model spec (plain data, validated on load). The ``export`` command writes these
+into a folder with a model card; ``segment`` traces an ONNX graph of a Predictor to run it in ONNX
+Runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+from torch import nn
+
+from covidseg.inference.loader import LoadedModel
+from covidseg.inference.model_spec import ExportMetadata, ModelSpec
+from covidseg.inference.predictor import Predictor
+
+INPUT = "image, float32 (N, 1, S, S): grayscale / 255, resized to S x S (S = model.image_size) with area interpolation"
+
+
+class TracedPredictor(nn.Module):
+    """The Predictor's probabilities and, with presence heads, presence: a graph's outputs."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        super().__init__()
+        self.predictor = predictor.eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        probability, presence = self.predictor(images)
+        return probability if presence is None else (probability, presence)
+
+
+def outputs(predictor: Predictor) -> list[str]:
+    return ["probability", "presence"] if predictor.has_presence else ["probability"]
+
+
+def write_metadata(path: Path, file_format: str, loaded: LoadedModel) -> Path:
+    """``<path>.json``: input, outputs and the model spec."""
+    metadata = ExportMetadata(
+        format=file_format, input=INPUT, outputs=outputs(loaded.predictor), model=loaded.spec.to_plain()
+    )
+    meta_path = path.with_suffix(".json")
+    meta_path.write_text(json.dumps(metadata.model_dump(mode="json"), indent=2) + "\n")
+    return meta_path
+
+
+def _example(spec: ModelSpec) -> torch.Tensor:
+    return torch.rand(2, 1, spec.image_size, spec.image_size)
+
+
+def trace_onnx(predictor: Predictor, example: torch.Tensor, path: Path) -> Path:
+    """The whole Predictor as an ONNX graph with a dynamic batch dimension (TorchScript-based
+    exporter: no onnxscript needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = outputs(predictor)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(
+            TracedPredictor(predictor),
+            (example,),
+            str(path),
+            input_names=["image"],
+            output_names=names,
+            dynamic_axes={name: {0: "batch"} for name in ["image", *names]},
+            dynamo=False,
+        )
+    return path
+
+
+def export_onnx(loaded: LoadedModel, path: Path) -> Path:
+    """ONNX of the Predictor plus its metadata ``.json``."""
+    trace_onnx(loaded.predictor, _example(loaded.spec), path)
+    write_metadata(path, "onnx", loaded)
+    return path
+
+
+def export_torchscript(loaded: LoadedModel, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        traced = torch.jit.trace(TracedPredictor(loaded.predictor), _example(loaded.spec))
+    traced.save(str(path))
+    write_metadata(path, "torchscript", loaded)
+    return path
+
+
+def export_safetensors(loaded: LoadedModel, path: Path) -> Path:
+    """fp16 weights of every network (safetensors: nothing to unpickle) with the model spec as
+    ``.yaml`` beside them; ``ckpt_path`` accepts the result like a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().half().contiguous() for name, tensor in loaded.predictor.state_dict().items()}
+    save_file(state, str(path))
+    path.with_suffix(".yaml").write_text(yaml.safe_dump(loaded.spec.to_plain(), sort_keys=False))
+    write_metadata(path, "safetensors", loaded)
+    return path
+
+
+EXPORTERS = {
+    "onnx": (export_onnx, ".onnx"),
+    "torchscript": (export_torchscript, ".pt"),
+    "safetensors": (export_safetensors, ".safetensors"),
+}

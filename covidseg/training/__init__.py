@@ -1,0 +1,9 @@
+"""Files to a checkpoint: building a Lightning run from its config and what happens around the loop.
+
+Owns building the datamodule, module, callbacks, loggers, trainer and the model spec every
+checkpoint carries (``build``), the checks of a training config (``settings``), resuming a run
+(``resume``) and covidseg's training callbacks, one job to a module (``callbacks``). A new callback
+goes in ``callbacks``; a new network or loss in :mod:`covidseg.models`.
+
+Imports from: core, data, models, inference.
+"""

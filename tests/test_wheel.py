@@ -1,0 +1,88 @@
+"""covidseg as a user installs a release: the sdist and wheel that ``python -m build`` makes carry
+the configs, the shipped model, its card and the page, and every installed command works from an
+empty folder, with no checkout and no editable install in sight."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+import venv
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = ("train", "eval", "calibrate", "distill", "predict", "export", "serve")
+SHIPPED = (
+    "covidseg/pretrained/best_cpu.safetensors",
+    "covidseg/pretrained/best_cpu.yaml",
+    "covidseg/pretrained/MODEL_CARD.md",
+    "covidseg/serving/web/index.html",
+    "covidseg/serving/web/app.js",
+    "covidseg/serving/web/app.css",
+)
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``python -m build`` of the repository: an sdist, and a wheel built from that sdist."""
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(REPO)],
+        check=True, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    return out
+
+
+def run(command: list[str], cwd: Path, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(command)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.mark.slow
+def test_the_sdist_and_the_wheel_carry_every_module_the_configs_the_model_and_the_page(dist: Path) -> None:
+    wheel_files = set(zipfile.ZipFile(next(dist.glob("covidseg-*.whl"))).namelist())
+    modules = {str(path.relative_to(REPO)) for path in (REPO / "covidseg").rglob("*.py")}
+    configs = {f"covidseg/{path.relative_to(REPO)}" for path in (REPO / "conf").rglob("*.yaml")}
+    assert modules | configs | set(SHIPPED) <= wheel_files, sorted((modules | configs | set(SHIPPED)) - wheel_files)
+    with tarfile.open(next(dist.glob("covidseg-*.tar.gz"))) as sdist:
+        names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    assert {str(path.relative_to(REPO)) for path in (REPO / "conf").rglob("*.yaml")} <= names
+    assert {"pyproject.toml", "README.md", "covidseg/pretrained/best_cpu.safetensors"} <= names
+
+
+@pytest.mark.slow
+def test_the_installed_wheel_trains_predicts_and_serves_from_an_empty_folder(dist: Path, tmp_path: Path) -> None:
+    """A virtual environment that sees the installed dependencies (torch, Lightning ...) but holds
+    covidseg only as the wheel; the commands run from an empty folder, where no ``conf/`` is."""
+    environment = tmp_path / "venv"
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(environment)
+    python = environment / "bin" / "python"
+    wheel = next(dist.glob("covidseg-*.whl"))
+    run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-index", "--no-deps", str(wheel)],
+        tmp_path, dict(os.environ))  # fmt: skip
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env |= {"COVIDSEG_CACHE": str(tmp_path / "cache"), "PATH": f"{environment / 'bin'}:{env['PATH']}"}
+
+    where = run([str(python), "-c", "import covidseg.core.config as c; print(c.CONF_DIR)"], empty, env).stdout
+    assert Path(where.strip()).is_relative_to(environment), f"covidseg came from {where.strip()}, not the wheel"
+    for script in SCRIPTS:
+        assert "== Config ==" in run([f"covidseg-{script}", "--help"], empty, env).stdout, script
+
+    run(["covidseg-train", "experiment=quickstart", "trainer.max_epochs=1", "trainer.precision=32-true"], empty, env)
+    assert list((empty / "outputs" / "quickstart" / "runs").glob("*/checkpoints/last.ckpt"))
+
+    image = np.full((128, 128), 40, np.uint8)
+    cv2.circle(image, (64, 64), 40, 200, -1)
+    cv2.imwrite(str(empty / "xray.png"), image)
+    run(["covidseg-predict", "ckpt_path=pretrained", "input=xray.png", "output=predictions"], empty, env)
+    assert (empty / "predictions" / "xray.png.mask.png").is_file()
+    assert (empty / "predictions" / "predictions.csv").read_text().splitlines()[1].startswith("xray.png,128,128,")
