@@ -32,6 +32,7 @@ from covidseg.core.framework_noise import quiet_framework_noise
 from covidseg.core.metrics import CLEAN_AREA_SHARE
 from covidseg.core.run_files import write_run_info
 from covidseg.core.validation import CheckedSettings, check_command_keys
+from covidseg.core.writing import write_atomic
 from covidseg.evaluation.test_loop import load_for_data, run_test_loop
 from covidseg.evaluation.thresholds import Choice, ThresholdSweep, choose, score_choices
 
@@ -97,7 +98,7 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
         "all": [asdict(choice) for choice in choices],
     }
     path = output_dir / "calibration.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(path, json.dumps(result, indent=2) + "\n")
     print_choice(result, path)
     return result
 

@@ -13,6 +13,7 @@ A ``.ckpt`` keeps its optimizer and loop state, so training can resume from the 
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,9 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 
 from covidseg.core.errors import ModelFileError, say_error
-from covidseg.core.files import printable
+from covidseg.core.files import printable, read_plain_yaml
+from covidseg.core.writing import atomic_output, write_atomic
+from covidseg.inference.loader import MAX_SPEC_BYTES
 from covidseg.inference.model_spec import LEGACY_CONFIG_KEY, SPEC_KEY, spec_from_run_config
 from covidseg.models.registry import NETWORKS
 
@@ -50,7 +53,15 @@ def spec_from_legacy(config: Any, source: str) -> dict[str, Any]:
 
 
 def convert_checkpoint(source: Path, target: Path) -> None:
-    checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # torch's own message advises unpickling anyway: not for an untrusted file
+        if "Unsupported global" not in str(error):  # not a pickle of classes: not a checkpoint at all
+            raise ModelFileError(f"{str(source)!r} is not a checkpoint (a PyTorch file of tensors)") from None
+        raise ModelFileError(
+            f"{str(source)!r} holds objects other than tensors and plain values (a pickle that could run code): "
+            "covidseg does not load it"
+        ) from None
     if not isinstance(checkpoint, dict) or LEGACY_CONFIG_KEY not in checkpoint:
         raise ModelFileError(f"{str(source)!r} has no {LEGACY_CONFIG_KEY!r}: not a covidseg 0.1 checkpoint")
     checkpoint[SPEC_KEY] = spec_from_legacy(checkpoint.pop(LEGACY_CONFIG_KEY), str(source))
@@ -58,15 +69,17 @@ def convert_checkpoint(source: Path, target: Path) -> None:
         (f"network.{name}" if name.startswith(("net.", "presence_head.")) else name): tensor
         for name, tensor in checkpoint["state_dict"].items()
     }
-    torch.save(checkpoint, target)
+    with atomic_output(target) as temporary:
+        torch.save(checkpoint, temporary)
 
 
 def convert_safetensors(source: Path, target: Path) -> None:
-    config = yaml.safe_load(source.with_suffix(".yaml").read_text())
+    config = read_plain_yaml(source.with_suffix(".yaml"), MAX_SPEC_BYTES, "a covidseg 0.1 run config", ModelFileError)
     spec = spec_from_legacy(config, str(source.with_suffix(".yaml")))
     state = {f"networks.0.{name}": tensor for name, tensor in load_file(source).items()}
-    save_file(state, str(target))
-    target.with_suffix(".yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    with atomic_output(target) as temporary:
+        save_file(state, str(temporary))
+    write_atomic(target.with_suffix(".yaml"), yaml.safe_dump(spec, sort_keys=False))
 
 
 def main() -> None:
@@ -82,8 +95,12 @@ def main() -> None:
         sys.exit(2)
     try:
         (convert_checkpoint if args.source.suffix == ".ckpt" else convert_safetensors)(args.source, args.target)
-    except Exception as error:  # the old file is untrusted too: any failure to read it is one line
-        say_error(str(error).splitlines()[0] if str(error) else type(error).__name__)
+    except ModelFileError as error:  # names the file already
+        say_error(str(error))
+        sys.exit(2)
+    except Exception as error:  # the old file is untrusted too: any failure to read it is one line naming it
+        reason = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
+        say_error(f"{printable(args.source)!r} could not be converted: {reason}")
         sys.exit(2)
     Console().print(f"converted {printable(args.source)} -> {printable(args.target)}", markup=False, highlight=False)
 

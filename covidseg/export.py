@@ -12,6 +12,7 @@ the settings applied to the graph's probabilities: the threshold and ``min_regio
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import hydra
@@ -22,9 +23,17 @@ from covidseg.core.config import CONF_DIR
 from covidseg.core.errors import DataError, ModelFileError, hydra_errors_in_one_line, user_errors
 from covidseg.core.files import printable
 from covidseg.core.run_files import make_output_folder
+from covidseg.core.writing import exclusive_lock, write_atomic
 from covidseg.inference.exporters import EXPORTERS
-from covidseg.inference.loader import inference_overrides, load_predictor
+from covidseg.inference.loader import allow_missing_folds, inference_overrides, load_predictor
 from covidseg.reports.model_card import render_model_card
+
+
+def written_files(file_format: str) -> list[str]:
+    """The names an export in ``file_format`` writes into its folder."""
+    return [f"model{EXPORTERS[file_format][1]}", "model.json", "MODEL_CARD.md"] + (
+        ["model.yaml"] if file_format == "safetensors" else []
+    )
 
 
 def check_output(output: Path, file_format: str) -> None:
@@ -32,9 +41,7 @@ def check_output(output: Path, file_format: str) -> None:
     replaces a file (the default output, the run's own folder, is always new)."""
     if output.exists() and not output.is_dir():
         raise DataError(f"output {printable(output)!r} is an existing file; expected a folder (new or existing)")
-    written = [f"model{EXPORTERS[file_format][1]}", "model.json", "MODEL_CARD.md"]
-    written += ["model.yaml"] if file_format == "safetensors" else []
-    taken = [name for name in written if (output / name).exists() or (output / name).is_symlink()]
+    taken = [name for name in written_files(file_format) if (output / name).exists() or (output / name).is_symlink()]
     if taken:
         raise DataError(
             f"output {printable(output)!r} already holds {', '.join(taken)}: an export never replaces files; "
@@ -44,16 +51,29 @@ def check_output(output: Path, file_format: str) -> None:
 
 def export(cfg: DictConfig) -> Path:
     """Export what ``cfg.ckpt_path`` names to ``cfg.output`` in ``cfg.format``, with the metadata
-    ``.json`` and a ``MODEL_CARD.md`` beside it; returns the model file."""
+    ``.json`` and a ``MODEL_CARD.md`` beside it; returns the model file. Every file is written whole,
+    under a lock on the folder; when one cannot be, none of the export's files is left."""
     if cfg.format not in EXPORTERS:
         raise ModelFileError(f"format={cfg.format!r} is not one of {', '.join(EXPORTERS)}")
-    check_output(Path(cfg.output), cfg.format)
-    loaded = load_predictor(cfg.ckpt_path, cfg.paths.log_dir, **inference_overrides(cfg))
+    # the folder the path names once its links and ".." are followed: "<new>/../<yours>" is yours
+    output = Path(os.path.realpath(Path(str(cfg.output)).expanduser()))
+    check_output(output, cfg.format)
+    loaded = load_predictor(
+        cfg.ckpt_path, cfg.paths.log_dir, allow_missing_folds=allow_missing_folds(cfg), **inference_overrides(cfg)
+    )
     exporter, suffix = EXPORTERS[cfg.format]
-    path = exporter(loaded, make_output_folder(Path(cfg.output)) / f"model{suffix}")
-    files = sorted(file.name for file in path.parent.glob(f"{path.stem}.*"))
-    card = path.parent / "MODEL_CARD.md"
-    card.write_text(render_model_card(loaded.spec, loaded.paths[0].stem, files))
+    with exclusive_lock(make_output_folder(output)) as locked:
+        if not locked:
+            raise DataError(f"output {printable(output)!r} is being written by another export: choose another folder")
+        check_output(output, cfg.format)  # again, now that no other export can write here
+        try:
+            path = exporter(loaded, output / f"model{suffix}")
+            files = sorted(file.name for file in output.glob(f"{path.stem}.*"))
+            card = write_atomic(output / "MODEL_CARD.md", render_model_card(loaded.spec, loaded.paths[0].stem, files))
+        except BaseException:
+            for name in written_files(cfg.format):  # none was there before (checked under the lock)
+                (output / name).unlink(missing_ok=True)
+            raise
     Console().print(f"exported {path}, {path.with_suffix('.json')} and {card}", markup=False, highlight=False)
     return path
 

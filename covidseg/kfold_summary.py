@@ -11,17 +11,20 @@ import json
 from pathlib import Path
 
 from covidseg.core.errors import user_errors
+from covidseg.core.writing import write_atomic
 from covidseg.reports.kfold_summary import markdown, summarise
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("multirun_dir", type=Path)
-    folder = parser.parse_args().multirun_dir
+    parser.add_argument("--allow-missing-folds", action="store_true", help="summarise the folds that finished")
+    arguments = parser.parse_args()
+    folder = arguments.multirun_dir
     with user_errors():
-        summary = summarise(folder)
-        (folder / "kfold_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (folder / "kfold_summary.md").write_text(markdown(summary))
+        summary = summarise(folder, arguments.allow_missing_folds)
+        write_atomic(folder / "kfold_summary.json", json.dumps(summary, indent=2) + "\n")
+        write_atomic(folder / "kfold_summary.md", markdown(summary))
     print(markdown(summary), end="")
     print(f"written: {folder / 'kfold_summary.json'}, {folder / 'kfold_summary.md'}")
 

@@ -6,12 +6,10 @@ python -m covidseg.predict ckpt_path=<ckpt|pretrained|list|k-fold folder|model.o
 
 from __future__ import annotations
 
-import csv
 import glob
 import logging
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +29,9 @@ from covidseg.core.files import printable
 from covidseg.core.images import IMAGE_SUFFIXES, read_unchanged, xray_gray
 from covidseg.core.run_files import make_output_folder, write_run_info
 from covidseg.core.validation import CheckedSettings, check_command_keys
-from covidseg.inference.loader import inference_bf16, inference_overrides
-from covidseg.inference.segment import ImageResult, load_backend, segment
+from covidseg.core.writing import exclusive_lock, write_atomic, write_csv
+from covidseg.inference.loader import allow_missing_folds, inference_bf16, inference_overrides
+from covidseg.inference.segment import ImageResult, LoadedBackend, load_backend, segment
 
 log = logging.getLogger(__name__)
 SOME_IMAGES_FAILED = 3  # exit code: the run finished, but some images could not be read or written
@@ -158,15 +157,34 @@ def predict(cfg: DictConfig) -> PredictRun:
     """Write mask, overlay (and optional probability) PNGs per image and ``predictions.csv``."""
     check_command_keys(cfg, PredictSettings)
     files, base = find_inputs(str(cfg.input))
-    output = Path(cfg.output)
+    # the folder the path names once its links and ".." are followed: "<new>/../<yours>" is yours
+    output = Path(os.path.realpath(Path(str(cfg.output)).expanduser()))
     recursive = Path(str(cfg.input)).expanduser().is_dir() or "**" in str(cfg.input)
     check_output(output, files, base, recursive, cfg.allow_output_in_input)
     check_nothing_replaced(output, files, base)
     run_folder = Path(cfg.paths.output_dir)  # covidseg's own: a graph exported for backend=onnx goes there
     model = load_backend(
-        cfg.ckpt_path, cfg.paths.log_dir, cfg.backend, inference_overrides(cfg), inference_bf16(cfg), run_folder
+        cfg.ckpt_path,
+        cfg.paths.log_dir,
+        cfg.backend,
+        inference_overrides(cfg),
+        inference_bf16(cfg),
+        run_folder,
+        allow_missing_folds(cfg),
     )
-    make_output_folder(output).joinpath(OUTPUT_MARKER).touch()
+    make_output_folder(output)
+    with exclusive_lock(output) as locked:  # one predict at a time writes into a folder
+        if not locked:
+            raise DataError(
+                f"output {printable(output)!r} is being written by another predict right now: wait for it to "
+                "finish or choose another output"
+            )
+        check_nothing_replaced(output, files, base)  # again, now that no other predict can write here
+        (output / OUTPUT_MARKER).touch()
+        return _predict_into(cfg, model, files, base, output)
+
+
+def _predict_into(cfg: DictConfig, model: LoadedBackend, files: list[Path], base: Path, output: Path) -> PredictRun:
     inputs = {Path(os.path.realpath(path)) for path in files}
     run = PredictRun(output / "predictions.csv")
     batches = [files[start : start + cfg.batch_size] for start in range(0, len(files), cfg.batch_size)]
@@ -191,10 +209,8 @@ def predict(cfg: DictConfig) -> PredictRun:
                 continue
             row = {"file": printable(path), **result.stats(), **(result.severity() or {})}
             run.rows.append(row | {"seconds": round(seconds, 4)})
-    with run.csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(run.rows[0]) if run.rows else ["file"])
-        writer.writeheader()
-        writer.writerows(run.rows)
+    header = list(run.rows[0]) if run.rows else ["file"]
+    write_csv(run.csv_path, header, ([row[key] for key in header] for row in run.rows))
     for label, problems in (("skipped (unreadable)", run.skipped), ("failed (not written)", run.failed)):
         for path, reason in problems:
             log.warning("%s %s: %s", label, printable(path), reason)
@@ -208,18 +224,11 @@ def predict(cfg: DictConfig) -> PredictRun:
 
 
 def write_png(path: Path, array: np.ndarray) -> None:
-    """Encode in memory, write a new temporary file beside ``path``, then rename it over ``path``."""
+    """Encode in memory, then write whole or not at all (:func:`covidseg.core.writing.write_atomic`)."""
     encoded, data = cv2.imencode(".png", array)
     if not encoded:
         raise OSError(f"could not encode {printable(path)!r} as PNG")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data.tobytes())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)  # the file mkstemp created above, never renamed
-        raise
+    write_atomic(path, data.tobytes())
 
 
 def write_outputs(result: ImageResult, stem: Path, save_probability: bool, inputs: set[Path]) -> None:

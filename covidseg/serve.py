@@ -16,9 +16,9 @@ from omegaconf import DictConfig
 from covidseg.core.config import CONF_DIR
 from covidseg.core.errors import hydra_errors_in_one_line, user_errors
 from covidseg.core.run_files import write_run_info
-from covidseg.inference.loader import inference_bf16, inference_overrides
+from covidseg.inference.loader import allow_missing_folds, inference_bf16, inference_overrides
 from covidseg.inference.segment import load_backend
-from covidseg.serving.app import create_app, serve_settings
+from covidseg.serving.app import check_address, create_app, serve_settings
 
 
 @hydra_errors_in_one_line
@@ -28,6 +28,7 @@ def main(cfg: DictConfig) -> None:
 
     with user_errors():
         settings = serve_settings(cfg)
+        check_address(settings)
         write_run_info(cfg.paths.output_dir)
         model = load_backend(
             cfg.ckpt_path,
@@ -36,6 +37,7 @@ def main(cfg: DictConfig) -> None:
             inference_overrides(cfg),
             inference_bf16(cfg),
             Path(cfg.paths.output_dir),
+            allow_missing_folds(cfg),
         )
         app = create_app(model, settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")

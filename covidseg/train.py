@@ -22,7 +22,7 @@ from covidseg.core.run_files import print_summary, write_metrics, write_run_info
 from covidseg.inference.loader import check_checkpoint, resolve_ckpt_path
 from covidseg.training.build import build_run
 from covidseg.training.callbacks import RecordRunStart
-from covidseg.training.resume import check_resume_settings
+from covidseg.training.resume import check_resume_settings, file_resume_folder
 from covidseg.training.settings import check_settings
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
                 f"ckpt_path {str(ckpt_path)!r}: training resumes from a .ckpt written by covidseg.train"
             )
         check_checkpoint(ckpt_path)  # plain data and a valid model spec, before anything is built from it
-    changed_config = None
+    changed_config, resumed_by = None, None
     if cfg.train and ckpt_path is not None and (ckpt_path.parent.parent / ".hydra").is_dir():
         changed_config = check_resume_settings(cfg, ckpt_path)
+        resumed_by = Path(cfg.paths.output_dir)  # the folder Hydra made for this command
         with open_dict(cfg):  # continue the interrupted run's folder, checkpoints and TensorBoard run
             cfg.paths.output_dir = str(ckpt_path.parent.parent)
         log.info("resuming %s", cfg.paths.output_dir)
@@ -90,6 +91,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     if not trainer.is_global_zero:
         return metrics, objective
     write_metrics(output_dir, metrics)
+    if resumed_by is not None and HydraConfig.initialized():
+        file_resume_folder(resumed_by, output_dir)
     for logger in trainer.loggers:
         if isinstance(logger, MLFlowLogger):  # the run's config and best checkpoint beside its metrics
             config = OmegaConf.to_container(cfg, resolve=True)

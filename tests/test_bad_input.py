@@ -399,7 +399,7 @@ TRAIN_CASES = [
     (["data.targets=[tumour]"], "data.targets.0='tumour': Input should be 'infection' or 'lung'"),
     (["data.num_workers=-1"], "data.num_workers=-1: Input should be greater than or equal to 0"),
     (["data.num_folds=1"], "data.num_folds=1: Input should be greater than or equal to 2"),
-    (["data.num_folds=3", "data.fold=5"], "data.num_folds=3 and data.fold=5: need num_folds >= 2 and 0 <= fold"),
+    (["data.num_folds=3", "data.fold=5"], "data.fold=5: not one of the 3 folds of data.num_folds (0 to 2)"),
     (["seed=abc"], "seed='abc': Input should be a valid integer"),
     (["trainer.max_time=banana"], "trainer.max_time='banana': expected DD:HH:MM:SS, e.g. 00:01:30:00"),
     (["trainer.max_time=00:00:-1:00"], "trainer.max_time='00:00:-1:00': expected DD:HH:MM:SS"),
@@ -414,6 +414,20 @@ TRAIN_CASES = [
     (["model.optimizer.lr=nan"], "model.optimizer.lr=nan: Input should be a finite number"),
     (["data.synthetic.counts={Train:-3}"], "data.synthetic.counts.Train=-3: Input should be greater than or equal"),
     (["data.synthetic.image_size=100000"], "data.synthetic.image_size=100000: Input should be less than or equal"),
+    # settings that would take the machine, train nothing with exit code 0, or crash mid-run
+    (["data.num_workers=1000"], "data.num_workers=1000: at most"),
+    (["trainer.devices=512"], "trainer.devices=512: this machine has"),
+    (["trainer.max_epochs=0"], "trainer.max_epochs=0: trains nothing"),
+    (["trainer.limit_train_batches=0"], "trainer.limit_train_batches=0: trains nothing"),
+    (["trainer.limit_train_batches=0.0"], "trainer.limit_train_batches=0.0: trains nothing"),
+    (["seed=-1"], "seed=-1: Input should be greater than or equal to 0"),
+    (["seed=99999999999"], "seed=99999999999: Input should be less than or equal to 4294967295"),
+    (["data.seed=-5"], "data.seed=-5: Input should be greater than or equal to 0"),
+    (["trainer.precision=64"], "trainer.precision=64: Input should be"),
+    (["data.classes=[COVID-19,COVID-19]"], "data.classes=['COVID-19', 'COVID-19']: names a class twice"),
+    (["data.eval_classes=[Normal,Normal]"], "data.eval_classes=['Normal', 'Normal']: names a class twice"),
+    (["model.loss.dice_weight=-1"], "model.loss.dice_weight=-1: Input should be greater than or equal to 0"),
+    (["+model.loss.smooth=0"], "model.loss.smooth=0: Input should be greater than 0"),
 ]
 
 

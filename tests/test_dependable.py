@@ -193,28 +193,33 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(compose
 
 
 def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(compose_cfg, monkeypatch) -> None:
+    """The disk fills while the third checkpoint is written: one line, exit code 2, the previous
+    ``last.ckpt`` whole and loadable, and no half-written temporary file left beside it."""
     import errno
-
-    from fsspec.implementations.local import LocalFileOpener
+    import io
 
     from covidseg.core.errors import user_errors
 
-    real_write, writes = LocalFileOpener.write, []
+    real_save, writes = torch.save, []
 
-    def write_until_full(self, data):
-        if not str(self.path).endswith(".ckpt"):
-            return real_write(self, data)
-        writes.append(self.path)
+    def save_until_full(obj, target, *args, **kwargs):
+        if not str(target).endswith(".ckpt"):
+            return real_save(obj, target, *args, **kwargs)
+        writes.append(target)
         if len(writes) <= 2:  # the first epoch's best and last checkpoints
-            return real_write(self, data)
-        real_write(self, data[: len(data) // 2])
+            return real_save(obj, target, *args, **kwargs)
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        Path(target).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(LocalFileOpener, "write", write_until_full)
+    monkeypatch.setattr(torch, "save", save_until_full)
     cfg = compose_cfg("train", [*FAST, "trainer.max_epochs=3"])
     with pytest.raises(SystemExit) as stopped, user_errors():
         train(cfg)
     assert stopped.value.code == 2
-    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    state = torch.load(last, weights_only=True)
+    folder = Path(cfg.paths.output_dir) / "checkpoints"
+    state = torch.load(folder / "last.ckpt", weights_only=True)
     assert state["global_step"] == 2 and len(writes) == 3
+    assert all(Path(target).parent == folder for target in writes)  # written beside, renamed in one step
+    assert sorted(path.name for path in folder.iterdir() if path.name.startswith(".")) == []

@@ -27,6 +27,7 @@ from covidseg.benchmarks.throughput import SHARED_DATA, spread
 from covidseg.core.config import compose_config
 from covidseg.core.errors import DataError, user_errors, whole_number
 from covidseg.core.files import printable
+from covidseg.core.writing import write_atomic
 from covidseg.data.synthetic import make_phantom
 from covidseg.predict import predict
 
@@ -93,7 +94,7 @@ def main() -> None:
         input_folder = args.input or default_input(Path(scratch))
         figures = run(input_folder, args.rounds, args.overrides, Path(scratch))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "predict_bench.json").write_text(json.dumps(figures, indent=2) + "\n")
+    write_atomic(args.out / "predict_bench.json", json.dumps(figures, indent=2) + "\n")
     print(markdown(figures))
 
 

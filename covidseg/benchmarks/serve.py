@@ -29,7 +29,8 @@ import numpy as np
 from covidseg.benchmarks.throughput import SHARED_DATA
 from covidseg.core.errors import DataError, say_error, user_errors, whole_number
 from covidseg.core.files import read_file_bytes
-from covidseg.core.images import MAX_FILE_BYTES
+from covidseg.core.images import MAX_FILE_BYTES, decode_unchanged, xray_gray
+from covidseg.core.writing import write_atomic
 from covidseg.data.synthetic import make_phantom
 
 
@@ -50,11 +51,14 @@ def rss_mib(pid: int) -> dict[str, float]:
 
 
 def read_image(path: Path) -> tuple[bytes, str]:
-    """The bytes to send as they are (the server judges them), from a file that must exist."""
+    """The bytes to send as they are, from a file that must exist and hold an X-ray the server
+    answers for: a benchmark of refusals would time nothing but error answers."""
     try:
-        return read_file_bytes(path, MAX_FILE_BYTES, "an image file", DataError), path.name
+        data = read_file_bytes(path, MAX_FILE_BYTES, "an image file", DataError)
     except OSError as error:
         raise DataError(f"--image {str(path)!r}: {error.strerror or error}") from None
+    xray_gray(decode_unchanged(data, f"--image {path}")[0], f"--image {path}")
+    return data, path.name
 
 
 def default_image() -> tuple[bytes, str]:
@@ -165,7 +169,7 @@ def main() -> None:
         "rss_mib": memory,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serve_bench.json").write_text(json.dumps(figures, indent=2) + "\n")
+    write_atomic(args.out / "serve_bench.json", json.dumps(figures, indent=2) + "\n")
     rss = {stage: values.get("VmRSS", float("nan")) for stage, values in memory.items()}
     print(
         f"| requests | clients | throughput | p50 | p95 | max | errors | RSS after warm-up / half / end | peak RSS |\n"

@@ -24,7 +24,8 @@ from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode
 
 from covidseg.core.config import compose_config
-from covidseg.core.errors import DataError
+from covidseg.core.errors import DataError, whole_number
+from covidseg.core.writing import write_atomic
 from covidseg.data.index import find_split_root
 from covidseg.inference.model_spec import InferenceSettings
 from covidseg.inference.predictor import Predictor
@@ -317,9 +318,11 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=6, help="timed training steps per loop")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the precision variants")
+    parser.add_argument("--steps", type=whole_number(1), default=6, help="timed training steps per loop")
+    parser.add_argument("--warmup", type=whole_number(0), default=2, help="untimed training steps first")
+    parser.add_argument(
+        "--rounds", type=whole_number(1), default=2, help="interleaved rounds of the precision variants"
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"), help="folder for bench.json/bench.md")
     parser.add_argument("--compile", action="store_true", help="add bf16+NHWC under torch.compile (slow first step)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the train config")
@@ -327,9 +330,9 @@ def main() -> None:
     cfg = compose_bench_config(args.overrides)
     results = run(cfg, args.steps, args.warmup, args.rounds, args.compile)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_atomic(args.out / "bench.json", json.dumps(results, indent=2) + "\n")
     table = markdown(results) + "\n" + variants_markdown(results["variants"])
-    (args.out / "bench.md").write_text(table)
+    write_atomic(args.out / "bench.md", table)
     print(table)
     print(f"written: {args.out / 'bench.json'}, {args.out / 'bench.md'}")
 

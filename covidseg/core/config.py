@@ -16,10 +16,13 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from covidseg.core.errors import user_errors
 from covidseg.core.hardware import cpu_precision
+from covidseg.core.writing import new_run_folder
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
@@ -65,3 +68,27 @@ def instantiate_each(group: DictConfig | None) -> list:
     if not group:
         return []
     return [instantiate(entry) for entry in group.values() if entry is not None and "_target_" in entry]
+
+
+class OwnRunFolder(Callback):
+    """Hydra callback (``conf/hydra/default.yaml``): before Hydra writes anything, the run folder
+    (``hydra.run.dir``, or a multirun's ``hydra.sweep.dir``) is claimed for this run alone. Runs of
+    one task started in the same second get ``<time>_2``, ``<time>_3`` ...; a folder named on the
+    command line must be new or empty, so no file of the user's is overwritten and no recorded
+    config is rewritten before a resume compares it. A folder that is claimed holds ``.covidseg-run``."""
+
+    @staticmethod
+    def _claim(config: DictConfig, key: str) -> None:
+        chosen = any(override.split("=")[0].lstrip("+~") == f"hydra.{key}" for override in config.hydra.overrides.hydra)
+        with user_errors():  # Hydra turns a callback's exception into a warning; the exit code 2 stops it
+            folder = new_run_folder(Path(config.hydra[key.split(".")[0]].dir), chosen)
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra[key.split(".")[0]].dir = str(folder)
+
+    def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
+        # Lightning starts the other DDP ranks as this command again, in the folder rank zero claimed
+        if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:
+            self._claim(config, "run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: object) -> None:
+        self._claim(config, "sweep.dir")

@@ -55,8 +55,11 @@ def decode_dicom(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.nda
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError as error:
         raise DataError(f"{name!r} is DICOM: install the extra with pip install -e '.[dicom]'") from error
+    dataset = None
     try:
         dataset = pydicom.dcmread(io.BytesIO(data), force=True)
+        if not any(key in dataset for key in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            raise DataError(f"{name!r} is a DICOM file without pixel data: it holds no image to read")
         frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
         _checked_pixels(name, int(dataset.Columns), int(dataset.Rows) * frames, max_pixels)
         pixels = dataset.pixel_array
@@ -75,6 +78,12 @@ def decode_dicom(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.nda
     except DataError:
         raise
     except Exception as error:  # pydicom raises many kinds for corrupt or unusual files
+        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+        if syntax is not None and getattr(syntax, "is_compressed", False) and "plugin" in str(error):
+            raise DataError(
+                f"{name!r} is DICOM compressed as {syntax.name}, and no decoder for it is installed: "
+                "pip install pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg (JPEG, JPEG-LS, JPEG 2000)"
+            ) from None
         first_line = (str(error).splitlines() or [type(error).__name__])[0][:200]
         raise DataError(f"{name!r} could not be read as DICOM: {first_line}") from None
     if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
@@ -96,7 +105,14 @@ def image_format(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> str:
                 found, (width, height) = header.format, header.size
     except Image.DecompressionBombError:
         raise DataError(f"{name!r} is an image of more than {max_pixels:,} pixels; it is not decoded") from None
-    except (OSError, ValueError, SyntaxError):
+    except ValueError as error:
+        if "MAX_TEXT_CHUNK" in str(error):  # Pillow's limit on compressed text (metadata) chunks
+            raise DataError(
+                f"{name!r} is a PNG with a text chunk (metadata) that inflates past Pillow's safe limit; it is not "
+                "read: save the image again without its metadata"
+            ) from None
+        found, width, height = None, 0, 0
+    except (OSError, SyntaxError):
         found, width, height = None, 0, 0
     if found not in RASTER_FORMATS:
         raise DataError(
@@ -146,15 +162,22 @@ def xray_gray(image: np.ndarray, name: str) -> np.ndarray:
                 f"X-ray (at most {MAX_COLOUR_SHARE:.0%} coloured); if it is one, save it in grey"
             )
     gray = to_gray(image)
-    height, width = gray.shape[:2]
+    check_xray_shape(gray, name)
+    if gray.min() == gray.max():
+        raise DataError(f"{name!r} has a single grey level ({int(gray.min())}): there is no X-ray in it to segment")
+    return gray
+
+
+def check_xray_shape(image: np.ndarray, name: str) -> None:
+    """An image shaped like a chest X-ray: at least ``MIN_SIDE`` pixels a side and at most
+    ``MAX_ASPECT`` times as long as wide (predict refuses anything else, and training does too:
+    a 1x1 or 10000x1 picture stretched to the network's side teaches it nothing true)."""
+    height, width = image.shape[:2]
     if min(height, width) < MIN_SIDE or max(height, width) > MAX_ASPECT * min(height, width):
         raise DataError(
             f"{name!r} is {width}x{height} pixels: expected a chest X-ray, at least {MIN_SIDE} pixels a side "
             f"and at most {MAX_ASPECT:g} times as long as wide"
         )
-    if gray.min() == gray.max():
-        raise DataError(f"{name!r} has a single grey level ({int(gray.min())}): there is no X-ray in it to segment")
-    return gray
 
 
 def read_unchanged(path: Path) -> np.ndarray:

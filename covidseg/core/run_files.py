@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import platform
@@ -10,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,8 @@ from rich.table import Table
 
 import covidseg
 from covidseg.core.errors import DataError
-from covidseg.core.files import printable, read_file_bytes
+from covidseg.core.files import printable, read_file_bytes, read_plain_yaml
+from covidseg.core.writing import write_atomic, write_csv
 
 log = logging.getLogger(__name__)
 MAX_RUN_FILE_BYTES = 10 * 1024 * 1024  # a run_info.json or metrics.json is a few kB
@@ -50,6 +51,38 @@ def read_run_file(path: Path) -> dict[str, Any]:
     return content
 
 
+@dataclass(frozen=True)
+class Folds:
+    """The folds of a k-fold multirun, from its jobs' recorded ``data.num_folds`` and ``data.fold``."""
+
+    missing: list[int]  # folds without a finished job (its metrics.json, written last)
+    finished: list[Path]  # the job folders that finished
+
+    def describe_missing(self) -> str:
+        return ", ".join(str(fold) for fold in self.missing)
+
+
+def kfold_folds(jobs: Sequence[Path], error: type[Exception]) -> Folds | None:
+    """The folds of ``jobs`` when they are a k-fold multirun (``None`` otherwise); the recorded
+    configs are read as untrusted YAML."""
+    folds: set[int] = set()
+    finished: dict[int, Path] = {}
+    for job in jobs:
+        recorded = job / ".hydra" / "config.yaml"
+        if not recorded.is_file():
+            continue
+        config = read_plain_yaml(recorded, MAX_RUN_FILE_BYTES, "a run's recorded config", error)
+        data = config.get("data") if isinstance(config, dict) else None
+        count, fold = (data.get("num_folds"), data.get("fold")) if isinstance(data, dict) else (None, None)
+        if isinstance(count, int) and isinstance(fold, int) and 2 <= count <= 1000:
+            folds |= set(range(count))
+            if (job / "metrics.json").is_file():
+                finished[fold] = job
+    if not folds:
+        return None
+    return Folds(sorted(folds - set(finished)), [finished[fold] for fold in sorted(finished)])
+
+
 def make_output_folder(output: Path) -> Path:
     """``output`` made, parents included, for a command's files; one line naming it when it cannot
     be (a parent that is a file, a read-only or virtual file system)."""
@@ -74,24 +107,19 @@ def write_run_info(output_dir: str | Path) -> None:
         "platform": platform.platform(),
     }
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    Path(output_dir, "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_atomic(Path(output_dir, "run_info.json"), json.dumps(info, indent=2) + "\n")
 
 
 def write_metrics(output_dir: str | Path, metrics: Mapping[str, float]) -> Path:
     path = Path(output_dir, "metrics.json")
-    path.write_text(json.dumps(dict(metrics), indent=2, sort_keys=True) + "\n")
+    write_atomic(path, json.dumps(dict(metrics), indent=2, sort_keys=True) + "\n")
     return path
 
 
 def write_per_image(output_dir: str | Path, names: Sequence[str], columns: Mapping[str, Sequence[float]]) -> Path:
     """One CSV row per image: its file name and each per-image value (Dice, IoU, areas)."""
-    path = Path(output_dir, "per_image.csv")
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["file", *columns])
-        for row, name in enumerate(names):
-            writer.writerow([name, *(f"{values[row]:.6g}" for values in columns.values())])
-    return path
+    rows = ([name, *(f"{values[row]:.6g}" for values in columns.values())] for row, name in enumerate(names))
+    return write_csv(Path(output_dir, "per_image.csv"), ["file", *columns], rows)
 
 
 def print_summary(title: str, metrics: Mapping[str, float], locations: Mapping[str, str | Path | None]) -> None:

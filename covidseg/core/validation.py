@@ -7,10 +7,10 @@ or a message.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from omegaconf import DictConfig, OmegaConf
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from covidseg.core.errors import ConfigError
 
@@ -20,6 +20,10 @@ class CheckedSettings(BaseModel):
     the rest pass through to the objects Hydra builds."""
 
     model_config = ConfigDict(extra="allow", strict=True)
+
+
+# what a random seed may be (numpy's and Lightning's range); outside it Lightning fails mid-run
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 def first_error(error: ValidationError) -> tuple[str, Any, str]:

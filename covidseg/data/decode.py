@@ -22,11 +22,14 @@ import cv2
 import numpy as np
 
 from covidseg.core.errors import DataError
-from covidseg.core.files import printable
-from covidseg.core.images import read_gray, read_unchanged, resize_image
+from covidseg.core.files import open_regular_file, printable, read_file_bytes
+from covidseg.core.images import check_xray_shape, read_gray, read_unchanged, resize_image
+from covidseg.core.writing import atomic_output, write_atomic
 from covidseg.data.index import Sample
 
 log = logging.getLogger(__name__)
+MAX_META_BYTES = 1_000_000  # a cache entry's record is a few hundred bytes
+MAX_CACHE_BYTES = 1 << 40  # decoded arrays are large; the limit only keeps out what is not a file
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -52,6 +55,7 @@ def read_mask(path: Path) -> np.ndarray:
 
 def _decode_sample(sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray]:
     image = read_gray(sample.image)
+    check_xray_shape(image, str(sample.image))
     masks = []
     for mask_path in sample.masks:
         mask = read_mask(mask_path)
@@ -107,20 +111,27 @@ def _meta_path(paths: tuple[Path, Path]) -> Path:
     return paths[0].with_name(paths[0].name.replace("-images.npy", ".json"))
 
 
+def _load_array(path: Path) -> np.ndarray:
+    with open_regular_file(path, MAX_CACHE_BYTES, "a decode cache entry", DataError) as file:
+        return np.load(file, allow_pickle=False)
+
+
 def _load_cache(paths: tuple[Path, Path]) -> tuple[np.ndarray, np.ndarray] | None:
     """The cached arrays when present and intact (shape, dtype and checksum as recorded); a damaged
     or unverifiable entry is reported in one line and rebuilt."""
     if not any(path.exists() for path in paths):
         return None
     try:
-        expected = json.loads(_meta_path(paths).read_text())
-        arrays = tuple(np.load(path, allow_pickle=False) for path in paths)
+        expected = json.loads(read_file_bytes(_meta_path(paths), MAX_META_BYTES, "a decode cache's record", DataError))
+        if not isinstance(expected, dict):
+            raise ValueError("its record is not a table of names and values")
+        arrays = tuple(_load_array(path) for path in paths)
         for name, array in zip(("images", "masks"), arrays, strict=True):
             if name not in expected:
                 raise ValueError(f"no recorded shape, type and checksum for the {name}")
             if _describe(array) != expected[name]:
                 raise ValueError(f"the {name} do not match their recorded shape, type and checksum")
-    except (OSError, ValueError, TypeError, EOFError) as error:
+    except (OSError, ValueError, TypeError, EOFError, RecursionError) as error:  # DataError is a ValueError
         log.warning("decode cache %s is damaged (%s): rebuilding it", printable(paths[0].parent), error)
         return None
     return arrays
@@ -132,11 +143,10 @@ def _save_atomic(paths: tuple[Path, Path], arrays: tuple[np.ndarray, ...], sampl
     try:
         paths[0].parent.mkdir(parents=True, exist_ok=True)
         for path, array in zip(paths, arrays, strict=True):
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, array)
-            os.replace(tmp, path)
+            with atomic_output(path) as temporary:  # a name of its own: runs at once never share one
+                np.save(temporary, array)
         meta = {"image_size": size, "count": len(samples), "first": printable(samples[0].image)}
         meta |= {name: _describe(array) for name, array in zip(("images", "masks"), arrays, strict=True)}
-        _meta_path(paths).write_text(json.dumps(meta))
+        write_atomic(_meta_path(paths), json.dumps(meta))
     except OSError as error:  # a read-only or full cache folder must not stop training
         log.warning("could not write the decode cache in %s: %s", paths[0].parent, error)

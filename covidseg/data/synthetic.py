@@ -19,6 +19,7 @@ import numpy as np
 from covidseg.core.errors import DataError
 from covidseg.core.files import printable
 from covidseg.core.labels import CLASSES
+from covidseg.core.writing import waiting_lock
 from covidseg.data.index import TARGET_FOLDERS, canonical_split
 
 MARKER = "synthetic.json"
@@ -137,9 +138,15 @@ class SyntheticPhantoms:
         """Write the dataset into ``root`` unless it already holds this exact one.
 
         ``root`` is replaced only when it is new or empty, or when it holds exactly what a synthetic
-        generator wrote there (its marker file says with which settings) and nothing else.
+        generator wrote there (its marker file says with which settings) and nothing else. The
+        folder above ``root`` is locked meanwhile, so runs started at once never write it together.
         """
         root = Path(root)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with waiting_lock(root.parent):  # runs started at once: the first writes, the others find its files
+            return self._write_unlocked(root)
+
+    def _write_unlocked(self, root: Path) -> Path:
         marker, previous = root / MARKER, None
         if marker.is_file():
             previous = self._previous(root)
@@ -156,7 +163,6 @@ class SyntheticPhantoms:
                 f"data.root {printable(root)!r} is not empty and was not written by the synthetic "
                 "generator: point data.root at an empty or new folder"
             )
-        root.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=root.parent))
         try:
             self._write_files(staging)

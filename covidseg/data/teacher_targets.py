@@ -17,6 +17,7 @@ import numpy as np
 
 from covidseg.core.errors import DataError
 from covidseg.core.files import printable
+from covidseg.core.writing import atomic_output
 
 FORMAT_VERSION = 1
 # A file may hold targets for other classes too (the teacher ran on all three), but not many times
@@ -28,7 +29,10 @@ MAX_NAME_BYTES = 4 * 1024  # numpy stores 4 bytes per character
 def save_teacher_targets(path: Path, names: Sequence[str], probabilities: np.ndarray) -> None:
     """``probabilities`` (N, S, S) in [0, 1], one per name, stored as uint8."""
     quantised = np.rint(np.clip(probabilities, 0.0, 1.0) * 255).astype(np.uint8)
-    np.savez(path, names=np.array(list(names), dtype=str), probabilities=quantised, version=np.array(FORMAT_VERSION))
+    with atomic_output(Path(path)) as temporary:
+        np.savez(
+            temporary, names=np.array(list(names), dtype=str), probabilities=quantised, version=np.array(FORMAT_VERSION)
+        )
 
 
 def _array_headers(path: str | Path, where: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

@@ -13,14 +13,22 @@ from omegaconf import DictConfig, open_dict
 
 from covidseg.data import CovidQuExDataModule
 from covidseg.data.settings import check_data_settings
-from covidseg.inference.loader import LoadedModel, inference_bf16, inference_overrides, load_predictor
+from covidseg.inference.loader import (
+    LoadedModel,
+    allow_missing_folds,
+    inference_bf16,
+    inference_overrides,
+    load_predictor,
+)
 from covidseg.inference.predictor import PredictorModule
 
 
 def load_for_data(cfg: DictConfig) -> tuple[LoadedModel, CovidQuExDataModule]:
     """The model that ``ckpt_path`` names (with the command's inference settings), and the
     datamodule of ``data.*`` at the model's image size and targets."""
-    loaded = load_predictor(cfg.ckpt_path, cfg.paths.log_dir, inference_bf16(cfg), **inference_overrides(cfg))
+    loaded = load_predictor(
+        cfg.ckpt_path, cfg.paths.log_dir, inference_bf16(cfg), allow_missing_folds(cfg), **inference_overrides(cfg)
+    )
     with open_dict(cfg):
         cfg.data.targets = list(loaded.spec.targets)
         cfg.data.image_size = loaded.spec.image_size

@@ -3,7 +3,8 @@ fp16 safetensors with the model spec as ``.yaml``; each with its metadata ``.jso
 
 ONNX and TorchScript hold every network of an ensemble, the resizing to each network's side, flip
 TTA, lung restriction and the presence gate; the ``.json`` says how to feed the graph and read it,
-and carries the model spec (plain data, validated on load). The ``export`` command writes these
+and carries the model spec (plain data, validated on load). Each file is written whole or not at
+all (:mod:`covidseg.core.writing`). The ``export`` command writes these
 into a folder with a model card; ``segment`` traces an ONNX graph of a Predictor to run it in ONNX
 Runtime.
 """
@@ -19,6 +20,7 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
+from covidseg.core.writing import atomic_output, write_atomic
 from covidseg.inference.loader import LoadedModel
 from covidseg.inference.model_spec import ExportMetadata, ModelSpec
 from covidseg.inference.predictor import Predictor
@@ -47,9 +49,7 @@ def write_metadata(path: Path, file_format: str, loaded: LoadedModel) -> Path:
     metadata = ExportMetadata(
         format=file_format, input=INPUT, outputs=outputs(loaded.predictor), model=loaded.spec.to_plain()
     )
-    meta_path = path.with_suffix(".json")
-    meta_path.write_text(json.dumps(metadata.model_dump(mode="json"), indent=2) + "\n")
-    return meta_path
+    return write_atomic(path.with_suffix(".json"), json.dumps(metadata.model_dump(mode="json"), indent=2) + "\n")
 
 
 def _example(spec: ModelSpec) -> torch.Tensor:
@@ -61,13 +61,13 @@ def trace_onnx(predictor: Predictor, example: torch.Tensor, path: Path) -> Path:
     exporter: no onnxscript needed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     names = outputs(predictor)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), atomic_output(path) as temporary:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(
             TracedPredictor(predictor),
             (example,),
-            str(path),
+            str(temporary),
             input_names=["image"],
             output_names=names,
             dynamic_axes={name: {0: "batch"} for name in ["image", *names]},
@@ -88,7 +88,8 @@ def export_torchscript(loaded: LoadedModel, path: Path) -> Path:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         traced = torch.jit.trace(TracedPredictor(loaded.predictor), _example(loaded.spec))
-    traced.save(str(path))
+    with atomic_output(path) as temporary:
+        traced.save(str(temporary))
     write_metadata(path, "torchscript", loaded)
     return path
 
@@ -98,8 +99,9 @@ def export_safetensors(loaded: LoadedModel, path: Path) -> Path:
     ``.yaml`` beside them; ``ckpt_path`` accepts the result like a checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().half().contiguous() for name, tensor in loaded.predictor.state_dict().items()}
-    save_file(state, str(path))
-    path.with_suffix(".yaml").write_text(yaml.safe_dump(loaded.spec.to_plain(), sort_keys=False))
+    with atomic_output(path) as temporary:
+        save_file(state, str(temporary))
+    write_atomic(path.with_suffix(".yaml"), yaml.safe_dump(loaded.spec.to_plain(), sort_keys=False))
     write_metadata(path, "safetensors", loaded)
     return path
 

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors.torch import load as load_safetensors
 
 from covidseg.core.errors import ConfigError, ModelFileError
-from covidseg.core.files import open_regular_file, read_file_bytes
+from covidseg.core.files import open_regular_file, read_file_bytes, read_plain_yaml
 from covidseg.core.hardware import cpu_precision
+from covidseg.core.run_files import kfold_folds
 from covidseg.inference.model_spec import (
     SPEC_KEY,
     ExportMetadata,
@@ -47,23 +47,20 @@ MAX_SPEC_BYTES = 1_000_000  # a model spec or export metadata file is a few kB; 
 MAX_MODEL_BYTES = 2 * 1024**3  # covidseg's largest checkpoints (with optimiser state) are a few hundred MB
 
 
-class _PlainDataLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` without aliases: a model spec is plain data, and aliases let a few hundred
-    bytes stand for a billion nodes ("billion laughs"), which validating them would walk."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            mark = self.peek_event().start_mark
-            raise yaml.composer.ComposerError(None, None, "anchors and aliases are not allowed in a model spec", mark)
-        return super().compose_node(parent, index)
-
-
 INFERENCE_KEYS = ("threshold", "presence_threshold", "flip_tta", "restrict_to_lungs", "min_region_share")
 
 
 def inference_overrides(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The inference settings a command sets (the ``conf/inference`` keys; null keeps the model file's)."""
     return {key: cfg.get(key) for key in INFERENCE_KEYS}
+
+
+def allow_missing_folds(cfg: Mapping[str, Any]) -> bool:
+    """``allow_missing_folds`` of ``conf/inference``: true uses a k-fold folder's finished folds only."""
+    choice = cfg.get("allow_missing_folds", False)
+    if not isinstance(choice, bool):
+        raise ConfigError(f"allow_missing_folds={choice!r}: expected true or false")
+    return choice
 
 
 def inference_bf16(cfg: Mapping[str, Any]) -> bool:
@@ -132,14 +129,21 @@ def best_checkpoint(job_dir: Path) -> Path:
     return max(scored)[1]
 
 
-def resolve_model_paths(value: Any, log_dir: str | Path, task_name: str = "train") -> list[Path]:
-    """Every model file that ``ckpt_path`` names (several: an ensemble)."""
+def resolve_model_paths(
+    value: Any, log_dir: str | Path, task_name: str = "train", allow_missing_folds: bool = False
+) -> list[Path]:
+    """Every model file that ``ckpt_path`` names (several: an ensemble). A k-fold multirun folder
+    must hold a finished run of every fold, unless ``allow_missing_folds``."""
     if isinstance(value, Sequence) and not isinstance(value, str):
         if not value:
             raise ModelFileError("ckpt_path=[] names no model")
-        return [path for item in value for path in resolve_model_paths(str(item), log_dir, task_name)]
-    if value is None:
-        raise ModelFileError("ckpt_path is not set: give a .ckpt, pretrained, last, a list or a k-fold multirun folder")
+        return [
+            path for item in value for path in resolve_model_paths(str(item), log_dir, task_name, allow_missing_folds)
+        ]
+    if value is None or not str(value).strip():
+        raise ModelFileError(
+            f"ckpt_path={value!r} names no model: give a .ckpt, pretrained, last, a list or a k-fold multirun folder"
+        )
     folder = Path(str(value)).expanduser()
     if str(value) != "pretrained" and not names_last(str(value)) and folder.is_dir():
         for name in ("model.safetensors", "model.onnx"):  # an export folder
@@ -151,7 +155,14 @@ def resolve_model_paths(value: Any, log_dir: str | Path, task_name: str = "train
                 f"ckpt_path {str(value)!r} is a folder without model.safetensors, model.onnx or */checkpoints/ "
                 "(a finished multirun)"
             )
-        return [best_checkpoint(job) for job in jobs]
+        folds = kfold_folds(jobs, ModelFileError)
+        if folds is not None and folds.missing and not allow_missing_folds:
+            raise ModelFileError(
+                f"ckpt_path {str(value)!r} is a k-fold multirun without a finished run of fold(s) "
+                f"{folds.describe_missing()} (a metrics.json): finish them, or set allow_missing_folds=true to "
+                "use the folds that finished"
+            )
+        return [best_checkpoint(job) for job in (folds.finished if folds is not None else jobs)]
     return [resolve_ckpt_path(str(value), log_dir, task_name)]
 
 
@@ -190,11 +201,7 @@ def _small_file(path: Path) -> bytes:
 def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise ModelFileError(f"{str(path)!r} is missing: a .safetensors model keeps its spec in a .yaml beside it")
-    text = _small_file(path)
-    try:
-        return yaml.load(text, Loader=_PlainDataLoader)  # noqa: S506 (a SafeLoader, aliases refused)
-    except Exception as error:  # malformed untrusted YAML in any way
-        raise ModelFileError(f"{str(path)!r} is not valid YAML: {str(error).splitlines()[0][:200]}") from None
+    return read_plain_yaml(path, MAX_SPEC_BYTES, "a model's spec", ModelFileError)
 
 
 def read_model_file(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
@@ -245,11 +252,13 @@ def ensemble_spec(specs: list[ModelSpec], paths: list[Path]) -> ModelSpec:
     return first.model_copy(update={"networks": networks, "metrics": {}})
 
 
-def load_predictor(ckpt_path: Any, log_dir: str | Path, bf16: bool = False, **inference: Any) -> LoadedModel:
+def load_predictor(
+    ckpt_path: Any, log_dir: str | Path, bf16: bool = False, allow_missing_folds: bool = False, **inference: Any
+) -> LoadedModel:
     """Load what ``ckpt_path`` names into one Predictor (networks under bf16 autocast with ``bf16``);
     ``inference`` overrides the files' settings (``None`` keeps them). Nothing is built before every
     file's spec has been validated."""
-    paths = resolve_model_paths(ckpt_path, log_dir)
+    paths = resolve_model_paths(ckpt_path, log_dir, allow_missing_folds=allow_missing_folds)
     read = [read_model_file(path) for path in paths]
     spec = ensemble_spec([spec for spec, _ in read], paths).with_inference(**inference)
     predictor = build_predictor(spec, bf16)

@@ -71,13 +71,19 @@ class LoadedBackend:
 
 
 def load_backend(
-    ckpt_path: Any, log_dir: str | Path, backend: str, inference: Mapping[str, Any], bf16: bool, onnx_dir: Path
+    ckpt_path: Any,
+    log_dir: str | Path,
+    backend: str,
+    inference: Mapping[str, Any],
+    bf16: bool,
+    onnx_dir: Path,
+    allow_missing_folds: bool = False,
 ) -> LoadedBackend:
     """What ``ckpt_path`` names, as a backend: an exported ``.onnx`` runs in ONNX Runtime; anything
     else builds the torch Predictor, exported first to ``<onnx_dir>/model.onnx`` when ``backend=onnx``."""
     if backend not in BACKENDS:
         raise ModelFileError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
-    paths = resolve_model_paths(ckpt_path, log_dir)
+    paths = resolve_model_paths(ckpt_path, log_dir, allow_missing_folds=allow_missing_folds)
     if any(path.suffix == ".onnx" for path in paths):
         if len(paths) > 1:
             raise ModelFileError("an exported .onnx graph runs alone: export the ensemble as one graph instead")

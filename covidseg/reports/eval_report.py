@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from covidseg.core.visualize import comparison_row, figure_png  # noqa: E402
+from covidseg.core.writing import write_atomic
 from covidseg.inference.predictor import Predictor  # noqa: E402
 
 GALLERY_SIZE = 4
@@ -78,7 +79,7 @@ def write_eval_report(
             for s, mask in zip(samples, masks, strict=True)
         ]
         png = _png_bytes(np.concatenate(rows, axis=0))
-        (gallery_dir / f"{label}.png").write_bytes(png)
+        write_atomic(gallery_dir / f"{label}.png", png)
         captions = ", ".join(f"{html.escape(names[i])} (Dice {dice[i]:.3f})" for i in indices)
         sections.append(f"<h2>{label.title()} cases</h2><p>{captions}</p>{_img_tag(png, label)}")
 
@@ -96,5 +97,5 @@ pool all pixels. Columns: X-ray | truth (green) | prediction (red).</p>
 </body></html>
 """
     path = output_dir / "report.html"
-    path.write_text(page)
+    write_atomic(path, page)
     return path

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from covidseg.core.errors import ConfigError, DataError
-from covidseg.core.run_files import read_run_file
+from covidseg.core.run_files import kfold_folds, read_run_file
 
 
 def read_metrics(path: Path) -> dict[str, float]:
@@ -21,12 +21,19 @@ def read_metrics(path: Path) -> dict[str, float]:
     return metrics
 
 
-def summarise(multirun_dir: Path) -> dict[str, dict[str, float]]:
-    """``{metric: {mean, std, n}}`` over the jobs' ``metrics.json`` (std with n-1)."""
+def summarise(multirun_dir: Path, allow_missing_folds: bool = False) -> dict[str, dict[str, float]]:
+    """``{metric: {mean, std, n}}`` over the jobs' ``metrics.json`` (std with n-1); a k-fold multirun
+    without a finished run of every fold is refused unless ``allow_missing_folds``."""
     if not (multirun_dir / "multirun.yaml").is_file():
         raise ConfigError(
             f"{str(multirun_dir)!r} has no multirun.yaml: not the folder of a multirun "
             "(python -m covidseg.train -m ...), into which the summary is written"
+        )
+    folds = kfold_folds(sorted(path.parent for path in multirun_dir.glob("*/.hydra")), DataError)
+    if folds is not None and folds.missing and not allow_missing_folds:
+        raise DataError(
+            f"{str(multirun_dir)!r} has no finished run of fold(s) {folds.describe_missing()} (a metrics.json): "
+            "finish them, or summarise the folds that finished with --allow-missing-folds"
         )
     runs = [read_metrics(path) for path in sorted(multirun_dir.glob("*/metrics.json"))]
     if not runs:

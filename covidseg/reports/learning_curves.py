@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from covidseg.core.errors import (
 )
 from covidseg.core.run_files import read_run_file  # noqa: E402
 from covidseg.core.visualize import figure_png  # noqa: E402
+from covidseg.core.writing import write_atomic, write_csv
 
 
 def run_started(run_dir: Path) -> float:
@@ -74,7 +74,7 @@ def learning_curves(run_dir: Path, series: dict[str, list] | None = None) -> Pat
         axes.legend(fontsize=8)
         axes.grid(alpha=0.3)
     path = run_dir / "learning_curves.png"
-    path.write_bytes(figure_png(figure))
+    write_atomic(path, figure_png(figure))
     return path
 
 
@@ -86,9 +86,5 @@ def score_by_time(
     started = run_started(run_dir) if started is None else started
     series = read_scalars(run_dir) if series is None else series
     rows = sorted(((p.wall_time - started) / 60, p.step, p.value) for p in series.get(tag, []))
-    path = run_dir / f"{tag.replace('/', '_')}_by_time.csv"
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["minutes", "step", tag])
-        writer.writerows((f"{minutes:.2f}", step, f"{value:.4f}") for minutes, step, value in rows)
-    return path
+    table = ((f"{minutes:.2f}", step, f"{value:.4f}") for minutes, step, value in rows)
+    return write_csv(run_dir / f"{tag.replace('/', '_')}_by_time.csv", ["minutes", "step", tag], table)

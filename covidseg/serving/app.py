@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
-from covidseg.core.errors import DataError
+from covidseg.core.errors import ConfigError, DataError
 from covidseg.core.files import printable
 from covidseg.core.images import decode_unchanged, xray_gray
 from covidseg.core.validation import validated
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 WEB = Path(__file__).parent / "web"
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file in a multipart body
 RAW_TYPES = ("multipart/form-data", "application/octet-stream", "application/dicom", "")
+DRAIN_LIMIT = 4  # an over-limit body is read (and dropped) up to this many times the limit, then cut
 NAME_LENGTH = 200  # an uploaded file name is cut to this many characters in answers and logs
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -79,6 +82,29 @@ def serve_settings(cfg: DictConfig) -> ServeSettings:
     config = OmegaConf.to_container(cfg, resolve=True)
     values = {key: config[key] for key in ServeSettings.model_fields if key in config}
     return validated(ServeSettings, values)
+
+
+def check_address(settings: ServeSettings) -> None:
+    """``host`` and ``port`` can be listened on, checked before the model loads: uvicorn would say
+    so only afterwards, in several lines and with exit code 3."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)[
+            0
+        ]
+    except (socket.gaierror, UnicodeError) as error:
+        reason = getattr(error, "strerror", None) or error
+        raise ConfigError(
+            f"host={settings.host!r}: {reason}; expected an address of this machine, e.g. 127.0.0.1"
+        ) from None
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise ConfigError(
+                f"host={settings.host!r} port={settings.port}: {error.strerror or error}; choose a free port "
+                "on an address of this machine"
+            ) from None
 
 
 class ApiError(Exception):
@@ -187,10 +213,16 @@ async def read_upload(request: Request, limit: int) -> tuple[bytes, str]:
         raise too_large
 
     async def counted():
-        total = 0
-        async for chunk in request.stream():
+        total, stream = 0, request.stream()
+        async for chunk in stream:
             total += len(chunk)
             if total > body_limit:
+                # read and drop what the client still sends, up to a bound, so that it can read the 413
+                # (a connection closed on unread data is reset before the answer arrives)
+                async for rest in stream:
+                    total += len(rest)
+                    if total > DRAIN_LIMIT * body_limit:
+                        break
                 raise too_large
             yield chunk
 
@@ -302,7 +334,11 @@ def create_app(model: LoadedBackend, settings: ServeSettings) -> FastAPI:
         model id, seconds, and ``mask_png`` / ``overlay_png`` as base64 PNGs at the image's size;
         ``layers=true`` adds the page's layers (X-ray, infection, lung outlines).
         """
-        data, name = await read_upload(request, settings.max_upload_bytes)
+        try:
+            data, name = await read_upload(request, settings.max_upload_bytes)
+        except ClientDisconnect:  # the client went away mid-upload: one line in the log, no one to answer
+            log.info("a client disconnected during its upload to %s", request.url.path)
+            raise ApiError(400, "the client disconnected during the upload") from None
         try:
             return await segmenter.run(data, name, layers)
         except DataError as error:

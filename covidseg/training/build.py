@@ -21,6 +21,7 @@ from covidseg.data import CovidQuExDataModule
 from covidseg.inference.model_spec import spec_from_run_config
 from covidseg.models.registry import NETWORKS, network_name
 from covidseg.training.callbacks import EmbedModelSpec, SaveOnInterrupt, TimeBudget
+from covidseg.training.checkpoint_io import AtomicCheckpointIO
 from covidseg.training.settings import check_network_sides
 
 log = logging.getLogger(__name__)
@@ -75,5 +76,7 @@ def build_run(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) 
         callbacks.append(EmbedModelSpec(spec))
     if cfg.get("callbacks") and "model_checkpoint" in cfg.callbacks:
         callbacks.append(SaveOnInterrupt(cfg.callbacks.model_checkpoint.dirpath))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # checkpoints written beside themselves and renamed, unless the config brings its own plugins
+    plugins = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **plugins)
     return Run(datamodule=datamodule, module=module, trainer=trainer)

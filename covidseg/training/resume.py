@@ -2,7 +2,8 @@
 
 A resume continues the run's folder, checkpoints and TensorBoard run; what alters the model, the
 data or their order must match the run's ``.hydra/config.yaml`` unless the user says otherwise
-(``resume_with_changes=true``), and then the new config is recorded beside the old one.
+(``resume_with_changes=true``), and then the new config is recorded beside the old one. The recorded
+config is read like any file from outside: plain YAML, limited in size, no aliases.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from covidseg.core.errors import ConfigError
+from covidseg.core.files import read_plain_yaml
+from covidseg.core.writing import RUN_MARKER
 
 log = logging.getLogger(__name__)
+MAX_RECORDED_CONFIG_BYTES = 1_000_000  # a run's .hydra/config.yaml is a few kB
 # What a resume compares with the run's recorded config: what alters the model, the data or their
 # order. Where the data lives and how it is loaded may change.
 RESUME_FREE_DATA_KEYS = frozenset({"root", "cache_dir", "num_workers", "pin_memory", "eval_batch_size"})
@@ -47,7 +51,10 @@ def check_resume_settings(cfg: DictConfig, ckpt_path: Path) -> dict[str, Any] | 
     recorded_path = ckpt_path.parent.parent / ".hydra" / "config.yaml"
     if not recorded_path.is_file():
         return None
-    recorded = OmegaConf.load(recorded_path)
+    plain = read_plain_yaml(recorded_path, MAX_RECORDED_CONFIG_BYTES, "a run's recorded config", ConfigError)
+    if not isinstance(plain, dict):
+        raise ConfigError(f"{str(recorded_path)!r} holds a {type(plain).__name__}, expected a run's recorded config")
+    recorded = OmegaConf.create(plain)
     before, now = _settings(recorded), _settings(cfg)
     changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
     if not changed:
@@ -61,3 +68,19 @@ def check_resume_settings(cfg: DictConfig, ckpt_path: Path) -> dict[str, Any] | 
         )
     log.warning("resuming with changed settings (resume_with_changes=true): %s", shown)
     return OmegaConf.to_container(cfg, resolve=False)
+
+
+def file_resume_folder(invocation_folder: Path, run_folder: Path) -> Path | None:
+    """Moves the folder Hydra made for this resuming command (its config and log) into the run it
+    continues, as ``resumes/<name>``, so that the task's newest folder is not an almost empty decoy.
+    Only a folder this covidseg run claimed is moved (``.covidseg-run``); returns where it went."""
+    if invocation_folder.resolve() == run_folder.resolve() or not (invocation_folder / RUN_MARKER).is_file():
+        return None
+    target = run_folder / "resumes" / invocation_folder.name
+    try:
+        target.parent.mkdir(exist_ok=True)
+        invocation_folder.rename(target)  # the open log moves with it (same file system)
+    except OSError as error:  # another file system, or a name taken: leave it where it is
+        log.info("this resume's log stays in %s (%s)", invocation_folder, error.strerror or error)
+        return None
+    return target

@@ -8,16 +8,17 @@ objects Hydra builds. Sizes a network cannot divide are checked once the network
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from typing import Any, Literal
 
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from covidseg.core.errors import ConfigError
-from covidseg.core.validation import CheckedSettings, validated
+from covidseg.core.validation import CheckedSettings, Seed, validated
 from covidseg.data.settings import DataSettings
 from covidseg.models.registry import NETWORKS
 
@@ -27,8 +28,19 @@ class OptimizerSettings(CheckedSettings):
     weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
 
 
+class LossSettings(CheckedSettings):
+    """The weights of :class:`~covidseg.models.losses.BCEDiceLoss`: a negative one trains against its term."""
+
+    bce_weight: float = Field(1.0, ge=0, allow_inf_nan=False)
+    dice_weight: float = Field(1.0, ge=0, allow_inf_nan=False)
+    smooth: float = Field(1.0, gt=0, allow_inf_nan=False)
+    lovasz_weight: float = Field(0.0, ge=0, allow_inf_nan=False)
+    focal_tversky_weight: float = Field(0.0, ge=0, allow_inf_nan=False)
+
+
 class ModelSettings(CheckedSettings):
     optimizer: OptimizerSettings | None = None
+    loss: LossSettings | None = None
     threshold: float = Field(0.5, gt=0, lt=1)
     input_size: int | None = Field(None, ge=16, le=4096)
     presence_weight: float = Field(0.0, ge=0)
@@ -36,9 +48,11 @@ class ModelSettings(CheckedSettings):
     distill_weight: float = Field(0.0, ge=0)
 
 
-# Lightning's accepted precision values (its Trainer fails with a traceback on any other)
+# Lightning's precision values that covidseg's networks and data run in (its Trainer fails with a
+# traceback on any other; in 64-bit the float32 batches meet float64 weights)
 PRECISIONS = ("transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true", "bf16-mixed",
-              "32-true", "64-true", 64, 32, 16, "64", "32", "16", "bf16")  # fmt: skip
+              "32-true", 32, 16, "32", "16", "bf16")  # fmt: skip
+CORES = os.cpu_count() or 1
 
 
 class TrainerSettings(CheckedSettings):
@@ -50,6 +64,30 @@ class TrainerSettings(CheckedSettings):
     check_val_every_n_epoch: int | None = Field(1, ge=1)
     log_every_n_steps: int | None = Field(None, ge=1)
     gradient_clip_val: float | None = Field(None, ge=0)
+    limit_train_batches: int | float | None = Field(None, ge=0)
+    accelerator: str | None = None
+    devices: int | str | list[int] | None = None
+
+    @field_validator("max_epochs")
+    @classmethod
+    def _some_epochs(cls, epochs: int | None) -> int | None:
+        if epochs == 0:
+            raise ValueError("trains nothing: give at least 1 (-1: no limit); to only test a checkpoint, train=false")
+        return epochs
+
+    @field_validator("limit_train_batches")
+    @classmethod
+    def _some_batches(cls, batches: int | float | None) -> int | float | None:
+        if batches is not None and batches == 0:
+            raise ValueError("trains nothing: give a count of batches >= 1 or a share of them in (0, 1]")
+        return batches
+
+    @field_validator("devices")
+    @classmethod
+    def _devices_that_exist(cls, devices: int | str | list[int] | None, info: ValidationInfo) -> object:
+        if info.data.get("accelerator") == "cpu" and isinstance(devices, int) and devices > CORES:
+            raise ValueError(f"this machine has {CORES} CPU cores: at most that many CPU processes")
+        return devices
 
     @field_validator("max_time")
     @classmethod
@@ -60,7 +98,7 @@ class TrainerSettings(CheckedSettings):
 
 
 class RunSettings(CheckedSettings):
-    seed: int | None = None
+    seed: Seed | None = None
     data: DataSettings
     trainer: TrainerSettings | None = None
     model: ModelSettings | None = None

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from covidseg.core.run_files import write_run_info
+from covidseg.core.writing import write_atomic
 from covidseg.inference.model_spec import SPEC_KEY
 
 
@@ -75,7 +76,7 @@ class RecordRunStart(L.Callback):
             if recorded.is_file():  # the settings it started with stay beside the new ones
                 os.replace(recorded, recorded.with_name(f"config.before_resume_at_step{trainer.global_step}.yaml"))
             recorded.parent.mkdir(parents=True, exist_ok=True)
-            recorded.write_text(yaml.safe_dump(self.changed_config, sort_keys=False))
+            write_atomic(recorded, yaml.safe_dump(self.changed_config, sort_keys=False))
 
 
 class SaveOnInterrupt(L.Callback):

@@ -1,0 +1,170 @@
+"""Every file covidseg writes, written whole or not at all, and never over a file it did not write.
+
+A file is written to a temporary file beside it (the same file system, so the rename below is one
+step, never a copy), flushed to the disk, given the permissions a new file of the user's gets (the
+umask's, where ``mkstemp`` alone would leave 0600) and renamed over its name. On a full or
+read-only disk, an interrupt or any error, the temporary file is removed and the previous file
+stays as it was. Run folders are claimed with an exclusive marker, so two runs started at once
+never share one, and shared things (synthetic phantoms, a predict output) are written under a lock.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import fcntl
+import io
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from covidseg.core.errors import DataError
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and put back, once, when covidseg is imported
+    os.umask(mask)
+    return mask
+
+
+NEW_FILE_MODE = 0o666 & ~_umask()
+
+
+def _sync_folder(folder: Path) -> None:
+    """The rename itself reaches the disk (a crash right after it keeps the new name)."""
+    try:
+        handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:  # some file systems cannot sync a folder; the file itself is synced
+        pass
+    finally:
+        os.close(handle)
+
+
+@contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that wants a path (``torch.save``, ONNX,
+    ``np.save``); when the block ends without error it replaces ``path`` in one step."""
+    path = Path(path)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        handle = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+        os.chmod(temporary, NEW_FILE_MODE)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _sync_folder(path.parent)
+
+
+def write_atomic(path: Path, content: bytes | str) -> Path:
+    """``content`` as the whole of ``path`` (text as UTF-8), or ``path`` left as it was."""
+    with atomic_output(path) as temporary:
+        temporary.write_bytes(content.encode() if isinstance(content, str) else content)
+    return Path(path)
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> Path:
+    """A CSV table, written as :func:`write_atomic` writes."""
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return write_atomic(path, table.getvalue())
+
+
+def _lock_handle(path: Path) -> int:
+    """A descriptor to lock: the folder itself (nothing is left in it), or a lock file, made if missing."""
+    if path.is_dir():
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    return os.open(path, os.O_RDWR | os.O_CREAT, NEW_FILE_MODE)
+
+
+@contextmanager
+def exclusive_lock(path: Path) -> Iterator[bool]:
+    """Holds an exclusive lock on ``path`` (a folder, or a lock file) while the block runs; yields
+    False at once, without the lock, when another process holds it."""
+    handle = _lock_handle(path)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            yield False
+            return
+        yield True
+    finally:
+        os.close(handle)  # closing releases the lock
+
+
+@contextmanager
+def waiting_lock(path: Path) -> Iterator[None]:
+    """Holds an exclusive lock on ``path`` (a folder, or a lock file), waiting for it."""
+    handle = _lock_handle(path)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)
+
+
+RUN_MARKER = ".covidseg-run"  # in every run folder covidseg made: the run that claimed it owns it
+MAX_SUFFIX = 1000  # runs of one task started in the same second get <time>_2, <time>_3 ...
+
+
+def claim_new_folder(folder: Path) -> bool:
+    """Make ``folder`` this run's own: True when it was missing or empty and no other run claimed it
+    first (an exclusive marker decides between runs started at once); False, with nothing left
+    behind, when it holds anything."""
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / RUN_MARKER
+    try:
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, NEW_FILE_MODE))
+    except FileExistsError:
+        return False
+    if any(entry.name != RUN_MARKER for entry in os.scandir(folder)):
+        marker.unlink()
+        return False
+    return True
+
+
+def new_run_folder(folder: Path, chosen_by_user: bool) -> Path:
+    """``folder``, claimed for this run; the default (time-stamped) name of a folder another run took
+    gets a suffix, a folder the user named that holds anything is refused with one line."""
+    folder = Path(os.path.realpath(Path(folder).expanduser()))
+    candidates = [folder] if chosen_by_user else [folder, *(Path(f"{folder}_{n}") for n in range(2, MAX_SUFFIX))]
+    try:
+        for candidate in candidates:
+            if claim_new_folder(candidate):
+                return candidate
+    except OSError as error:
+        where, why = str(error.filename or folder), error.strerror or error
+        raise DataError(f"{where!r}: {why}; choose another hydra.run.dir or paths.log_dir") from None
+    if chosen_by_user:
+        held = sorted(entry.name for entry in os.scandir(folder))
+        shown = ", ".join(held[:5]) + (" ..." if len(held) > 5 else "")
+        raise DataError(
+            f"hydra.run.dir {str(folder)!r} already holds files ({shown}): every run writes into a folder of "
+            "its own; name a new or empty one (to continue a training run, give ckpt_path=<its last.ckpt>)"
+        )
+    raise DataError(f"{MAX_SUFFIX} runs already started in {str(folder)!r}'s second: try again")

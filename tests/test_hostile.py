@@ -1,0 +1,413 @@
+"""What a hostile or unlucky user does that earlier tests did not: folders of theirs named as run or
+output folders, runs started at once, a disk that fills mid-write, run folders edited by hand,
+k-fold folders with a fold missing, and files that break the readers in new ways."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import multiprocessing
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import dicom_bytes, png_bytes, run_command
+
+from covidseg.core.errors import DataError, ModelFileError, user_errors
+from covidseg.core.writing import NEW_FILE_MODE, RUN_MARKER, exclusive_lock, new_run_folder, write_atomic
+from tests.conftest import FAST
+
+USERS_FILES = {"metrics.json": '{"mine": 1}', "per_image.csv": "mine\n", "report.html": "<p>mine</p>",
+               "run_info.json": "{}", "teacher_targets.npz": "mine"}  # fmt: skip
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def users_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name, text in USERS_FILES.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+# --- one rule for "is this folder mine to write" -----------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["eval", "distill", "train", "calibrate", "export", "predict"])
+def test_a_folder_of_the_users_named_as_the_run_folder_is_refused_untouched(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import importlib
+
+    folder = users_folder(tmp_path)
+    before = checksums(folder)
+    own = {
+        "eval": ["ckpt_path=pretrained", *FAST[:5]],
+        "distill": ["ckpt_path=pretrained", *FAST[:5]],
+        "train": FAST[:5],
+        "calibrate": ["ckpt_path=pretrained", *FAST[:5]],
+        "export": ["ckpt_path=pretrained", "format=onnx", f"output={tmp_path / 'export'}"],
+        "predict": ["ckpt_path=pretrained", f"input={tmp_path / 'mine'}", f"output={tmp_path / 'out'}"],
+    }[command]
+    main = importlib.import_module(f"covidseg.{command}").main
+    paths = [f"paths.log_dir={tmp_path / 'outputs'}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    assert run_command(main, *own, *paths, f"hydra.run.dir={folder}") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: hydra.run.dir") and "already holds files" in error and len(error.splitlines()) == 1
+    assert checksums(folder) == before and sorted(p.name for p in folder.iterdir()) == sorted(USERS_FILES)
+
+
+def test_runs_that_claim_one_folder_at_once_each_get_their_own(tmp_path: Path) -> None:
+    """Four processes claim the same time-stamped name at once: four folders, each claimed once."""
+    wanted = tmp_path / "runs" / "2026-12-05_16-00-00"
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        folders = pool.starmap(new_run_folder, [(wanted, False)] * 4)
+    assert len(set(folders)) == 4 and str(wanted) in map(str, folders)
+    assert all((folder / RUN_MARKER).is_file() and len(os.listdir(folder)) == 1 for folder in folders)
+    with pytest.raises(DataError, match="already holds files"):  # a name the user gave is not renamed
+        new_run_folder(wanted, chosen_by_user=True)
+    assert new_run_folder(tmp_path / "empty-of-mine", chosen_by_user=True).is_dir()  # new: fine
+
+
+def test_a_path_through_a_missing_folder_to_the_users_folder_is_seen_for_what_it_is(
+    tmp_path: Path, trained_checkpoints: list[Path], capsys: pytest.CaptureFixture
+) -> None:
+    """``output=<missing>/../<yours>`` is ``output=<yours>``: refused like it, nothing overwritten."""
+    from covidseg.export import main as export_main
+    from covidseg.predict import main as predict_main
+
+    inputs = tmp_path / "xrays"
+    inputs.mkdir()
+    (inputs / "a.png").write_bytes(png_bytes(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)))
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "predictions.csv").write_text("mine\n")
+    (folder / "model.json").write_text("mine\n")
+    before = checksums(folder)
+    sideways = f"{tmp_path / 'nothing-here'}/../results"
+    common = [f"ckpt_path={trained_checkpoints[0]}", f"hydra.run.dir={tmp_path / 'runs' / 'x'}"]
+    assert run_command(predict_main, *common, f"input={inputs}", f"output={sideways}") == 2
+    assert "which predict did not write" in capsys.readouterr().err
+    common[1] = f"hydra.run.dir={tmp_path / 'runs' / 'y'}"
+    assert run_command(export_main, *common, "format=onnx", f"output={sideways}") == 2
+    assert "already holds model.json" in capsys.readouterr().err
+    assert checksums(folder) == before and not (tmp_path / "nothing-here").exists()
+
+
+def test_a_predict_output_in_use_by_another_predict_is_refused_in_one_line(
+    tmp_path: Path, trained_checkpoints: list[Path], capsys: pytest.CaptureFixture
+) -> None:
+    from covidseg.predict import main
+
+    inputs = tmp_path / "xrays"
+    inputs.mkdir()
+    (inputs / "a.png").write_bytes(png_bytes(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)))
+    output = tmp_path / "out"
+    output.mkdir()
+    arguments = [f"ckpt_path={trained_checkpoints[0]}", f"input={inputs}", f"output={output}"]
+    with exclusive_lock(output) as locked:  # as a predict writing there holds it
+        assert locked
+        assert run_command(main, *arguments, f"hydra.run.dir={tmp_path / 'r1'}") == 2
+    assert "is being written by another predict" in capsys.readouterr().err
+    assert not (output / "predictions.csv").exists()
+    assert run_command(main, *arguments, f"hydra.run.dir={tmp_path / 'r2'}") == 0  # free again
+    mode = stat.S_IMODE((output / "a.png.mask.png").stat().st_mode)
+    assert mode == NEW_FILE_MODE  # the umask's permissions, as every other output (not mkstemp's 0600)
+
+
+# --- a full disk never leaves a truncated file ----------------------------------------------------------
+
+
+def test_a_write_that_fails_midway_leaves_the_previous_file_and_no_temporary(tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "metrics.json"
+    target.write_text("previous\n")
+    real = Path.write_bytes
+
+    def half_then_full(self: Path, data: bytes) -> int:
+        real(self, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", half_then_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_atomic(target, "new and much longer content\n" * 100)
+    monkeypatch.undo()
+    assert target.read_text() == "previous\n" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+    write_atomic(target, "new\n")
+    assert target.read_text() == "new\n" and stat.S_IMODE(target.stat().st_mode) == NEW_FILE_MODE
+
+
+def test_an_export_that_fails_leaves_none_of_its_files_and_the_next_one_works(
+    tmp_path: Path, trained_checkpoints: list[Path], monkeypatch, capsys: pytest.CaptureFixture
+) -> None:
+    from covidseg.export import main
+    from covidseg.inference import exporters
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    output = tmp_path / "exported"
+    arguments = [f"ckpt_path={trained_checkpoints[0]}", "format=safetensors", f"output={output}"]
+    monkeypatch.setattr(exporters, "write_metadata", disk_full)  # after model.safetensors and .yaml are written
+    assert run_command(main, *arguments, f"hydra.run.dir={tmp_path / 'r1'}") == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in output.iterdir()) == []  # no model file without its spec and metadata
+    monkeypatch.undo()
+    assert run_command(main, *arguments, f"hydra.run.dir={tmp_path / 'r2'}") == 0
+    assert sorted(p.name for p in output.iterdir()) == [
+        "MODEL_CARD.md",
+        "model.json",
+        "model.safetensors",
+        "model.yaml",
+    ]
+
+
+# --- files read back from a run folder are untrusted -----------------------------------------------------
+
+LAUGHS = "\n".join(
+    ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    + ["data: *a8"]
+)
+
+
+@pytest.mark.parametrize(
+    ("recorded", "message"),
+    [
+        (LAUGHS, "anchors and aliases are not allowed"),
+        ("[" * 100_000, "is not valid YAML"),
+        ("!!python/object/apply:os.system ['touch pwned']", "is not valid YAML"),
+        ("- just\n- a list\n", "holds a list, expected a run's recorded config"),
+        ("#" * 2_000_000, "bytes; a run's recorded config is under"),
+    ],
+    ids=["billion laughs", "deep brackets", "python tag", "a list", "too large"],
+)
+def test_a_hand_edited_recorded_config_stops_a_resume_in_one_line(
+    recorded: str, message: str, compose_cfg, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from covidseg.train import train
+
+    cfg = compose_cfg("train", [*FAST, "test=false", "logger=csv"])
+    train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    (run_dir / ".hydra" / "config.yaml").write_text(recorded)
+    before = checksums(run_dir)
+    resume = compose_cfg("train", [*FAST, "test=false", "logger=csv", f"ckpt_path={run_dir / 'checkpoints/last.ckpt'}"])
+    with pytest.raises(SystemExit) as stopped, user_errors():
+        train(resume)
+    error = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and len(error.splitlines()) == 1 and message in error, error
+    assert checksums(run_dir) == before and not Path("pwned").exists()
+
+
+def test_a_damaged_cache_record_is_rebuilt_not_a_traceback(tmp_path: Path, cache_dir: Path, caplog) -> None:
+    from covidseg.data.decode import decode_samples
+    from covidseg.data.index import index_split
+    from covidseg.data.synthetic import SyntheticPhantoms
+
+    root = SyntheticPhantoms({"Train": 2}, classes=["COVID-19"], image_size=64).write(tmp_path / "data")
+    samples = index_split(root, "Train")
+    cache = tmp_path / "cache"
+    images, masks = decode_samples(samples, 64, cache)
+    (record,) = cache.glob("*.json")
+    record.write_text("[" * 100_000)
+    again, _ = decode_samples(samples, 64, cache)
+    assert np.array_equal(again, images) and "is damaged" in caplog.text
+    assert not list(cache.glob(".*"))  # no temporary file left beside the entries
+
+
+# --- settings and folders checked against what exists ------------------------------------------------------
+
+
+def _multirun_of_folds(tmp_path: Path, checkpoint: Path, finished: tuple[int, ...]) -> Path:
+    """A k-fold multirun folder of three folds, as ``train -m`` leaves it, with only ``finished`` done."""
+    multirun = tmp_path / "multirun"
+    for fold in range(3):
+        job = multirun / str(fold)
+        (job / "checkpoints").mkdir(parents=True)
+        (job / ".hydra").mkdir()
+        (job / ".hydra" / "config.yaml").write_text(f"data:\n  num_folds: 3\n  fold: {fold}\n")
+        shutil.copy(checkpoint, job / "checkpoints" / f"epoch000-dice0.{fold + 1}000.ckpt")
+        if fold in finished:
+            (job / "metrics.json").write_text('{"val/dice": 0.5, "test/dice": 0.4}')
+    (multirun / "multirun.yaml").write_text("hydra: {}\n")
+    return multirun
+
+
+def test_a_k_fold_folder_with_a_fold_unfinished_is_refused_unless_allowed(
+    tmp_path: Path, trained_checkpoints: list[Path], capsys: pytest.CaptureFixture
+) -> None:
+    from covidseg.inference.loader import load_predictor
+    from covidseg.kfold_summary import main as summary_main
+
+    multirun = _multirun_of_folds(tmp_path, trained_checkpoints[0], finished=(0, 2))
+    with pytest.raises(ModelFileError, match=r"without a finished run of fold\(s\) 1 .*allow_missing_folds=true"):
+        load_predictor(str(multirun), tmp_path)
+    allowed = load_predictor(str(multirun), tmp_path, allow_missing_folds=True)
+    assert [path.parent.parent.name for path in allowed.paths] == ["0", "2"]
+    assert run_command(summary_main, str(multirun)) == 2
+    assert "has no finished run of fold(s) 1" in capsys.readouterr().err
+    assert not (multirun / "kfold_summary.json").exists()
+    assert run_command(summary_main, str(multirun), "--allow-missing-folds") == 0
+    shutil.rmtree(multirun / "1")  # a fold deleted: the others still say there were three
+    with pytest.raises(ModelFileError, match=r"fold\(s\) 1 "):
+        load_predictor(str(multirun), tmp_path)
+
+
+def test_a_training_image_predict_would_refuse_is_refused_in_training_too(
+    compose_cfg, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from covidseg.data.synthetic import SyntheticPhantoms
+    from covidseg.train import train
+
+    root = SyntheticPhantoms({"Train": 4, "Val": 2, "Test": 2}, classes=["COVID-19"], image_size=64).write(
+        tmp_path / "data"
+    )
+    image = root / "Train" / "COVID-19" / "images" / "covid-19_0000.png"
+    for folder in ("images", "infection masks"):  # a 10000x1 strip, mask and all
+        (root / "Train" / "COVID-19" / folder / image.name).write_bytes(png_bytes(np.zeros((1, 10_000), np.uint8)))
+    settings = [o for o in FAST if not o.startswith(("data=", "data.synthetic"))]
+    cfg = compose_cfg("train", [*settings, f"data.root={root}"])
+    with pytest.raises(SystemExit) as stopped, user_errors():
+        train(cfg)
+    error = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and "covid-19_0000.png' is 10000x1 pixels: expected a chest X-ray" in error
+
+
+def test_a_file_the_disk_cannot_read_is_one_line_naming_it(tmp_path: Path, monkeypatch) -> None:
+    from covidseg.core import files
+
+    image = tmp_path / "bad.png"
+    image.write_bytes(png_bytes(np.zeros((64, 64), np.uint8)))
+    real_fdopen = os.fdopen
+
+    class FailingDisk:
+        def __init__(self, handle):
+            self.file = real_fdopen(handle, "rb")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def fileno(self):
+            return self.file.fileno()
+
+        def read(self, *args):
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(files.os, "fdopen", lambda handle, mode: FailingDisk(handle))
+    with pytest.raises(DataError, match=r"bad.png' could not be read: Input/output error; expected an image file"):
+        files.read_file_bytes(image, 1 << 20, "an image file", DataError)
+
+
+def test_an_empty_ckpt_path_is_not_the_current_folder(tmp_path: Path) -> None:
+    from covidseg.inference.loader import load_predictor
+
+    for value in ("", "  "):
+        with pytest.raises(ModelFileError, match="names no model"):
+            load_predictor(value, tmp_path)
+
+
+# --- messages that say what to do ------------------------------------------------------------------------------
+
+
+def test_images_that_broke_the_readers_get_a_line_that_says_what_to_do() -> None:
+    import io
+    import struct
+    import zlib
+
+    import pydicom
+    from pydicom.uid import JPEG2000Lossless
+
+    from covidseg.core.images import decode_unchanged
+
+    no_pixels = pydicom.dcmread(io.BytesIO(dicom_bytes(np.zeros((64, 64), np.uint16))))
+    del no_pixels.PixelData
+    buffer = io.BytesIO()
+    no_pixels.save_as(buffer, enforce_file_format=True)
+    with pytest.raises(DataError, match="is a DICOM file without pixel data"):
+        decode_unchanged(buffer.getvalue(), "x.dcm")
+
+    jpeg2000 = pydicom.dcmread(io.BytesIO(dicom_bytes(np.zeros((64, 64), np.uint16))))
+    jpeg2000.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    jpeg2000.PixelData = pydicom.encaps.encapsulate([b"\xff\x4f\xff\x51" + b"\0" * 64])
+    buffer = io.BytesIO()
+    jpeg2000.save_as(buffer, enforce_file_format=True)
+    with pytest.raises(DataError, match=r"compressed as JPEG 2000.*pip install pylibjpeg"):
+        decode_unchanged(buffer.getvalue(), "x.dcm")
+
+    png = png_bytes(np.full((64, 64), 90, np.uint8))
+    text = b"Comment\0\0" + zlib.compress(b"a" * 5_000_000)
+    chunk = struct.pack(">I", len(text)) + b"zTXt" + text + struct.pack(">I", zlib.crc32(b"zTXt" + text))
+    with pytest.raises(DataError, match="text chunk .* save the image again without its metadata"):
+        decode_unchanged(png[:33] + chunk + png[33:], "bomb.png")
+
+
+def test_serve_checks_its_address_before_it_loads_the_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from covidseg.serve import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = [("host=999.1.1.1", "host='999.1.1.1'"), (f"port={port}", f"port={port}: Address already in use")]
+        for number, (override, message) in enumerate(cases):
+            arguments = [
+                "ckpt_path=/nonexistent.ckpt",
+                "host=127.0.0.1",
+                override,
+                f"hydra.run.dir={tmp_path / str(number)}",
+            ]
+            assert run_command(main, *arguments) == 2
+            error = capsys.readouterr().err.strip()
+            assert message in error and len(error.splitlines()) == 1, error  # not the model's error: checked first
+
+
+def test_convert_names_the_file_and_never_advises_unpickling(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import argparse
+
+    from covidseg.convert import main
+
+    source = tmp_path / "old.ckpt"
+    torch.save({"covidseg_config": argparse.Namespace()}, source)  # a class: weights_only=True refuses it
+    assert run_command(main, str(source), str(tmp_path / "new.ckpt")) == 2
+    error = capsys.readouterr().err
+    assert "old.ckpt' holds objects other than tensors" in error and "weights_only=False" not in error
+    (tmp_path / "garbage.ckpt").write_bytes(b"\0garbage")
+    assert run_command(main, str(tmp_path / "garbage.ckpt"), str(tmp_path / "new.ckpt")) == 2
+    assert "garbage.ckpt' is not a checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "new.ckpt").exists()
+
+
+# --- runs started at once, as processes --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_three_evals_started_at_once_keep_separate_folders_and_complete_outputs(tmp_path: Path) -> None:
+    env = {**os.environ, "COVIDSEG_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "covidseg.eval", "ckpt_path=pretrained", *FAST[:5], "data.eval_classes=[COVID-19]",
+               f"paths.log_dir={tmp_path / 'outputs'}", "callbacks=none", "bf16=false"]  # fmt: skip
+    processes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    results = [(process.wait(timeout=600), process.stderr.read().decode()) for process in processes]
+    assert all(code == 0 for code, _ in results), results
+    runs = sorted((tmp_path / "outputs" / "eval" / "runs").iterdir())
+    assert len(runs) == 3
+    for run in runs:
+        assert {"metrics.json", "per_image.csv", "report.html", "run_info.json", RUN_MARKER} <= set(os.listdir(run))
+        assert len((run / "per_image.csv").read_text().splitlines()) == 5  # a header and the four Test images
