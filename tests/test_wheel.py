@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import urllib.request
 import venv
 import zipfile
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
+from covidseg.benchmarks.serve import free_port, wait_until_up
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("train", "eval", "calibrate", "distill", "predict", "export", "serve")
@@ -60,20 +63,30 @@ def test_the_sdist_and_the_wheel_carry_every_module_the_configs_the_model_and_th
 @pytest.mark.slow
 def test_the_installed_wheel_trains_predicts_and_serves_from_an_empty_folder(dist: Path, tmp_path: Path) -> None:
     """A virtual environment that sees the installed dependencies (torch, Lightning ...) but holds
-    covidseg only as the wheel; the commands run from an empty folder, where no ``conf/`` is."""
+    covidseg only as the wheel; the commands run from an empty folder, where no ``conf/`` is, and
+    every covidseg module they could import comes from the wheel, not from a checkout."""
     environment = tmp_path / "venv"
     venv.EnvBuilder(system_site_packages=True, with_pip=False).create(environment)
     python = environment / "bin" / "python"
-    wheel = next(dist.glob("covidseg-*.whl"))
-    run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-index", "--no-deps", str(wheel)],
-        tmp_path, dict(os.environ))  # fmt: skip
-    empty = tmp_path / "empty"
-    empty.mkdir()
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env |= {"COVIDSEG_CACHE": str(tmp_path / "cache"), "PATH": f"{environment / 'bin'}:{env['PATH']}"}
+    wheel = next(dist.glob("covidseg-*.whl"))
+    pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-index", "--no-deps"]
+    run([*pip, "--force-reinstall", str(wheel)], tmp_path, env)
+    empty = tmp_path / "empty"
+    empty.mkdir()
 
-    where = run([str(python), "-c", "import covidseg.core.config as c; print(c.CONF_DIR)"], empty, env).stdout
-    assert Path(where.strip()).is_relative_to(environment), f"covidseg came from {where.strip()}, not the wheel"
+    names = sorted(".".join(path.relative_to(REPO).with_suffix("").parts) for path in (REPO / "covidseg").rglob("*.py"))
+    names = [name.removesuffix(".__init__") for name in names]
+    check = (
+        "import importlib, sys; from covidseg.core.config import CONF_DIR; print(CONF_DIR)\n"
+        "for name in sys.argv[1:]: print(importlib.import_module(name).__file__)"
+    )
+    where = run([str(python), "-c", check, *names], empty, env).stdout.split()
+    packaged = environment / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    assert Path(where[0]) == packaged / "covidseg" / "conf", f"configs from {where[0]}"
+    strays = [file for file in where[1:] if not Path(file).is_relative_to(packaged / "covidseg")]
+    assert strays == [] and len(where) == len(names) + 1, f"modules not from the wheel: {strays}"
     for script in SCRIPTS:
         assert "== Config ==" in run([f"covidseg-{script}", "--help"], empty, env).stdout, script
 
@@ -86,3 +99,14 @@ def test_the_installed_wheel_trains_predicts_and_serves_from_an_empty_folder(dis
     run(["covidseg-predict", "ckpt_path=pretrained", "input=xray.png", "output=predictions"], empty, env)
     assert (empty / "predictions" / "xray.png.mask.png").is_file()
     assert (empty / "predictions" / "predictions.csv").read_text().splitlines()[1].startswith("xray.png,128,128,")
+
+    port = free_port()
+    server = subprocess.Popen(["covidseg-serve", "ckpt_path=pretrained", f"port={port}"], cwd=empty, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}", server)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/") as page:
+            assert b"covidseg" in page.read()  # the page, from the wheel's serving/web
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -83,7 +83,11 @@ def markdown(figures: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m covidseg.benchmarks.predict",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--input", type=Path, help="a folder of X-rays (default: Val COVID-19, else phantoms)")
     parser.add_argument("--rounds", type=whole_number(1), default=3, help="interleaved rounds of fp32 and bf16")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_predict"), help="folder for the figures")

@@ -123,7 +123,11 @@ def percentile(values: list[float], share: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m covidseg.benchmarks.serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--requests", type=whole_number(2), default=200, help="timed requests (p50 needs two)")
     parser.add_argument("--concurrency", type=whole_number(1), default=16, help="concurrent clients")
     parser.add_argument("--warmup", type=whole_number(0), default=10, help="untimed requests first")

@@ -317,7 +317,11 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m covidseg.benchmarks.throughput",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--steps", type=whole_number(1), default=6, help="timed training steps per loop")
     parser.add_argument("--warmup", type=whole_number(0), default=2, help="untimed training steps first")
     parser.add_argument(

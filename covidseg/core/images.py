@@ -54,7 +54,10 @@ def decode_dicom(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.nda
         import pydicom
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError as error:
-        raise DataError(f"{name!r} is DICOM: install the extra with pip install -e '.[dicom]'") from error
+        raise DataError(
+            f"{name!r} is DICOM: install the extra with pip install 'covidseg[dicom]' "
+            "(in a checkout: pip install -e '.[dicom]')"
+        ) from error
     dataset = None
     try:
         dataset = pydicom.dcmread(io.BytesIO(data), force=True)

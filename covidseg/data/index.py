@@ -12,10 +12,10 @@ from pathlib import Path
 from covidseg.core.errors import DataError
 from covidseg.core.files import printable
 from covidseg.core.images import IMAGE_SUFFIXES
-from covidseg.core.labels import CLASSES
+from covidseg.core.labels import CLASSES, TARGETS
 
 SPLITS = ("Train", "Val", "Test")
-TARGET_FOLDERS = {"infection": "infection masks", "lung": "lung masks"}  # one per name in TARGETS
+TARGET_FOLDERS = {target: f"{target} masks" for target in TARGETS}  # "infection masks", "lung masks"
 DATASET_HELP = (
     "Download COVID-QU-Ex from https://www.kaggle.com/datasets/anasmohammedtahir/covidqu and set "
     "data.root (or the COVIDSEG_DATA variable) to its 'Infection Segmentation Data' folder, "

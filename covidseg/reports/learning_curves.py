@@ -11,13 +11,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from covidseg.core.errors import (
-    ConfigError,  # noqa: E402
-    DataError,  # noqa: E402
-)
+from covidseg.core.errors import ConfigError, DataError  # noqa: E402
 from covidseg.core.run_files import read_run_file  # noqa: E402
 from covidseg.core.visualize import figure_png  # noqa: E402
-from covidseg.core.writing import write_atomic, write_csv
+from covidseg.core.writing import write_atomic, write_csv  # noqa: E402
 
 
 def run_started(run_dir: Path) -> float:

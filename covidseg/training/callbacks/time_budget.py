@@ -57,7 +57,8 @@ class TimeBudget(L.Callback):
         if timer is None:
             return
         elapsed, epochs_left = timer.time_elapsed("train"), trainer.max_epochs - trainer.current_epoch - 1
-        left = max(timer.time_remaining("train") or 0.0, 0.0)
+        remaining = timer.time_remaining("train") or 0.0
+        left, limit = max(remaining, 0.0), elapsed + remaining  # the limit as set, also once it is passed
         started, self.epoch_started = self.epoch_started, None
         if started is not None and (left > 0 or not self.epoch_time):  # nor does one the limit cut short
             self.epoch_time = elapsed - started  # validation included
@@ -78,7 +79,7 @@ class TimeBudget(L.Callback):
             "at %s per epoch (precision %s), %d epochs take about %s, but trainer.max_time is %s: training will "
             "stop after epoch %d, mid-schedule, short of what the recipe reaches; restart with trainer.max_time=%s "
             "or lower trainer.max_epochs (after the stop, a resume with that limit and ckpt_path=last finishes it)",
-            _clock(self.epoch_time), trainer.precision, trainer.max_epochs, _clock(forecast), _clock(elapsed + left),
+            _clock(self.epoch_time), trainer.precision, trainer.max_epochs, _clock(forecast), _clock(limit),
             trainer.current_epoch + 1 + int(left // self.epoch_time), self._limit_for(forecast),
         )  # fmt: skip
 
