@@ -2,11 +2,13 @@
 
 python -m covidseg.predict ckpt_path=<ckpt|pretrained|list|k-fold folder|model.onnx> \
     input=<file|folder|glob> output=<dir>
+
+The files it reads and writes, and the rules that keep the user's files safe, are
+:mod:`covidseg.inference.image_files`; the model's answer is :mod:`covidseg.inference.segment`.
 """
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import sys
@@ -15,9 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import hydra
-import numpy as np
 from omegaconf import DictConfig
 from pydantic import Field, field_validator
 from rich.console import Console
@@ -26,17 +26,23 @@ from rich.progress import track
 from covidseg.core.config import CONF_DIR
 from covidseg.core.errors import DataError, hydra_errors_in_one_line, user_errors
 from covidseg.core.files import printable
-from covidseg.core.images import IMAGE_SUFFIXES, read_unchanged, xray_gray
+from covidseg.core.images import read_unchanged, xray_gray
 from covidseg.core.run_files import make_output_folder, write_run_info
 from covidseg.core.validation import CheckedSettings, check_command_keys
-from covidseg.core.writing import exclusive_lock, write_atomic, write_csv
+from covidseg.core.writing import exclusive_lock, write_csv
+from covidseg.inference.image_files import (
+    OUTPUT_MARKER,
+    check_nothing_replaced,
+    check_output,
+    find_inputs,
+    output_stem,
+    write_outputs,
+)
 from covidseg.inference.loader import allow_missing_folds, inference_bf16, inference_overrides
-from covidseg.inference.segment import ImageResult, LoadedBackend, load_backend, segment
+from covidseg.inference.segment import LoadedBackend, load_backend, segment
 
 log = logging.getLogger(__name__)
 SOME_IMAGES_FAILED = 3  # exit code: the run finished, but some images could not be read or written
-OUTPUT_MARKER = ".covidseg-predict"  # in a folder predict wrote into: a later run may replace those files
-OUTPUT_KINDS = ("mask", "lung", "overlay", "probability")  # <file>.<kind>.png
 
 
 class PredictSettings(CheckedSettings):
@@ -54,93 +60,6 @@ class PredictSettings(CheckedSettings):
         if value is None or not str(value).strip():  # an unset variable in a script, most likely
             raise ValueError("expected a path; an empty value would mean the current folder")
         return value
-
-
-def _walk(folder: Path) -> list[Path]:
-    """Image files below ``folder``; symlinked folders are not entered, so a loop cannot be followed."""
-    files = []
-    for root, folders, names in os.walk(folder, followlinks=False):
-        folders.sort()
-        files += [Path(root, name) for name in sorted(names) if Path(name).suffix.lower() in IMAGE_SUFFIXES]
-    return files
-
-
-def _first_magic_part(path: Path) -> int:
-    return next((index for index, part in enumerate(path.parts) if glob.has_magic(part)), len(path.parts))
-
-
-def find_inputs(pattern: str) -> tuple[list[Path], Path]:
-    """Image files named by a file, a folder (searched recursively) or a glob, and their common base.
-
-    Each file is listed once (by its real path), and symlinked folders are not followed (pathlib's
-    ``**`` does not follow them either).
-    """
-    path = Path(pattern).expanduser()
-    if path.is_file():
-        candidates, base = [path], path.parent
-    elif path.is_dir():
-        candidates, base = _walk(path), path
-    else:
-        magic = _first_magic_part(path)
-        base = Path(*path.parts[:magic]) if magic else Path()
-        rest = Path(*path.parts[magic:]) if magic < len(path.parts) else None
-        candidates = sorted(p for p in base.glob(str(rest)) if p.is_file()) if rest and base.is_dir() else []
-    chosen: dict[str, Path] = {}  # real path -> the name it is predicted under (a link only if no other)
-    for candidate in candidates:
-        real = os.path.realpath(candidate)
-        if real not in chosen or (chosen[real].is_symlink() and not candidate.is_symlink()):
-            chosen[real] = candidate
-    files = [candidate for candidate in candidates if chosen[os.path.realpath(candidate)] is candidate]
-    if not files:
-        raise DataError(f"input {printable(pattern)!r} names no image files ({', '.join(IMAGE_SUFFIXES)})")
-    return files, base
-
-
-def output_stem(output: Path, path: Path, base: Path) -> Path:
-    """``<output>/<path relative to base>``, suffix kept, so ``x.png`` and ``x.jpg`` stay apart."""
-    return output / path.relative_to(base)
-
-
-def check_output(output: Path, files: list[Path], base: Path, recursive: bool, allow_inside: bool) -> None:
-    """The output is a folder; unless ``allow_output_in_input``, no output lands in a folder that holds
-    an input file, nor anywhere below a folder searched recursively (a later run would read it back).
-    Inputs themselves are never overwritten (see :func:`write_outputs`)."""
-    if output.exists() and not output.is_dir():
-        raise DataError(f"output {printable(output)!r} is an existing file; expected a folder (new or existing)")
-    if allow_inside:
-        return
-    if recursive and output.resolve().is_relative_to(base.resolve()):
-        raise DataError(
-            f"output {printable(output)!r} is inside the input folder {printable(base)!r}; choose another output "
-            "or set allow_output_in_input=true"
-        )
-    input_folders = {
-        folder for path in files for folder in (path.parent.resolve(), Path(os.path.realpath(path)).parent)
-    }
-    for path in files:
-        folder = output_stem(output, path, base).parent.resolve()
-        if folder in input_folders:
-            raise DataError(
-                f"output {printable(output)!r} would write into {printable(folder)!r}, which holds input files; "
-                "choose another output or set allow_output_in_input=true"
-            )
-
-
-def check_nothing_replaced(output: Path, files: list[Path], base: Path) -> None:
-    """A folder predict has not written into holds none of the files it would write: predict
-    replaces only its own outputs (a folder it wrote into carries :data:`OUTPUT_MARKER`)."""
-    if not output.is_dir() or (output / OUTPUT_MARKER).is_file():
-        return
-    stems = [output_stem(output, path, base) for path in files]
-    names = [output / "predictions.csv"] + [
-        stem.with_name(f"{stem.name}.{kind}.png") for stem in stems for kind in OUTPUT_KINDS
-    ]
-    taken = next((name for name in names if name.exists() or name.is_symlink()), None)
-    if taken is not None:
-        raise DataError(
-            f"output {printable(output)!r} already holds {printable(taken.relative_to(output))!r}, which predict "
-            "did not write: choose another output (predict never replaces a file it did not write)"
-        )
 
 
 @dataclass
@@ -221,31 +140,6 @@ def _predict_into(cfg: DictConfig, model: LoadedBackend, files: list[Path], base
         highlight=False,
     )
     return run
-
-
-def write_png(path: Path, array: np.ndarray) -> None:
-    """Encode in memory, then write whole or not at all (:func:`covidseg.core.writing.write_atomic`)."""
-    encoded, data = cv2.imencode(".png", array)
-    if not encoded:
-        raise OSError(f"could not encode {printable(path)!r} as PNG")
-    write_atomic(path, data.tobytes())
-
-
-def write_outputs(result: ImageResult, stem: Path, save_probability: bool, inputs: set[Path]) -> None:
-    """Write ``<stem>.mask.png``, ``.overlay.png`` (and ``.lung.png``, ``.probability.png``), each
-    through a temporary file, so a failed write leaves no half or stale-looking output."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    files = {"mask": result.mask.astype(np.uint8) * 255}
-    if result.lung is not None:
-        files["lung"] = result.lung.astype(np.uint8) * 255
-    files["overlay"] = cv2.cvtColor(result.overlay(), cv2.COLOR_RGB2BGR)
-    if save_probability:
-        files["probability"] = (result.probability * 255).round().astype(np.uint8)
-    for suffix, array in files.items():
-        target = stem.with_name(f"{stem.name}.{suffix}.png")
-        if Path(os.path.realpath(target)) in inputs:
-            raise DataError(f"refusing to overwrite the input {printable(target)!r}")
-        write_png(target, array)
 
 
 @hydra_errors_in_one_line

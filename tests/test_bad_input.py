@@ -20,7 +20,8 @@ from covidseg.core.errors import DataError
 from covidseg.data import SyntheticPhantoms
 from covidseg.data.decode import decode_samples
 from covidseg.data.index import index_split
-from covidseg.predict import OUTPUT_MARKER, predict
+from covidseg.inference.image_files import OUTPUT_MARKER
+from covidseg.predict import predict
 
 NOT_UTF8 = os.fsdecode(b"covid-19_\xff\xfe.png")  # a name that is not valid UTF-8
 
