@@ -294,3 +294,38 @@ def test_a_lung_model_answers_severity_and_lung_outlines(tmp_path: Path, cache_d
     lungs = decode_png(answer["layers"]["lungs"])
     assert lungs.shape == (300, 280, 4)
     assert client.get("/api/model").json()["targets"] == ["lung", "infection"]
+
+
+def test_requests_sent_together_share_a_forward_pass_and_get_the_answers_they_get_alone(model: LoadedBackend) -> None:
+    """Eight different X-rays from eight clients at once, batched (up to 8 per forward pass, 200 ms
+    to gather them) and one at a time: the same answers, byte for byte, and fewer forward passes."""
+    from covidseg.data.synthetic import make_phantom
+
+    rng = np.random.default_rng(5)
+    xrays = [make_phantom(rng, 200 + 8 * index, infected=index % 2 == 0)[0] for index in range(8)]
+    answers = {}
+    for max_batch in (1, 8):
+        settings = ServeSettings(max_batch=max_batch, max_wait_ms=200, workers=4)
+        app = create_app(model, settings)
+        batcher, passes = app.state.segmenter.batcher, []
+
+        def counted(images: list, run=batcher.run_batch, passes: list = passes) -> list:
+            passes.append(len(images))
+            return run(images)
+
+        batcher.run_batch = counted
+        with TestClient(app) as client:
+            replies: dict[int, dict] = {}
+
+            def send(index: int, client: TestClient = client, replies: dict = replies) -> None:
+                files = {"file": (f"{index}.png", png_bytes(xrays[index]), "image/png")}
+                replies[index] = client.post("/api/predict", files=files).json()
+
+            threads = [threading.Thread(target=send, args=(index,)) for index in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=120)
+        answers[max_batch] = [{k: v for k, v in replies[i].items() if k != "seconds"} for i in range(8)]
+        assert sum(passes) == 8 and (max(passes) == 1 if max_batch == 1 else len(passes) < 8), passes
+    assert answers[8] == answers[1]

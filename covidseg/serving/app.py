@@ -16,11 +16,13 @@ Every error is one line of JSON (``{"error": ...}``) without a traceback or a se
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import logging
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,8 @@ class ServeSettings(BaseModel):
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(2, ge=1, le=64)
     max_queue: int = Field(64, ge=0)
+    max_batch: int = Field(8, ge=1, le=256)
+    max_wait_ms: float = Field(20.0, ge=0, le=1000, allow_inf_nan=False)
     max_upload_mb: float = Field(20, gt=0)
     max_pixels: int = Field(50_000_000, ge=1)
     cors_origins: list[str] = []
@@ -162,20 +166,75 @@ def model_info(model: LoadedBackend) -> dict[str, Any]:
     }
 
 
+class Batcher:
+    """Images that arrive together share one forward pass. The first image of a batch starts a task
+    that, while ``more_coming()`` says other uploads are still being decoded, waits up to
+    ``max_wait`` seconds for them, up to ``max_batch``, and runs the batch; images that arrive
+    meanwhile form the next one (one batch runs at a time: each uses every core). A lone request
+    never waits. The task ends when no image waits, so nothing outlives the requests, and a client
+    that leaves does not stop it. ``segment`` answers each image of a batch as it would alone."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[np.ndarray]], list[ImageResult]],
+        max_batch: int,
+        max_wait: float,
+        more_coming: Callable[[], bool],
+    ):
+        self.run_batch, self.max_batch, self.max_wait, self.more_coming = run_batch, max_batch, max_wait, more_coming
+        self.waiting: list[tuple[np.ndarray, asyncio.Future]] = []
+        self.running: asyncio.Task | None = None
+
+    async def segment(self, image: np.ndarray) -> ImageResult:
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+        self.waiting.append((image, answer))
+        if self.running is None or self.running.done():
+            self.running = loop.create_task(self._run_batches())
+        return await answer
+
+    async def _run_batches(self) -> None:
+        while self.waiting:
+            deadline = asyncio.get_running_loop().time() + self.max_wait
+            while len(self.waiting) < self.max_batch and self.more_coming():
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    break
+                await asyncio.sleep(min(left, 0.001))  # the uploads being decoded join this batch
+            batch, self.waiting = self.waiting[: self.max_batch], self.waiting[self.max_batch :]
+            try:
+                results = await anyio.to_thread.run_sync(self.run_batch, [image for image, _ in batch])
+            except Exception as error:  # every request of the batch gets it (a 500 from the app's handler)
+                for _, answer in batch:
+                    if not answer.done():
+                        answer.set_exception(error)
+                continue
+            for (_, answer), result in zip(batch, results, strict=True):
+                if not answer.done():  # its client may have gone
+                    answer.set_result(result)
+
+
 class Segmenter:
-    """The loaded model behind the API: decode, segment and describe one upload; runs in the pool."""
+    """The loaded model behind the API: each upload is decoded and described in the worker pool
+    (``workers`` threads); the images meet in batches for the networks (:class:`Batcher`)."""
 
     def __init__(self, model: LoadedBackend, settings: ServeSettings) -> None:
         self.model, self.settings = model, settings
         self.card = model_info(model)
         self.limiter = anyio.CapacityLimiter(settings.workers)
-        self.waiting = 0
+        self.decoding, self.waiting = 0, 0
+        self.batcher = Batcher(
+            self.segment_batch, settings.max_batch, settings.max_wait_ms / 1000, lambda: self.decoding > 0
+        )
 
-    def answer(self, data: bytes, name: str, layers: bool) -> dict[str, Any]:
-        started = time.perf_counter()
+    def segment_batch(self, images: list[np.ndarray]) -> list[ImageResult]:
+        return segment(self.model.run, self.model.spec, images)
+
+    def decode(self, data: bytes, name: str) -> tuple[np.ndarray, str]:
         decoded, found = decode_unchanged(data, name, self.settings.max_pixels)
-        image = xray_gray(decoded, name)
-        result = segment(self.model.run, self.model.spec, [image])[0]
+        return xray_gray(decoded, name), found
+
+    def describe(self, result: ImageResult, name: str, found: str, layers: bool, started: float) -> dict[str, Any]:
         inference = self.model.spec.inference
         answer = {
             "file": name,
@@ -199,7 +258,16 @@ class Segmenter:
             raise ApiError(503, f"the server is busy: {self.waiting} requests are queued; try again shortly")
         self.waiting += 1
         try:
-            return await anyio.to_thread.run_sync(self.answer, data, name, layers, limiter=self.limiter)
+            started = time.perf_counter()
+            self.decoding += 1
+            try:
+                image, found = await anyio.to_thread.run_sync(self.decode, data, name, limiter=self.limiter)
+            finally:
+                self.decoding -= 1
+            result = await self.batcher.segment(image)
+            return await anyio.to_thread.run_sync(
+                self.describe, result, name, found, layers, started, limiter=self.limiter
+            )
         finally:
             self.waiting -= 1
 
@@ -279,6 +347,7 @@ def create_app(model: LoadedBackend, settings: ServeSettings) -> FastAPI:
         summary="Segment COVID-19 infection (and lungs) in chest X-rays. Research use, not a diagnostic device.",
         version="1",
     )
+    app.state.segmenter = segmenter  # the model behind the routes, for tests and tools
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"])
 
