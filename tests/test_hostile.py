@@ -411,3 +411,9 @@ def test_three_evals_started_at_once_keep_separate_folders_and_complete_outputs(
     for run in runs:
         assert {"metrics.json", "per_image.csv", "report.html", "run_info.json", RUN_MARKER} <= set(os.listdir(run))
         assert len((run / "per_image.csv").read_text().splitlines()) == 5  # a header and the four Test images
+
+
+def test_ctrl_c_outside_training_is_one_line_and_exit_130(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as stopped, user_errors():
+        raise KeyboardInterrupt
+    assert stopped.value.code == 130 and capsys.readouterr().err.strip().startswith("error: stopped by Ctrl-C")

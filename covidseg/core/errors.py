@@ -106,6 +106,9 @@ def user_errors() -> Iterator[None]:
         sys.exit(2)
     except SIGTERMException:
         sys.exit(128 + signal.SIGTERM)  # stopped on request; the checkpoint is saved
+    except KeyboardInterrupt:  # Ctrl-C outside training (training saves a checkpoint first), or a second one
+        say_error("stopped by Ctrl-C; the files written so far are whole (each is written in one step)")
+        sys.exit(128 + signal.SIGINT)
 
 
 def hydra_errors_in_one_line(main: Callable[Params, Result]) -> Callable[Params, Result]:
