@@ -26,8 +26,8 @@ from pydantic import Field
 from rich.console import Console
 from rich.table import Table
 
-from covidseg.core.config import CONF_DIR
-from covidseg.core.errors import hydra_errors_in_one_line, user_errors
+from covidseg.core.config import CONF_DIR, check_output_folder
+from covidseg.core.errors import ConfigError, hydra_errors_in_one_line, user_errors
 from covidseg.core.framework_noise import quiet_framework_noise
 from covidseg.core.metrics import CLEAN_AREA_SHARE
 from covidseg.core.run_files import write_run_info
@@ -48,6 +48,12 @@ class CalibrationSettings(CheckedSettings):
 
 def calibrate(cfg: DictConfig) -> dict[str, Any]:
     check_command_keys(cfg, CalibrationSettings)
+    classes = set(cfg.data.get("eval_classes") or cfg.data.classes)
+    if "COVID-19" not in classes or classes == {"COVID-19"}:  # checked before a pass over Val
+        raise ConfigError(
+            f"data.eval_classes={sorted(classes)}: calibration needs X-rays with and without infection, "
+            "COVID-19 and Non-COVID or Normal"
+        )
     L.seed_everything(cfg.seed, workers=True)
     loaded, datamodule = load_for_data(cfg)
     predictor = loaded.predictor
@@ -132,6 +138,7 @@ def print_choice(result: dict[str, Any], path: Path) -> None:
 def main(cfg: DictConfig) -> None:
     quiet_framework_noise()
     with user_errors():
+        check_output_folder(cfg)  # this run's own folder, before anything is written
         calibrate(cfg)
 
 

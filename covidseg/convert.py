@@ -13,6 +13,7 @@ A ``.ckpt`` keeps its optimizer and loop state, so training can resume from the 
 from __future__ import annotations
 
 import argparse
+import io
 import pickle
 import sys
 from pathlib import Path
@@ -21,12 +22,13 @@ from typing import Any
 import torch
 import yaml
 from rich.console import Console
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 
 from covidseg.core.errors import ModelFileError, say_error
-from covidseg.core.files import printable, read_plain_yaml
-from covidseg.core.writing import atomic_output, write_atomic
-from covidseg.inference.loader import MAX_SPEC_BYTES
+from covidseg.core.files import open_regular_file, printable, read_plain_yaml
+from covidseg.core.writing import write_atomic
+from covidseg.inference.loader import MAX_MODEL_BYTES, MAX_SPEC_BYTES
 from covidseg.inference.model_spec import LEGACY_CONFIG_KEY, SPEC_KEY, spec_from_run_config
 from covidseg.models.registry import NETWORKS
 
@@ -54,7 +56,8 @@ def spec_from_legacy(config: Any, source: str) -> dict[str, Any]:
 
 def convert_checkpoint(source: Path, target: Path) -> None:
     try:
-        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+        with open_regular_file(source, MAX_MODEL_BYTES, "a covidseg 0.1 checkpoint", ModelFileError) as file:
+            checkpoint = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # torch's own message advises unpickling anyway: not for an untrusted file
         if "Unsupported global" not in str(error):  # not a pickle of classes: not a checkpoint at all
             raise ModelFileError(f"{str(source)!r} is not a checkpoint (a PyTorch file of tensors)") from None
@@ -69,16 +72,16 @@ def convert_checkpoint(source: Path, target: Path) -> None:
         (f"network.{name}" if name.startswith(("net.", "presence_head.")) else name): tensor
         for name, tensor in checkpoint["state_dict"].items()
     }
-    with atomic_output(target) as temporary:
-        torch.save(checkpoint, temporary)
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    write_atomic(target, buffer.getvalue())
 
 
 def convert_safetensors(source: Path, target: Path) -> None:
     config = read_plain_yaml(source.with_suffix(".yaml"), MAX_SPEC_BYTES, "a covidseg 0.1 run config", ModelFileError)
     spec = spec_from_legacy(config, str(source.with_suffix(".yaml")))
     state = {f"networks.0.{name}": tensor for name, tensor in load_file(source).items()}
-    with atomic_output(target) as temporary:
-        save_file(state, str(temporary))
+    write_atomic(target, save_safetensors(state))
     write_atomic(target.with_suffix(".yaml"), yaml.safe_dump(spec, sort_keys=False))
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from omegaconf import DictConfig, open_dict
 from rich.progress import track
 
-from covidseg.core.config import CONF_DIR
+from covidseg.core.config import CONF_DIR, check_output_folder
 from covidseg.core.errors import hydra_errors_in_one_line, user_errors
 from covidseg.core.framework_noise import quiet_framework_noise
 from covidseg.core.run_files import write_run_info
@@ -56,6 +56,7 @@ def write_teacher_targets(cfg: DictConfig) -> Path:
 def main(cfg: DictConfig) -> None:
     quiet_framework_noise()
     with user_errors():
+        check_output_folder(cfg)  # this run's own folder, before anything is written
         write_teacher_targets(cfg)
 
 

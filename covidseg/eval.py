@@ -11,7 +11,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from covidseg.core.config import CONF_DIR, instantiate_each
+from covidseg.core.config import CONF_DIR, check_output_folder, instantiate_each
 from covidseg.core.errors import hydra_errors_in_one_line, user_errors
 from covidseg.core.framework_noise import quiet_framework_noise
 from covidseg.core.run_files import print_summary, write_metrics, write_per_image, write_run_info
@@ -58,6 +58,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> None:
     quiet_framework_noise()
     with user_errors():
+        check_output_folder(cfg)  # this run's own folder, before anything is written
         evaluate(cfg)
 
 

@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig
 from rich.console import Console
 
-from covidseg.core.config import CONF_DIR
+from covidseg.core.config import CONF_DIR, check_output_folder
 from covidseg.core.errors import DataError, ModelFileError, hydra_errors_in_one_line, user_errors
 from covidseg.core.files import printable
 from covidseg.core.run_files import make_output_folder
@@ -64,7 +64,9 @@ def export(cfg: DictConfig) -> Path:
     exporter, suffix = EXPORTERS[cfg.format]
     with exclusive_lock(make_output_folder(output)) as locked:
         if not locked:
-            raise DataError(f"output {printable(output)!r} is being written by another export: choose another folder")
+            raise DataError(
+                f"output {printable(output)!r} is being written by another covidseg command: choose another folder"
+            )
         check_output(output, cfg.format)  # again, now that no other export can write here
         try:
             path = exporter(loaded, output / f"model{suffix}")
@@ -82,6 +84,7 @@ def export(cfg: DictConfig) -> Path:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
 def main(cfg: DictConfig) -> None:
     with user_errors():
+        check_output_folder(cfg)  # this run's own folder, before anything is written
         export(cfg)
 
 

@@ -23,7 +23,7 @@ from pydantic import Field, field_validator
 from rich.console import Console
 from rich.progress import track
 
-from covidseg.core.config import CONF_DIR
+from covidseg.core.config import CONF_DIR, check_output_folder
 from covidseg.core.errors import DataError, hydra_errors_in_one_line, user_errors
 from covidseg.core.files import printable
 from covidseg.core.images import read_unchanged, xray_gray
@@ -95,8 +95,8 @@ def predict(cfg: DictConfig) -> PredictRun:
     with exclusive_lock(output) as locked:  # one predict at a time writes into a folder
         if not locked:
             raise DataError(
-                f"output {printable(output)!r} is being written by another predict right now: wait for it to "
-                "finish or choose another output"
+                f"output {printable(output)!r} is being written by another covidseg command right now: wait for "
+                "it to finish or choose another output"
             )
         check_nothing_replaced(output, files, base)  # again, now that no other predict can write here
         (output / OUTPUT_MARKER).touch()
@@ -146,6 +146,7 @@ def _predict_into(cfg: DictConfig, model: LoadedBackend, files: list[Path], base
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
 def main(cfg: DictConfig) -> None:
     with user_errors():
+        check_output_folder(cfg)  # this run's own folder, before anything is written
         write_run_info(cfg.paths.output_dir)
         run = predict(cfg)
     if run.skipped or run.failed:

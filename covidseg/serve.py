@@ -13,7 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from covidseg.core.config import CONF_DIR
+from covidseg.core.config import CONF_DIR, check_output_folder
 from covidseg.core.errors import hydra_errors_in_one_line, user_errors
 from covidseg.core.run_files import write_run_info
 from covidseg.inference.loader import allow_missing_folds, inference_bf16, inference_overrides
@@ -27,6 +27,7 @@ def main(cfg: DictConfig) -> None:
     import uvicorn
 
     with user_errors():
+        check_output_folder(cfg)  # this run's own folder, before anything is written
         settings = serve_settings(cfg)
         check_address(settings)
         write_run_info(cfg.paths.output_dir)

@@ -6,7 +6,9 @@ python -m covidseg.train [experiment=seed_paper] [data=synthetic] [trainer.max_e
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
@@ -15,11 +17,12 @@ from hydra.types import RunMode
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from covidseg.core.config import CONF_DIR
-from covidseg.core.errors import ConfigError, ModelFileError, hydra_errors_in_one_line, user_errors
+from covidseg.core.config import CONF_DIR, check_output_folder
+from covidseg.core.errors import ConfigError, DataError, ModelFileError, hydra_errors_in_one_line, user_errors
 from covidseg.core.framework_noise import quiet_framework_noise
 from covidseg.core.run_files import print_summary, write_metrics, write_run_info
-from covidseg.inference.loader import check_checkpoint, resolve_ckpt_path
+from covidseg.core.writing import exclusive_lock
+from covidseg.inference.loader import best_checkpoint, check_checkpoint, resolve_ckpt_path
 from covidseg.training.build import build_run
 from covidseg.training.callbacks import RecordRunStart
 from covidseg.training.resume import check_resume_settings, file_resume_folder
@@ -56,6 +59,20 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
         with open_dict(cfg):  # continue the interrupted run's folder, checkpoints and TensorBoard run
             cfg.paths.output_dir = str(ckpt_path.parent.parent)
         log.info("resuming %s", cfg.paths.output_dir)
+    if resumed_by is None or int(os.environ.get("LOCAL_RANK", "0") or 0) > 0:  # DDP's other ranks: rank 0 holds it
+        return _fit_and_test(cfg, ckpt_path, changed_config, resumed_by)
+    with exclusive_lock(Path(cfg.paths.output_dir)) as locked:  # one resume of a run at a time
+        if not locked:
+            raise DataError(
+                f"ckpt_path={str(ckpt_path)!r}: its run {cfg.paths.output_dir!r} is being resumed by another "
+                "training right now; wait for it to finish"
+            )
+        return _fit_and_test(cfg, ckpt_path, changed_config, resumed_by)
+
+
+def _fit_and_test(
+    cfg: DictConfig, ckpt_path: Path | None, changed_config: dict[str, Any] | None, resumed_by: Path | None
+) -> tuple[dict[str, float], float | None]:
     output_dir = Path(cfg.paths.output_dir)
     run = build_run(cfg, [RecordRunStart(output_dir, changed_config)] if cfg.train else [])
     trainer = run.trainer
@@ -69,6 +86,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
 
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint is not None else ""
+    if best_path and not Path(os.path.realpath(best_path)).is_relative_to(os.path.realpath(output_dir)):
+        # a resumed checkpoint records where its run's best one was; a copied or moved run tests its own
+        best_path = str(best_checkpoint(output_dir)) if list(output_dir.glob("checkpoints/epoch*.ckpt")) else ""
     if cfg.test and run.datamodule.has_split(run.datamodule.split):
         trainer.test(run.module, datamodule=run.datamodule, ckpt_path=best_path or None, weights_only=True)
         metrics |= {name: float(value) for name, value in trainer.callback_metrics.items()}
@@ -116,6 +136,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
 def main(cfg: DictConfig) -> float | None:
     quiet_framework_noise()
     with user_errors():
+        check_output_folder(cfg)  # this run's own folder, before anything is written
         _, objective = train(cfg)
     return objective
 

@@ -196,24 +196,21 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(compose_cfg
     """The disk fills while the third checkpoint is written: one line, exit code 2, the previous
     ``last.ckpt`` whole and loadable, and no half-written temporary file left beside it."""
     import errno
-    import io
 
     from covidseg.core.errors import user_errors
 
-    real_save, writes = torch.save, []
+    real_write, writes = Path.write_bytes, []
 
-    def save_until_full(obj, target, *args, **kwargs):
-        if not str(target).endswith(".ckpt"):
-            return real_save(obj, target, *args, **kwargs)
-        writes.append(target)
+    def write_until_full(self: Path, data: bytes) -> int:
+        if not self.name.endswith(".ckpt"):  # the temporary file beside each checkpoint
+            return real_write(self, data)
+        writes.append(self)
         if len(writes) <= 2:  # the first epoch's best and last checkpoints
-            return real_save(obj, target, *args, **kwargs)
-        buffer = io.BytesIO()
-        real_save(obj, buffer)
-        Path(target).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            return real_write(self, data)
+        real_write(self, data[: len(data) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", save_until_full)
+    monkeypatch.setattr(Path, "write_bytes", write_until_full)
     cfg = compose_cfg("train", [*FAST, "trainer.max_epochs=3"])
     with pytest.raises(SystemExit) as stopped, user_errors():
         train(cfg)

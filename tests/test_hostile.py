@@ -122,7 +122,7 @@ def test_a_predict_output_in_use_by_another_predict_is_refused_in_one_line(
     with exclusive_lock(output) as locked:  # as a predict writing there holds it
         assert locked
         assert run_command(main, *arguments, f"hydra.run.dir={tmp_path / 'r1'}") == 2
-    assert "is being written by another predict" in capsys.readouterr().err
+    assert "is being written by another covidseg command" in capsys.readouterr().err
     assert not (output / "predictions.csv").exists()
     assert run_command(main, *arguments, f"hydra.run.dir={tmp_path / 'r2'}") == 0  # free again
     mode = stat.S_IMODE((output / "a.png.mask.png").stat().st_mode)
@@ -349,7 +349,7 @@ def test_images_that_broke_the_readers_get_a_line_that_says_what_to_do() -> None
     jpeg2000.PixelData = pydicom.encaps.encapsulate([b"\xff\x4f\xff\x51" + b"\0" * 64])
     buffer = io.BytesIO()
     jpeg2000.save_as(buffer, enforce_file_format=True)
-    with pytest.raises(DataError, match=r"compressed as JPEG 2000.*pip install pylibjpeg"):
+    with pytest.raises(DataError, match=r"compressed as JPEG 2000.*(pixel data is damaged|pip install pylibjpeg)"):
         decode_unchanged(buffer.getvalue(), "x.dcm")
 
     png = png_bytes(np.full((64, 64), 90, np.uint8))
@@ -417,3 +417,100 @@ def test_ctrl_c_outside_training_is_one_line_and_exit_130(capsys: pytest.Capture
     with pytest.raises(SystemExit) as stopped, user_errors():
         raise KeyboardInterrupt
     assert stopped.value.code == 130 and capsys.readouterr().err.strip().startswith("error: stopped by Ctrl-C")
+
+
+def test_other_path_keys_cannot_point_a_run_at_the_users_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from covidseg.eval import main
+
+    folder = users_folder(tmp_path)
+    before = checksums(folder)
+    common = ["ckpt_path=pretrained", *FAST[:5], f"paths.log_dir={tmp_path / 'outputs'}"]
+    for override, message in (
+        (f"paths.output_dir={folder}", "paths.output_dir"),
+        (f"hydra.output_subdir={folder}", "expected a name inside the run folder"),
+        ("hydra.output_subdir=../..", "expected a name inside the run folder"),
+    ):
+        assert run_command(main, *common, override) == 2, override
+        assert message in capsys.readouterr().err
+    assert checksums(folder) == before
+
+
+def test_two_resumes_of_one_run_at_once_the_second_is_refused(compose_cfg, capsys: pytest.CaptureFixture) -> None:
+    from covidseg.train import train
+
+    cfg = compose_cfg("train", [*FAST, "test=false", "logger=csv"])
+    train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    (run_dir / ".hydra" / "config.yaml").write_text(__import__("omegaconf").OmegaConf.to_yaml(cfg))
+    resume = compose_cfg("train", [*FAST, "test=false", "logger=csv", f"ckpt_path={run_dir / 'checkpoints/last.ckpt'}",
+                                   "trainer.max_epochs=2"])  # fmt: skip
+    with exclusive_lock(run_dir) as locked:  # as a resume of this run holds it
+        assert locked
+        with pytest.raises(SystemExit) as stopped, user_errors():
+            train(resume)
+    assert stopped.value.code == 2 and "is being resumed by another training" in capsys.readouterr().err
+
+
+def test_a_folder_of_unrelated_runs_is_no_ensemble_and_temporary_files_are_no_checkpoints(
+    tmp_path: Path, trained_checkpoints: list[Path]
+) -> None:
+    from covidseg.inference.loader import best_checkpoint, load_predictor
+
+    runs = tmp_path / "runs"
+    for index, checkpoint in enumerate(trained_checkpoints):
+        (runs / str(index) / "checkpoints").mkdir(parents=True)
+        shutil.copy(checkpoint, runs / str(index) / "checkpoints" / checkpoint.name)
+    with pytest.raises(ModelFileError, match="is not a multirun"):
+        load_predictor(str(runs), tmp_path)
+    (runs / "0" / "checkpoints" / ".epoch009-dice0.9999.ckpt.x1y2.tmp.ckpt").write_bytes(b"")  # a killed save
+    assert best_checkpoint(runs / "0").name == trained_checkpoints[0].name
+
+
+def test_settings_lightning_refuses_late_are_one_line_too(compose_cfg, capsys: pytest.CaptureFixture) -> None:
+    from covidseg.calibrate import calibrate
+    from covidseg.train import train
+
+    cfg = compose_cfg("train", [*FAST, "trainer.limit_train_batches=0.0001"])
+    with pytest.raises(SystemExit) as stopped, user_errors():
+        train(cfg)
+    error = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and len(error.splitlines()) == 1 and "limit_train_batches" in error, error
+    cfg = compose_cfg("calibrate", ["ckpt_path=pretrained", *FAST[:5], "data.eval_classes=[COVID-19]"])
+    with pytest.raises(SystemExit) as stopped, user_errors():
+        calibrate(cfg)
+    assert "calibration needs X-rays with and without infection" in capsys.readouterr().err
+
+
+def test_a_deflated_dicom_is_refused_before_it_inflates() -> None:
+    import io
+
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from covidseg.core.images import decode_unchanged
+
+    dataset = pydicom.dcmread(io.BytesIO(dicom_bytes(np.zeros((64, 64), np.uint16))))
+    dataset.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    with pytest.raises(DataError, match="is deflated DICOM"):
+        decode_unchanged(buffer.getvalue(), "bomb.dcm")
+
+
+def test_an_input_whose_outputs_cannot_be_named_is_that_images_failure(
+    tmp_path: Path, trained_checkpoints: list[Path]
+) -> None:
+    from covidseg.predict import predict
+
+    inputs = tmp_path / "xrays"
+    inputs.mkdir()
+    image = png_bytes(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))
+    (inputs / "short.png").write_bytes(image)
+    (inputs / f"{'a' * 245}.png").write_bytes(image)  # "<name>.mask.png" is over 255 bytes
+    cfg = __import__("covidseg.core.config", fromlist=["x"]).compose_config(
+        "predict", [f"ckpt_path={trained_checkpoints[0]}", f"input={inputs}", f"output={tmp_path / 'out'}"],
+        output_dir=tmp_path / "run", log_dir=tmp_path / "outputs",
+    )  # fmt: skip
+    run = predict(cfg)
+    assert [Path(row["file"]).name for row in run.rows] == ["short.png"] and len(run.failed) == 1

@@ -239,6 +239,9 @@ def test_missing_model_files_are_named(tmp_path: Path) -> None:
     with pytest.raises(ModelFileError, match=r"is a folder without model.safetensors, model.onnx or \*/checkpoints/"):
         load_predictor(str(tmp_path), tmp_path)
     (tmp_path / "0" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ModelFileError, match="holds runs but is not a multirun"):
+        load_predictor(str(tmp_path), tmp_path)
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
     with pytest.raises(ModelFileError, match="has no best checkpoint"):
         load_predictor(str(tmp_path), tmp_path)
     with pytest.raises(ModelFileError, match=r"ckpt_path=\[\] names no model"):

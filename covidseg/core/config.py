@@ -11,6 +11,7 @@ command works from any folder. Importing this module registers the resolvers the
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -20,9 +21,9 @@ from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from covidseg.core.errors import user_errors
+from covidseg.core.errors import ConfigError, DataError, user_errors
 from covidseg.core.hardware import cpu_precision
-from covidseg.core.writing import new_run_folder
+from covidseg.core.writing import RUN_MARKER, new_run_folder
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
@@ -75,20 +76,73 @@ class OwnRunFolder(Callback):
     (``hydra.run.dir``, or a multirun's ``hydra.sweep.dir``) is claimed for this run alone. Runs of
     one task started in the same second get ``<time>_2``, ``<time>_3`` ...; a folder named on the
     command line must be new or empty, so no file of the user's is overwritten and no recorded
-    config is rewritten before a resume compares it. A folder that is claimed holds ``.covidseg-run``."""
+    config is rewritten before a resume compares it. A folder that is claimed holds ``.covidseg-run``.
+    The subfolders Hydra writes below it (``hydra.output_subdir``, ``hydra.sweep.subdir``) must stay
+    below it."""
 
     @staticmethod
-    def _claim(config: DictConfig, key: str) -> None:
-        chosen = any(override.split("=")[0].lstrip("+~") == f"hydra.{key}" for override in config.hydra.overrides.hydra)
+    def _claim(config: DictConfig, mode: str) -> None:
+        key = f"hydra.{mode}.dir"
+        chosen = [o for o in config.hydra.overrides.hydra if o.split("=")[0].lstrip("+~") in (key, f"hydra.{mode}")]
         with user_errors():  # Hydra turns a callback's exception into a warning; the exit code 2 stops it
-            folder = new_run_folder(Path(config.hydra[key.split(".")[0]].dir), chosen)
+            check_run_names(config)
+            for subdir_key in ("hydra.output_subdir", *(("hydra.sweep.subdir",) if mode == "sweep" else ())):
+                check_below(OmegaConf.select(config, subdir_key, throw_on_resolution_failure=False), subdir_key)
+            folder = new_run_folder(Path(config.hydra[mode].dir), bool(chosen), key)
         with read_write(config.hydra), open_dict(config.hydra):
-            config.hydra[key.split(".")[0]].dir = str(folder)
+            config.hydra[mode].dir = str(folder)
+            if mode == "sweep":  # each job's config is composed again from these overrides
+                config.hydra.overrides.hydra = [
+                    *(o for o in config.hydra.overrides.hydra if o not in chosen),
+                    f"hydra.sweep.dir={folder}",
+                ]
 
     def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
         # Lightning starts the other DDP ranks as this command again, in the folder rank zero claimed
         if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:
-            self._claim(config, "run.dir")
+            self._claim(config, "run")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: object) -> None:
-        self._claim(config, "sweep.dir")
+        self._claim(config, "sweep")
+
+
+def check_run_names(config: DictConfig) -> None:
+    """``task_name`` names a folder under ``paths.log_dir`` (no '/' or '..' to leave it), and
+    ``paths.log_dir`` is given (empty, the run folders would go to the file system's root)."""
+    task = OmegaConf.select(config, "task_name", throw_on_resolution_failure=False)
+    if task is not None and (not re.fullmatch(r"[A-Za-z0-9_.-]+", str(task)) or str(task) in (".", "..")):
+        raise ConfigError(f"task_name={str(task)!r}: expected letters, digits, '_', '-' or '.' (a folder name)")
+    log_dir = OmegaConf.select(config, "paths.log_dir", throw_on_resolution_failure=False)
+    if log_dir is not None and not str(log_dir).strip():
+        raise ConfigError("paths.log_dir='': expected a folder (an empty one would put run folders at the root)")
+
+
+def check_below(subdir: object, key: str) -> None:
+    """A folder Hydra makes inside the run folder (``.hydra``, a job's number) stays inside it."""
+    if subdir is None:
+        return
+    parts = Path(str(subdir)).parts
+    if not parts or Path(str(subdir)).is_absolute() or ".." in parts:
+        raise ConfigError(
+            f"{key}={str(subdir)!r}: expected a name inside the run folder (no '/' at the start, no '..')"
+        )
+
+
+def check_output_folder(cfg: DictConfig) -> Path:
+    """``paths.output_dir``, where a command writes, checked to be this run's own: the folder Hydra
+    made for it (which holds nothing but Hydra's files yet), or a new or empty one named by
+    ``paths.output_dir``. Outside a Hydra app (the tests, a notebook) the caller chose it."""
+    output = Path(os.path.realpath(Path(str(cfg.paths.output_dir)).expanduser()))
+    if not HydraConfig.initialized():
+        return output
+    runtime = OmegaConf.select(HydraConfig.get(), "runtime.output_dir", default=None)
+    if runtime is None:
+        return output
+    if output != Path(os.path.realpath(runtime)):
+        return new_run_folder(output, True, "paths.output_dir")
+    theirs = [entry.name for entry in os.scandir(output) if entry.name not in (".hydra", RUN_MARKER, "multirun.yaml")]
+    theirs = [name for name in theirs if not name.endswith(".log")]
+    if theirs and not (output / RUN_MARKER).is_file():  # a job's folder that holds someone's files
+        shown = ", ".join(sorted(theirs)[:5])
+        raise DataError(f"run folder {str(output)!r} already holds files ({shown}): name a new or empty one")
+    return output

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import ParamSpec, TypeVar
 
 from hydra.errors import HydraException, InstantiationException
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
@@ -42,8 +43,9 @@ class ConfigError(UserError):
 USER_ERRORS = (UserError, FloatingPointError)
 # Hydra's and OmegaConf's refusals of the command line and the config: an override that does not
 # parse or names no key, a config group option that does not exist, a value of the wrong type, an
-# interpolation that does not resolve, a _target_ that cannot be built.
-SETTING_ERRORS = (HydraException, OmegaConfBaseException)
+# interpolation that does not resolve, a _target_ that cannot be built; and Lightning's refusal of a
+# trainer setting it finds unworkable only once it runs (limit_train_batches=0.0001: no batch).
+SETTING_ERRORS = (HydraException, OmegaConfBaseException, MisconfigurationException)
 DISK_FULL_OR_LOCKED = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)
 Params = ParamSpec("Params")
 Result = TypeVar("Result")

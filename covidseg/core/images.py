@@ -26,6 +26,7 @@ MAX_PIXELS = 50_000_000  # width x height; larger files are refused before decod
 MAX_FILE_BYTES = 1 << 30  # 50 M pixels of 16-bit RGBA, uncompressed, is 400 MB
 MIN_SIDE, MAX_ASPECT = 32, 4.0  # predict and serve answer for nothing smaller or more elongated than this
 COLOUR_SPREAD, MAX_COLOUR_SHARE = 1 / 8, 0.10  # ... nor for a colour picture (see xray_gray)
+DEFLATED_DICOM, META_BYTES = b"1.2.840.10008.1.2.1.99", 4096  # the deflate transfer syntax's UID, where it sits
 RASTER_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")  # what Pillow must recognise in the header; OpenCV decodes
 
 
@@ -40,6 +41,15 @@ def _checked_pixels(name: str, width: int, height: int, max_pixels: int) -> None
             f"{name!r} is {width}x{height} = {width * height:,} pixels; at most {max_pixels:,} are read "
             "(a larger image is refused before it is decoded)"
         )
+
+
+def _decoder_installed(syntax: object) -> bool:
+    try:
+        from pydicom.pixels import get_decoder
+
+        return bool(get_decoder(syntax).is_available)
+    except Exception:  # a transfer syntax pydicom has no decoder class for
+        return False
 
 
 def decode_dicom(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -58,6 +68,11 @@ def decode_dicom(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.nda
             f"{name!r} is DICOM: install the extra with pip install 'covidseg[dicom]' "
             "(in a checkout: pip install -e '.[dicom]')"
         ) from error
+    if DEFLATED_DICOM in data[:META_BYTES]:  # the file meta (group 0002) is never deflated itself
+        raise DataError(
+            f"{name!r} is deflated DICOM, which would be inflated whole before its size could be checked; it is "
+            "not read: save it uncompressed or JPEG-compressed"
+        )
     dataset = None
     try:
         dataset = pydicom.dcmread(io.BytesIO(data), force=True)
@@ -83,6 +98,10 @@ def decode_dicom(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.nda
     except Exception as error:  # pydicom raises many kinds for corrupt or unusual files
         syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
         if syntax is not None and getattr(syntax, "is_compressed", False) and "plugin" in str(error):
+            if _decoder_installed(syntax):
+                raise DataError(
+                    f"{name!r} is DICOM compressed as {syntax.name}, and its pixel data is damaged"
+                ) from None
             raise DataError(
                 f"{name!r} is DICOM compressed as {syntax.name}, and no decoder for it is installed: "
                 "pip install pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg (JPEG, JPEG-LS, JPEG 2000)"

@@ -70,6 +70,11 @@ def atomic_output(path: Path) -> Iterator[Path]:
             os.close(handle)
         os.chmod(temporary, NEW_FILE_MODE)
         os.replace(temporary, path)
+    except OSError as error:  # named as the file the user knows, not the temporary one
+        temporary.unlink(missing_ok=True)
+        if error.errno is None:
+            raise
+        raise type(error)(error.errno, error.strerror, str(path)) from None
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
@@ -77,7 +82,9 @@ def atomic_output(path: Path) -> Iterator[Path]:
 
 
 def write_atomic(path: Path, content: bytes | str) -> Path:
-    """``content`` as the whole of ``path`` (text as UTF-8), or ``path`` left as it was."""
+    """``content`` as the whole of ``path`` (text as UTF-8), or ``path`` left as it was. Writers that
+    serialise (``torch.save``, ONNX, safetensors) write to memory first and hand the bytes here: a
+    full disk is then an ``OSError`` naming the file, never an error deep inside a C++ writer."""
     with atomic_output(path) as temporary:
         temporary.write_bytes(content.encode() if isinstance(content, str) else content)
     return Path(path)
@@ -148,7 +155,7 @@ def claim_new_folder(folder: Path) -> bool:
     return True
 
 
-def new_run_folder(folder: Path, chosen_by_user: bool) -> Path:
+def new_run_folder(folder: Path, chosen_by_user: bool, key: str = "hydra.run.dir") -> Path:
     """``folder``, claimed for this run; the default (time-stamped) name of a folder another run took
     gets a suffix, a folder the user named that holds anything is refused with one line."""
     folder = Path(os.path.realpath(Path(folder).expanduser()))
@@ -159,12 +166,12 @@ def new_run_folder(folder: Path, chosen_by_user: bool) -> Path:
                 return candidate
     except OSError as error:
         where, why = str(error.filename or folder), error.strerror or error
-        raise DataError(f"{where!r}: {why}; choose another hydra.run.dir or paths.log_dir") from None
+        raise DataError(f"{where!r}: {why}; choose another {key} or paths.log_dir") from None
     if chosen_by_user:
         held = sorted(entry.name for entry in os.scandir(folder))
         shown = ", ".join(held[:5]) + (" ..." if len(held) > 5 else "")
         raise DataError(
-            f"hydra.run.dir {str(folder)!r} already holds files ({shown}): every run writes into a folder of "
+            f"{key} {str(folder)!r} already holds files ({shown}): every run writes into a folder of "
             "its own; name a new or empty one (to continue a training run, give ckpt_path=<its last.ckpt>)"
         )
     raise DataError(f"{MAX_SUFFIX} runs already started in {str(folder)!r}'s second: try again")

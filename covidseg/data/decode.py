@@ -131,7 +131,7 @@ def _load_cache(paths: tuple[Path, Path]) -> tuple[np.ndarray, np.ndarray] | Non
                 raise ValueError(f"no recorded shape, type and checksum for the {name}")
             if _describe(array) != expected[name]:
                 raise ValueError(f"the {name} do not match their recorded shape, type and checksum")
-    except (OSError, ValueError, TypeError, EOFError, RecursionError) as error:  # DataError is a ValueError
+    except (OSError, ValueError, TypeError, EOFError, RecursionError, MemoryError) as error:  # DataError: ValueError
         log.warning("decode cache %s is damaged (%s): rebuilding it", printable(paths[0].parent), error)
         return None
     return arrays

@@ -45,8 +45,9 @@ class DataSettings(CheckedSettings):
     batch_size: int = Field(ge=1)
     eval_batch_size: int | None = Field(None, ge=1)
     num_workers: int = Field(0, ge=0)
+    pin_memory: bool = False
     seed: Seed = 0
-    num_folds: int | None = Field(None, ge=2)
+    num_folds: int | None = Field(None, ge=2, le=100)
     fold: int = Field(0, ge=0)
     teacher_targets: str | None = None
     synthetic: SyntheticSettings | None = None

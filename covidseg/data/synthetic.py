@@ -180,7 +180,7 @@ class SyntheticPhantoms:
         marker = root / MARKER
         try:
             return SyntheticPhantoms(**json.loads(marker.read_text()))
-        except (ValueError, TypeError, AttributeError) as error:
+        except (ValueError, TypeError, AttributeError, RecursionError, MemoryError) as error:
             raise DataError(
                 f"{printable(marker)!r} is not a synthetic-data marker ({error}): point data.root at a new folder"
             ) from None

@@ -9,6 +9,7 @@ checked from the array headers before any array data is read, and every training
 
 from __future__ import annotations
 
+import io
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,23 +17,23 @@ from pathlib import Path
 import numpy as np
 
 from covidseg.core.errors import DataError
-from covidseg.core.files import printable
-from covidseg.core.writing import atomic_output
+from covidseg.core.files import open_regular_file, printable
+from covidseg.core.writing import write_atomic
 
 FORMAT_VERSION = 1
 # A file may hold targets for other classes too (the teacher ran on all three), but not many times
 # the training set: that bounds what a file can make covidseg allocate.
 MAX_ROWS_PER_IMAGE = 4
 MAX_NAME_BYTES = 4 * 1024  # numpy stores 4 bytes per character
+MAX_FILE_BYTES = 1 << 40  # the limit only keeps out what is not a file
 
 
 def save_teacher_targets(path: Path, names: Sequence[str], probabilities: np.ndarray) -> None:
     """``probabilities`` (N, S, S) in [0, 1], one per name, stored as uint8."""
     quantised = np.rint(np.clip(probabilities, 0.0, 1.0) * 255).astype(np.uint8)
-    with atomic_output(Path(path)) as temporary:
-        np.savez(
-            temporary, names=np.array(list(names), dtype=str), probabilities=quantised, version=np.array(FORMAT_VERSION)
-        )
+    archive = io.BytesIO()
+    np.savez(archive, names=np.array(list(names), dtype=str), probabilities=quantised, version=np.array(FORMAT_VERSION))
+    write_atomic(Path(path), archive.getvalue())
 
 
 def _array_headers(path: str | Path, where: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -59,6 +60,11 @@ def _array_headers(path: str | Path, where: str) -> dict[str, tuple[tuple[int, .
 def load_teacher_targets(path: str | Path, names: Sequence[str], image_size: int) -> np.ndarray:
     """The targets of ``names``, in that order: (N, S, S) uint8; a ``DataError`` naming the file otherwise."""
     where = f"data.teacher_targets {printable(path)!r}"
+    try:  # a FIFO or a device would block the zip reader below: only a regular file is read
+        with open_regular_file(Path(path), MAX_FILE_BYTES, "a .npz of teacher targets", DataError):
+            pass
+    except OSError as error:
+        raise DataError(f"{where} is not a readable .npz of teacher targets ({error.strerror or error})") from None
     headers = _array_headers(path, where)
     names_shape, names_dtype = headers["names"]
     if names_dtype.kind != "U" or len(names_shape) != 1 or names_dtype.itemsize > MAX_NAME_BYTES:

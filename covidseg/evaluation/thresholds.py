@@ -11,6 +11,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from covidseg.core.errors import DataError
 from covidseg.inference.regions import drop_small_regions
 
 
@@ -74,7 +75,7 @@ def score_choices(
     """Per-image Dice on infected images and clean share of healthy images, for every pair."""
     infected = truth > 0
     if not infected.any() or infected.all():
-        raise ValueError("calibration needs images with and without infection: set data.eval_classes to all classes")
+        raise DataError("calibration needs images with and without infection: set data.eval_classes to all classes")
     gates: list[float | None] = [None] + (list(presence_thresholds) if presence is not None else [])
     choices = []
     for gate in gates:

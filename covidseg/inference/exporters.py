@@ -11,16 +11,17 @@ Runtime.
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from covidseg.core.writing import atomic_output, write_atomic
+from covidseg.core.writing import write_atomic
 from covidseg.inference.loader import LoadedModel
 from covidseg.inference.model_spec import ExportMetadata, ModelSpec
 from covidseg.inference.predictor import Predictor
@@ -61,19 +62,20 @@ def trace_onnx(predictor: Predictor, example: torch.Tensor, path: Path) -> Path:
     exporter: no onnxscript needed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     names = outputs(predictor)
-    with warnings.catch_warnings(), atomic_output(path) as temporary:
+    graph = io.BytesIO()
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(
             TracedPredictor(predictor),
             (example,),
-            str(temporary),
+            graph,
             input_names=["image"],
             output_names=names,
             dynamic_axes={name: {0: "batch"} for name in ["image", *names]},
             dynamo=False,
         )
-    return path
+    return write_atomic(path, graph.getvalue())
 
 
 def export_onnx(loaded: LoadedModel, path: Path) -> Path:
@@ -88,8 +90,9 @@ def export_torchscript(loaded: LoadedModel, path: Path) -> Path:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         traced = torch.jit.trace(TracedPredictor(loaded.predictor), _example(loaded.spec))
-    with atomic_output(path) as temporary:
-        traced.save(str(temporary))
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    write_atomic(path, buffer.getvalue())
     write_metadata(path, "torchscript", loaded)
     return path
 
@@ -99,8 +102,7 @@ def export_safetensors(loaded: LoadedModel, path: Path) -> Path:
     ``.yaml`` beside them; ``ckpt_path`` accepts the result like a checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().half().contiguous() for name, tensor in loaded.predictor.state_dict().items()}
-    with atomic_output(path) as temporary:
-        save_file(state, str(temporary))
+    write_atomic(path, save_safetensors(state))
     write_atomic(path.with_suffix(".yaml"), yaml.safe_dump(loaded.spec.to_plain(), sort_keys=False))
     write_metadata(path, "safetensors", loaded)
     return path

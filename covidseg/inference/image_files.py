@@ -67,6 +67,19 @@ def find_inputs(pattern: str) -> tuple[list[Path], Path]:
     return files, base
 
 
+def real(path: Path) -> Path:
+    """``path`` with its links and ".." followed, as far as they go (a link loop stays as it is)."""
+    return Path(os.path.realpath(path))
+
+
+def _present(path: Path) -> bool:
+    """A file or link of that name is there (a name the file system cannot hold is not)."""
+    try:
+        return path.exists() or path.is_symlink()
+    except OSError:
+        return False
+
+
 def output_stem(output: Path, path: Path, base: Path) -> Path:
     """``<output>/<path relative to base>``, suffix kept, so ``x.png`` and ``x.jpg`` stay apart."""
     return output / path.relative_to(base)
@@ -80,16 +93,14 @@ def check_output(output: Path, files: list[Path], base: Path, recursive: bool, a
         raise DataError(f"output {printable(output)!r} is an existing file; expected a folder (new or existing)")
     if allow_inside:
         return
-    if recursive and output.resolve().is_relative_to(base.resolve()):
+    if recursive and real(output).is_relative_to(real(base)):
         raise DataError(
             f"output {printable(output)!r} is inside the input folder {printable(base)!r}; choose another output "
             "or set allow_output_in_input=true"
         )
-    input_folders = {
-        folder for path in files for folder in (path.parent.resolve(), Path(os.path.realpath(path)).parent)
-    }
+    input_folders = {folder for path in files for folder in (real(path.parent), real(path).parent)}
     for path in files:
-        folder = output_stem(output, path, base).parent.resolve()
+        folder = real(output_stem(output, path, base).parent)
         if folder in input_folders:
             raise DataError(
                 f"output {printable(output)!r} would write into {printable(folder)!r}, which holds input files; "
@@ -106,7 +117,7 @@ def check_nothing_replaced(output: Path, files: list[Path], base: Path) -> None:
     names = [output / "predictions.csv"] + [
         stem.with_name(f"{stem.name}.{kind}.png") for stem in stems for kind in OUTPUT_KINDS
     ]
-    taken = next((name for name in names if name.exists() or name.is_symlink()), None)
+    taken = next((name for name in names if _present(name)), None)
     if taken is not None:
         raise DataError(
             f"output {printable(output)!r} already holds {printable(taken.relative_to(output))!r}, which predict "

@@ -123,7 +123,7 @@ def resolve_ckpt_path(value: str | None, log_dir: str | Path, task_name: str) ->
 def best_checkpoint(job_dir: Path) -> Path:
     """The best checkpoint of one training run: the highest ``dice`` in its checkpoint names."""
     scored = [(float(m.group(1)), path) for path in job_dir.glob("checkpoints/*.ckpt")
-              if (m := BEST_DICE.search(path.stem))]  # fmt: skip
+              if not path.name.startswith(".") and (m := BEST_DICE.search(path.stem))]  # fmt: skip
     if not scored:
         raise ModelFileError(f"{str(job_dir)!r} has no best checkpoint (checkpoints/epoch*-dice*.ckpt)")
     return max(scored)[1]
@@ -150,6 +150,11 @@ def resolve_model_paths(
             if (folder / name).is_file():
                 return [folder / name]
         jobs = sorted(path.parent for path in folder.glob("*/checkpoints"))
+        if jobs and not (folder / "multirun.yaml").is_file():  # a task's runs folder: unrelated runs
+            raise ModelFileError(
+                f"ckpt_path {str(value)!r} holds runs but is not a multirun (no multirun.yaml): name one "
+                "checkpoint, a list of them, or the folder of a k-fold multirun"
+            )
         if not jobs:
             raise ModelFileError(
                 f"ckpt_path {str(value)!r} is a folder without model.safetensors, model.onnx or */checkpoints/ "

@@ -3,19 +3,20 @@
 Lightning's ``TorchCheckpointIO`` saves through an fsspec transaction, whose temporary file lives
 in the system's temporary folder: on another file system the final move is a copy, and a disk that
 fills during it leaves a truncated, unloadable ``last.ckpt``. This ``CheckpointIO`` writes the
-temporary file beside the checkpoint and renames it (:func:`covidseg.core.writing.atomic_output`),
+temporary file beside the checkpoint and renames it (:func:`covidseg.core.writing.write_atomic`),
 so the previous checkpoint stays intact until the new one is complete.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from covidseg.core.writing import atomic_output
+from covidseg.core.writing import write_atomic
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -25,5 +26,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_output(path) as temporary:
-            torch.save(checkpoint, temporary)
+        buffer = io.BytesIO()  # as Lightning's own saver does; a full disk then fails in Python, naming the file
+        torch.save(checkpoint, buffer)
+        write_atomic(path, buffer.getvalue())

@@ -49,7 +49,7 @@ def check_resume_settings(cfg: DictConfig, ckpt_path: Path) -> dict[str, Any] | 
     """Refuse a resume whose model, data or seed settings differ from the run's recorded config
     (unless ``resume_with_changes=true``); returns the new config to record when they differ."""
     recorded_path = ckpt_path.parent.parent / ".hydra" / "config.yaml"
-    if not recorded_path.is_file():
+    if not recorded_path.exists() and not recorded_path.is_symlink():  # a FIFO or a link is read, and refused
         return None
     plain = read_plain_yaml(recorded_path, MAX_RECORDED_CONFIG_BYTES, "a run's recorded config", ConfigError)
     if not isinstance(plain, dict):

@@ -49,9 +49,10 @@ class ModelSettings(CheckedSettings):
 
 
 # Lightning's precision values that covidseg's networks and data run in (its Trainer fails with a
-# traceback on any other; in 64-bit the float32 batches meet float64 weights)
-PRECISIONS = ("transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true", "bf16-mixed",
-              "32-true", 32, 16, "32", "16", "bf16")  # fmt: skip
+# traceback on any other; in 64-, 16- and bf16-"true" precision the float32 batches meet weights of
+# another type)
+PRECISIONS = ("transformer-engine", "transformer-engine-float16", "16-mixed", "bf16-mixed", "32-true", 32, "32",
+              "bf16")  # fmt: skip
 CORES = os.cpu_count() or 1
 
 
@@ -99,6 +100,8 @@ class TrainerSettings(CheckedSettings):
 
 class RunSettings(CheckedSettings):
     seed: Seed | None = None
+    train: bool = True
+    test: bool = True
     data: DataSettings
     trainer: TrainerSettings | None = None
     model: ModelSettings | None = None
@@ -110,7 +113,7 @@ def check_settings(cfg: DictConfig) -> None:
         name: OmegaConf.to_container(cfg[name], resolve=True)
         for name in ("data", "model", "trainer")
         if cfg.get(name) is not None
-    } | {"seed": cfg.get("seed")}
+    } | {"seed": cfg.get("seed"), "train": cfg.get("train", True), "test": cfg.get("test", True)}
     validated(RunSettings, values)
     check_network_options((values.get("model") or {}).get("net") or {})
     distill_weight = (values.get("model") or {}).get("distill_weight", 0.0)
