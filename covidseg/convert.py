@@ -93,7 +93,8 @@ def main() -> None:
     if args.source.suffix != args.target.suffix or args.source.suffix not in (".ckpt", ".safetensors"):
         say_error("give OLD.ckpt NEW.ckpt or OLD.safetensors NEW.safetensors")
         sys.exit(2)
-    if args.target.exists() or args.target.with_suffix(".yaml").exists() and args.target.suffix == ".safetensors":
+    targets = [args.target, *([args.target.with_suffix(".yaml")] if args.target.suffix == ".safetensors" else [])]
+    if any(target.exists() or target.is_symlink() for target in targets):  # a dangling link is a name taken too
         say_error(f"{printable(args.target)!r} exists: choose a new name")
         sys.exit(2)
     try:
