@@ -44,6 +44,16 @@ def users_folder(tmp_path: Path) -> Path:
     return folder
 
 
+def xray_folder(tmp_path: Path, *names: str) -> Path:
+    """A folder of 64x64 noise images under those names (predict reads them; the model's answer
+    does not matter here)."""
+    inputs = tmp_path / "xrays"
+    inputs.mkdir()
+    for name in names:
+        (inputs / name).write_bytes(png_bytes(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)))
+    return inputs
+
+
 # --- one rule for "is this folder mine to write" -----------------------------------------------------
 
 
@@ -90,9 +100,7 @@ def test_a_path_through_a_missing_folder_to_the_users_folder_is_seen_for_what_it
     from covidseg.export import main as export_main
     from covidseg.predict import main as predict_main
 
-    inputs = tmp_path / "xrays"
-    inputs.mkdir()
-    (inputs / "a.png").write_bytes(png_bytes(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)))
+    inputs = xray_folder(tmp_path, "a.png")
     folder = tmp_path / "results"
     folder.mkdir()
     (folder / "predictions.csv").write_text("mine\n")
@@ -113,9 +121,7 @@ def test_a_predict_output_in_use_by_another_predict_is_refused_in_one_line(
 ) -> None:
     from covidseg.predict import main
 
-    inputs = tmp_path / "xrays"
-    inputs.mkdir()
-    (inputs / "a.png").write_bytes(png_bytes(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)))
+    inputs = xray_folder(tmp_path, "a.png")
     output = tmp_path / "out"
     output.mkdir()
     arguments = [f"ckpt_path={trained_checkpoints[0]}", f"input={inputs}", f"output={output}"]
@@ -503,11 +509,7 @@ def test_an_input_whose_outputs_cannot_be_named_is_that_images_failure(
 ) -> None:
     from covidseg.predict import predict
 
-    inputs = tmp_path / "xrays"
-    inputs.mkdir()
-    image = png_bytes(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))
-    (inputs / "short.png").write_bytes(image)
-    (inputs / f"{'a' * 245}.png").write_bytes(image)  # "<name>.mask.png" is over 255 bytes
+    inputs = xray_folder(tmp_path, "short.png", f"{'a' * 245}.png")  # "<name>.mask.png" is over 255 bytes
     cfg = __import__("covidseg.core.config", fromlist=["x"]).compose_config(
         "predict", [f"ckpt_path={trained_checkpoints[0]}", f"input={inputs}", f"output={tmp_path / 'out'}"],
         output_dir=tmp_path / "run", log_dir=tmp_path / "outputs",
