@@ -88,7 +88,10 @@ def _fit_and_test(
     best_path = checkpoint.best_model_path if checkpoint is not None else ""
     if best_path and not Path(os.path.realpath(best_path)).is_relative_to(os.path.realpath(output_dir)):
         # a resumed checkpoint records where its run's best one was; a copied or moved run tests its own
-        best_path = str(best_checkpoint(output_dir)) if list(output_dir.glob("checkpoints/epoch*.ckpt")) else ""
+        try:
+            best_path = str(best_checkpoint(output_dir))
+        except ModelFileError:  # none of its own yet
+            best_path = ""
     if cfg.test and run.datamodule.has_split(run.datamodule.split):
         trainer.test(run.module, datamodule=run.datamodule, ckpt_path=best_path or None, weights_only=True)
         metrics |= {name: float(value) for name, value in trainer.callback_metrics.items()}

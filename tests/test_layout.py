@@ -15,7 +15,6 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 import covidseg
 
@@ -216,11 +215,3 @@ def test_the_checker_finds_every_kind_of_wrong_import() -> None:
     assert violations({"covidseg.training.fine": {"covidseg.core.errors", "covidseg.inference.loader"}}, plan) == []
     with pytest.raises(AssertionError, match="names what is not a layer"):
         parse_allowance("Imports from: core, servng.", "Imports from", {"core", "serving"}, "x")
-
-
-def test_the_dataset_names_its_mask_folder_for_every_target() -> None:
-    from covidseg.core.labels import TARGETS
-    from covidseg.data.index import TARGET_FOLDERS
-
-    assert tuple(TARGET_FOLDERS) == TARGETS
-    assert yaml.safe_load((CONF / "data" / "covid_qu_ex.yaml").read_text())["targets"][0] in TARGETS

@@ -140,8 +140,10 @@ def check_output_folder(cfg: DictConfig) -> Path:
         return output
     if output != Path(os.path.realpath(runtime)):
         return new_run_folder(output, True, "paths.output_dir")
-    theirs = [entry.name for entry in os.scandir(output) if entry.name not in (".hydra", RUN_MARKER, "multirun.yaml")]
-    theirs = [name for name in theirs if not name.endswith(".log")]
+    hydras = (".hydra", RUN_MARKER, "multirun.yaml")
+    theirs = [
+        entry.name for entry in os.scandir(output) if entry.name not in hydras and not entry.name.endswith(".log")
+    ]
     if theirs and not (output / RUN_MARKER).is_file():  # a job's folder that holds someone's files
         shown = ", ".join(sorted(theirs)[:5])
         raise DataError(f"run folder {str(output)!r} already holds files ({shown}): name a new or empty one")

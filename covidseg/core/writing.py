@@ -99,21 +99,15 @@ def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]
     return write_atomic(path, table.getvalue())
 
 
-def _lock_handle(path: Path) -> int:
-    """A descriptor to lock: the folder itself (nothing is left in it), or a lock file, made if missing."""
-    if path.is_dir():
-        return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    return os.open(path, os.O_RDWR | os.O_CREAT, NEW_FILE_MODE)
-
-
 @contextmanager
-def exclusive_lock(path: Path) -> Iterator[bool]:
-    """Holds an exclusive lock on ``path`` (a folder, or a lock file) while the block runs; yields
-    False at once, without the lock, when another process holds it."""
-    handle = _lock_handle(path)
+def exclusive_lock(folder: Path, wait: bool = False) -> Iterator[bool]:
+    """Holds an exclusive lock on ``folder`` itself (nothing is left in it) while the block runs,
+    waiting for it with ``wait``; else yields False at once, without the lock, when another process
+    holds it."""
+    handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except OSError as error:
             if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
@@ -122,17 +116,6 @@ def exclusive_lock(path: Path) -> Iterator[bool]:
         yield True
     finally:
         os.close(handle)  # closing releases the lock
-
-
-@contextmanager
-def waiting_lock(path: Path) -> Iterator[None]:
-    """Holds an exclusive lock on ``path`` (a folder, or a lock file), waiting for it."""
-    handle = _lock_handle(path)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(handle)
 
 
 RUN_MARKER = ".covidseg-run"  # in every run folder covidseg made: the run that claimed it owns it

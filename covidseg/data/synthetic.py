@@ -19,7 +19,7 @@ import numpy as np
 from covidseg.core.errors import DataError
 from covidseg.core.files import printable
 from covidseg.core.labels import CLASSES
-from covidseg.core.writing import waiting_lock
+from covidseg.core.writing import exclusive_lock
 from covidseg.data.index import TARGET_FOLDERS, canonical_split
 
 MARKER = "synthetic.json"
@@ -143,7 +143,7 @@ class SyntheticPhantoms:
         """
         root = Path(root)
         root.parent.mkdir(parents=True, exist_ok=True)
-        with waiting_lock(root.parent):  # runs started at once: the first writes, the others find its files
+        with exclusive_lock(root.parent, wait=True):  # runs started at once: the first writes, the others read
             return self._write_unlocked(root)
 
     def _write_unlocked(self, root: Path) -> Path:
