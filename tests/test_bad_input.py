@@ -76,6 +76,29 @@ def test_a_marker_that_is_not_covidseg_s_is_refused(tmp_path: Path) -> None:
     assert (tmp_path / "keep.png").read_bytes() == b"user data"
 
 
+@pytest.mark.parametrize("forgery", ["user_file_under_a_phantom_name", "marker_without_digests", "link"])
+def test_a_file_of_the_user_s_under_a_phantom_name_is_never_replaced(tmp_path: Path, forgery: str) -> None:
+    """The marker records each phantom's digest: a file that is not the phantom it recorded (changed,
+    put there by the user, a link) or a marker without digests stops the rewrite, nothing removed."""
+    root = SyntheticPhantoms({"Train": 1}, image_size=32).write(tmp_path / "synthetic")
+    phantom = root / "Train" / "COVID-19" / "images" / "covid-19_0000.png"
+    if forgery == "user_file_under_a_phantom_name":
+        phantom.write_bytes(b"the user's own X-ray")
+    elif forgery == "marker_without_digests":
+        (root / "synthetic.json").write_text(
+            '{"counts": {"Train": 1}, "classes": ["COVID-19", "Non-COVID", "Normal"], "image_size": 32, "seed": 0}'
+        )
+    else:
+        (tmp_path / "elsewhere.png").write_bytes(phantom.read_bytes())
+        phantom.unlink()
+        phantom.symlink_to(tmp_path / "elsewhere.png")
+    before = checksums(root)
+    expected = "older covidseg" if forgery == "marker_without_digests" else r"did not write \(e.g. .*covid-19_0000.png"
+    with pytest.raises(DataError, match=expected):
+        SyntheticPhantoms({"Val": 1}, image_size=32).write(root)
+    assert checksums(root) == before
+
+
 # --- the decode cache heals itself ------------------------------------------------------------
 
 

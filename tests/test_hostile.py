@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import multiprocessing
 import os
 import shutil
@@ -198,11 +199,12 @@ LAUGHS = "\n".join(
         ("!!python/object/apply:os.system ['touch pwned']", "is not valid YAML"),
         ("- just\n- a list\n", "holds a list, expected a run's recorded config"),
         ("#" * 2_000_000, "bytes; a run's recorded config is under"),
+        (None, "is missing, so the settings of this resume cannot be checked"),
     ],
-    ids=["billion laughs", "deep brackets", "python tag", "a list", "too large"],
+    ids=["billion laughs", "deep brackets", "python tag", "a list", "too large", "deleted"],
 )
 def test_a_hand_edited_recorded_config_stops_a_resume_in_one_line(
-    recorded: str, message: str, compose_cfg, tmp_path: Path, capsys: pytest.CaptureFixture
+    recorded: str | None, message: str, compose_cfg, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     from covidseg.train import train
 
@@ -210,7 +212,10 @@ def test_a_hand_edited_recorded_config_stops_a_resume_in_one_line(
     train(cfg)
     run_dir = Path(cfg.paths.output_dir)
     (run_dir / ".hydra").mkdir(exist_ok=True)
-    (run_dir / ".hydra" / "config.yaml").write_text(recorded)
+    if recorded is None:
+        (run_dir / ".hydra" / "config.yaml").unlink(missing_ok=True)
+    else:
+        (run_dir / ".hydra" / "config.yaml").write_text(recorded)
     before = checksums(run_dir)
     resume = compose_cfg("train", [*FAST, "test=false", "logger=csv", f"ckpt_path={run_dir / 'checkpoints/last.ckpt'}"])
     with pytest.raises(SystemExit) as stopped, user_errors():
@@ -261,7 +266,7 @@ def test_a_k_fold_folder_with_a_fold_unfinished_is_refused_unless_allowed(
     from covidseg.kfold_summary import main as summary_main
 
     multirun = _multirun_of_folds(tmp_path, trained_checkpoints[0], finished=(0, 2))
-    with pytest.raises(ModelFileError, match=r"without a finished run of fold\(s\) 1 .*allow_missing_folds=true"):
+    with pytest.raises(ModelFileError, match=r"with no finished run of fold\(s\) 1 .*allow_missing_folds=true"):
         load_predictor(str(multirun), tmp_path)
     allowed = load_predictor(str(multirun), tmp_path, allow_missing_folds=True)
     assert [path.parent.parent.name for path in allowed.paths] == ["0", "2"]
@@ -272,6 +277,15 @@ def test_a_k_fold_folder_with_a_fold_unfinished_is_refused_unless_allowed(
     shutil.rmtree(multirun / "1")  # a fold deleted: the others still say there were three
     with pytest.raises(ModelFileError, match=r"fold\(s\) 1 "):
         load_predictor(str(multirun), tmp_path)
+    shutil.rmtree(multirun / "2" / ".hydra")  # a finished job whose fold is no longer known
+    with pytest.raises(ModelFileError, match=r"fold\(s\) 1, 2 .*job\(s\) 2 without a recorded"):
+        load_predictor(str(multirun), tmp_path)
+    assert run_command(summary_main, str(multirun), "--allow-missing-folds") == 0  # the one known, finished fold
+    assert json.loads((multirun / "kfold_summary.json").read_text())["val/dice"]["n"] == 1
+    shutil.rmtree(multirun / "0" / ".hydra")  # no job says what it ran: the multirun's own record does
+    (multirun / "multirun.yaml").write_text("data:\n  num_folds: 3\n  fold: 0\n")
+    assert run_command(summary_main, str(multirun)) == 2
+    assert "job(s) 0, 2 without a recorded .hydra/config.yaml" in capsys.readouterr().err
 
 
 def test_a_training_image_predict_would_refuse_is_refused_in_training_too(
@@ -516,3 +530,74 @@ def test_an_input_whose_outputs_cannot_be_named_is_that_images_failure(
     )  # fmt: skip
     run = predict(cfg)
     assert [Path(row["file"]).name for row in run.rows] == ["short.png"] and len(run.failed) == 1
+
+
+def test_learning_curves_replace_their_own_charts_only_and_skip_a_fifo(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from covidseg.learning_curves import main
+
+    run_dir = tmp_path / "run"
+    (run_dir / "tensorboard").mkdir(parents=True)
+    (run_dir / "run_info.json").write_text('{"started": 0}')
+    with SummaryWriter(str(run_dir / "tensorboard")) as writer:
+        for step in range(3):
+            writer.add_scalar("val/dice", 0.1 * step, step)
+    os.mkfifo(run_dir / "tensorboard" / "events.out.tfevents.0.fifo")  # read, it would block forever
+    assert run_command(main, str(run_dir)) == 0
+    assert run_command(main, str(run_dir)) == 0  # a rerun replaces the charts the first one wrote
+    for name, users in (
+        ("learning_curves.png", png_bytes(np.zeros((8, 8), np.uint8))),
+        ("val_dice_by_time.csv", b"a,b\n"),
+    ):
+        chart = run_dir / name
+        chart.write_bytes(users)
+        capsys.readouterr()
+        assert run_command(main, str(run_dir)) == 2
+        assert "was not written by covidseg: it is left as it is" in capsys.readouterr().err
+        assert chart.read_bytes() == users
+        chart.unlink()
+
+
+def test_benchmarks_write_each_run_s_figures_to_a_folder_of_their_own(tmp_path: Path) -> None:
+    from covidseg.core.writing import new_figures_folder
+
+    folders = [new_figures_folder(tmp_path / "bench") for _ in range(3)]  # within one second
+    assert len(set(folders)) == 3 and all(folder.parent == tmp_path / "bench" for folder in folders)
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_is_applied_as_viewers_apply_it(orientation: int) -> None:
+    import io
+
+    from PIL import Image, ImageOps
+
+    from covidseg.core.images import decode_unchanged
+
+    stored = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 64), dtype=np.uint8))
+    exif = stored.getexif()
+    exif[0x0112] = orientation
+    for kind in ("JPEG", "PNG", "TIFF"):  # OpenCV turns TIFF itself, and must not turn it twice
+        encoded = io.BytesIO()
+        stored.save(encoded, format=kind, exif=exif.tobytes())
+        upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(encoded.getvalue()))))
+        decoded, _ = decode_unchanged(encoded.getvalue(), "phone.jpg")
+        assert decoded.shape == upright.shape, kind
+        assert np.abs(decoded.astype(int) - upright.astype(int)).max() <= 8, kind
+
+
+def test_a_nan_image_and_a_fifo_among_training_images_are_named_for_what_they_are(tmp_path: Path) -> None:
+    from covidseg.core.images import decode_unchanged
+    from covidseg.data.index import index_split
+    from covidseg.data.synthetic import SyntheticPhantoms
+
+    pixels = np.full((64, 64), np.nan, np.float32)
+    pixels[:32] = 0.5
+    with pytest.raises(DataError, match="holds NaN or infinite pixel values"):
+        decode_unchanged(png_bytes(pixels, ".tiff"), "nan.tiff")
+    root = SyntheticPhantoms({"Train": 1}, classes=["COVID-19"], image_size=32).write(tmp_path / "data")
+    os.mkfifo(root / "Train" / "COVID-19" / "images" / "covid-19_0001.png")
+    with pytest.raises(DataError, match=r"covid-19_0001.png' is a folder, pipe, socket or device, not an image"):
+        index_split(root, "Train")

@@ -27,7 +27,7 @@ from covidseg.benchmarks.throughput import SHARED_DATA, spread
 from covidseg.core.config import compose_config
 from covidseg.core.errors import DataError, user_errors, whole_number
 from covidseg.core.files import printable
-from covidseg.core.writing import write_atomic
+from covidseg.core.writing import new_figures_folder, write_atomic
 from covidseg.data.synthetic import make_phantom
 from covidseg.predict import predict
 
@@ -90,16 +90,17 @@ def main() -> None:
     )
     parser.add_argument("--input", type=Path, help="a folder of X-rays (default: Val COVID-19, else phantoms)")
     parser.add_argument("--rounds", type=whole_number(1), default=3, help="interleaved rounds of fp32 and bf16")
-    parser.add_argument("--out", type=Path, default=Path("outputs/bench_predict"), help="folder for the figures")
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench_predict"), help="figures go to DIR/<date_time>")
     parser.add_argument("overrides", nargs="*", help="predict overrides, e.g. ckpt_path=... flip_tta=false")
     args = parser.parse_args()
     logging.getLogger("covidseg").setLevel(logging.WARNING)
     with user_errors(), tempfile.TemporaryDirectory(prefix="covidseg-predict-bench-") as scratch:
+        out = new_figures_folder(args.out)
         input_folder = args.input or default_input(Path(scratch))
         figures = run(input_folder, args.rounds, args.overrides, Path(scratch))
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "predict_bench.json", json.dumps(figures, indent=2) + "\n")
+    write_atomic(out / "predict_bench.json", json.dumps(figures, indent=2) + "\n")
     print(markdown(figures))
+    print(f"written: {out / 'predict_bench.json'}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from covidseg.benchmarks.throughput import SHARED_DATA
 from covidseg.core.errors import DataError, say_error, user_errors, whole_number
 from covidseg.core.files import read_file_bytes
 from covidseg.core.images import MAX_FILE_BYTES, decode_unchanged, xray_gray
-from covidseg.core.writing import write_atomic
+from covidseg.core.writing import new_figures_folder, write_atomic
 from covidseg.data.synthetic import make_phantom
 
 
@@ -132,11 +132,17 @@ def main() -> None:
     parser.add_argument("--concurrency", type=whole_number(1), default=16, help="concurrent clients")
     parser.add_argument("--warmup", type=whole_number(0), default=10, help="untimed requests first")
     parser.add_argument("--image", type=Path, help="the image to send (default: a Val X-ray or a phantom)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/bench_serve"), help="folder for serve_bench.json")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("outputs/bench_serve"),
+        help="figures go to DIR/<date_time>",
+    )
     parser.add_argument("overrides", nargs="*", help="overrides of conf/serve.yaml, e.g. ckpt_path=... workers=2")
     args = parser.parse_args()
     with user_errors():
         image, name = read_image(args.image) if args.image else default_image()
+        out = new_figures_folder(args.out)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="covidseg-serve-bench-") as run_dir:
@@ -172,8 +178,7 @@ def main() -> None:
         "errors": result["errors"],
         "rss_mib": memory,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "serve_bench.json", json.dumps(figures, indent=2) + "\n")
+    write_atomic(out / "serve_bench.json", json.dumps(figures, indent=2) + "\n")
     rss = {stage: values.get("VmRSS", float("nan")) for stage, values in memory.items()}
     print(
         f"| requests | clients | throughput | p50 | p95 | max | errors | RSS after warm-up / half / end | peak RSS |\n"

@@ -24,8 +24,8 @@ from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode
 
 from covidseg.core.config import compose_config
-from covidseg.core.errors import DataError, whole_number
-from covidseg.core.writing import write_atomic
+from covidseg.core.errors import DataError, user_errors, whole_number
+from covidseg.core.writing import new_figures_folder, write_atomic
 from covidseg.data.index import find_split_root
 from covidseg.inference.model_spec import InferenceSettings
 from covidseg.inference.predictor import Predictor
@@ -327,18 +327,19 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=whole_number(1), default=2, help="interleaved rounds of the precision variants"
     )
-    parser.add_argument("--out", type=Path, default=Path("outputs/bench"), help="folder for bench.json/bench.md")
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench"), help="figures go to DIR/<date_time>")
     parser.add_argument("--compile", action="store_true", help="add bf16+NHWC under torch.compile (slow first step)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the train config")
     args = parser.parse_args()
     cfg = compose_bench_config(args.overrides)
+    with user_errors():
+        out = new_figures_folder(args.out)
     results = run(cfg, args.steps, args.warmup, args.rounds, args.compile)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "bench.json", json.dumps(results, indent=2) + "\n")
+    write_atomic(out / "bench.json", json.dumps(results, indent=2) + "\n")
     table = markdown(results) + "\n" + variants_markdown(results["variants"])
-    write_atomic(args.out / "bench.md", table)
+    write_atomic(out / "bench.md", table)
     print(table)
-    print(f"written: {args.out / 'bench.json'}, {args.out / 'bench.md'}")
+    print(f"written: {out / 'bench.json'}, {out / 'bench.md'}")
 
 
 if __name__ == "__main__":

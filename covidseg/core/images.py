@@ -113,18 +113,24 @@ def decode_dicom(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.nda
     return gray
 
 
-def image_format(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> str:
-    """``PNG``, ``JPEG``, ``TIFF``, ``BMP`` or ``DICOM``, found from the content (never the name); the
-    header's size is checked against ``max_pixels`` before anything is decoded."""
+def image_format(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> tuple[str, int]:
+    """``PNG``, ``JPEG``, ``TIFF``, ``BMP`` or ``DICOM``, found from the content (never the name), and
+    the EXIF orientation (1 to 8; 1: as stored); the header's size is checked against ``max_pixels``
+    before anything is decoded."""
     if not data:
         raise DataError(f"{name!r} is empty (0 bytes): replace or remove the file")
     if is_dicom(data):
-        return "DICOM"
+        return "DICOM", 1
+    orientation = 1
     try:
         with warnings.catch_warnings():  # Pillow's own bomb warning: the limit here is max_pixels
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as header:  # reads the header only
                 found, (width, height) = header.format, header.size
+                try:
+                    orientation = int(header.getexif().get(EXIF_ORIENTATION, 1))
+                except Exception:  # a damaged EXIF block (any Pillow error): the pixels as stored
+                    orientation = 1
     except Image.DecompressionBombError:
         raise DataError(f"{name!r} is an image of more than {max_pixels:,} pixels; it is not decoded") from None
     except ValueError as error:
@@ -141,7 +147,22 @@ def image_format(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> str:
             f"{name!r} is not a {', '.join(RASTER_FORMATS)} or DICOM image (judged by its content, not its name)"
         )
     _checked_pixels(name, width, height, max_pixels)
-    return found
+    oriented_by_opencv = found == "TIFF"  # OpenCV's TIFF reader applies the orientation tag itself
+    return found, 1 if oriented_by_opencv or orientation not in ORIENTED else orientation
+
+
+EXIF_ORIENTATION = 0x0112
+ORIENTED = {  # EXIF orientation -> the turn that shows the image upright, as viewers do (OpenCV's
+    # IMREAD_UNCHANGED, which keeps bit depth and channels, does not apply it)
+    1: lambda image: image,
+    2: lambda image: image[:, ::-1],
+    3: lambda image: image[::-1, ::-1],
+    4: lambda image: image[::-1],
+    5: lambda image: image.swapaxes(0, 1),
+    6: lambda image: image.swapaxes(0, 1)[:, ::-1],
+    7: lambda image: image.swapaxes(0, 1)[::-1, ::-1],
+    8: lambda image: image.swapaxes(0, 1)[::-1],
+}
 
 
 def decode_unchanged(
@@ -149,13 +170,15 @@ def decode_unchanged(
 ) -> tuple[np.ndarray, str]:
     """Decode image bytes as stored (channels and bit depth kept) and say which format they were
     (:func:`image_format`); ``dicom`` reads a ``.dcm`` file without the DICM preamble too."""
-    kind = "DICOM" if dicom and data else image_format(data, name, max_pixels)
+    kind, orientation = ("DICOM", 1) if dicom and data else image_format(data, name, max_pixels)
     if kind == "DICOM":
         return decode_dicom(data, name, max_pixels), kind
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise DataError(f"{name!r} could not be decoded as an image: the file is corrupt or truncated")
-    return image, kind
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise DataError(f"{name!r} holds NaN or infinite pixel values: expected finite grey levels")
+    return np.ascontiguousarray(ORIENTED[orientation](image)), kind
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:

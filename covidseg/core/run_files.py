@@ -57,30 +57,54 @@ class Folds:
 
     missing: list[int]  # folds without a finished job (its metrics.json, written last)
     finished: list[Path]  # the job folders that finished
+    unrecorded: list[Path]  # job folders without a recorded config: which fold they ran is unknown
 
     def describe_missing(self) -> str:
-        return ", ".join(str(fold) for fold in self.missing)
+        folds = (
+            f"no finished run of fold(s) {', '.join(map(str, self.missing))} (a metrics.json)" if self.missing else ""
+        )
+        jobs = ", ".join(job.name for job in self.unrecorded)
+        unknown = (
+            f"job(s) {jobs} without a recorded .hydra/config.yaml (which fold they ran is unknown)" if jobs else ""
+        )
+        return "; ".join(part for part in (folds, unknown) if part)
+
+    @property
+    def incomplete(self) -> bool:
+        return bool(self.missing or self.unrecorded)
+
+
+def _recorded_folds(config: Any) -> tuple[int | None, int | None]:
+    data = config.get("data") if isinstance(config, dict) else None
+    count, fold = (data.get("num_folds"), data.get("fold")) if isinstance(data, dict) else (None, None)
+    valid_count = isinstance(count, int) and not isinstance(count, bool) and 2 <= count <= 1000
+    return (count if valid_count else None), (fold if isinstance(fold, int) and not isinstance(fold, bool) else None)
 
 
 def kfold_folds(jobs: Sequence[Path], error: type[Exception]) -> Folds | None:
-    """The folds of ``jobs`` when they are a k-fold multirun (``None`` otherwise); the recorded
-    configs are read as untrusted YAML."""
+    """The folds of ``jobs`` (the job folders of one multirun) when they are a k-fold multirun
+    (``None`` otherwise), from each job's recorded config or the multirun's ``multirun.yaml``; the
+    recorded configs are read as untrusted YAML."""
     folds: set[int] = set()
     finished: dict[int, Path] = {}
+    unrecorded: list[Path] = []
     for job in jobs:
         recorded = job / ".hydra" / "config.yaml"
         if not recorded.is_file():
+            unrecorded.append(job)
             continue
-        config = read_plain_yaml(recorded, MAX_RUN_FILE_BYTES, "a run's recorded config", error)
-        data = config.get("data") if isinstance(config, dict) else None
-        count, fold = (data.get("num_folds"), data.get("fold")) if isinstance(data, dict) else (None, None)
-        if isinstance(count, int) and isinstance(fold, int) and 2 <= count <= 1000:
+        count, fold = _recorded_folds(read_plain_yaml(recorded, MAX_RUN_FILE_BYTES, "a run's recorded config", error))
+        if count is not None and fold is not None:
             folds |= set(range(count))
             if (job / "metrics.json").is_file():
                 finished[fold] = job
+    sweep_record = jobs[0].parent / "multirun.yaml" if jobs else None
+    if not folds and unrecorded and sweep_record is not None and sweep_record.is_file():
+        count, _ = _recorded_folds(read_plain_yaml(sweep_record, MAX_RUN_FILE_BYTES, "a multirun's record", error))
+        folds = set(range(count)) if count is not None else set()
     if not folds:
         return None
-    return Folds(sorted(folds - set(finished)), [finished[fold] for fold in sorted(finished)])
+    return Folds(sorted(folds - set(finished)), [finished[fold] for fold in sorted(finished)], unrecorded)
 
 
 def make_output_folder(output: Path) -> Path:

@@ -36,6 +36,9 @@ def comparison_row(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray)
     )
 
 
+PNG_SOFTWARE = "covidseg"  # the PNG text entry that marks a chart as covidseg's own
+
+
 def figure_png(figure) -> bytes:
     """A matplotlib figure as PNG bytes (the figure is closed)."""
     import io
@@ -43,6 +46,6 @@ def figure_png(figure) -> bytes:
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight", metadata={"Software": PNG_SOFTWARE})
     plt.close(figure)
     return buffer.getvalue()

@@ -16,6 +16,7 @@ import fcntl
 import io
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -158,3 +159,9 @@ def new_run_folder(folder: Path, chosen_by_user: bool, key: str = "hydra.run.dir
             "its own; name a new or empty one (to continue a training run, give ckpt_path=<its last.ckpt>)"
         )
     raise DataError(f"{MAX_SUFFIX} runs already started in {str(folder)!r}'s second: try again")
+
+
+def new_figures_folder(out: Path) -> Path:
+    """``out/<date_time>``, claimed for one benchmark's figures: a rerun adds a folder beside the
+    earlier ones and never replaces their figures."""
+    return new_run_folder(Path(out) / time.strftime("%Y-%m-%d_%H-%M-%S"), chosen_by_user=False, key="--out")

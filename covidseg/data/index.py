@@ -61,9 +61,14 @@ def find_split_root(root: str | Path) -> Path:
 
 
 def _image_files(folder: Path) -> dict[str, Path]:
-    return {
-        path.stem: path for path in sorted(folder.iterdir()) if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
-    }
+    """The images of ``folder`` by name; anything named like an image that is not a regular file
+    (a FIFO, a device, a folder, a link to nothing) is refused by its name, never skipped."""
+    named_like_images = [path for path in sorted(folder.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
+    for path in named_like_images:
+        if not path.is_file():
+            kind = "a link to nothing" if not path.exists() else "a folder, pipe, socket or device"
+            raise DataError(f"{printable(path)!r} is {kind}, not an image file: replace or remove it")
+    return {path.stem: path for path in named_like_images}
 
 
 def index_split(

@@ -6,6 +6,7 @@ carry ground-glass opacities inside the lungs, which form the infection mask.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,12 +18,17 @@ import cv2
 import numpy as np
 
 from covidseg.core.errors import DataError
-from covidseg.core.files import printable
+from covidseg.core.files import printable, read_file_bytes
 from covidseg.core.labels import CLASSES
 from covidseg.core.writing import exclusive_lock
 from covidseg.data.index import TARGET_FOLDERS, canonical_split
 
 MARKER = "synthetic.json"
+MAX_MARKER_BYTES = 64 << 20  # its settings and one digest per phantom file
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _remove_written(root: Path, files: set[str], folders: set[str]) -> None:
@@ -149,14 +155,26 @@ class SyntheticPhantoms:
     def _write_unlocked(self, root: Path) -> Path:
         marker, previous = root / MARKER, None
         if marker.is_file():
-            previous = self._previous(root)
+            previous, digests = self._previous(root)
             if previous.spec() == self.spec():
                 return root
-            foreign = sorted(_files_below(root) - previous.written_files())
-            if foreign:
+            if digests is None:
                 raise DataError(
-                    f"data.root {printable(root)!r} holds {len(foreign)} file(s) the synthetic generator did not "
-                    f"write (e.g. {printable(foreign[0])!r}): move them, or point data.root at a new folder"
+                    f"{printable(marker)!r} was written by an older covidseg, without the files' digests: delete "
+                    f"{printable(root)!r} to write other phantoms there, or point data.root at a new folder"
+                )
+            foreign = sorted(_files_below(root) - previous.written_files())
+            changed = [  # a file under a phantom's name that is not the phantom the marker recorded
+                relative
+                for relative in sorted(previous.written_files() - {MARKER})
+                if os.path.lexists(root / relative)
+                and ((root / relative).is_symlink() or digests.get(relative) != _digest(root / relative))
+            ]
+            if foreign or changed:
+                raise DataError(
+                    f"data.root {printable(root)!r} holds {len(foreign + changed)} file(s) the synthetic generator "
+                    f"did not write (e.g. {printable((foreign + changed)[0])!r}): move them, or point data.root "
+                    "at a new folder"
                 )
         elif root.exists() and any(root.iterdir()):
             raise DataError(
@@ -176,17 +194,25 @@ class SyntheticPhantoms:
         return root
 
     @staticmethod
-    def _previous(root: Path) -> SyntheticPhantoms:
+    def _previous(root: Path) -> tuple[SyntheticPhantoms, dict[str, str] | None]:
+        """The generator a marker names, and the SHA-256 of each file it wrote (so a file of the
+        user's under a phantom's name is never taken for a phantom)."""
         marker = root / MARKER
         try:
-            return SyntheticPhantoms(**json.loads(marker.read_text()))
+            record = json.loads(read_file_bytes(marker, MAX_MARKER_BYTES, "a synthetic-data marker", DataError))
+            digests = record.pop("sha256", None)  # None: written by an older covidseg
+            if digests is not None and not (
+                isinstance(digests, dict) and all(isinstance(v, str) for v in digests.values())
+            ):
+                raise TypeError("sha256 is not a table of file digests")
+            return SyntheticPhantoms(**record), digests
         except (ValueError, TypeError, AttributeError, RecursionError, MemoryError) as error:
             raise DataError(
-                f"{printable(marker)!r} is not a synthetic-data marker ({error}): point data.root at a new folder"
+                f"{printable(marker)!r} is not a synthetic-data marker of this covidseg ({error}): point data.root "
+                "at a new folder"
             ) from None
 
     def _write_files(self, folder: Path) -> None:
-        (folder / MARKER).write_text(json.dumps(self.spec()))
         rng = np.random.default_rng(self.seed)
         for split, count in self.counts.items():
             for label in self.classes:
@@ -199,3 +225,5 @@ class SyntheticPhantoms:
                     cv2.imwrite(str(class_dir / "images" / name), image)
                     cv2.imwrite(str(class_dir / TARGET_FOLDERS["lung"] / name), lung)
                     cv2.imwrite(str(class_dir / TARGET_FOLDERS["infection"] / name), infection)
+        digests = {relative: _digest(folder / relative) for relative in sorted(self.written_files() - {MARKER})}
+        (folder / MARKER).write_text(json.dumps({**self.spec(), "sha256": digests}))

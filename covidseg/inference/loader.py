@@ -161,11 +161,10 @@ def resolve_model_paths(
                 "(a finished multirun)"
             )
         folds = kfold_folds(jobs, ModelFileError)
-        if folds is not None and folds.missing and not allow_missing_folds:
+        if folds is not None and folds.incomplete and not allow_missing_folds:
             raise ModelFileError(
-                f"ckpt_path {str(value)!r} is a k-fold multirun without a finished run of fold(s) "
-                f"{folds.describe_missing()} (a metrics.json): finish them, or set allow_missing_folds=true to "
-                "use the folds that finished"
+                f"ckpt_path {str(value)!r} is a k-fold multirun with {folds.describe_missing()}: finish or "
+                "remove them, or set allow_missing_folds=true to use the folds that finished"
             )
         return [best_checkpoint(job) for job in (folds.finished if folds is not None else jobs)]
     return [resolve_ckpt_path(str(value), log_dir, task_name)]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +30,15 @@ def summarise(multirun_dir: Path, allow_missing_folds: bool = False) -> dict[str
             f"{str(multirun_dir)!r} has no multirun.yaml: not the folder of a multirun "
             "(python -m covidseg.train -m ...), into which the summary is written"
         )
-    folds = kfold_folds(sorted(path.parent for path in multirun_dir.glob("*/.hydra")), DataError)
-    if folds is not None and folds.missing and not allow_missing_folds:
+    jobs = sorted({path.parent for pattern in ("*/.hydra", "*/metrics.json") for path in multirun_dir.glob(pattern)})
+    folds = kfold_folds(jobs, DataError)
+    if folds is not None and folds.incomplete and not allow_missing_folds:
         raise DataError(
-            f"{str(multirun_dir)!r} has no finished run of fold(s) {folds.describe_missing()} (a metrics.json): "
-            "finish them, or summarise the folds that finished with --allow-missing-folds"
+            f"{str(multirun_dir)!r} has {folds.describe_missing()}: finish or remove them, or summarise the folds "
+            "that finished with --allow-missing-folds"
         )
-    runs = [read_metrics(path) for path in sorted(multirun_dir.glob("*/metrics.json"))]
+    finished = folds.finished if folds is not None else [job for job in jobs if os.path.lexists(job / "metrics.json")]
+    runs = [read_metrics(job / "metrics.json") for job in finished]
     if not runs:
         raise DataError(f"no */metrics.json under {str(multirun_dir)!r}: has the multirun finished a job?")
     names = sorted(set.intersection(*(set(run) for run in runs)))

@@ -50,7 +50,14 @@ def check_resume_settings(cfg: DictConfig, ckpt_path: Path) -> dict[str, Any] | 
     (unless ``resume_with_changes=true``); returns the new config to record when they differ."""
     recorded_path = ckpt_path.parent.parent / ".hydra" / "config.yaml"
     if not recorded_path.exists() and not recorded_path.is_symlink():  # a FIFO or a link is read, and refused
-        return None
+        if cfg.get("resume_with_changes"):
+            log.warning("resuming without a recorded config to compare with (resume_with_changes=true)")
+            return OmegaConf.to_container(cfg, resolve=False)
+        raise ConfigError(
+            f"ckpt_path={str(ckpt_path)!r}: the run's recorded config {str(recorded_path)!r} is missing, so the "
+            "settings of this resume cannot be checked against the run's; put it back, or set "
+            "resume_with_changes=true to resume with the settings given now"
+        )
     plain = read_plain_yaml(recorded_path, MAX_RECORDED_CONFIG_BYTES, "a run's recorded config", ConfigError)
     if not isinstance(plain, dict):
         raise ConfigError(f"{str(recorded_path)!r} holds a {type(plain).__name__}, expected a run's recorded config")
