@@ -669,7 +669,7 @@ def test_the_type_comes_from_the_content_not_the_name(tmp_path: Path) -> None:
     for name, extension, expected in (("a.png", ".jpg", "JPEG"), ("b.bmp", ".png", "PNG"), ("c.tif", ".bmp", "BMP")):
         path = tmp_path / name
         path.write_bytes(cv2.imencode(extension, image)[1].tobytes())
-        assert image_format(path.read_bytes(), name) == expected
+        assert image_format(path.read_bytes(), name) == (expected, 1)
         assert read_gray(path).shape == (64, 48)
     gif = tmp_path / "d.png"
     gif.write_bytes(b"GIF89a" + b"\0" * 100)
