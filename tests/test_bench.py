@@ -53,14 +53,16 @@ def test_predict_bench_times_whole_predict_calls(trained_checkpoints, tmp_path: 
     scratch.mkdir()
     folder = predict_bench.default_input(scratch)
     assert len(list(folder.glob("*.png"))) == 64
-    figures = predict_bench.run(folder, 2, [f"ckpt_path={trained_checkpoints[0]}"], scratch)
+    variants = ["torch fp32", "torch bf16", "openvino bf16"]
+    figures = predict_bench.run(folder, 2, [f"ckpt_path={trained_checkpoints[0]}"], scratch, variants)
     assert figures["images"] == 64
     per_second = figures["images_per_second"]
-    assert set(per_second) == {"fp32", "bf16"}
+    assert list(per_second) == variants
     assert all(0 < v["min"] <= v["median"] <= v["max"] for v in per_second.values())
-    assert figures["bf16_speedup"] == pytest.approx(per_second["bf16"]["median"] / per_second["fp32"]["median"])
-    assert len(list(scratch.glob("*/*.mask.png"))) == 4 * 64  # 2 rounds x 2 precisions, every image written
-    assert "| bf16 |" in predict_bench.markdown(figures)
+    reference = per_second["torch fp32"]["median"]
+    assert figures["speedup"] == pytest.approx({name: v["median"] / reference for name, v in per_second.items()})
+    assert len(list(scratch.glob("*/*.mask.png"))) == 6 * 64  # 2 rounds x 3 variants, every image written
+    assert "| openvino bf16 |" in predict_bench.markdown(figures)
 
 
 @pytest.mark.parametrize(

@@ -311,6 +311,10 @@ def test_an_onnx_graph_that_points_outside_its_folder_for_weights_is_refused(tmp
     path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
     with pytest.raises(ModelFileError, match="is not an ONNX graph ONNX Runtime can run: .*escapes model directory"):
         onnx_backend(path)
+    from covidseg.inference.segment import openvino_backend
+
+    with pytest.raises(ModelFileError, match=r"keeps weights in other files \(ONNX external data\): not read"):
+        openvino_backend(path, bf16=False)
 
 
 @pytest.mark.slow

@@ -101,6 +101,29 @@ def test_onnx_export_matches_pytorch_and_predicts_the_same_masks(compose_cfg, ch
     assert all(int(kept["infected_pixels"]) <= int(row["infected_pixels"]) for kept, row in pairs)
 
 
+def test_openvino_runs_the_same_model_as_torch_in_predict_and_eval(compose_cfg, checkpoint, xrays, tmp_path) -> None:
+    from covidseg.eval import evaluate
+
+    torch_rows = _predict(compose_cfg, checkpoint, xrays, tmp_path / "torch", "bf16=false")
+    openvino_rows = _predict(compose_cfg, checkpoint, xrays, tmp_path / "openvino", "backend=openvino", "bf16=false")
+    assert [row["file"] for row in openvino_rows] == [row["file"] for row in torch_rows]
+    for row in torch_rows:
+        name = Path(row["file"]).relative_to(xrays)
+        torch_mask = cv2.imread(str(tmp_path / "torch" / name) + ".mask.png", 0) > 0
+        openvino_mask = cv2.imread(str(tmp_path / "openvino" / name) + ".mask.png", 0) > 0
+        assert (torch_mask != openvino_mask).mean() <= 0.001, name  # fp32 in both: a pixel at the threshold at most
+    data = [o for o in FAST if o.startswith("data")]
+    scores = {}
+    for backend in ("torch", "openvino", "onnx"):
+        cfg = compose_cfg("eval", [f"ckpt_path={checkpoint}", *data, f"backend={backend}"])
+        graph = Path(cfg.paths.output_dir) / "model.onnx"
+        graph.unlink(missing_ok=True)  # the predicts above wrote one into the same test folder
+        scores[backend] = evaluate(cfg)
+        assert graph.is_file() == (backend != "torch")  # the graph it ran
+    for backend in ("openvino", "onnx"):
+        assert scores[backend]["test/dice"] == pytest.approx(scores["torch"]["test/dice"], abs=1e-3), backend
+
+
 def test_torchscript_export_matches_pytorch(checkpoint, tmp_path) -> None:
     loaded = load_predictor(str(checkpoint), tmp_path)
     path = export_torchscript(loaded, tmp_path / "model.pt")

@@ -2,7 +2,8 @@
 
 python -m covidseg.benchmarks.predict [--input FOLDER] [--rounds 3] [--out DIR] [predict overrides]
 
-Each round runs :func:`covidseg.predict.predict` once per precision (fp32, then bf16), in-process,
+Each round runs :func:`covidseg.predict.predict` once per backend and precision (torch fp32 and bf16,
+ONNX Runtime fp32, OpenVINO fp32 and bf16; ``--variants`` picks), in-process,
 so the figures leave out the interpreter's start-up but count everything ``predict`` does: finding
 the files, loading the model, reading, resizing, the model, the overlays and writing the PNGs and
 the CSV. The input defaults to the Val COVID-19 X-rays of ../shared/covid-qu-ex when they are
@@ -31,7 +32,13 @@ from covidseg.core.writing import new_figures_folder, write_atomic
 from covidseg.data.synthetic import make_phantom
 from covidseg.predict import predict
 
-VARIANTS = {"fp32": ["bf16=false"], "bf16": ["bf16=true"]}
+VARIANTS = {  # backend and precision of each timed predict; the first is what the others are compared with
+    "torch fp32": ["backend=torch", "bf16=false"],
+    "torch bf16": ["backend=torch", "bf16=true"],
+    "onnxruntime fp32": ["backend=onnx", "bf16=false"],
+    "openvino fp32": ["backend=openvino", "bf16=false"],
+    "openvino bf16": ["backend=openvino", "bf16=true"],
+}
 
 
 def default_input(scratch: Path) -> Path:
@@ -47,15 +54,18 @@ def default_input(scratch: Path) -> Path:
     return folder
 
 
-def run(input_folder: Path, rounds: int, overrides: list[str], scratch: Path) -> dict:
-    """Images per second of whole ``predict`` calls, per precision, in interleaved rounds."""
-    seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
+def run(
+    input_folder: Path, rounds: int, overrides: list[str], scratch: Path, variants: list[str] | None = None
+) -> dict:
+    """Images per second of whole ``predict`` calls, per backend and precision, in interleaved rounds."""
+    variants = list(VARIANTS) if variants is None else variants
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
     images = 0
     model = [] if any(o.startswith("ckpt_path=") for o in overrides) else ["ckpt_path=pretrained"]
     for round_index in range(rounds):
-        for name, variant in VARIANTS.items():
-            output = scratch / f"{name}_{round_index}"
-            base = [*model, *overrides, *variant, f"input={input_folder}", f"output={output}"]
+        for name in variants:
+            output = scratch / f"{name.replace(' ', '_')}_{round_index}"
+            base = [*model, *overrides, *VARIANTS[name], f"input={input_folder}", f"output={output}"]
             cfg = compose_config("predict", base, output_dir=output, log_dir=scratch / "logs")
             started = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -69,16 +79,22 @@ def run(input_folder: Path, rounds: int, overrides: list[str], scratch: Path) ->
         "rounds": rounds,
         "overrides": overrides,
         "images_per_second": per_second,
-        "bf16_speedup": per_second["bf16"]["median"] / per_second["fp32"]["median"],
+        "speedup": {name: figure["median"] / per_second[variants[0]]["median"] for name, figure in per_second.items()},
     }
 
 
 def markdown(figures: dict) -> str:
-    lines = [f"predict, {figures['images']} images, {figures['rounds']} interleaved rounds", "",
-             "| precision | images/s (median) | min | max |", "|---|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        f"predict, {figures['images']} images, {figures['rounds']} interleaved rounds",
+        "",
+        "| backend, precision | images/s (median) | min | max | speed-up |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, figure in figures["images_per_second"].items():
-        lines.append(f"| {name} | {figure['median']:.1f} | {figure['min']:.1f} | {figure['max']:.1f} |")
-    lines.append(f"\nbf16 / fp32: x{figures['bf16_speedup']:.2f}")
+        lines.append(
+            f"| {name} | {figure['median']:.1f} | {figure['min']:.1f} | {figure['max']:.1f} | "
+            f"x{figures['speedup'][name]:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -91,13 +107,21 @@ def main() -> None:
     parser.add_argument("--input", type=Path, help="a folder of X-rays (default: Val COVID-19, else phantoms)")
     parser.add_argument("--rounds", type=whole_number(1), default=3, help="interleaved rounds of fp32 and bf16")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_predict"), help="figures go to DIR/<date_time>")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=list(VARIANTS),
+        metavar="VARIANT",
+        help=f"which to time, the first being the reference: {', '.join(repr(name) for name in VARIANTS)}",
+    )
     parser.add_argument("overrides", nargs="*", help="predict overrides, e.g. ckpt_path=... flip_tta=false")
     args = parser.parse_args()
     logging.getLogger("covidseg").setLevel(logging.WARNING)
     with user_errors(), tempfile.TemporaryDirectory(prefix="covidseg-predict-bench-") as scratch:
         out = new_figures_folder(args.out)
         input_folder = args.input or default_input(Path(scratch))
-        figures = run(input_folder, args.rounds, args.overrides, Path(scratch))
+        figures = run(input_folder, args.rounds, args.overrides, Path(scratch), args.variants)
     write_atomic(out / "predict_bench.json", json.dumps(figures, indent=2) + "\n")
     print(markdown(figures))
     print(f"written: {out / 'predict_bench.json'}")

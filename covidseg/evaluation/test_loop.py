@@ -7,12 +7,16 @@ size it was trained for.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
+from covidseg.core.errors import ConfigError
 from covidseg.data import CovidQuExDataModule
 from covidseg.data.settings import check_data_settings
+from covidseg.inference.exporters import export_onnx
 from covidseg.inference.loader import (
     LoadedModel,
     allow_missing_folds,
@@ -21,6 +25,7 @@ from covidseg.inference.loader import (
     load_predictor,
 )
 from covidseg.inference.predictor import PredictorModule
+from covidseg.inference.segment import BACKENDS, as_forward, graph_backend
 
 
 def load_for_data(cfg: DictConfig) -> tuple[LoadedModel, CovidQuExDataModule]:
@@ -37,7 +42,16 @@ def load_for_data(cfg: DictConfig) -> tuple[LoadedModel, CovidQuExDataModule]:
 
 
 def run_test_loop(cfg: DictConfig, loaded: LoadedModel, datamodule: CovidQuExDataModule, callbacks: list) -> dict:
-    """Run the Predictor over ``data.split`` in Lightning's test loop; returns what callbacks logged."""
+    """Run the Predictor over ``data.split`` in Lightning's test loop; returns what callbacks logged.
+    With ``backend=onnx|openvino`` the networks run as an ONNX graph exported into the run folder,
+    so each runtime's accuracy is measured by the same command."""
+    backend = cfg.get("backend", "torch")
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+    forward = None
+    if backend != "torch":
+        graph = export_onnx(loaded, Path(cfg.paths.output_dir) / "model.onnx")
+        forward = as_forward(graph_backend(backend, graph, inference_bf16(cfg)))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
-    trainer.test(PredictorModule(loaded.predictor), datamodule=datamodule, verbose=False)
+    trainer.test(PredictorModule(loaded.predictor, forward), datamodule=datamodule, verbose=False)
     return {name: float(value) for name, value in trainer.callback_metrics.items()}

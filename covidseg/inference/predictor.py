@@ -11,7 +11,7 @@ the whole of it up to the probabilities; threshold and regions are applied to th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import lightning as L
@@ -21,6 +21,9 @@ from torch import nn
 from covidseg.inference.model_spec import InferenceSettings
 from covidseg.inference.regions import drop_small_regions
 from covidseg.models.network import SegmentationNetwork
+
+# images (N, 1, S, S) -> probabilities (N, T, S, S) and presence (N,) or None: what the networks answer
+Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 @dataclass
@@ -94,11 +97,12 @@ class Predictor(nn.Module):
             channels[primary] = torch.where(absent, torch.zeros_like(channels[primary]), channels[primary])
         return torch.stack(channels, 1), presence
 
-    def predict(self, images: torch.Tensor) -> Prediction:
-        """Images (N, 1, H, W) in [0, 1] -> probabilities, masks and presence (puts it in eval mode)."""
+    def predict(self, images: torch.Tensor, forward: Forward | None = None) -> Prediction:
+        """Images (N, 1, H, W) in [0, 1] -> probabilities, masks and presence (puts it in eval mode);
+        ``forward`` replaces the networks by another runtime of the same model (an exported graph)."""
         self.eval()
         with torch.inference_mode():
-            probability, presence = self(images)
+            probability, presence = (forward or self)(images)
             mask = probability > self.threshold
             if self.settings.min_region_share > 0:  # on the CPU: OpenCV labels the regions
                 primary = self.targets.index(self.primary_target)
@@ -112,12 +116,13 @@ class PredictorModule(L.LightningModule):
     """A Predictor under Lightning's test loop (devices, DDP, callbacks): each test step returns
     ``probability``, ``mask`` and ``presence`` for the collecting callbacks."""
 
-    def __init__(self, predictor: Predictor) -> None:
+    def __init__(self, predictor: Predictor, forward: Forward | None = None) -> None:
         super().__init__()
         self.predictor = predictor
+        self.forward_by = forward  # another runtime of the predictor's model, e.g. OpenVINO
         self.targets = predictor.targets
         self.primary_target = predictor.primary_target
 
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor | None]:
-        prediction = self.predictor.predict(batch["image"])
+        prediction = self.predictor.predict(batch["image"], self.forward_by)
         return {"probability": prediction.probability, "mask": prediction.mask, "presence": prediction.presence}

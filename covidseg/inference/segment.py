@@ -24,13 +24,13 @@ from covidseg.core.visualize import LUNG_COLOR, PREDICTION_COLOR, outline, overl
 from covidseg.inference.exporters import export_onnx
 from covidseg.inference.loader import MAX_MODEL_BYTES, load_predictor, read_onnx_metadata, resolve_model_paths
 from covidseg.inference.model_spec import InferenceSettings, ModelSpec
-from covidseg.inference.predictor import Predictor
+from covidseg.inference.predictor import Forward, Predictor
 from covidseg.inference.regions import drop_small_regions
 from covidseg.inference.severity import severity
 
 # (N, 1, S, S) float32 in [0, 1] -> probabilities (N, T, S, S) and presence probabilities (N,) or None
 Backend = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch", "onnx", "openvino")
 
 
 def torch_backend(predictor: Predictor) -> Backend:
@@ -61,6 +61,57 @@ def onnx_backend(path: Path) -> Backend:
     return run
 
 
+def refuse_external_data(path: Path) -> None:
+    """An ONNX graph whose weights live in other files ("external data", which could name any file)
+    is refused; covidseg's exports keep every weight inside the graph."""
+    import onnx
+
+    with open_regular_file(path, MAX_MODEL_BYTES, "an ONNX graph", ModelFileError) as file:
+        try:
+            model = onnx.load_model_from_string(file.read())  # never reads external data
+        except Exception as error:  # protobuf's DecodeError and friends
+            raise ModelFileError(f"{printable(path)!r} is not an ONNX graph: {type(error).__name__}") from None
+    if any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in model.graph.initializer):
+        raise ModelFileError(f"{printable(path)!r} keeps weights in other files (ONNX external data): not read")
+
+
+def openvino_backend(path: Path, bf16: bool) -> Backend:
+    """An ONNX graph compiled by OpenVINO for this CPU, in bf16 where ``bf16`` (the CPU has it) and
+    fp32 otherwise; one inference request per call, so threads may share it."""
+    import openvino
+
+    refuse_external_data(path)  # OpenVINO, unlike ONNX Runtime, is not documented to keep them in the folder
+    precision = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
+    try:
+        compiled = openvino.Core().compile_model(str(path), "CPU", precision)
+    except Exception as error:  # OpenVINO raises RuntimeError with its own messages for bad graphs
+        lines = [line for line in str(error).splitlines() if line.strip() and not line.startswith("Exception from")]
+        reason = " ".join(lines)[:200] or type(error).__name__
+        raise ModelFileError(f"{printable(path)!r} is not an ONNX graph OpenVINO can compile: {reason}") from None
+    has_presence = len(compiled.outputs) > 1
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        answer = compiled.create_infer_request().infer({0: images})
+        return answer[compiled.outputs[0]], answer[compiled.outputs[1]] if has_presence else None
+
+    return run
+
+
+def graph_backend(backend: str, path: Path, bf16: bool) -> Backend:
+    """An ONNX graph run by ONNX Runtime (fp32) or OpenVINO."""
+    return openvino_backend(path, bf16) if backend == "openvino" else onnx_backend(path)
+
+
+def as_forward(backend: Backend) -> Forward:
+    """A numpy backend as the Predictor's forward on tensors (for Lightning's test loop)."""
+
+    def forward(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        probability, presence = backend(images.float().contiguous().numpy())
+        return torch.from_numpy(probability), None if presence is None else torch.from_numpy(presence)
+
+    return forward
+
+
 @dataclass
 class LoadedBackend:
     """A backend, the spec it answers by (image size, targets, thresholds) and the files it came from."""
@@ -79,8 +130,9 @@ def load_backend(
     onnx_dir: Path,
     allow_missing_folds: bool = False,
 ) -> LoadedBackend:
-    """What ``ckpt_path`` names, as a backend: an exported ``.onnx`` runs in ONNX Runtime; anything
-    else builds the torch Predictor, exported first to ``<onnx_dir>/model.onnx`` when ``backend=onnx``."""
+    """What ``ckpt_path`` names, as a backend: an exported ``.onnx`` runs in OpenVINO with
+    ``backend=openvino``, else in ONNX Runtime; anything else builds the torch Predictor, exported
+    first to ``<onnx_dir>/model.onnx`` when ``backend`` is ``onnx`` or ``openvino``."""
     if backend not in BACKENDS:
         raise ModelFileError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
     paths = resolve_model_paths(ckpt_path, log_dir, allow_missing_folds=allow_missing_folds)
@@ -93,10 +145,11 @@ def load_backend(
             raise ModelFileError(f"{', '.join(baked)} cannot change an exported .onnx graph: export again with them")
         _, spec = read_onnx_metadata(paths[0])
         settings = {key: inference.get(key) for key in applied_after}
-        return LoadedBackend(onnx_backend(paths[0]), spec.with_inference(**settings), paths)
+        return LoadedBackend(graph_backend(backend, paths[0], bf16), spec.with_inference(**settings), paths)
     loaded = load_predictor([str(path) for path in paths], log_dir, bf16 and backend == "torch", **inference)
-    if backend == "onnx":  # an ONNX export is traced in fp32
-        return LoadedBackend(onnx_backend(export_onnx(loaded, onnx_dir / "model.onnx")), loaded.spec, paths)
+    if backend != "torch":  # an ONNX export is traced in fp32
+        graph = export_onnx(loaded, onnx_dir / "model.onnx")
+        return LoadedBackend(graph_backend(backend, graph, bf16), loaded.spec, paths)
     return LoadedBackend(torch_backend(loaded.predictor), loaded.spec, paths)
 
 
