@@ -81,14 +81,13 @@ def predict(cfg: DictConfig) -> PredictRun:
     recursive = Path(str(cfg.input)).expanduser().is_dir() or "**" in str(cfg.input)
     check_output(output, files, base, recursive, cfg.allow_output_in_input)
     check_nothing_replaced(output, files, base)
-    run_folder = Path(cfg.paths.output_dir)  # covidseg's own: a graph exported for backend=onnx goes there
     model = load_backend(
         cfg.ckpt_path,
         cfg.paths.log_dir,
         cfg.backend,
         inference_overrides(cfg),
         inference_bf16(cfg),
-        run_folder,
+        Path(cfg.paths.cache_dir),
         allow_missing_folds(cfg),
     )
     make_output_folder(output)

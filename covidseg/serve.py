@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> None:
             cfg.backend,
             inference_overrides(cfg),
             inference_bf16(cfg),
-            Path(cfg.paths.output_dir),
+            Path(cfg.paths.cache_dir),
             allow_missing_folds(cfg),
         )
         app = create_app(model, settings)

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, open_dict
 from covidseg.core.errors import ConfigError
 from covidseg.data import CovidQuExDataModule
 from covidseg.data.settings import check_data_settings
-from covidseg.inference.exporters import export_onnx
+from covidseg.inference.exporters import cached_onnx
 from covidseg.inference.loader import (
     LoadedModel,
     allow_missing_folds,
@@ -43,14 +43,14 @@ def load_for_data(cfg: DictConfig) -> tuple[LoadedModel, CovidQuExDataModule]:
 
 def run_test_loop(cfg: DictConfig, loaded: LoadedModel, datamodule: CovidQuExDataModule, callbacks: list) -> dict:
     """Run the Predictor over ``data.split`` in Lightning's test loop; returns what callbacks logged.
-    With ``backend=onnx|openvino`` the networks run as an ONNX graph exported into the run folder,
+    With ``backend=onnx|openvino`` the networks run as the model's ONNX graph (exported once, cached),
     so each runtime's accuracy is measured by the same command."""
     backend = cfg.get("backend", "torch")
     if backend not in BACKENDS:
         raise ConfigError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
     forward = None
     if backend != "torch":
-        graph = export_onnx(loaded, Path(cfg.paths.output_dir) / "model.onnx")
+        graph = cached_onnx(loaded, Path(cfg.paths.cache_dir))
         forward = as_forward(graph_backend(backend, graph, inference_bf16(cfg)))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
     trainer.test(PredictorModule(loaded.predictor, forward), datamodule=datamodule, verbose=False)

@@ -11,6 +11,7 @@ Runtime.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import warnings
@@ -21,11 +22,13 @@ import yaml
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+import covidseg
 from covidseg.core.writing import write_atomic
 from covidseg.inference.loader import LoadedModel
 from covidseg.inference.model_spec import ExportMetadata, ModelSpec
 from covidseg.inference.predictor import Predictor
 
+APPLIED_AFTER_GRAPH = ("threshold", "min_region_share")  # to a graph's probabilities, so not part of it
 INPUT = "image, float32 (N, 1, S, S): grayscale / 255, resized to S x S (S = model.image_size) with area interpolation"
 
 
@@ -83,6 +86,26 @@ def export_onnx(loaded: LoadedModel, path: Path) -> Path:
     trace_onnx(loaded.predictor, _example(loaded.spec), path)
     write_metadata(path, "onnx", loaded)
     return path
+
+
+def cached_onnx(loaded: LoadedModel, cache_dir: Path) -> Path:
+    """The ONNX graph of ``loaded``, exported once into ``<cache_dir>/graphs`` and reused by later
+    commands (tracing takes seconds, compiling it under half a second). Its name is a digest of the
+    weights, what of the model spec the graph holds (networks, side, flip TTA, gate...) and the
+    exporter's versions, so another model or setting never finds it."""
+    digest = hashlib.sha256()
+    for name, tensor in loaded.predictor.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    spec = loaded.spec.to_plain()
+    baked = {key: value for key, value in spec["inference"].items() if key not in APPLIED_AFTER_GRAPH}
+    graph = {key: spec[key] for key in ("networks", "targets", "image_size", "normalization")} | {"inference": baked}
+    versions = {"torch": torch.__version__, "covidseg": covidseg.__version__}
+    digest.update(json.dumps(graph | versions, sort_keys=True, default=str).encode())
+    path = Path(cache_dir) / "graphs" / f"{digest.hexdigest()[:32]}.onnx"
+    if path.is_file() and path.with_suffix(".json").is_file():
+        return path
+    return export_onnx(loaded, path)  # written whole or not at all: runs at once write the same graph
 
 
 def export_torchscript(loaded: LoadedModel, path: Path) -> Path:

@@ -21,7 +21,7 @@ from covidseg.core.errors import ModelFileError
 from covidseg.core.files import open_regular_file, printable
 from covidseg.core.images import resize_image
 from covidseg.core.visualize import LUNG_COLOR, PREDICTION_COLOR, outline, overlay
-from covidseg.inference.exporters import export_onnx
+from covidseg.inference.exporters import APPLIED_AFTER_GRAPH, cached_onnx
 from covidseg.inference.loader import MAX_MODEL_BYTES, load_predictor, read_onnx_metadata, resolve_model_paths
 from covidseg.inference.model_spec import InferenceSettings, ModelSpec
 from covidseg.inference.predictor import Forward, Predictor
@@ -127,28 +127,27 @@ def load_backend(
     backend: str,
     inference: Mapping[str, Any],
     bf16: bool,
-    onnx_dir: Path,
+    cache_dir: Path,
     allow_missing_folds: bool = False,
 ) -> LoadedBackend:
     """What ``ckpt_path`` names, as a backend: an exported ``.onnx`` runs in OpenVINO with
     ``backend=openvino``, else in ONNX Runtime; anything else builds the torch Predictor, exported
-    first to ``<onnx_dir>/model.onnx`` when ``backend`` is ``onnx`` or ``openvino``."""
+    first (once: the graph is kept under ``<cache_dir>/graphs``) when ``backend`` is ``onnx`` or ``openvino``."""
     if backend not in BACKENDS:
         raise ModelFileError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
     paths = resolve_model_paths(ckpt_path, log_dir, allow_missing_folds=allow_missing_folds)
     if any(path.suffix == ".onnx" for path in paths):
         if len(paths) > 1:
             raise ModelFileError("an exported .onnx graph runs alone: export the ensemble as one graph instead")
-        applied_after = ("threshold", "min_region_share")  # to the graph's probabilities, so a command may set them
-        baked = sorted(key for key, value in inference.items() if key not in applied_after and value is not None)
+        baked = sorted(key for key, value in inference.items() if key not in APPLIED_AFTER_GRAPH and value is not None)
         if baked:
             raise ModelFileError(f"{', '.join(baked)} cannot change an exported .onnx graph: export again with them")
         _, spec = read_onnx_metadata(paths[0])
-        settings = {key: inference.get(key) for key in applied_after}
+        settings = {key: inference.get(key) for key in APPLIED_AFTER_GRAPH}
         return LoadedBackend(graph_backend(backend, paths[0], bf16), spec.with_inference(**settings), paths)
     loaded = load_predictor([str(path) for path in paths], log_dir, bf16 and backend == "torch", **inference)
     if backend != "torch":  # an ONNX export is traced in fp32
-        graph = export_onnx(loaded, onnx_dir / "model.onnx")
+        graph = cached_onnx(loaded, cache_dir)
         return LoadedBackend(graph_backend(backend, graph, bf16), loaded.spec, paths)
     return LoadedBackend(torch_backend(loaded.predictor), loaded.spec, paths)
 
