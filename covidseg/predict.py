@@ -13,11 +13,14 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 from omegaconf import DictConfig
 from pydantic import Field, field_validator
 from rich.console import Console
@@ -39,7 +42,7 @@ from covidseg.inference.image_files import (
     write_outputs,
 )
 from covidseg.inference.loader import allow_missing_folds, inference_bf16, inference_overrides
-from covidseg.inference.segment import LoadedBackend, load_backend, segment
+from covidseg.inference.segment import Backend, LoadedBackend, load_backend, segment
 
 log = logging.getLogger(__name__)
 SOME_IMAGES_FAILED = 3  # exit code: the run finished, but some images could not be read or written
@@ -70,6 +73,26 @@ class PredictRun:
     rows: list[dict] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # unreadable inputs
     failed: list[tuple[Path, str]] = field(default_factory=list)  # outputs that could not be written
+    stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Adds the block's wall time to ``stage_seconds[name]`` (``predict_bench`` prints the shares)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds[name] += time.perf_counter() - started
+
+    def timed(self, name: str, backend: Backend) -> Backend:
+        def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+            with self.stage(name):
+                return backend(images)
+
+        return run
+
+
+STAGES = ("read and decode", "networks", "resize and post-process", "draw, encode and write", "CSV")
 
 
 def predict(cfg: DictConfig) -> PredictRun:
@@ -106,29 +129,35 @@ def _predict_into(cfg: DictConfig, model: LoadedBackend, files: list[Path], base
     inputs = {Path(os.path.realpath(path)) for path in files}
     run = PredictRun(output / "predictions.csv")
     batches = [files[start : start + cfg.batch_size] for start in range(0, len(files), cfg.batch_size)]
+    networks = run.timed("networks", model.run)
     for batch in track(batches, description="predicting", console=Console(stderr=True)):
         started = time.perf_counter()
         images, readable = [], []
-        for path in batch:
-            try:
-                images.append(xray_gray(read_unchanged(path), str(path)))
-                readable.append(path)
-            except (DataError, OSError) as error:
-                run.skipped.append((path, str(error)))
+        with run.stage("read and decode"):
+            for path in batch:
+                try:
+                    images.append(xray_gray(read_unchanged(path), str(path)))
+                    readable.append(path)
+                except (DataError, OSError) as error:
+                    run.skipped.append((path, str(error)))
         if not images:
             continue
-        results = segment(model.run, model.spec, images)
+        with run.stage("resize and post-process"):  # the networks' share is taken out below
+            results = segment(networks, model.spec, images)
         seconds = (time.perf_counter() - started) / len(images)
-        for path, result in zip(readable, results, strict=True):
-            try:
-                write_outputs(result, output_stem(output, path, base), cfg.save_probability, inputs)
-            except (DataError, OSError) as error:
-                run.failed.append((path, str(error)))
-                continue
-            row = {"file": printable(path), **result.stats(), **(result.severity() or {})}
-            run.rows.append(row | {"seconds": round(seconds, 4)})
+        with run.stage("draw, encode and write"):
+            for path, result in zip(readable, results, strict=True):
+                try:
+                    write_outputs(result, output_stem(output, path, base), cfg.save_probability, inputs)
+                except (DataError, OSError) as error:
+                    run.failed.append((path, str(error)))
+                    continue
+                row = {"file": printable(path), **result.stats(), **(result.severity() or {})}
+                run.rows.append(row | {"seconds": round(seconds, 4)})
+    run.stage_seconds["resize and post-process"] -= run.stage_seconds["networks"]
     header = list(run.rows[0]) if run.rows else ["file"]
-    write_csv(run.csv_path, header, ([row[key] for key in header] for row in run.rows))
+    with run.stage("CSV"):
+        write_csv(run.csv_path, header, ([row[key] for key in header] for row in run.rows))
     for label, problems in (("skipped (unreadable)", run.skipped), ("failed (not written)", run.failed)):
         for path, reason in problems:
             log.warning("%s %s: %s", label, printable(path), reason)

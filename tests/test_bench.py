@@ -8,6 +8,7 @@ from covidseg.benchmarks import predict as predict_bench
 from covidseg.benchmarks import serve as serve_bench
 from covidseg.benchmarks import throughput as bench
 from covidseg.models import UNet
+from covidseg.predict import STAGES
 
 
 @pytest.mark.slow
@@ -63,6 +64,9 @@ def test_predict_bench_times_whole_predict_calls(trained_checkpoints, tmp_path: 
     assert figures["speedup"] == pytest.approx({name: v["median"] / reference for name, v in per_second.items()})
     assert len(list(scratch.glob("*/*.mask.png"))) == 6 * 64  # 2 rounds x 3 variants, every image written
     assert "| openvino bf16 |" in predict_bench.markdown(figures)
+    for name, by_stage in figures["milliseconds_per_image"].items():
+        assert list(by_stage)[:-1] == list(STAGES) and all(value >= 0 for value in by_stage.values()), name
+        assert by_stage["networks"] > 0 and by_stage["draw, encode and write"] > 0, name
 
 
 @pytest.mark.parametrize(

@@ -60,6 +60,7 @@ def run(
     """Images per second of whole ``predict`` calls, per backend and precision, in interleaved rounds."""
     variants = list(VARIANTS) if variants is None else variants
     seconds: dict[str, list[float]] = {name: [] for name in variants}
+    stages: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     images = 0
     model = [] if any(o.startswith("ckpt_path=") for o in overrides) else ["ckpt_path=pretrained"]
     for round_index in range(rounds):
@@ -69,8 +70,15 @@ def run(
             cfg = compose_config("predict", base, output_dir=output, log_dir=scratch / "logs")
             started = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                images = len(predict(cfg).rows)  # its progress bar and summary line kept off the table
+                done = predict(cfg)  # its progress bar and summary line kept off the table
             seconds[name].append(time.perf_counter() - started)
+            images = len(done.rows)
+            stages[name].append(
+                {
+                    **done.stage_seconds,
+                    "other (files, model loading)": seconds[name][-1] - sum(done.stage_seconds.values()),
+                }
+            )
             if not images:
                 raise DataError(f"input {printable(input_folder)!r}: predict could read none of its images")
     per_second = {name: spread([images / value for value in values]) for name, values in seconds.items()}
@@ -80,6 +88,10 @@ def run(
         "overrides": overrides,
         "images_per_second": per_second,
         "speedup": {name: figure["median"] / per_second[variants[0]]["median"] for name, figure in per_second.items()},
+        "milliseconds_per_image": {  # per stage, the median over rounds
+            name: {stage: 1000 * float(np.median([r[stage] for r in rounds_of])) / images for stage in rounds_of[0]}
+            for name, rounds_of in stages.items()
+        },
     }
 
 
@@ -95,6 +107,11 @@ def markdown(figures: dict) -> str:
             f"| {name} | {figure['median']:.1f} | {figure['min']:.1f} | {figure['max']:.1f} | "
             f"x{figures['speedup'][name]:.2f} |"
         )
+    stage_names = list(next(iter(figures["milliseconds_per_image"].values())))
+    lines += ["", "milliseconds per image, by stage (median over rounds):", "",
+              f"| backend, precision | {' | '.join(stage_names)} |", "|---|" + "---:|" * len(stage_names)]  # fmt: skip
+    for name, by_stage in figures["milliseconds_per_image"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{by_stage[stage]:.1f}" for stage in stage_names) + " |")
     return "\n".join(lines)
 
 
