@@ -13,7 +13,6 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from covidseg.core.errors import ConfigError
 from covidseg.data import CovidQuExDataModule
 from covidseg.data.settings import check_data_settings
 from covidseg.inference.exporters import cached_onnx
@@ -25,7 +24,7 @@ from covidseg.inference.loader import (
     load_predictor,
 )
 from covidseg.inference.predictor import PredictorModule
-from covidseg.inference.segment import BACKENDS, as_forward, graph_backend
+from covidseg.inference.segment import as_forward, graph_backend, resolve_backend
 
 
 def load_for_data(cfg: DictConfig) -> tuple[LoadedModel, CovidQuExDataModule]:
@@ -45,9 +44,7 @@ def run_test_loop(cfg: DictConfig, loaded: LoadedModel, datamodule: CovidQuExDat
     """Run the Predictor over ``data.split`` in Lightning's test loop; returns what callbacks logged.
     With ``backend=onnx|openvino`` the networks run as the model's ONNX graph (exported once, cached),
     so each runtime's accuracy is measured by the same command."""
-    backend = cfg.get("backend", "torch")
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+    backend = resolve_backend(cfg.get("backend", "torch"), inference_bf16(cfg))
     forward = None
     if backend != "torch":
         graph = cached_onnx(loaded, Path(cfg.paths.cache_dir))

@@ -8,6 +8,8 @@ side, runs the backend and maps each answer back to its image's own size as an
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,7 @@ import cv2
 import numpy as np
 import torch
 
-from covidseg.core.errors import ModelFileError
+from covidseg.core.errors import ConfigError, ModelFileError
 from covidseg.core.files import open_regular_file, printable
 from covidseg.core.images import resize_image
 from covidseg.core.visualize import LUNG_COLOR, PREDICTION_COLOR, outline, overlay
@@ -30,7 +32,8 @@ from covidseg.inference.severity import severity
 
 # (N, 1, S, S) float32 in [0, 1] -> probabilities (N, T, S, S) and presence probabilities (N,) or None
 Backend = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
-BACKENDS = ("torch", "onnx", "openvino")
+BACKENDS = ("auto", "torch", "onnx", "openvino")
+log = logging.getLogger(__name__)
 
 
 def torch_backend(predictor: Predictor) -> Backend:
@@ -112,6 +115,19 @@ def as_forward(backend: Backend) -> Forward:
     return forward
 
 
+def resolve_backend(backend: str, bf16: bool) -> str:
+    """``backend`` checked, and ``auto`` resolved (and said once): OpenVINO where it is installed."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if importlib.util.find_spec("openvino") is None:
+        log.info("backend=auto: torch (OpenVINO is not installed)")
+        return "torch"
+    log.info("backend=auto: openvino in %s", "bf16" if bf16 else "fp32")
+    return "openvino"
+
+
 @dataclass
 class LoadedBackend:
     """A backend, the spec it answers by (image size, targets, thresholds) and the files it came from."""
@@ -132,9 +148,10 @@ def load_backend(
 ) -> LoadedBackend:
     """What ``ckpt_path`` names, as a backend: an exported ``.onnx`` runs in OpenVINO with
     ``backend=openvino``, else in ONNX Runtime; anything else builds the torch Predictor, exported
-    first (once: the graph is kept under ``<cache_dir>/graphs``) when ``backend`` is ``onnx`` or ``openvino``."""
-    if backend not in BACKENDS:
-        raise ModelFileError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
+    first (once: the graph is kept under ``<cache_dir>/graphs``) when ``backend`` is ``onnx`` or
+    ``openvino``. ``auto`` is OpenVINO, the fastest end to end on the CPUs measured
+    (docs/performance.md), or torch where OpenVINO is missing or cannot compile the model."""
+    chosen = resolve_backend(backend, bf16)
     paths = resolve_model_paths(ckpt_path, log_dir, allow_missing_folds=allow_missing_folds)
     if any(path.suffix == ".onnx" for path in paths):
         if len(paths) > 1:
@@ -144,11 +161,16 @@ def load_backend(
             raise ModelFileError(f"{', '.join(baked)} cannot change an exported .onnx graph: export again with them")
         _, spec = read_onnx_metadata(paths[0])
         settings = {key: inference.get(key) for key in APPLIED_AFTER_GRAPH}
-        return LoadedBackend(graph_backend(backend, paths[0], bf16), spec.with_inference(**settings), paths)
-    loaded = load_predictor([str(path) for path in paths], log_dir, bf16 and backend == "torch", **inference)
-    if backend != "torch":  # an ONNX export is traced in fp32
-        graph = cached_onnx(loaded, cache_dir)
-        return LoadedBackend(graph_backend(backend, graph, bf16), loaded.spec, paths)
+        return LoadedBackend(graph_backend(chosen, paths[0], bf16), spec.with_inference(**settings), paths)
+    loaded = load_predictor([str(path) for path in paths], log_dir, bf16 and chosen == "torch", **inference)
+    if chosen != "torch":  # an ONNX export is traced in fp32
+        try:
+            return LoadedBackend(graph_backend(chosen, cached_onnx(loaded, cache_dir), bf16), loaded.spec, paths)
+        except Exception as error:  # a network the ONNX exporter or OpenVINO cannot take
+            if backend != "auto":
+                raise
+            log.warning("backend=auto: torch, as %s failed: %s", chosen, (str(error).splitlines() or ["?"])[0][:200])
+            loaded.predictor.bf16 = bf16
     return LoadedBackend(torch_backend(loaded.predictor), loaded.spec, paths)
 
 

@@ -1,0 +1,46 @@
+"""Inference backends: what ``backend=auto`` picks, and what it does when its pick cannot run."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from covidseg.core.errors import ConfigError
+from covidseg.inference import segment
+from covidseg.inference.loader import INFERENCE_KEYS, load_predictor
+
+NO_OVERRIDES = dict.fromkeys(INFERENCE_KEYS)
+
+
+def test_auto_is_openvino_where_it_is_installed_and_torch_elsewhere(monkeypatch, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="covidseg.inference.segment")
+    assert segment.resolve_backend("auto", bf16=True) == "openvino"
+    assert "backend=auto: openvino in bf16" in caplog.text
+    assert segment.resolve_backend("onnx", bf16=True) == "onnx"  # a named backend is taken as named
+    monkeypatch.setattr(segment.importlib.util, "find_spec", lambda name: None)
+    assert segment.resolve_backend("auto", bf16=False) == "torch"
+    assert "OpenVINO is not installed" in caplog.text
+    with pytest.raises(ConfigError, match="backend='tensorrt': expected one of auto, torch, onnx, openvino"):
+        segment.resolve_backend("tensorrt", bf16=False)
+
+
+def test_auto_falls_back_to_torch_when_openvino_cannot_run_the_model(
+    trained_checkpoints: list[Path], tmp_path: Path, monkeypatch, caplog
+) -> None:
+    def cannot_compile(backend: str, path: Path, bf16: bool):
+        raise RuntimeError("Unsupported operation: NewOp-42")
+
+    monkeypatch.setattr(segment, "graph_backend", cannot_compile)
+    checkpoint = str(trained_checkpoints[0])
+    loaded = segment.load_backend(checkpoint, tmp_path, "auto", NO_OVERRIDES, False, tmp_path / "cache")
+    assert "backend=auto: torch, as openvino failed: Unsupported operation: NewOp-42" in caplog.text
+    images = np.random.default_rng(0).random((2, 1, 64, 64), dtype=np.float32)
+    expected = load_predictor(checkpoint, tmp_path).predictor.predict(torch.from_numpy(images))
+    probability, _ = loaded.run(images)
+    assert np.allclose(probability, expected.probability.numpy(), atol=1e-6)
+    with pytest.raises(RuntimeError, match="NewOp-42"):  # named, it is not replaced behind the user's back
+        segment.load_backend(checkpoint, tmp_path, "openvino", NO_OVERRIDES, False, tmp_path / "cache")
