@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 
 from covidseg.core.errors import user_errors
-from covidseg.core.writing import write_atomic
-from covidseg.reports.kfold_summary import markdown, summarise
+from covidseg.core.writing import refuse_unless_ours, write_atomic
+from covidseg.reports.kfold_summary import MARKDOWN_HEADER, markdown, summarise
 
 
 def main() -> None:
@@ -23,6 +23,11 @@ def main() -> None:
     folder = arguments.multirun_dir
     with user_errors():
         summary = summarise(folder, arguments.allow_missing_folds)
+        purpose = "write the summary"
+        refuse_unless_ours(
+            folder / "kfold_summary.json", purpose, lambda head: head.startswith(b"{") and b'"mean": ' in head
+        )
+        refuse_unless_ours(folder / "kfold_summary.md", purpose, lambda head: head.startswith(MARKDOWN_HEADER.encode()))
         write_atomic(folder / "kfold_summary.json", json.dumps(summary, indent=2) + "\n")
         write_atomic(folder / "kfold_summary.md", markdown(summary))
     print(markdown(summary), end="")

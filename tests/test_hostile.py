@@ -601,3 +601,120 @@ def test_a_nan_image_and_a_fifo_among_training_images_are_named_for_what_they_ar
     os.mkfifo(root / "Train" / "COVID-19" / "images" / "covid-19_0001.png")
     with pytest.raises(DataError, match=r"covid-19_0001.png' is a folder, pipe, socket or device, not an image"):
         index_split(root, "Train")
+
+
+# --- the third adversarial pass ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("damage", "message"), [("nan", "holds NaN or infinite values"), ("int", "holds torch.int64")])
+def test_weights_that_are_not_finite_real_numbers_are_refused(
+    damage: str, message: str, trained_checkpoints: list[Path], tmp_path: Path
+) -> None:
+    from covidseg.inference.loader import load_predictor
+
+    checkpoint = torch.load(trained_checkpoints[0], weights_only=True)
+    name = next(key for key, value in checkpoint["state_dict"].items() if value.is_floating_point())
+    weights = checkpoint["state_dict"][name]
+    checkpoint["state_dict"][name] = weights.clone().fill_(float("nan")) if damage == "nan" else weights.long()
+    damaged = tmp_path / "damaged.ckpt"
+    torch.save(checkpoint, damaged)
+    with pytest.raises(ModelFileError, match=message):
+        load_predictor(str(damaged), tmp_path)
+
+
+def test_nearly_blank_pictures_and_odd_dicoms_are_refused_by_name() -> None:
+    from covidseg.core.images import DEFLATED_DICOM, decode_dicom, xray_gray
+
+    one_pixel_on = np.zeros((256, 256), np.uint8)
+    one_pixel_on[128, 128] = 255
+    with pytest.raises(DataError, match=r"'one.png' is nearly blank \(100.00% of its pixels are grey level 0\)"):
+        xray_gray(one_pixel_on, "one.png")
+    padded_meta = b"\0" * 128 + b"DICM" + b"\0" * 5000 + DEFLATED_DICOM  # the syntax pushed past the usual meta
+    with pytest.raises(DataError, match="is deflated DICOM"):
+        decode_dicom(padded_meta, "padded.dcm")
+
+
+def test_a_phone_s_multi_picture_jpeg_is_read_as_a_jpeg() -> None:
+    import io
+
+    from PIL import Image
+
+    from covidseg.core.images import decode_unchanged
+
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 48), dtype=np.uint8)
+    encoded = io.BytesIO()
+    Image.fromarray(pixels).save(encoded, format="MPO", save_all=True, append_images=[Image.fromarray(pixels)])
+    assert Image.open(io.BytesIO(encoded.getvalue())).format == "MPO"
+    decoded, kind = decode_unchanged(encoded.getvalue(), "phone.jpg")
+    assert kind == "JPEG" and decoded.shape == (64, 48)
+
+
+def test_kfold_summary_never_replaces_a_summary_of_the_user_s_and_refuses_an_empty_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from covidseg.kfold_summary import main
+
+    multirun = tmp_path / "multirun"
+    (multirun / "0").mkdir(parents=True)
+    (multirun / "multirun.yaml").write_text("hydra: {}\n")
+    (multirun / "0" / "metrics.json").write_text('{"other/x": 1.0}')
+    assert run_command(main, str(multirun)) == 2
+    assert "share no val/, test/ or severity/ metric" in capsys.readouterr().err
+    (multirun / "0" / "metrics.json").write_text('{"val/dice": 0.5}')
+    assert run_command(main, str(multirun)) == 0
+    assert run_command(main, str(multirun)) == 0  # its own summary, replaced
+    (multirun / "kfold_summary.md").write_text("my notes on these folds\n")
+    assert run_command(main, str(multirun)) == 2
+    assert "kfold_summary.md' was not written by covidseg" in capsys.readouterr().err
+    assert (multirun / "kfold_summary.md").read_text() == "my notes on these folds\n"
+
+
+def test_a_resume_cannot_lengthen_a_schedule_fixed_in_steps(compose_cfg, capsys: pytest.CaptureFixture) -> None:
+    from omegaconf import OmegaConf
+
+    from covidseg.train import train
+
+    settings = [*FAST, "experiment=quickstart", "test=false", "logger=csv"]
+    cfg = compose_cfg("train", settings)
+    train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    before = checksums(run_dir)
+    longer = [*settings, "trainer.max_epochs=2", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"]
+    with pytest.raises(SystemExit) as stopped, user_errors():
+        train(compose_cfg("train", longer))
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and "(OneCycleLR) was fixed in steps" in error and "max_epochs (1 -> 2)" in error
+    assert checksums(run_dir) == before
+
+
+def test_eval_scores_something_and_gives_ctrl_c_back_as_130(
+    compose_cfg, trained_checkpoints: list[Path], monkeypatch, capsys: pytest.CaptureFixture
+) -> None:
+    from covidseg.eval import evaluate
+    from covidseg.inference.predictor import PredictorModule
+
+    data = [o for o in FAST if o.startswith("data")]
+    nothing = compose_cfg("eval", [f"ckpt_path={trained_checkpoints[0]}", *data, "trainer.limit_test_batches=0"])
+    with pytest.raises(SystemExit) as stopped, user_errors():
+        evaluate(nothing)
+    assert stopped.value.code == 2 and "limit_test_batches=0 scores no image" in capsys.readouterr().err
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PredictorModule, "test_step", ctrl_c)
+    with pytest.raises(SystemExit) as stopped, user_errors():
+        evaluate(compose_cfg("eval", [f"ckpt_path={trained_checkpoints[0]}", *data]))
+    assert stopped.value.code == 130 and "stopped by Ctrl-C" in capsys.readouterr().err
+
+
+def test_benchmarks_refuse_what_they_choose_themselves_in_one_line(capsys: pytest.CaptureFixture) -> None:
+    from covidseg.benchmarks import serve, throughput
+
+    assert run_command(serve.main, "--requests", "2", "port=18799") == 2
+    assert "the benchmark picks the server's host, port, hydra.run.dir itself" in capsys.readouterr().err
+    assert run_command(throughput.main, "--steps", "1", "trainer.max_epoch=3") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error:") and len(error.splitlines()) == 1 and "max_epoch" in error

@@ -70,6 +70,9 @@ def default_image() -> tuple[bytes, str]:
     return cv2.imencode(".png", image)[1].tobytes(), "phantom.png"
 
 
+BENCH_OWNS = ("host", "port", "hydra.run.dir")  # a free local port, and a scratch run folder
+
+
 def start_server(port: int, overrides: list[str], run_dir: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "covidseg.serve", f"port={port}", f"hydra.run.dir={run_dir}", *overrides]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -140,6 +143,9 @@ def main() -> None:
     )
     parser.add_argument("overrides", nargs="*", help="overrides of conf/serve.yaml, e.g. ckpt_path=... workers=2")
     args = parser.parse_args()
+    taken = [o for o in args.overrides if o.split("=")[0].lstrip("+~") in BENCH_OWNS]
+    if taken:
+        parser.error(f"{taken[0]!r}: the benchmark picks the server's {', '.join(BENCH_OWNS)} itself")
     with user_errors():
         image, name = read_image(args.image) if args.image else default_image()
         out = new_figures_folder(args.out)

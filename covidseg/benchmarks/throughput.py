@@ -331,8 +331,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="add bf16+NHWC under torch.compile (slow first step)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the train config")
     args = parser.parse_args()
-    cfg = compose_bench_config(args.overrides)
     with user_errors():
+        cfg = compose_bench_config(args.overrides)
         out = new_figures_folder(args.out)
     results = run(cfg, args.steps, args.warmup, args.rounds, args.compile)
     write_atomic(out / "bench.json", json.dumps(results, indent=2) + "\n")

@@ -17,11 +17,12 @@ import io
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from covidseg.core.errors import DataError
+from covidseg.core.files import printable
 
 
 def _umask() -> int:
@@ -159,6 +160,21 @@ def new_run_folder(folder: Path, chosen_by_user: bool, key: str = "hydra.run.dir
             "its own; name a new or empty one (to continue a training run, give ckpt_path=<its last.ckpt>)"
         )
     raise DataError(f"{MAX_SUFFIX} runs already started in {str(folder)!r}'s second: try again")
+
+
+def refuse_unless_ours(path: Path, purpose: str, written_by_covidseg: Callable[[bytes], bool]) -> None:
+    """Before a command replaces ``path`` with a newer version of its own output: a file of the user's
+    under that name (judged by its first 4 KB), a link or anything but a regular file is refused in
+    one line and left as it is."""
+    if not os.path.lexists(path):
+        return
+    if path.is_symlink() or not path.is_file():
+        raise DataError(f"{printable(path)!r} is not a regular file: move it away to {purpose}")
+    with path.open("rb") as handle:
+        if not written_by_covidseg(handle.read(4096)):
+            raise DataError(
+                f"{printable(path)!r} was not written by covidseg: it is left as it is; move it away to {purpose}"
+            )
 
 
 def new_figures_folder(out: Path) -> Path:

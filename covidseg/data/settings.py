@@ -22,7 +22,8 @@ MAX_WORKERS = min(64, 4 * CORES)
 
 def _distinct(values: list[str] | None) -> list[str] | None:
     if values is not None and len(set(values)) != len(values):
-        raise ValueError("names a class twice (its images would count twice)")
+        twice = next(value for value in values if values.count(value) > 1)
+        raise ValueError(f"names {twice!r} twice (a class's images would count twice, a target's mask be learnt twice)")
     return values
 
 
@@ -52,7 +53,7 @@ class DataSettings(CheckedSettings):
     teacher_targets: str | None = None
     synthetic: SyntheticSettings | None = None
 
-    _distinct_classes = field_validator("classes", "eval_classes")(_distinct)
+    _distinct_classes = field_validator("classes", "eval_classes", "targets")(_distinct)
 
     @field_validator("num_workers")
     @classmethod

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from covidseg.core.errors import ConfigError
 from covidseg.data import CovidQuExDataModule
 from covidseg.data.settings import check_data_settings
 from covidseg.inference.exporters import cached_onnx
@@ -49,6 +50,13 @@ def run_test_loop(cfg: DictConfig, loaded: LoadedModel, datamodule: CovidQuExDat
     if backend != "torch":
         graph = cached_onnx(loaded, Path(cfg.paths.cache_dir))
         forward = as_forward(graph_backend(backend, graph, inference_bf16(cfg)))
+    if OmegaConf.select(cfg, "trainer.limit_test_batches", default=None) == 0:
+        raise ConfigError("trainer.limit_test_batches=0 scores no image: give a count >= 1 or a share in (0, 1]")
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
-    trainer.test(PredictorModule(loaded.predictor, forward), datamodule=datamodule, verbose=False)
+    try:
+        trainer.test(PredictorModule(loaded.predictor, forward), datamodule=datamodule, verbose=False)
+    except SystemExit:  # Lightning answers Ctrl-C with exit code 1 after its own message
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
     return {name: float(value) for name, value in trainer.callback_metrics.items()}

@@ -256,6 +256,21 @@ def ensemble_spec(specs: list[ModelSpec], paths: list[Path]) -> ModelSpec:
     return first.model_copy(update={"networks": networks, "metrics": {}})
 
 
+WHOLE_NUMBER_TENSORS = ("num_batches_tracked",)  # BatchNorm's step counters, stored as int64
+
+
+def check_weight_values(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Weights are real, finite numbers: a NaN or an infinity answers every image with garbage, and
+    an integer or complex tensor would be cast into a network without a word."""
+    for name, tensor in state.items():
+        if name.endswith(WHOLE_NUMBER_TENSORS):
+            continue
+        if not tensor.is_floating_point():
+            raise ModelFileError(f"{str(path)!r}: tensor {name!r} holds {tensor.dtype} values, expected real weights")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ModelFileError(f"{str(path)!r}: tensor {name!r} holds NaN or infinite values: the model is damaged")
+
+
 def load_predictor(
     ckpt_path: Any, log_dir: str | Path, bf16: bool = False, allow_missing_folds: bool = False, **inference: Any
 ) -> LoadedModel:
@@ -272,6 +287,7 @@ def load_predictor(
         stray = next((name for name in state if not name.startswith(prefixes)), None)
         if stray is not None:
             raise ModelFileError(f"{str(path)!r}: tensor {stray!r} belongs to no network of its model spec")
+        check_weight_values(state, path)
         for index in range(len(member_spec.networks)):
             prefix = f"networks.{index}."
             weights = {name.removeprefix(prefix): tensor for name, tensor in state.items() if name.startswith(prefix)}

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from covidseg.core.errors import ConfigError
 from covidseg.core.metrics import SegmentationScores
 from covidseg.models.network import SegmentationNetwork
 
@@ -180,16 +181,23 @@ class SegmentationModule(L.LightningModule):
         self._log_scores("test")
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.parameters())
+        try:  # torch checks the values it is given (a pct_start of 2, a negative momentum) only here
+            optimizer = self.optimizer_factory(params=self.parameters())
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"model.optimizer: {error}") from None
         if self.scheduler_factory is None:
             return optimizer
         extra = {}
         if "total_steps" in inspect.signature(self.scheduler_factory).parameters:
             extra["total_steps"] = int(self.trainer.estimated_stepping_batches)  # e.g. OneCycleLR
+        try:
+            scheduler = self.scheduler_factory(optimizer=optimizer, **extra)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"model.scheduler: {error}") from None
         return {
             "optimizer": optimizer,
             "lr_scheduler": {
-                "scheduler": self.scheduler_factory(optimizer=optimizer, **extra),
+                "scheduler": scheduler,
                 "interval": self.hparams.scheduler_interval,
                 "monitor": "val/dice",
             },

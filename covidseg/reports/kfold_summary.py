@@ -48,10 +48,15 @@ def summarise(multirun_dir: Path, allow_missing_folds: bool = False) -> dict[str
             values = np.array([run[name] for run in runs], dtype=float)
             std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
             summary[name] = {"mean": float(values.mean()), "std": std, "n": len(values)}
+    if not summary:
+        raise DataError(f"the jobs under {str(multirun_dir)!r} share no val/, test/ or severity/ metric to summarise")
     return summary
 
 
+MARKDOWN_HEADER = "| metric | mean | std | folds |"
+
+
 def markdown(summary: dict[str, dict[str, float]]) -> str:
-    lines = ["| metric | mean | std | folds |", "|---|---:|---:|---:|"]
+    lines = [MARKDOWN_HEADER, "|---|---:|---:|---:|"]
     lines += [f"| {name} | {s['mean']:.4f} | {s['std']:.4f} | {s['n']} |" for name, s in summary.items()]
     return "\n".join(lines) + "\n"

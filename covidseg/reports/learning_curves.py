@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -14,25 +12,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from covidseg.core.errors import ConfigError, DataError  # noqa: E402
-from covidseg.core.files import printable  # noqa: E402
 from covidseg.core.run_files import read_run_file  # noqa: E402
 from covidseg.core.visualize import PNG_SOFTWARE, figure_png  # noqa: E402
-from covidseg.core.writing import write_atomic, write_csv  # noqa: E402
-
-
-def refuse_unless_ours(path: Path, written_by_covidseg: Callable[[bytes], bool]) -> None:
-    """A rerun replaces the charts an earlier one wrote; a file of the user's under the same name
-    (judged by its first 4 KB) is refused in one line, never replaced."""
-    if not os.path.lexists(path):
-        return
-    if path.is_symlink() or not path.is_file():
-        raise DataError(f"{printable(path)!r} is not a regular file: move it away to write the learning curves")
-    with path.open("rb") as handle:
-        if not written_by_covidseg(handle.read(4096)):
-            raise DataError(
-                f"{printable(path)!r} was not written by covidseg: it is left as it is; move it away to "
-                "write the learning curves"
-            )
+from covidseg.core.writing import refuse_unless_ours, write_atomic, write_csv  # noqa: E402
 
 
 def run_started(run_dir: Path) -> float:
@@ -90,9 +72,8 @@ def learning_curves(run_dir: Path, series: dict[str, list] | None = None) -> Pat
             axes.legend(fontsize=8)
         axes.grid(alpha=0.3)
     path = run_dir / "learning_curves.png"
-    refuse_unless_ours(
-        path, lambda head: head.startswith(b"\x89PNG") and b"Software\x00" + PNG_SOFTWARE.encode() in head
-    )
+    mark = b"Software\x00" + PNG_SOFTWARE.encode()  # the text entry figure_png writes
+    refuse_unless_ours(path, "write the learning curves", lambda head: head.startswith(b"\x89PNG") and mark in head)
     write_atomic(path, figure_png(figure))
     return path
 
@@ -107,5 +88,7 @@ def score_by_time(
     rows = sorted(((p.wall_time - started) / 60, p.step, p.value) for p in series.get(tag, []))
     table = ((f"{minutes:.2f}", step, f"{value:.4f}") for minutes, step, value in rows)
     path, header = run_dir / f"{tag.replace('/', '_')}_by_time.csv", ["minutes", "step", tag]
-    refuse_unless_ours(path, lambda head: head.startswith(",".join(header).encode() + b"\r\n"))
+    refuse_unless_ours(
+        path, "write the learning curves", lambda head: head.startswith(",".join(header).encode() + b"\r\n")
+    )
     return write_csv(path, header, table)

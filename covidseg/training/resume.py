@@ -8,10 +8,12 @@ config is read like any file from outside: plain YAML, limited in size, no alias
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from covidseg.core.errors import ConfigError
@@ -45,6 +47,30 @@ def _settings(config: DictConfig) -> dict[str, Any]:
     return flat
 
 
+SCHEDULE_LENGTH_KEYS = ("max_epochs", "limit_train_batches", "accumulate_grad_batches")
+
+
+def check_schedule_length(recorded: DictConfig, cfg: DictConfig, ckpt_path: Path) -> None:
+    """A learning-rate schedule fixed in steps when the run began (OneCycleLR's ``total_steps``)
+    cannot run past its end: a resume that lengthens the run is refused before anything is written."""
+    target = OmegaConf.select(cfg, "model.scheduler._target_", default=None)
+    try:
+        fixed = target is not None and "total_steps" in inspect.signature(get_class(target)).parameters
+    except (ImportError, ValueError, TypeError):  # not a class: Hydra says so when it builds it
+        return
+    lengths = {
+        key: (OmegaConf.select(recorded, f"trainer.{key}", default=None), OmegaConf.select(cfg, f"trainer.{key}"))
+        for key in SCHEDULE_LENGTH_KEYS
+    }
+    changed = [f"trainer.{key} ({old!r} -> {new!r})" for key, (old, new) in lengths.items() if old != new]
+    if fixed and changed:
+        raise ConfigError(
+            f"ckpt_path={str(ckpt_path)!r}: its learning-rate schedule ({target.rsplit('.', 1)[-1]}) was fixed in "
+            f"steps when the run began, so {', '.join(changed)} cannot change on resume: resume with the run's "
+            "settings, or start a new run"
+        )
+
+
 def check_resume_settings(cfg: DictConfig, ckpt_path: Path) -> dict[str, Any] | None:
     """Refuse a resume whose model, data or seed settings differ from the run's recorded config
     (unless ``resume_with_changes=true``); returns the new config to record when they differ."""
@@ -62,6 +88,7 @@ def check_resume_settings(cfg: DictConfig, ckpt_path: Path) -> dict[str, Any] | 
     if not isinstance(plain, dict):
         raise ConfigError(f"{str(recorded_path)!r} holds a {type(plain).__name__}, expected a run's recorded config")
     recorded = OmegaConf.create(plain)
+    check_schedule_length(recorded, cfg, ckpt_path)
     before, now = _settings(recorded), _settings(cfg)
     changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
     if not changed:

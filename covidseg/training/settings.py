@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from covidseg.core.errors import ConfigError
 from covidseg.core.validation import CheckedSettings, Seed, validated
@@ -37,6 +37,12 @@ class LossSettings(CheckedSettings):
     lovasz_weight: float = Field(0.0, ge=0, allow_inf_nan=False)
     focal_tversky_weight: float = Field(0.0, ge=0, allow_inf_nan=False)
 
+    @model_validator(mode="after")
+    def _something_to_learn(self) -> LossSettings:
+        if not (self.bce_weight or self.dice_weight or self.lovasz_weight or self.focal_tversky_weight):
+            raise ValueError("every loss weight is 0: the network would learn nothing; give one a weight > 0")
+        return self
+
 
 class ModelSettings(CheckedSettings):
     optimizer: OptimizerSettings | None = None
@@ -57,7 +63,7 @@ CORES = os.cpu_count() or 1
 
 
 class TrainerSettings(CheckedSettings):
-    max_epochs: int | None = Field(None, ge=-1)
+    max_epochs: int = Field(ge=1)  # covidseg's schedules (OneCycle, the time budget) need an end
     max_time: str | None = None  # DD:HH:MM:SS (Lightning's keyword form does not pass through Hydra)
     precision: Literal[PRECISIONS] | None = None  # type: ignore[valid-type]
     min_epochs: int | None = Field(None, ge=0)
@@ -66,21 +72,22 @@ class TrainerSettings(CheckedSettings):
     log_every_n_steps: int | None = Field(None, ge=1)
     gradient_clip_val: float | None = Field(None, ge=0)
     limit_train_batches: int | float | None = Field(None, ge=0)
+    limit_val_batches: int | float | None = Field(None, ge=0)
     accelerator: str | None = None
     devices: int | str | list[int] | None = None
-
-    @field_validator("max_epochs")
-    @classmethod
-    def _some_epochs(cls, epochs: int | None) -> int | None:
-        if epochs == 0:
-            raise ValueError("trains nothing: give at least 1 (-1: no limit); to only test a checkpoint, train=false")
-        return epochs
 
     @field_validator("limit_train_batches")
     @classmethod
     def _some_batches(cls, batches: int | float | None) -> int | float | None:
         if batches is not None and batches == 0:
             raise ValueError("trains nothing: give a count of batches >= 1 or a share of them in (0, 1]")
+        return batches
+
+    @field_validator("limit_val_batches")
+    @classmethod
+    def _some_validation(cls, batches: int | float | None) -> int | float | None:
+        if batches is not None and batches == 0:
+            raise ValueError("validates nothing, and the best checkpoint is chosen by val/dice: give >= 1 or (0, 1]")
         return batches
 
     @field_validator("devices")
@@ -95,6 +102,8 @@ class TrainerSettings(CheckedSettings):
     def _duration(cls, value: str | None) -> str | None:
         if value is not None and not re.fullmatch(r"\d+:\d\d:\d\d:\d\d", value.strip()):
             raise ValueError("expected DD:HH:MM:SS, e.g. 00:01:30:00")
+        if value is not None and not any(int(part) for part in value.strip().split(":")):
+            raise ValueError("no time to train: give a duration over 0, e.g. 00:01:30:00")
         return value
 
 
@@ -102,9 +111,17 @@ class RunSettings(CheckedSettings):
     seed: Seed | None = None
     train: bool = True
     test: bool = True
+    resume_with_changes: bool = False
     data: DataSettings
     trainer: TrainerSettings | None = None
     model: ModelSettings | None = None
+
+    @field_validator("test")
+    @classmethod
+    def _something_to_do(cls, test: bool, info: ValidationInfo) -> bool:
+        if not test and info.data.get("train") is False:
+            raise ValueError("with train=false too, the run would do nothing: set train=true or test=true")
+        return test
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -113,7 +130,8 @@ def check_settings(cfg: DictConfig) -> None:
         name: OmegaConf.to_container(cfg[name], resolve=True)
         for name in ("data", "model", "trainer")
         if cfg.get(name) is not None
-    } | {"seed": cfg.get("seed"), "train": cfg.get("train", True), "test": cfg.get("test", True)}
+    } | {key: cfg.get(key, default) for key, default in
+         (("seed", None), ("train", True), ("test", True), ("resume_with_changes", False))}  # fmt: skip
     validated(RunSettings, values)
     check_network_options((values.get("model") or {}).get("net") or {})
     distill_weight = (values.get("model") or {}).get("distill_weight", 0.0)
