@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import absl.logging
 import numpy as np
 import pytest
 
 from covidseg.core.config import compose_config
+
+# OpenVINO imports absl.logging, whose handler keeps the sys.stderr of that moment; a later
+# logging.config.dictConfig (each Hydra command run in-process) closes every handler, and with it
+# the stream of a test that captured stderr, which breaks capture for every test after it. The
+# process's own stderr is one absl never closes.
+absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "covid-qu-ex"
 

@@ -151,8 +151,8 @@ def load_backend(
     first (once: the graph is kept under ``<cache_dir>/graphs``) when ``backend`` is ``onnx`` or
     ``openvino``. ``auto`` is OpenVINO, the fastest end to end on the CPUs measured
     (docs/performance.md), or torch where OpenVINO is missing or cannot compile the model."""
-    chosen = resolve_backend(backend, bf16)
     paths = resolve_model_paths(ckpt_path, log_dir, allow_missing_folds=allow_missing_folds)
+    chosen = resolve_backend(backend, bf16)  # said once the model is found
     if any(path.suffix == ".onnx" for path in paths):
         if len(paths) > 1:
             raise ModelFileError("an exported .onnx graph runs alone: export the ensemble as one graph instead")
