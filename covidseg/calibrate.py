@@ -48,6 +48,10 @@ class CalibrationSettings(CheckedSettings):
 
 def calibrate(cfg: DictConfig) -> dict[str, Any]:
     check_command_keys(cfg, CalibrationSettings)
+    if str(cfg.data.get("split", "Val")).lower() == "test":  # the held-back split judges, it never chooses
+        raise ConfigError(
+            "data.split=Test: thresholds are chosen on Val (or Train); Test stays held back to judge the choice"
+        )
     classes = set(cfg.data.get("eval_classes") or cfg.data.classes)
     if "COVID-19" not in classes or classes == {"COVID-19"}:  # checked before a pass over Val
         raise ConfigError(

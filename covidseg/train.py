@@ -54,6 +54,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
         check_checkpoint(ckpt_path)  # plain data and a valid model spec, before anything is built from it
     changed_config, resumed_by = None, None
     if cfg.train and ckpt_path is not None and (ckpt_path.parent.parent / ".hydra").is_dir():
+        if not os.access(ckpt_path.parent.parent, os.W_OK):
+            raise DataError(
+                f"ckpt_path={str(ckpt_path)!r}: its run folder cannot be written (read-only?), and a resume continues "
+                "it: copy the run somewhere writable and resume the copy"
+            )
         changed_config = check_resume_settings(cfg, ckpt_path)
         resumed_by = Path(cfg.paths.output_dir)  # the folder Hydra made for this command
         with open_dict(cfg):  # continue the interrupted run's folder, checkpoints and TensorBoard run

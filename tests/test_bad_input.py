@@ -446,7 +446,6 @@ TRAIN_CASES = [
     (["trainer.max_epochs=0"], "trainer.max_epochs=0: Input should be greater than or equal to 1"),
     (["trainer.max_epochs=-1"], "trainer.max_epochs=-1: Input should be greater than or equal to 1"),
     (["trainer.max_epochs=null"], "trainer.max_epochs=None: Input should be a valid integer"),
-    (["trainer.max_time=00:00:00:00"], "trainer.max_time='00:00:00:00': no time to train"),
     (["trainer.limit_val_batches=0"], "trainer.limit_val_batches=0: validates nothing"),
     (
         ["model.loss.dice_weight=0", "model.loss.bce_weight=0"],

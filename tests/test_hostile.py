@@ -718,3 +718,68 @@ def test_benchmarks_refuse_what_they_choose_themselves_in_one_line(capsys: pytes
     assert run_command(throughput.main, "--steps", "1", "trainer.max_epoch=3") == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error:") and len(error.splitlines()) == 1 and "max_epoch" in error
+
+
+def test_an_empty_cache_dir_and_calibrating_on_test_are_refused(
+    trained_checkpoints: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from covidseg.calibrate import main as calibrate_main
+    from covidseg.train import main as train_main
+
+    assert run_command(train_main, *FAST, "paths.cache_dir=", f"hydra.run.dir={tmp_path / 'run'}") == 2
+    assert "paths.cache_dir='': expected a folder" in capsys.readouterr().err
+    on_test = [
+        f"ckpt_path={trained_checkpoints[0]}",
+        "data=synthetic",
+        "data.split=Test",
+        f"hydra.run.dir={tmp_path / 'c'}",
+    ]
+    assert run_command(calibrate_main, *on_test) == 2
+    assert "data.split=Test: thresholds are chosen on Val" in capsys.readouterr().err
+
+
+def test_a_full_disk_while_writing_phantoms_leaves_nothing_half_written(tmp_path: Path, monkeypatch) -> None:
+    from covidseg.data.synthetic import SyntheticPhantoms
+
+    written = []
+    real_write = Path.write_bytes
+
+    def fills_up(self: Path, data: bytes) -> int:
+        if len(written) >= 5:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        written.append(self)
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", fills_up)
+    with pytest.raises(OSError, match="No space left"):
+        SyntheticPhantoms({"Train": 4}, image_size=32).write(tmp_path / "synthetic")
+    monkeypatch.undo()
+    assert not (tmp_path / "synthetic").exists() and not list(tmp_path.glob(".synthetic-*"))
+    SyntheticPhantoms({"Train": 4}, image_size=32).write(tmp_path / "synthetic")  # the next run writes it whole
+    assert len(list((tmp_path / "synthetic").rglob("*.png"))) == 4 * 3 * 3
+
+
+def test_read_only_folders_name_the_file_and_a_folder_is_no_file(tmp_path: Path, monkeypatch) -> None:
+    import tempfile
+
+    from covidseg.core.files import read_file_bytes
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(OSError) as raised:
+        write_atomic(tmp_path / "kfold_summary.json", "{}")
+    assert raised.value.filename == str(tmp_path / "kfold_summary.json")
+    monkeypatch.undo()
+    with pytest.raises(DataError, match="is a folder; expected a run's recorded config"):
+        read_file_bytes(tmp_path, 100, "a run's recorded config", DataError)
+
+
+def test_two_jobs_of_one_fold_are_refused(tmp_path: Path, trained_checkpoints: list[Path]) -> None:
+    from covidseg.inference.loader import load_predictor
+
+    multirun = _multirun_of_folds(tmp_path, trained_checkpoints[0], finished=(0, 1, 2))
+    shutil.copytree(multirun / "0", multirun / "7")  # a copy of fold 0 beside the others
+    with pytest.raises(ModelFileError, match=r"jobs '0' and '7' .* both ran fold 0"):
+        load_predictor(str(multirun), tmp_path)

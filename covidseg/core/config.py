@@ -108,13 +108,15 @@ class OwnRunFolder(Callback):
 
 def check_run_names(config: DictConfig) -> None:
     """``task_name`` names a folder under ``paths.log_dir`` (no '/' or '..' to leave it), and
-    ``paths.log_dir`` is given (empty, the run folders would go to the file system's root)."""
+    ``paths.log_dir`` and ``paths.cache_dir`` are given (empty, run folders or phantoms and decoded
+    images would go to the file system's root)."""
     task = OmegaConf.select(config, "task_name", throw_on_resolution_failure=False)
     if task is not None and (not re.fullmatch(r"[A-Za-z0-9_.-]+", str(task)) or str(task) in (".", "..")):
         raise ConfigError(f"task_name={str(task)!r}: expected letters, digits, '_', '-' or '.' (a folder name)")
-    log_dir = OmegaConf.select(config, "paths.log_dir", throw_on_resolution_failure=False)
-    if log_dir is not None and not str(log_dir).strip():
-        raise ConfigError("paths.log_dir='': expected a folder (an empty one would put run folders at the root)")
+    for key in ("paths.log_dir", "paths.cache_dir"):
+        folder = OmegaConf.select(config, key, throw_on_resolution_failure=False)
+        if folder is not None and not str(folder).strip():
+            raise ConfigError(f"{key}='': expected a folder (an empty one would put its files at the root)")
 
 
 def check_below(subdir: object, key: str) -> None:

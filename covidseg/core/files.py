@@ -31,10 +31,13 @@ def printable(path: str | Path) -> str:
 def open_regular_file(path: Path, max_bytes: int, expected: str, error: type[Exception]) -> Iterator[BinaryIO]:
     """``path`` open for reading if it is a regular file of at most ``max_bytes``; else ``error``
     naming the file and what was ``expected`` (e.g. "an image file", "a model's spec")."""
-    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
-        info = os.fstat(file.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise error(f"{str(path)!r} is not a regular file (a pipe, socket or device); expected {expected}")
+    handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    info = os.fstat(handle)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(handle)
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file (a pipe, socket or device)"
+        raise error(f"{str(path)!r} is {kind}; expected {expected}")
+    with os.fdopen(handle, "rb") as file:
         if info.st_size > max_bytes:
             raise error(f"{str(path)!r} is {info.st_size:,} bytes; {expected} is under {max_bytes:,}")
         yield file

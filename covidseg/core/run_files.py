@@ -97,6 +97,11 @@ def kfold_folds(jobs: Sequence[Path], error: type[Exception]) -> Folds | None:
         if count is not None and fold is not None:
             folds |= set(range(count))
             if (job / "metrics.json").is_file():
+                if fold in finished:
+                    raise error(
+                        f"jobs {finished[fold].name!r} and {job.name!r} of {str(job.parent)!r} both ran fold {fold}: "
+                        "a fold counts once; move one of them away"
+                    )
                 finished[fold] = job
     sweep_record = jobs[0].parent / "multirun.yaml" if jobs else None
     if not folds and unrecorded and sweep_record is not None and sweep_record.is_file():

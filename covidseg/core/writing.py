@@ -60,7 +60,10 @@ def atomic_output(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path`` for a writer that wants a path (``torch.save``, ONNX,
     ``np.save``); when the block ends without error it replaces ``path`` in one step."""
     path = Path(path)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    try:
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    except OSError as error:  # a read-only or full folder: named as the file the user knows
+        raise type(error)(error.errno, error.strerror, str(path)) from None
     os.close(handle)
     temporary = Path(name)
     try:

@@ -222,8 +222,9 @@ class SyntheticPhantoms:
                 for number in range(count):
                     image, lung, infection = make_phantom(rng, self.image_size, label == "COVID-19")
                     name = f"{label.lower()}_{number:04d}.png"
-                    cv2.imwrite(str(class_dir / "images" / name), image)
-                    cv2.imwrite(str(class_dir / TARGET_FOLDERS["lung"] / name), lung)
-                    cv2.imwrite(str(class_dir / TARGET_FOLDERS["infection"] / name), infection)
+                    files = {"images": image, TARGET_FOLDERS["lung"]: lung, TARGET_FOLDERS["infection"]: infection}
+                    for sub, pixels in files.items():  # encoded in memory and written by Python: a full
+                        # disk raises (cv2.imwrite only prints libpng's error and leaves an empty file)
+                        (class_dir / sub / name).write_bytes(cv2.imencode(".png", pixels)[1].tobytes())
         digests = {relative: _digest(folder / relative) for relative in sorted(self.written_files() - {MARKER})}
         (folder / MARKER).write_text(json.dumps({**self.spec(), "sha256": digests}))

@@ -102,8 +102,6 @@ class TrainerSettings(CheckedSettings):
     def _duration(cls, value: str | None) -> str | None:
         if value is not None and not re.fullmatch(r"\d+:\d\d:\d\d:\d\d", value.strip()):
             raise ValueError("expected DD:HH:MM:SS, e.g. 00:01:30:00")
-        if value is not None and not any(int(part) for part in value.strip().split(":")):
-            raise ValueError("no time to train: give a duration over 0, e.g. 00:01:30:00")
         return value
 
 
