@@ -33,7 +33,7 @@ from covidseg.core.metrics import CLEAN_AREA_SHARE
 from covidseg.core.run_files import write_run_info
 from covidseg.core.validation import CheckedSettings, check_command_keys
 from covidseg.core.writing import write_atomic
-from covidseg.evaluation.test_loop import load_for_data, run_test_loop
+from covidseg.evaluation.test_loop import check_loop_precision, load_for_data, run_test_loop
 from covidseg.evaluation.thresholds import Choice, ThresholdSweep, choose, score_choices
 
 
@@ -58,6 +58,7 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
             f"data.eval_classes={sorted(classes)}: calibration needs X-rays with and without infection, "
             "COVID-19 and Non-COVID or Normal"
         )
+    check_loop_precision(cfg)
     L.seed_everything(cfg.seed, workers=True)
     loaded, datamodule = load_for_data(cfg)
     predictor = loaded.predictor

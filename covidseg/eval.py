@@ -16,12 +16,13 @@ from covidseg.core.errors import hydra_errors_in_one_line, user_errors
 from covidseg.core.framework_noise import quiet_framework_noise
 from covidseg.core.run_files import print_summary, write_metrics, write_per_image, write_run_info
 from covidseg.evaluation.collectors import PerImageResults, SeverityOnTest
-from covidseg.evaluation.test_loop import load_for_data, run_test_loop
+from covidseg.evaluation.test_loop import check_loop_precision, load_for_data, run_test_loop
 from covidseg.reports.eval_report import write_eval_report
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test the model on ``data.split`` and write its metrics, per-image rows and report."""
+    check_loop_precision(cfg)
     L.seed_everything(cfg.seed, workers=True)
     loaded, datamodule = load_for_data(cfg)
     spec = loaded.spec

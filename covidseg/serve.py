@@ -8,6 +8,8 @@ limits are :mod:`covidseg.serving.app`.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from pathlib import Path
 
 import hydra
@@ -19,6 +21,16 @@ from covidseg.core.run_files import write_run_info
 from covidseg.inference.loader import allow_missing_folds, inference_bf16, inference_overrides
 from covidseg.inference.segment import load_backend
 from covidseg.serving.app import check_address, create_app, serve_settings
+
+
+def quiet_forced_shutdown(record: logging.LogRecord) -> bool:
+    """A second Ctrl-C makes uvicorn stop at once, cancelling the app's lifespan task, whose
+    traceback Starlette hands uvicorn to log: the record becomes one line that says what happened."""
+    cancelled = record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError)
+    text = str(record.msg)
+    if cancelled or (text.startswith("Traceback") and text.rstrip().endswith("CancelledError")):
+        record.msg, record.args, record.exc_info, record.exc_text = "stopped at once by a second Ctrl-C", (), None, None
+    return True
 
 
 @hydra_errors_in_one_line
@@ -41,6 +53,7 @@ def main(cfg: DictConfig) -> None:
             allow_missing_folds(cfg),
         )
         app = create_app(model, settings)
+    logging.getLogger("uvicorn.error").addFilter(quiet_forced_shutdown)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
 
 

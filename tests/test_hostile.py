@@ -700,6 +700,10 @@ def test_eval_scores_something_and_gives_ctrl_c_back_as_130(
     with pytest.raises(SystemExit) as stopped, user_errors():
         evaluate(nothing)
     assert stopped.value.code == 2 and "limit_test_batches=0 scores no image" in capsys.readouterr().err
+    mixed = compose_cfg("eval", [f"ckpt_path={trained_checkpoints[0]}", *data, "trainer.precision=bf16-mixed"])
+    with pytest.raises(SystemExit) as stopped, user_errors():
+        evaluate(mixed)
+    assert stopped.value.code == 2 and "with bf16=true" in capsys.readouterr().err
 
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
@@ -783,3 +787,15 @@ def test_two_jobs_of_one_fold_are_refused(tmp_path: Path, trained_checkpoints: l
     shutil.copytree(multirun / "0", multirun / "7")  # a copy of fold 0 beside the others
     with pytest.raises(ModelFileError, match=r"jobs '0' and '7' .* both ran fold 0"):
         load_predictor(str(multirun), tmp_path)
+
+
+def test_a_second_ctrl_c_to_the_server_is_one_line_not_starlette_s_traceback() -> None:
+    import logging
+
+    from covidseg.serve import quiet_forced_shutdown
+
+    lifespan = "Traceback (most recent call last):\n  File ...\nasyncio.exceptions.CancelledError\n"
+    record = logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, lifespan, (), None)
+    assert quiet_forced_shutdown(record) and record.getMessage() == "stopped at once by a second Ctrl-C"
+    other = logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, "Exception in ASGI application", (), None)
+    assert quiet_forced_shutdown(other) and other.getMessage() == "Exception in ASGI application"  # kept

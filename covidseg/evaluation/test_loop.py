@@ -41,6 +41,17 @@ def load_for_data(cfg: DictConfig) -> tuple[LoadedModel, CovidQuExDataModule]:
     return loaded, instantiate(cfg.data)
 
 
+def check_loop_precision(cfg: DictConfig) -> None:
+    """eval and calibrate choose the networks' precision with ``bf16`` (the Predictor's autocast);
+    a ``trainer.precision`` of another kind would be silently overridden or stacked on it."""
+    precision = str(OmegaConf.select(cfg, "trainer.precision", default="32-true"))
+    if precision not in ("32-true", "32"):
+        raise ConfigError(
+            f"trainer.precision={precision}: {cfg.task_name} keeps its loop in fp32 and runs the networks in bf16 "
+            "with bf16=true"
+        )
+
+
 def run_test_loop(cfg: DictConfig, loaded: LoadedModel, datamodule: CovidQuExDataModule, callbacks: list) -> dict:
     """Run the Predictor over ``data.split`` in Lightning's test loop; returns what callbacks logged.
     With ``backend=onnx|openvino`` the networks run as the model's ONNX graph (exported once, cached),
