@@ -5,17 +5,21 @@ python -m covidseg.eval ckpt_path=<ckpt|pretrained|[a.ckpt,b.ckpt]|k-fold multir
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from covidseg.core.config import CONF_DIR, check_output_folder, instantiate_each
 from covidseg.core.errors import hydra_errors_in_one_line, user_errors
 from covidseg.core.framework_noise import quiet_framework_noise
+from covidseg.core.metrics import CLEAN_AREA_SHARE
 from covidseg.core.run_files import print_summary, write_metrics, write_per_image, write_run_info
+from covidseg.core.writing import write_atomic
 from covidseg.evaluation.collectors import PerImageResults, SeverityOnTest
+from covidseg.evaluation.intervals import check_resamples, eval_intervals
 from covidseg.evaluation.test_loop import check_loop_precision, load_for_data, run_test_loop
 from covidseg.reports.eval_report import write_eval_report
 
@@ -23,6 +27,7 @@ from covidseg.reports.eval_report import write_eval_report
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test the model on ``data.split`` and write its metrics, per-image rows and report."""
     check_loop_precision(cfg)
+    resamples = check_resamples(OmegaConf.select(cfg, "stats.resamples", default=2000))
     L.seed_everything(cfg.seed, workers=True)
     loaded, datamodule = load_for_data(cfg)
     spec = loaded.spec
@@ -39,6 +44,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             columns |= callback.columns()
             severity_pairs = (columns["predicted_lung_infected_percent"], columns["true_lung_infected_percent"])
     csv_path = write_per_image(output_dir, results.names, columns)
+    clean_area = CLEAN_AREA_SHARE * spec.image_size**2
+    intervals = eval_intervals(columns, spec.primary_target, clean_area, resamples, cfg.seed)
+    intervals_path = write_atomic(output_dir / "intervals.json", json.dumps(
+        {"method": f"BCa bootstrap over images, {resamples} resamples, seed {cfg.seed}", "intervals": intervals},
+        indent=2) + "\n")  # fmt: skip
     title = f"eval on {datamodule.split}: {loaded.description}"
     report_path = write_eval_report(
         output_dir,
@@ -49,8 +59,15 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         loaded.predictor,
         datamodule.dataset(datamodule.split),
         severity_pairs=severity_pairs,
+        intervals=intervals,
     )
-    print_summary(title, metrics, {"metrics": metrics_path, "per-image": csv_path, "report": report_path})
+    locations = {
+        "metrics": metrics_path,
+        "95 % intervals": intervals_path,
+        "per-image": csv_path,
+        "report": report_path,
+    }
+    print_summary(title, metrics, locations, intervals)
     return metrics
 
 

@@ -151,14 +151,24 @@ def write_per_image(output_dir: str | Path, names: Sequence[str], columns: Mappi
     return write_csv(Path(output_dir, "per_image.csv"), ["file", *columns], rows)
 
 
-def print_summary(title: str, metrics: Mapping[str, float], locations: Mapping[str, str | Path | None]) -> None:
-    """A compact table of the final metrics, then where the outputs are."""
+def print_summary(
+    title: str,
+    metrics: Mapping[str, float],
+    locations: Mapping[str, str | Path | None],
+    intervals: Mapping[str, Mapping[str, float]] | None = None,
+) -> None:
+    """A compact table of the final metrics (with their 95 % intervals where given), then where
+    the outputs are."""
     table = Table(title=title, show_header=True, header_style="bold")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    if intervals:
+        table.add_column("95 % interval", justify="right")
     for name in sorted(metrics):
         if name.split("/")[0] in ("val", "test") and not name.endswith("_epoch"):
-            table.add_row(name, f"{metrics[name]:.4f}")
+            interval = (intervals or {}).get(name)
+            shown = [f"[{interval['low']:.4f}, {interval['high']:.4f}]"] if interval else [""] if intervals else []
+            table.add_row(name, f"{metrics[name]:.4f}", *shown)
     console = Console()
     console.print(table)
     for label, location in locations.items():

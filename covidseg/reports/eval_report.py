@@ -47,6 +47,7 @@ def write_eval_report(
     predictor: Predictor,
     dataset: torch.utils.data.Dataset,
     severity_pairs: tuple[Sequence[float], Sequence[float]] | None = None,
+    intervals: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Path:
     """``report.html`` (self-contained) plus ``gallery/{best,median,worst}.png``; with
     ``severity_pairs`` (predicted, true percent of lung infected) a scatter of the two."""
@@ -83,7 +84,13 @@ def write_eval_report(
         captions = ", ".join(f"{html.escape(names[i])} (Dice {dice[i]:.3f})" for i in indices)
         sections.append(f"<h2>{label.title()} cases</h2><p>{captions}</p>{_img_tag(png, label)}")
 
-    table = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>" for k, v in sorted(metrics.items()))
+    def interval(name: str) -> str:
+        found = (intervals or {}).get(name)
+        return f"[{found['low']:.4f}, {found['high']:.4f}]" if found else ""
+
+    table = "<tr><th>metric</th><th>value</th><th>95 % interval</th></tr>" + "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td><td>{interval(k)}</td></tr>" for k, v in sorted(metrics.items())
+    )
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}td{{padding:2px 12px}}
@@ -91,7 +98,8 @@ img{{max-width:100%}}</style></head><body>
 <h1>{html.escape(title)}</h1>
 <table>{table}</table>
 <p>Dice and IoU are per-image means (an image with empty truth and prediction scores 1); *_pooled
-pool all pixels. Columns: X-ray | truth (green) | prediction (red).</p>
+pool all pixels; the intervals are a bootstrap over the images (intervals.json). Columns: X-ray |
+truth (green) | prediction (red).</p>
 {"".join(charts)}
 {"".join(sections)}
 </body></html>
