@@ -67,3 +67,64 @@ def test_eval_writes_each_figure_with_its_interval(compose_cfg, trained_checkpoi
     report = (Path(cfg.paths.output_dir) / "report.html").read_text()
     dice = written["intervals"]["test/dice"]
     assert f"[{dice['low']:.4f}, {dice['high']:.4f}]" in report
+
+
+def _eval_run(folder: Path, dice: np.ndarray, names: list[str] | None = None, split: str = "Val") -> Path:
+    """An eval run folder as ``eval`` leaves it: per_image.csv and the recorded config."""
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text(
+        f"data:\n  split: {split}\n  classes: [COVID-19]\n  image_size: 64\n"
+    )
+    names = names or [f"Val/COVID-19/{index}.png" for index in range(len(dice))]
+    truth = np.where(np.arange(len(dice)) % 5 == 0, 0, 1000)  # every fifth image healthy
+    predicted = np.where(truth == 0, np.where(dice > 0.5, 0, 100), 1000)
+    intersection = np.round(dice * (truth + predicted) / 2)
+    lines = ["file,dice_infection,iou_infection,truth_area_infection,predicted_area_infection,intersection_infection"]
+    lines += [f"{n},{d:.6g},{d / (2 - d):.6g},{t},{p},{i:g}" for n, d, t, p, i in
+              zip(names, dice, truth, predicted, intersection, strict=True)]  # fmt: skip
+    (folder / "per_image.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_compare_finds_no_difference_between_identical_models_and_recovers_a_known_one(tmp_path: Path) -> None:
+    from covidseg.evaluation.comparison import compare, read_eval_run
+
+    dice = np.random.default_rng(0).beta(4, 2, size=200)
+    a = read_eval_run(_eval_run(tmp_path / "a", dice))
+    same = read_eval_run(_eval_run(tmp_path / "same", dice))
+    better = read_eval_run(_eval_run(tmp_path / "better", np.minimum(dice + 0.05, 1.0)))
+    rows = {(row["figure"], row["model"]): row for row in compare([a, same, better], resamples=500)}
+    identical = rows[("dice", str(tmp_path / "same"))]
+    assert identical["difference"] == 0 and identical["difference_low"] <= 0 <= identical["difference_high"]
+    assert identical["p"] == 1.0
+    shifted = rows[("dice", str(tmp_path / "better"))]
+    true_shift = float(np.mean(np.minimum(dice + 0.05, 1.0) - dice))
+    assert shifted["difference"] == pytest.approx(true_shift, abs=1e-5)
+    assert shifted["difference_low"] <= true_shift <= shifted["difference_high"] and shifted["p"] < 1e-6
+    assert rows[("dice_pooled", str(tmp_path / "better"))]["p"] < 0.05
+    assert 0 <= shifted["p_adjusted"] <= 1 and shifted["p_adjusted"] >= shifted["p"]
+
+
+def test_compare_refuses_runs_on_other_images_and_writes_its_table_and_plot(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from helpers import run_command
+
+    from covidseg.compare import main
+
+    dice = np.random.default_rng(1).beta(4, 2, size=40)
+    a = _eval_run(tmp_path / "a", dice)
+    other_images = _eval_run(tmp_path / "b", dice, names=[f"Val/Normal/{index}.png" for index in range(40)])
+    assert run_command(main, str(a), str(other_images)) == 2
+    assert "scored other images ('Val/Normal/0.png' where 'Val/COVID-19/0.png')" in capsys.readouterr().err
+    on_train = _eval_run(tmp_path / "c", dice, split="Train")
+    assert run_command(main, str(a), str(on_train)) == 2
+    assert "was evaluated with data.split='Train'" in capsys.readouterr().err
+    b = _eval_run(tmp_path / "d", np.clip(dice - 0.02, 0, 1))
+    assert run_command(main, str(a), str(b), "--resamples", "200", "--out", str(tmp_path / "out")) == 0
+    (written,) = (tmp_path / "out").iterdir()
+    assert sorted(path.name for path in written.iterdir()) == [
+        ".covidseg-run", "comparison.csv", "comparison.md", "comparison.png"
+    ]  # fmt: skip
+    table = (written / "comparison.md").read_text()
+    assert "| dice | B | " in table and "Wilcoxon signed-rank" in table and "McNemar exact" in table
