@@ -1,6 +1,6 @@
-"""Summarise a k-fold multirun: mean and standard deviation of each metric across folds.
+"""Summarise a multirun: mean, standard deviation and range of each metric across its k folds or seeds.
 
-python -m covidseg.train -m data.num_folds=5 data.fold=0,1,2,3,4
+python -m covidseg.train -m data.num_folds=5 data.fold=0,1,2,3,4   (or: -m seed=1,2,3)
 python -m covidseg.kfold_summary outputs/train/multiruns/<date>
 """
 

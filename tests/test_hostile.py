@@ -661,7 +661,18 @@ def test_kfold_summary_never_replaces_a_summary_of_the_user_s_and_refuses_an_emp
     assert run_command(main, str(multirun)) == 2
     assert "share no val/, test/ or severity/ metric" in capsys.readouterr().err
     (multirun / "0" / "metrics.json").write_text('{"val/dice": 0.5}')
+    (multirun / "1").mkdir()
+    (multirun / "1" / "metrics.json").write_text('{"val/dice": 0.7}')  # a second seed
     assert run_command(main, str(multirun)) == 0
+    spread = json.loads((multirun / "kfold_summary.json").read_text())["val/dice"]
+    assert spread == {
+        "mean": pytest.approx(0.6),
+        "std": pytest.approx(0.1414, abs=1e-4),
+        "min": 0.5,
+        "max": 0.7,
+        "n": 2,
+    }
+    assert "| val/dice | 0.6000 | 0.1414 | 0.5000 | 0.7000 | 2 |" in (multirun / "kfold_summary.md").read_text()
     assert run_command(main, str(multirun)) == 0  # its own summary, replaced
     (multirun / "kfold_summary.md").write_text("my notes on these folds\n")
     assert run_command(main, str(multirun)) == 2

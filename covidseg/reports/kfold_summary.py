@@ -23,8 +23,9 @@ def read_metrics(path: Path) -> dict[str, float]:
 
 
 def summarise(multirun_dir: Path, allow_missing_folds: bool = False) -> dict[str, dict[str, float]]:
-    """``{metric: {mean, std, n}}`` over the jobs' ``metrics.json`` (std with n-1); a k-fold multirun
-    without a finished run of every fold is refused unless ``allow_missing_folds``."""
+    """``{metric: {mean, std, min, max, n}}`` over the jobs' ``metrics.json`` (std with n-1): the
+    spread across folds, or across seeds for a multirun over ``seed=...``; a k-fold multirun without
+    a finished run of every fold is refused unless ``allow_missing_folds``."""
     if not (multirun_dir / "multirun.yaml").is_file():
         raise ConfigError(
             f"{str(multirun_dir)!r} has no multirun.yaml: not the folder of a multirun "
@@ -47,16 +48,20 @@ def summarise(multirun_dir: Path, allow_missing_folds: bool = False) -> dict[str
         if name.split("/")[0] in ("val", "test", "severity"):
             values = np.array([run[name] for run in runs], dtype=float)
             std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-            summary[name] = {"mean": float(values.mean()), "std": std, "n": len(values)}
+            summary[name] = {"mean": float(values.mean()), "std": std, "min": float(values.min()),
+                             "max": float(values.max()), "n": len(values)}  # fmt: skip
     if not summary:
         raise DataError(f"the jobs under {str(multirun_dir)!r} share no val/, test/ or severity/ metric to summarise")
     return summary
 
 
-MARKDOWN_HEADER = "| metric | mean | std | folds |"
+MARKDOWN_HEADER = "| metric | mean | std |"  # how each summary's table starts (earlier ones too)
 
 
 def markdown(summary: dict[str, dict[str, float]]) -> str:
-    lines = [MARKDOWN_HEADER, "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {s['mean']:.4f} | {s['std']:.4f} | {s['n']} |" for name, s in summary.items()]
+    lines = [f"{MARKDOWN_HEADER} min | max | runs |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [
+        f"| {name} | {s['mean']:.4f} | {s['std']:.4f} | {s['min']:.4f} | {s['max']:.4f} | {s['n']} |"
+        for name, s in summary.items()
+    ]
     return "\n".join(lines) + "\n"
