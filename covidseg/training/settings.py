@@ -76,18 +76,13 @@ class TrainerSettings(CheckedSettings):
     accelerator: str | None = None
     devices: int | str | list[int] | None = None
 
-    @field_validator("limit_train_batches")
+    @field_validator("limit_train_batches", "limit_val_batches")
     @classmethod
-    def _some_batches(cls, batches: int | float | None) -> int | float | None:
+    def _some_batches(cls, batches: int | float | None, info: ValidationInfo) -> int | float | None:
         if batches is not None and batches == 0:
-            raise ValueError("trains nothing: give a count of batches >= 1 or a share of them in (0, 1]")
-        return batches
-
-    @field_validator("limit_val_batches")
-    @classmethod
-    def _some_validation(cls, batches: int | float | None) -> int | float | None:
-        if batches is not None and batches == 0:
-            raise ValueError("validates nothing, and the best checkpoint is chosen by val/dice: give >= 1 or (0, 1]")
+            what = "trains nothing" if info.field_name == "limit_train_batches" else (
+                "validates nothing, and the best checkpoint is chosen by val/dice")  # fmt: skip
+            raise ValueError(f"{what}: give a count of batches >= 1 or a share of them in (0, 1]")
         return batches
 
     @field_validator("devices")
