@@ -1,7 +1,7 @@
 """Decoded X-rays in, per-image answers out: what ``predict`` writes to files and ``serve`` returns.
 
-A :data:`Backend` is the model as a function of a batch (the torch Predictor, or an ONNX Runtime
-session of an exported one); :func:`segment` resizes a batch of grayscale images to the model's
+A :data:`Backend` is the model as a function of a batch (the torch Predictor, or its ONNX graph in
+ONNX Runtime or compiled by OpenVINO); :func:`segment` resizes a batch of grayscale images to the model's
 side, runs the backend and maps each answer back to its image's own size as an
 :class:`ImageResult` (masks, lungs, overlay, statistics and severity).
 """
