@@ -86,7 +86,15 @@ def _fit_and_test(
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     if cfg.train:
-        trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=ckpt_path, weights_only=True)
+        try:
+            trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except ValueError as error:  # OneCycleLR restored from a checkpoint of a shorter run
+            if not str(error).startswith("Tried to step"):
+                raise
+            raise ConfigError(
+                f"ckpt_path={str(ckpt_path)!r}: the learning-rate schedule restored from it ended ({error}): train "
+                "as many epochs as its run did, or start a new run"
+            ) from None
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
 
     checkpoint = trainer.checkpoint_callback
