@@ -120,6 +120,9 @@ def _fit_and_test(
         objective = float(checkpoint.best_model_score)
     elif cfg.optimized_metric in metrics:
         objective = metrics[cfg.optimized_metric]
+    if objective is None and cfg.optimized_metric:  # a sweep would get no value to optimise
+        logged = ", ".join(sorted(name for name in metrics if name.startswith(("val/", "test/"))))
+        log.warning("optimized_metric=%s was not logged by this run (it logged %s)", cfg.optimized_metric, logged)
     if objective is not None:  # TensorBoard's HParams tab pairs this with the hyper-parameters
         for logger in trainer.loggers:
             logger.log_metrics({"hp_metric": objective}, step=trainer.global_step)

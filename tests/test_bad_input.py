@@ -453,6 +453,7 @@ TRAIN_CASES = [
     ),
     (["data.targets=[infection,infection]"], "data.targets=['infection', 'infection']: names 'infection' twice"),
     (["train=false", "test=false"], "test=False: with train=false too, the run would do nothing"),
+    (["optimized_metric=nope"], "optimized_metric='nope': String should match pattern"),
     (["resume_with_changes=maybe"], "resume_with_changes='maybe': Input should be a valid boolean"),
     (
         ["experiment=quickstart", "model.scheduler.pct_start=2"],

@@ -817,3 +817,12 @@ def test_a_second_ctrl_c_to_the_server_is_one_line_not_starlette_s_traceback() -
     assert quiet_forced_shutdown(record) and record.getMessage() == "stopped at once by a second Ctrl-C"
     other = logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, "Exception in ASGI application", (), None)
     assert quiet_forced_shutdown(other) and other.getMessage() == "Exception in ASGI application"  # kept
+
+
+@pytest.mark.parametrize("share", [-1, 0, 1.5, "half", True])
+def test_a_zone_threshold_outside_0_1_is_one_line(share: object) -> None:
+    from covidseg.core.errors import ConfigError
+    from covidseg.evaluation.collectors import SeverityOnTest
+
+    with pytest.raises(ConfigError, match=r"callbacks.severity.zone_threshold=.*between 0 and 1"):
+        SeverityOnTest(share)  # type: ignore[arg-type]

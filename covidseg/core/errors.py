@@ -98,7 +98,7 @@ def user_errors() -> Iterator[None]:
     except OSError as error:
         if error.errno in DISK_FULL_OR_LOCKED:
             say_error(
-                f"{error}. Free space or choose a writable paths.log_dir or output; "
+                f"{error}. Free space or choose a writable paths.log_dir, paths.cache_dir or output; "
                 "checkpoints are written atomically, so the last complete one is intact."
             )
         elif error.filename is not None:  # a folder that cannot be made, a path below a file

@@ -183,7 +183,10 @@ class SyntheticPhantoms:
             )
         staging = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=root.parent))
         try:
-            self._write_files(staging)
+            try:
+                self._write_files(staging)
+            except OSError as error:  # named as the folder the user chose, not the staging one
+                raise type(error)(error.errno, error.strerror, str(root)) from None
             if previous is not None:  # every file and folder it made, the empty ones included
                 _remove_written(root, previous.written_files(), previous.written_folders())
             root.mkdir(exist_ok=True)

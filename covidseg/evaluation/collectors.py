@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import lightning as L
 
+from covidseg.core.errors import ConfigError
 from covidseg.core.metrics import CLEAN_AREA_SHARE, SegmentationScores
 from covidseg.inference.severity import agreement, severity
 
@@ -76,6 +77,15 @@ class SeverityOnTest(L.Callback):
     the predicted masks and from the truth; rows in ``rows``, agreement logged as ``severity/*``."""
 
     def __init__(self, zone_threshold: float = 0.05) -> None:
+        if (
+            isinstance(zone_threshold, bool)
+            or not isinstance(zone_threshold, int | float)
+            or not 0 < zone_threshold < 1
+        ):
+            raise ConfigError(
+                f"callbacks.severity.zone_threshold={zone_threshold!r}: expected the share of a lung zone that "
+                "counts it as infected, between 0 and 1"
+            )
         self.zone_threshold = zone_threshold
         self.rows: list[dict] = []
         self.truth_rows: list[dict] = []

@@ -105,6 +105,7 @@ class RunSettings(CheckedSettings):
     train: bool = True
     test: bool = True
     resume_with_changes: bool = False
+    optimized_metric: str | None = Field(None, pattern=r"^(train|val|test|severity)/\w+$")
     data: DataSettings
     trainer: TrainerSettings | None = None
     model: ModelSettings | None = None
@@ -124,7 +125,8 @@ def check_settings(cfg: DictConfig) -> None:
         for name in ("data", "model", "trainer")
         if cfg.get(name) is not None
     } | {key: cfg.get(key, default) for key, default in
-         (("seed", None), ("train", True), ("test", True), ("resume_with_changes", False))}  # fmt: skip
+         (("seed", None), ("train", True), ("test", True), ("resume_with_changes", False),
+          ("optimized_metric", None))}  # fmt: skip
     validated(RunSettings, values)
     check_network_options((values.get("model") or {}).get("net") or {})
     distill_weight = (values.get("model") or {}).get("distill_weight", 0.0)
