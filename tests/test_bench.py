@@ -16,11 +16,13 @@ def test_bench_reports_every_figure_on_a_tiny_model(compose_cfg, tmp_path: Path)
     cfg = compose_cfg("train", FAST)
     results = bench.run(cfg, steps=2, warmup=1, rounds=2)
     for figure in [
-        "matmul_gflops", "train_img_s", "train_plain_img_s", "train_gflops", "train_efficiency",
+        "matmul_gflops", "train_img_s", "train_loop_img_s", "train_bare_img_s", "train_gflops", "train_efficiency",
         "infer_img_s", "infer_gflops", "infer_efficiency", "data_img_s", "train_peak_rss_mb", "first_batch_s",
     ]:  # fmt: skip
         assert results[figure] > 0, figure
     assert results["train_gflop_per_img"] > 2.5 * results["infer_gflop_per_img"] > 0
+    low, ratio, high = (results[f"framework_overhead_ratio{end}"] for end in ("_min", "", "_max"))
+    assert 0 < low <= ratio <= high  # the median of the interleaved rounds' ratios
     variants = results["variants"]
     assert {"train fp32", "train bf16+NHWC", "infer fp32+NHWC", "infer onnxruntime fp32"} <= set(variants)
     assert variants["train fp32"]["speedup"] == 1 and all(

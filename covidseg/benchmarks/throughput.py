@@ -14,6 +14,7 @@ import json
 import resource
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -109,25 +110,67 @@ def lightning_train(cfg: DictConfig, steps: int, warmup: int) -> dict[str, float
     }
 
 
-def plain_train(cfg: DictConfig, datamodule, steps: int, warmup: int) -> float:
-    """The same network, loss, optimizer, precision and batches in a minimal hand-written loop."""
+class Batches:
+    """Collected batches as one iterable (a list would be taken for a list of dataloaders)."""
+
+    def __init__(self, batches: list[dict]) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _loop_steps(cfg: DictConfig, batches: list[dict], warmup: int) -> float:
+    """Images per second of covidseg's LightningModule in Lightning's loop over ``batches`` (no
+    validation, logger, checkpoints, progress bar or callbacks: the loop itself)."""
+    timer = StepTimer(warmup, time.perf_counter())
+    trainer = instantiate(
+        cfg.trainer, max_epochs=None, max_steps=len(batches), limit_val_batches=0, logger=False, callbacks=[timer],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(instantiate(cfg.model), train_dataloaders=Batches(batches))
+    return images_per_second(cfg.data.batch_size, timer.step_seconds)
+
+
+def _bare_steps(cfg: DictConfig, batches: list[dict], warmup: int) -> float:
+    """The same work in a hand-written loop: the module's own ``training_step`` (loss, presence
+    loss, metric updates) under the autocast Lightning's precision uses, backward, optimizer step."""
     module = instantiate(cfg.model)
     optimizer = module.optimizer_factory(params=module.parameters())  # no scheduler: it needs a Trainer
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=str(cfg.trainer.precision).startswith("bf16"))
     module.train()
     step_seconds = []
-    batches = (batch for _ in range(warmup + steps) for batch in datamodule.train_dataloader())
-    for step in range(warmup + steps):
-        started = time.perf_counter()
-        batch = next(batches)
-        with autocast:
-            loss = module.loss(module(batch["image"]), batch["mask"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step >= warmup:
-            step_seconds.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    with warnings.catch_warnings():  # self.log without a Trainer says so, and does nothing
+        warnings.simplefilter("ignore")
+        for index, batch in enumerate(batches):
+            with autocast:
+                loss = module.training_step(batch, index)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            now = time.perf_counter()
+            if index >= warmup:
+                step_seconds.append(now - started)
+            started = now
     return images_per_second(cfg.data.batch_size, step_seconds)
+
+
+def framework_overhead(cfg: DictConfig, datamodule, steps: int, warmup: int, rounds: int) -> dict[str, dict]:
+    """Lightning's loop against the bare loop over the same batches, in interleaved rounds (loop,
+    bare, loop, bare ...): each one's images per second and the ratio of each round."""
+    batches = [batch for _, batch in zip(range(warmup + steps), datamodule.train_dataloader(), strict=False)]
+    loop, bare = [], []
+    for _ in range(rounds):
+        torch.manual_seed(cfg.seed)
+        loop.append(_loop_steps(cfg, batches, warmup))
+        torch.manual_seed(cfg.seed)
+        bare.append(_bare_steps(cfg, batches, warmup))
+    return {"loop": spread(loop), "bare": spread(bare),
+            "ratio": spread([a / b for a, b in zip(loop, bare, strict=True)])}  # fmt: skip
 
 
 def predictor_of(module: torch.nn.Module, bf16: bool = False) -> Predictor:
@@ -269,7 +312,12 @@ def run(cfg: DictConfig, steps: int, warmup: int, rounds: int = 2, compiled: boo
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     results["data_img_s"] = data_throughput(datamodule, batches=20)
-    results["train_plain_img_s"] = plain_train(cfg, datamodule, steps, warmup)
+    overhead = framework_overhead(cfg, datamodule, steps, warmup, max(rounds, 3))
+    results["train_loop_img_s"] = overhead["loop"]["median"]
+    results["train_bare_img_s"] = overhead["bare"]["median"]
+    results["framework_overhead_ratio"] = overhead["ratio"]["median"]
+    results["framework_overhead_ratio_min"] = overhead["ratio"]["min"]
+    results["framework_overhead_ratio_max"] = overhead["ratio"]["max"]
 
     module = instantiate(cfg.model)
     sample = next(iter(datamodule.train_dataloader()))
@@ -285,14 +333,13 @@ def run(cfg: DictConfig, steps: int, warmup: int, rounds: int = 2, compiled: boo
     results["train_efficiency"] = results["train_gflops"] / results["matmul_gflops"]
     results["infer_gflops"] = results["infer_img_s"] * infer_gflop
     results["infer_efficiency"] = results["infer_gflops"] / results["matmul_gflops"]
-    results["framework_overhead_ratio"] = results["train_img_s"] / results["train_plain_img_s"]
     results["data_to_train_ratio"] = results["data_img_s"] / results["train_img_s"]
     results["variants"] = compare_variants(cfg, datamodule, rounds, steps, compiled)
     return results
 
 
 TARGETS = {
-    "framework_overhead_ratio": (">=", 0.97),
+    "framework_overhead_ratio": (">=", 0.98),
     "train_efficiency": (">=", 0.70),
     "infer_efficiency": (">=", 0.85),
     "data_to_train_ratio": (">=", 20),
