@@ -10,7 +10,7 @@ import pytest
 from conftest import FAST
 
 from covidseg.core.errors import ConfigError
-from covidseg.evaluation.intervals import _mean, bootstrap_interval, check_resamples, eval_intervals
+from covidseg.evaluation.intervals import bootstrap_interval, check_resamples, eval_intervals, mean_of
 
 
 def test_intervals_cover_the_true_mean_about_95_times_in_100() -> None:
@@ -18,16 +18,16 @@ def test_intervals_cover_the_true_mean_about_95_times_in_100() -> None:
     covered = 0
     for trial in range(200):
         sample = rng.beta(4, 2, size=80)  # a Dice-like skewed distribution, true mean 2/3
-        low, high = bootstrap_interval(_mean, (sample,), resamples=500, seed=trial)
+        low, high = bootstrap_interval(mean_of, (sample,), resamples=500, seed=trial)
         covered += low <= 2 / 3 <= high
     assert 0.90 <= covered / 200 <= 0.99, covered
 
 
 def test_identical_images_give_a_zero_width_interval_and_reruns_the_same_one() -> None:
-    low, high = bootstrap_interval(_mean, (np.full(50, 0.8),), resamples=500, seed=1)
+    low, high = bootstrap_interval(mean_of, (np.full(50, 0.8),), resamples=500, seed=1)
     assert low == high == pytest.approx(0.8)
     sample = np.random.default_rng(3).random(60)
-    assert bootstrap_interval(_mean, (sample,), 500, seed=7) == bootstrap_interval(_mean, (sample,), 500, seed=7)
+    assert bootstrap_interval(mean_of, (sample,), 500, seed=7) == bootstrap_interval(mean_of, (sample,), 500, seed=7)
 
 
 def test_pooled_figures_and_the_clean_rate_match_their_definitions() -> None:

@@ -25,7 +25,7 @@ from scipy import stats
 from covidseg.core.errors import DataError
 from covidseg.core.files import printable, read_file_bytes, read_plain_yaml
 from covidseg.core.metrics import CLEAN_AREA_SHARE
-from covidseg.evaluation.intervals import _mean, _pooled_dice, bootstrap_interval
+from covidseg.evaluation.intervals import bootstrap_interval, mean_of, pooled_dice
 
 MAX_TABLE_BYTES = 256 << 20  # per_image.csv: about 100 bytes an image
 MAX_CONFIG_BYTES = 1 << 20
@@ -126,12 +126,12 @@ def compare(runs: Sequence[EvalRun], resamples: int = 2000, seed: int = 42) -> l
 
     def figures(run: EvalRun) -> dict[str, tuple]:
         found = {
-            "dice": (_mean, (run.dice,)),
-            "iou": (_mean, (run.iou,)),
-            "dice_pooled": (_pooled_dice, (run.intersection, run.truth, run.predicted)),
+            "dice": (mean_of, (run.dice,)),
+            "iou": (mean_of, (run.iou,)),
+            "dice_pooled": (pooled_dice, (run.intersection, run.truth, run.predicted)),
         }
         if healthy.any():
-            found["healthy_clean"] = (_mean, ((run.predicted[healthy] < clean_area).astype(float),))
+            found["healthy_clean"] = (mean_of, ((run.predicted[healthy] < clean_area).astype(float),))
         return found
 
     rows: list[dict[str, Any]] = []
@@ -169,7 +169,7 @@ def paired_test(
     if name == "dice_pooled":  # each image's (intersection, truth, predicted) of A swapped with B's whole
 
         def pooled_difference(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
-            return _pooled_dice(*np.moveaxis(y, -2, 0)) - _pooled_dice(*np.moveaxis(x, -2, 0))
+            return pooled_dice(*np.moveaxis(y, -2, 0)) - pooled_dice(*np.moveaxis(x, -2, 0))
 
         result = stats.permutation_test(
             (np.stack(a), np.stack(b)), pooled_difference, permutation_type="samples", n_resamples=resamples,

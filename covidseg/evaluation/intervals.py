@@ -57,16 +57,23 @@ def bootstrap_interval(
     return low, high
 
 
-def _mean(values: np.ndarray, axis: int = -1) -> np.ndarray:
+# The statistics resampled: each takes per-image values (along ``axis``, the images) and returns the
+# figure, for all resamples at once (scipy's vectorised form).
+
+
+def mean_of(values: np.ndarray, axis: int = -1) -> np.ndarray:
+    """The mean of per-image values (Dice, IoU, clean or not)."""
     return np.mean(values, axis=axis)
 
 
-def _pooled_dice(intersection: np.ndarray, truth: np.ndarray, predicted: np.ndarray, axis: int = -1) -> np.ndarray:
+def pooled_dice(intersection: np.ndarray, truth: np.ndarray, predicted: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Dice of all pixels of the images together (1 when neither truth nor prediction has any)."""
     total = truth.sum(axis=axis) + predicted.sum(axis=axis)
     return np.where(total > 0, 2 * intersection.sum(axis=axis) / np.maximum(total, 1), 1.0)
 
 
-def _pooled_iou(intersection: np.ndarray, truth: np.ndarray, predicted: np.ndarray, axis: int = -1) -> np.ndarray:
+def pooled_iou(intersection: np.ndarray, truth: np.ndarray, predicted: np.ndarray, axis: int = -1) -> np.ndarray:
+    """IoU of all pixels of the images together (1 when neither truth nor prediction has any)."""
     union = truth.sum(axis=axis) + predicted.sum(axis=axis) - intersection.sum(axis=axis)
     return np.where(union > 0, intersection.sum(axis=axis) / np.maximum(union, 1), 1.0)
 
@@ -81,14 +88,14 @@ def eval_intervals(
     areas = tuple(np.asarray(columns[f"{key}_{target}"], dtype=float) for key in ("intersection", "truth_area",
                                                                                    "predicted_area"))  # fmt: skip
     figures = {
-        "test/dice": (_mean, (dice,)),
-        "test/iou": (_mean, (iou,)),
-        "test/dice_pooled": (_pooled_dice, areas),
-        "test/iou_pooled": (_pooled_iou, areas),
+        "test/dice": (mean_of, (dice,)),
+        "test/iou": (mean_of, (iou,)),
+        "test/dice_pooled": (pooled_dice, areas),
+        "test/iou_pooled": (pooled_iou, areas),
     }
     healthy = areas[1] == 0
     if healthy.any():
-        figures["test/empty_truth_clean"] = (_mean, ((areas[2][healthy] < clean_area).astype(float),))
+        figures["test/empty_truth_clean"] = (mean_of, ((areas[2][healthy] < clean_area).astype(float),))
     intervals = {}
     for name, (statistic, samples) in figures.items():
         low, high = bootstrap_interval(statistic, samples, resamples, seed)
