@@ -47,7 +47,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     clean_area = CLEAN_AREA_SHARE * spec.image_size**2
     intervals = eval_intervals(columns, spec.primary_target, clean_area, resamples, cfg.seed)
     intervals_path = write_atomic(output_dir / "intervals.json", json.dumps(
-        {"method": f"BCa bootstrap over images, {resamples} resamples, seed {cfg.seed}", "intervals": intervals},
+        {"method": f"BCa bootstrap over images, {resamples} resamples, seed {cfg.seed}", "target": spec.primary_target,
+         "image_size": spec.image_size, "intervals": intervals},
         indent=2) + "\n")  # fmt: skip
     title = f"eval on {datamodule.split}: {loaded.description}"
     report_path = write_eval_report(

@@ -69,8 +69,10 @@ def test_eval_writes_each_figure_with_its_interval(compose_cfg, trained_checkpoi
     assert f"[{dice['low']:.4f}, {dice['high']:.4f}]" in report
 
 
-def _eval_run(folder: Path, dice: np.ndarray, names: list[str] | None = None, split: str = "Val") -> Path:
-    """An eval run folder as ``eval`` leaves it: per_image.csv and the recorded config."""
+def _eval_run(
+    folder: Path, dice: np.ndarray, names: list[str] | None = None, split: str = "Val", target: str = "infection"
+) -> Path:
+    """An eval run folder as ``eval`` leaves it: per_image.csv, intervals.json and the recorded config."""
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "config.yaml").write_text(
         f"data:\n  split: {split}\n  classes: [COVID-19]\n  image_size: 64\n"
@@ -79,7 +81,9 @@ def _eval_run(folder: Path, dice: np.ndarray, names: list[str] | None = None, sp
     truth = np.where(np.arange(len(dice)) % 5 == 0, 0, 1000)  # every fifth image healthy
     predicted = np.where(truth == 0, np.where(dice > 0.5, 0, 100), 1000)
     intersection = np.round(dice * (truth + predicted) / 2)
-    lines = ["file,dice_infection,iou_infection,truth_area_infection,predicted_area_infection,intersection_infection"]
+    (folder / "intervals.json").write_text(json.dumps({"target": target, "image_size": 64, "intervals": {}}))
+    lines = ["file," + ",".join(f"{key}_{target}" for key in ("dice", "iou", "truth_area", "predicted_area",
+                                                               "intersection"))]  # fmt: skip
     lines += [f"{n},{d:.6g},{d / (2 - d):.6g},{t},{p},{i:g}" for n, d, t, p, i in
               zip(names, dice, truth, predicted, intersection, strict=True)]  # fmt: skip
     (folder / "per_image.csv").write_text("\n".join(lines) + "\n")
@@ -100,9 +104,8 @@ def test_compare_finds_no_difference_between_identical_models_and_recovers_a_kno
     shifted = rows[("dice", str(tmp_path / "better"))]
     true_shift = float(np.mean(np.minimum(dice + 0.05, 1.0) - dice))
     assert shifted["difference"] == pytest.approx(true_shift, abs=1e-5)
-    assert shifted["difference_low"] <= true_shift <= shifted["difference_high"] and shifted["p"] < 1e-6
-    assert rows[("dice_pooled", str(tmp_path / "better"))]["p"] < 0.05
-    assert 0 <= shifted["p_adjusted"] <= 1 and shifted["p_adjusted"] >= shifted["p"]
+    assert shifted["difference_low"] <= true_shift <= shifted["difference_high"] and shifted["p"] < 0.01
+    assert rows[("dice_pooled", str(tmp_path / "better"))]["p"] < 0.01
 
 
 def test_compare_refuses_runs_on_other_images_and_writes_its_table_and_plot(
@@ -127,4 +130,13 @@ def test_compare_refuses_runs_on_other_images_and_writes_its_table_and_plot(
         ".covidseg-run", "comparison.csv", "comparison.md", "comparison.png"
     ]  # fmt: skip
     table = (written / "comparison.md").read_text()
-    assert "| dice | B | " in table and "Wilcoxon signed-rank" in table and "McNemar exact" in table
+    assert "| dice | B | " in table and "| paired permutation |" in table
+    assert "| healthy_clean | B | " in table and "| McNemar exact (no image differs) | 1 | 1 |" in table
+    assert run_command(main, str(a), str(a)) == 2
+    assert "is given twice" in capsys.readouterr().err
+    lungs = _eval_run(tmp_path / "e", dice, target="lung")
+    assert run_command(main, str(a), str(lungs)) == 2
+    assert "was evaluated with target='lung'" in capsys.readouterr().err
+    (b / "intervals.json").unlink()  # an eval from before covidseg recorded what it scored
+    assert run_command(main, str(a), str(b)) == 2
+    assert "intervals.json" in capsys.readouterr().err

@@ -154,7 +154,8 @@ def new_run_folder(folder: Path, chosen_by_user: bool, key: str = "hydra.run.dir
                 return candidate
     except OSError as error:
         where, why = str(error.filename or folder), error.strerror or error
-        raise DataError(f"{where!r}: {why}; choose another {key} or paths.log_dir") from None
+        other = f"another {key}" + (" or paths.log_dir" if key.startswith("hydra.") else "")
+        raise DataError(f"{where!r}: {why}; choose {other}") from None
     if chosen_by_user:
         held = sorted(entry.name for entry in os.scandir(folder))
         shown = ", ".join(held[:5]) + (" ..." if len(held) > 5 else "")
@@ -176,7 +177,8 @@ def refuse_unless_ours(path: Path, purpose: str, written_by_covidseg: Callable[[
     with path.open("rb") as handle:
         if not written_by_covidseg(handle.read(4096)):
             raise DataError(
-                f"{printable(path)!r} was not written by covidseg: it is left as it is; move it away to {purpose}"
+                f"{printable(path)!r} was not written by covidseg (or by a version that did not mark its files): "
+                f"it is left as it is; move it away to {purpose}"
             )
 
 

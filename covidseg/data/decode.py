@@ -68,8 +68,11 @@ def _decode_sample(sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray]:
     return resize_image(image, size), np.stack(masks)
 
 
+DECODER_VERSION = 2  # 2: EXIF orientation applied; a new value rebuilds caches decoded the old way
+
+
 def _cache_key(samples: Sequence[Sample], size: int) -> str:
-    digest = hashlib.sha1(str(size).encode())
+    digest = hashlib.sha1(f"{size}|{DECODER_VERSION}".encode())
     for sample in samples:
         for path in (sample.image, *sample.masks):
             stat = path.stat()

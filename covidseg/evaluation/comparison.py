@@ -2,10 +2,11 @@
 or more ``eval`` run folders.
 
 Every figure pairs the models image by image. The difference of each figure (B minus A) gets a
-95 % interval from a paired bootstrap over the images and a paired test: Wilcoxon's signed-rank
-test for the mean per-image Dice and IoU, a paired permutation test (labels swapped within each
-image) for the pooled Dice, and an exact binomial test on the images where the two disagree for the
-healthy clean rate (McNemar's). With more than one B, the p-values of each figure are adjusted for
+95 % interval from a paired bootstrap over the images and a paired test of the same difference: a
+paired permutation test (each image's A and B swapped at random, so it tests the difference the
+interval describes, where Wilcoxon's signed-rank test would test a median) for the mean per-image
+Dice and IoU and for the pooled Dice, and an exact binomial test on the images where the two
+disagree for the healthy clean rate (McNemar's). With more than one B, the p-values of each figure are adjusted for
 the number of comparisons (Benjamini-Hochberg). All from SciPy. Runs evaluated on other images,
 another split or other classes are refused.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from scipy import stats
 from covidseg.core.errors import DataError
 from covidseg.core.files import printable, read_file_bytes, read_plain_yaml
 from covidseg.core.metrics import CLEAN_AREA_SHARE
+from covidseg.core.run_files import read_run_file
 from covidseg.evaluation.intervals import bootstrap_interval, mean_of, pooled_dice
 
 MAX_TABLE_BYTES = 256 << 20  # per_image.csv: about 100 bytes an image
@@ -71,7 +74,13 @@ def read_eval_run(folder: Path) -> EvalRun:
     data = config.get("data") if isinstance(config, dict) else None
     if not isinstance(data, dict):
         raise DataError(f"{printable(recorded)!r} has no data section: not an eval's recorded config")
-    image_size = data.get("image_size")
+    scored = read_run_file(folder / "intervals.json")  # the model's own side and target, as eval scored them
+    image_size, scored_target = scored.get("image_size"), scored.get("target")
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1 or scored_target != target:
+        raise DataError(
+            f"{printable(folder / 'intervals.json')!r} does not say the side and target this eval scored "
+            f"(image_size={image_size!r}, target={scored_target!r}): evaluate the model again with this covidseg"
+        )
     return EvalRun(
         folder=folder,
         names=[row["file"] for row in rows],
@@ -80,19 +89,23 @@ def read_eval_run(folder: Path) -> EvalRun:
         intersection=values[needed[2]],
         truth=values[needed[3]],
         predicted=values[needed[4]],
-        settings={key: data.get(key) for key in SAME_SETTINGS},
-        image_size=image_size if isinstance(image_size, int) and image_size > 0 else 256,
+        settings={f"data.{key}": data.get(key) for key in SAME_SETTINGS} | {"image_size": image_size, "target": target},
+        image_size=image_size,
     )
 
 
 def check_comparable(runs: Sequence[EvalRun]) -> None:
     """The same images in the same order, picked by the same settings; else one line saying which."""
     first = runs[0]
+    folders = [os.path.realpath(run.folder) for run in runs]
+    repeated = next((folder for folder in folders if folders.count(folder) > 1), None)
+    if repeated is not None:
+        raise DataError(f"{printable(repeated)!r} is given twice: compare different eval runs")
     for run in runs[1:]:
-        for key in SAME_SETTINGS:
+        for key in run.settings:
             if run.settings[key] != first.settings[key]:
                 raise DataError(
-                    f"{printable(run.folder)!r} was evaluated with data.{key}={run.settings[key]!r}, "
+                    f"{printable(run.folder)!r} was evaluated with {key}={run.settings[key]!r}, "
                     f"{printable(first.folder)!r} with {first.settings[key]!r}: compare runs on the same images"
                 )
         if run.names != first.names:
@@ -176,7 +189,14 @@ def paired_test(
             vectorized=True, axis=-1, rng=np.random.default_rng(seed),
         )  # fmt: skip
         return "paired permutation", float(result.pvalue)
-    differences = b[0] - a[0]
-    if not np.any(differences):
-        return "Wilcoxon signed-rank (no image differs)", 1.0
-    return "Wilcoxon signed-rank", float(stats.wilcoxon(b[0], a[0], zero_method="zsplit").pvalue)
+    if not np.any(b[0] - a[0]):
+        return "paired permutation (no image differs)", 1.0
+
+    def mean_difference(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.mean(y, axis=axis) - np.mean(x, axis=axis)
+
+    result = stats.permutation_test(
+        (a[0], b[0]), mean_difference, permutation_type="samples", n_resamples=resamples, vectorized=True,
+        rng=np.random.default_rng(seed),
+    )  # fmt: skip
+    return "paired permutation", float(result.pvalue)

@@ -33,14 +33,19 @@ INPUT = "image, float32 (N, 1, S, S): grayscale / 255, resized to S x S (S = mod
 
 
 class TracedPredictor(nn.Module):
-    """The Predictor's probabilities and, with presence heads, presence: a graph's outputs."""
+    """The Predictor's probabilities and, with presence heads, presence: a graph's outputs, always
+    traced in fp32 (a Predictor loaded for bf16 inference would put bf16 casts into the graph)."""
 
     def __init__(self, predictor: Predictor) -> None:
         super().__init__()
         self.predictor = predictor.eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        probability, presence = self.predictor(images)
+        bf16, self.predictor.bf16 = self.predictor.bf16, False
+        try:
+            probability, presence = self.predictor(images)
+        finally:
+            self.predictor.bf16 = bf16
         return probability if presence is None else (probability, presence)
 
 
@@ -100,7 +105,7 @@ def cached_onnx(loaded: LoadedModel, cache_dir: Path) -> Path:
     spec = loaded.spec.to_plain()
     baked = {key: value for key, value in spec["inference"].items() if key not in APPLIED_AFTER_GRAPH}
     graph = {key: spec[key] for key in ("networks", "targets", "image_size", "normalization")} | {"inference": baked}
-    versions = {"torch": torch.__version__, "covidseg": covidseg.__version__}
+    versions = {"torch": torch.__version__, "covidseg": covidseg.__version__, "traced": "fp32"}
     digest.update(json.dumps(graph | versions, sort_keys=True, default=str).encode())
     path = Path(cache_dir) / "graphs" / f"{digest.hexdigest()[:32]}.onnx"
     if path.is_file() and path.with_suffix(".json").is_file():

@@ -109,8 +109,9 @@ def as_forward(backend: Backend) -> Forward:
     """A numpy backend as the Predictor's forward on tensors (for Lightning's test loop)."""
 
     def forward(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        probability, presence = backend(images.float().contiguous().numpy())
-        return torch.from_numpy(probability), None if presence is None else torch.from_numpy(presence)
+        probability, presence = backend(images.detach().float().cpu().contiguous().numpy())
+        back = torch.from_numpy(probability).to(images.device)  # where the loop keeps the masks
+        return back, None if presence is None else torch.from_numpy(presence).to(images.device)
 
     return forward
 
@@ -161,7 +162,14 @@ def load_backend(
             raise ModelFileError(f"{', '.join(baked)} cannot change an exported .onnx graph: export again with them")
         _, spec = read_onnx_metadata(paths[0])
         settings = {key: inference.get(key) for key in APPLIED_AFTER_GRAPH}
-        return LoadedBackend(graph_backend(chosen, paths[0], bf16), spec.with_inference(**settings), paths)
+        try:
+            run = graph_backend(chosen, paths[0], bf16)
+        except ModelFileError as error:
+            if backend != "auto" or chosen != "openvino":
+                raise
+            log.warning("backend=auto: ONNX Runtime, as OpenVINO failed: %s", error)
+            run = onnx_backend(paths[0])
+        return LoadedBackend(run, spec.with_inference(**settings), paths)
     loaded = load_predictor([str(path) for path in paths], log_dir, bf16 and chosen == "torch", **inference)
     if chosen != "torch":  # an ONNX export is traced in fp32
         try:
