@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.console import Console
-
 from covidseg.core.errors import user_errors, whole_number
 from covidseg.core.files import printable
 from covidseg.core.writing import new_figures_folder
@@ -41,11 +39,10 @@ def main() -> None:
                   enumerate(runs)}  # fmt: skip
         out = new_figures_folder(args.out)
         written = write_comparison(out, rows, labels, {str(run.folder): run.dice for run in runs})
-    console = Console()
-    console.print(markdown(rows, labels), markup=False, highlight=False)
+    print(markdown(rows, labels))  # plain text: a Markdown table must not be wrapped to the terminal
     for model, label in labels.items():
-        console.print(f"{label}: {printable(model)}", markup=False, highlight=False)
-    console.print(f"written: {', '.join(printable(path) for path in written)}", markup=False, highlight=False)
+        print(f"{label}: {printable(model)}")
+    print(f"written: {', '.join(printable(path) for path in written)}")
 
 
 if __name__ == "__main__":
