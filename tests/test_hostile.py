@@ -626,12 +626,14 @@ def test_weights_that_are_not_finite_real_numbers_are_refused(
 
 
 def test_nearly_blank_pictures_and_odd_dicoms_are_refused_by_name() -> None:
-    from covidseg.core.images import DEFLATED_DICOM, decode_dicom, xray_gray
+    from covidseg.core.images import DEFLATED_DICOM, decode_dicom, decode_unchanged, xray_gray
 
     one_pixel_on = np.zeros((256, 256), np.uint8)
     one_pixel_on[128, 128] = 255
     with pytest.raises(DataError, match=r"'one.png' is nearly blank \(100.00% of its pixels are grey level 0\)"):
         xray_gray(one_pixel_on, "one.png")
+    with pytest.raises(DataError, match=r"'f64.tif' is a TIFF of a kind that cannot be read safely .* 8- or 16-bit"):
+        decode_unchanged(png_bytes(np.random.default_rng(0).random((64, 64)), ".tiff"), "f64.tif")
     padded_meta = b"\0" * 128 + b"DICM" + b"\0" * 5000 + DEFLATED_DICOM  # the syntax pushed past the usual meta
     with pytest.raises(DataError, match="is deflated DICOM"):
         decode_dicom(padded_meta, "padded.dcm")

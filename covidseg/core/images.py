@@ -150,6 +150,11 @@ def image_format(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> tuple[
     except (OSError, SyntaxError):
         found, width, height = None, 0, 0
     found = SAME_AS.get(found, found)
+    if found is None and data[:4] in (b"II*\x00", b"MM\x00*"):  # a TIFF whose header Pillow cannot read
+        raise DataError(
+            f"{name!r} is a TIFF of a kind that cannot be read safely (e.g. 64-bit floating point pixels): "
+            "save it as 8- or 16-bit grey"
+        )
     if found not in RASTER_FORMATS:
         raise DataError(
             f"{name!r} is not a {', '.join(RASTER_FORMATS)} or DICOM image (judged by its content, not its name)"
