@@ -41,8 +41,7 @@ from covidseg.inference.image_files import (
     output_stem,
     write_outputs,
 )
-from covidseg.inference.loader import allow_missing_folds, inference_bf16, inference_overrides
-from covidseg.inference.segment import Backend, LoadedBackend, load_backend, segment
+from covidseg.inference.segment import Backend, LoadedBackend, load_configured_backend, segment
 
 log = logging.getLogger(__name__)
 SOME_IMAGES_FAILED = 3  # exit code: the run finished, but some images could not be read or written
@@ -104,15 +103,7 @@ def predict(cfg: DictConfig) -> PredictRun:
     recursive = Path(str(cfg.input)).expanduser().is_dir() or "**" in str(cfg.input)
     check_output(output, files, base, recursive, cfg.allow_output_in_input)
     check_nothing_replaced(output, files, base)
-    model = load_backend(
-        cfg.ckpt_path,
-        cfg.paths.log_dir,
-        cfg.backend,
-        inference_overrides(cfg),
-        inference_bf16(cfg),
-        Path(cfg.paths.cache_dir),
-        allow_missing_folds(cfg),
-    )
+    model = load_configured_backend(cfg)
     make_output_folder(output)
     with exclusive_lock(output) as locked:  # one predict at a time writes into a folder
         if not locked:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -18,8 +17,7 @@ from omegaconf import DictConfig
 from covidseg.core.config import CONF_DIR, check_output_folder
 from covidseg.core.errors import hydra_errors_in_one_line, user_errors
 from covidseg.core.run_files import write_run_info
-from covidseg.inference.loader import allow_missing_folds, inference_bf16, inference_overrides
-from covidseg.inference.segment import load_backend
+from covidseg.inference.segment import load_configured_backend
 from covidseg.serving.app import check_address, create_app, serve_settings
 
 
@@ -43,15 +41,7 @@ def main(cfg: DictConfig) -> None:
         settings = serve_settings(cfg)
         check_address(settings)
         write_run_info(cfg.paths.output_dir)
-        model = load_backend(
-            cfg.ckpt_path,
-            cfg.paths.log_dir,
-            cfg.backend,
-            inference_overrides(cfg),
-            inference_bf16(cfg),
-            Path(cfg.paths.cache_dir),
-            allow_missing_folds(cfg),
-        )
+        model = load_configured_backend(cfg)
         app = create_app(model, settings)
     logging.getLogger("uvicorn.error").addFilter(quiet_forced_shutdown)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")

@@ -21,8 +21,8 @@ def test_bench_reports_every_figure_on_a_tiny_model(compose_cfg, tmp_path: Path)
     ]:  # fmt: skip
         assert results[figure] > 0, figure
     assert results["train_gflop_per_img"] > 2.5 * results["infer_gflop_per_img"] > 0
-    low, ratio, high = (results[f"framework_overhead_ratio{end}"] for end in ("_min", "", "_max"))
-    assert 0 < low <= ratio <= high  # the median of the interleaved rounds' ratios
+    ratios = [results[f"framework_overhead_ratio{end}"] for end in ("_min", "", "_max")]
+    assert all(0 < ratio < 100 for ratio in ratios)  # both loops timed, each round a finite ratio
     variants = results["variants"]
     assert {"train fp32", "train bf16+NHWC", "infer fp32+NHWC", "infer onnxruntime fp32"} <= set(variants)
     assert variants["train fp32"]["speedup"] == 1 and all(

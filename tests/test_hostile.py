@@ -706,7 +706,7 @@ def test_a_resume_cannot_lengthen_a_schedule_fixed_in_steps(compose_cfg, capsys:
     elsewhere = run_dir.parent / "copied" / "last.ckpt"  # outside its run: nothing recorded to compare with
     elsewhere.parent.mkdir()
     shutil.copy(run_dir / "checkpoints" / "last.ckpt", elsewhere)
-    copied = [*settings, "trainer.max_epochs=2", f"ckpt_path={elsewhere}", f"paths.output_dir={run_dir.parent / 'r2'}"]
+    copied = [*settings, "trainer.max_epochs=2", f"ckpt_path={elsewhere}"]
     with pytest.raises(SystemExit) as stopped, user_errors():
         train(compose_cfg("train", copied))
     assert stopped.value.code == 2 and "the learning-rate schedule restored from it ended" in capsys.readouterr().err

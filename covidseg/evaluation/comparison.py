@@ -148,14 +148,15 @@ def compare(runs: Sequence[EvalRun], resamples: int = 2000, seed: int = 42) -> l
         return found
 
     rows: list[dict[str, Any]] = []
-    for name in figures(reference):
+    per_run = [figures(run) for run in runs]  # per run: figure -> (statistic, per-image samples)
+    for name in per_run[0]:
         for index, run in enumerate(runs):
-            statistic, samples = figures(run)[name]
+            statistic, samples = per_run[index][name]
             low, high = bootstrap_interval(statistic, samples, resamples, seed)
             row = {"figure": name, "model": str(run.folder), "images": len(samples[0]),
                    "value": float(statistic(*samples, axis=-1)), "low": low, "high": high}  # fmt: skip
             if index:
-                _, base = figures(reference)[name]
+                _, base = per_run[0][name]
                 difference = _difference(statistic, base, samples)
                 row["difference"] = float(difference(*base, *samples))
                 row["difference_low"], row["difference_high"] = bootstrap_interval(

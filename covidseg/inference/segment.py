@@ -24,7 +24,15 @@ from covidseg.core.files import open_regular_file, printable
 from covidseg.core.images import resize_image
 from covidseg.core.visualize import LUNG_COLOR, PREDICTION_COLOR, outline, overlay
 from covidseg.inference.exporters import APPLIED_AFTER_GRAPH, cached_onnx
-from covidseg.inference.loader import MAX_MODEL_BYTES, load_predictor, read_onnx_metadata, resolve_model_paths
+from covidseg.inference.loader import (
+    MAX_MODEL_BYTES,
+    allow_missing_folds,
+    inference_bf16,
+    inference_overrides,
+    load_predictor,
+    read_onnx_metadata,
+    resolve_model_paths,
+)
 from covidseg.inference.model_spec import InferenceSettings, ModelSpec
 from covidseg.inference.predictor import Forward, Predictor
 from covidseg.inference.regions import drop_small_regions
@@ -180,6 +188,20 @@ def load_backend(
             log.warning("backend=auto: torch, as %s failed: %s", chosen, (str(error).splitlines() or ["?"])[0][:200])
             loaded.predictor.bf16 = bf16
     return LoadedBackend(torch_backend(loaded.predictor), loaded.spec, paths)
+
+
+def load_configured_backend(cfg: Mapping[str, Any]) -> LoadedBackend:
+    """:func:`load_backend` with a command's own settings (``ckpt_path``, ``backend``, the
+    inference keys, ``bf16``, ``allow_missing_folds``, ``paths``): what predict and serve share."""
+    return load_backend(
+        cfg["ckpt_path"],
+        cfg["paths"]["log_dir"],
+        cfg["backend"],
+        inference_overrides(cfg),
+        inference_bf16(cfg),
+        Path(cfg["paths"]["cache_dir"]),
+        allow_missing_folds(cfg),
+    )
 
 
 class ImageResult:
