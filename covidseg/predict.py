@@ -41,10 +41,11 @@ from covidseg.inference.image_files import (
     output_stem,
     write_outputs,
 )
+from covidseg.inference.predictor import Answer
 from covidseg.inference.segment import Backend, LoadedBackend, load_configured_backend, segment
 
 log = logging.getLogger(__name__)
-SOME_IMAGES_FAILED = 3  # exit code: the run finished, but some images could not be read or written
+SOME_IMAGES_FAILED = 3  # exit code: the run finished, but some images were not read, answered or written
 
 
 class PredictSettings(CheckedSettings):
@@ -72,6 +73,7 @@ class PredictRun:
     rows: list[dict] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # unreadable inputs
     failed: list[tuple[Path, str]] = field(default_factory=list)  # outputs that could not be written
+    refused: list[tuple[Path, str]] = field(default_factory=list)  # pictures unlike the model's X-rays
     stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
 
     @contextmanager
@@ -84,7 +86,7 @@ class PredictRun:
             self.stage_seconds[name] += time.perf_counter() - started
 
     def timed(self, name: str, backend: Backend) -> Backend:
-        def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        def run(images: np.ndarray) -> Answer:
             with self.stage(name):
                 return backend(images)
 
@@ -134,10 +136,13 @@ def _predict_into(cfg: DictConfig, model: LoadedBackend, files: list[Path], base
         if not images:
             continue
         with run.stage("resize and post-process"):  # the networks' share is taken out below
-            results = segment(networks, model.spec, images)
+            results = segment(networks, model.spec, images, model.refuse_above)
         seconds = (time.perf_counter() - started) / len(images)
         with run.stage("draw, encode and write"):
             for path, result in zip(readable, results, strict=True):
+                if result.refused:
+                    run.refused.append((path, result.refusal()))
+                    continue
                 try:
                     write_outputs(result, output_stem(output, path, base), cfg.save_probability, inputs)
                 except (DataError, OSError) as error:
@@ -149,11 +154,13 @@ def _predict_into(cfg: DictConfig, model: LoadedBackend, files: list[Path], base
     header = list(run.rows[0]) if run.rows else ["file"]
     with run.stage("CSV"):
         write_csv(run.csv_path, header, ([row[key] for key in header] for row in run.rows))
-    for label, problems in (("skipped (unreadable)", run.skipped), ("failed (not written)", run.failed)):
-        for path, reason in problems:
+    problems = (("skipped (unreadable)", run.skipped), ("refused", run.refused), ("failed (not written)", run.failed))
+    for label, listed in problems:
+        for path, reason in listed:
             log.warning("%s %s: %s", label, printable(path), reason)
+    refused = f", {len(run.refused)} refused (not like chest X-rays)" if model.refuse_above is not None else ""
     Console().print(
-        f"{len(run.rows)} image(s) predicted, {len(run.skipped)} skipped, {len(run.failed)} failed; "
+        f"{len(run.rows)} image(s) predicted, {len(run.skipped)} skipped{refused}, {len(run.failed)} failed; "
         f"results in {printable(output)}",
         markup=False,
         highlight=False,
@@ -168,7 +175,7 @@ def main(cfg: DictConfig) -> None:
         check_output_folder(cfg)  # this run's own folder, before anything is written
         write_run_info(cfg.paths.output_dir)
         run = predict(cfg)
-    if run.skipped or run.failed:
+    if run.skipped or run.refused or run.failed:
         sys.exit(SOME_IMAGES_FAILED)
 
 

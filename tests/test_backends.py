@@ -40,7 +40,7 @@ def test_auto_falls_back_to_torch_when_openvino_cannot_run_the_model(
     assert "backend=auto: torch, as openvino failed: Unsupported operation: NewOp-42" in caplog.text
     images = np.random.default_rng(0).random((2, 1, 64, 64), dtype=np.float32)
     expected = load_predictor(checkpoint, tmp_path).predictor.predict(torch.from_numpy(images))
-    probability, _ = loaded.run(images)
+    probability = loaded.run(images).probability
     assert np.allclose(probability, expected.probability.numpy(), atol=1e-6)
     with pytest.raises(RuntimeError, match="NewOp-42"):  # named, it is not replaced behind the user's back
         segment.load_backend(checkpoint, tmp_path, "openvino", NO_OVERRIDES, False, tmp_path / "cache")
@@ -55,6 +55,6 @@ def test_a_graph_exported_from_a_bf16_predictor_is_fp32_and_cached_once(
     from_bf16 = cached_onnx(load_predictor(checkpoint, tmp_path, bf16=True), tmp_path / "cache")
     assert cached_onnx(load_predictor(checkpoint, tmp_path, bf16=False), tmp_path / "cache") == from_bf16
     images = np.random.default_rng(0).random((2, 1, 64, 64), dtype=np.float32)
-    probability, _ = segment.onnx_backend(from_bf16)(images)  # ONNX Runtime refuses bf16 casts on CPU
+    probability = segment.onnx_backend(from_bf16)(images).probability  # ONNX Runtime refuses bf16 casts on CPU
     expected = load_predictor(checkpoint, tmp_path).predictor.predict(torch.from_numpy(images)).probability
     assert np.abs(probability - expected.numpy()).max() <= 1e-4

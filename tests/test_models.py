@@ -218,7 +218,7 @@ def test_small_regions_are_dropped_but_never_the_largest() -> None:
 
 def test_the_predictor_and_segment_drop_small_regions_of_the_infection_only() -> None:
     from covidseg.inference.model_spec import InferenceSettings, ModelSpec
-    from covidseg.inference.predictor import Predictor
+    from covidseg.inference.predictor import Answer, Predictor
     from covidseg.inference.segment import segment
     from covidseg.models.network import SegmentationNetwork
 
@@ -254,6 +254,6 @@ def test_the_predictor_and_segment_drop_small_regions_of_the_infection_only() ->
         }
     )
     probability = plain.probability.numpy()
-    results = segment(lambda batch: (probability[: len(batch)], None), spec, [np.zeros((128, 96), np.uint8)])
+    results = segment(lambda batch: Answer(probability[: len(batch)]), spec, [np.zeros((128, 96), np.uint8)])
     assert results[0].mask.shape == (128, 96)
     assert results[0].mask.sum() == 1024 * 3  # the 2 x 1.5 upscaled square, without the speck

@@ -155,9 +155,13 @@ def test_shipped_model_predicts_out_of_the_box(compose_cfg, xrays, tmp_path) -> 
     # the thresholds it runs with are the ones its recorded metrics were measured at
     assert spec.inference.threshold == spec.metrics["threshold"]
     assert spec.inference.presence_threshold == spec.metrics["presence_threshold"]
-    rows = _predict(compose_cfg, "pretrained", xrays, tmp_path / "out")
+    # phantoms are not chest X-rays: the shipped model's check refuses them, and answers them when told to
+    refused = predict(compose_cfg("predict", ["ckpt_path=pretrained", f"input={xrays}", f"output={tmp_path / 'no'}"]))
+    assert refused.rows == [] and len(refused.refused) == 3
+    rows = _predict(compose_cfg, "pretrained", xrays, tmp_path / "out", "xray_check=false")
     assert sorted(Path(row["file"]).name for row in rows) == ["deep.tif", "gray.png", "rgb.jpg"]
     assert all(0 <= float(row["presence_probability"]) <= 1 for row in rows)
+    assert all(float(row["xray_score"]) > spec.xray_check.threshold for row in rows)
 
 
 def test_predict_reads_dicom(compose_cfg, checkpoint, tmp_path) -> None:

@@ -20,7 +20,7 @@ import pytest
 from covidseg.benchmarks.serve import free_port, wait_until_up
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ("train", "eval", "calibrate", "distill", "predict", "export", "serve")
+SCRIPTS = ("train", "eval", "calibrate", "distill", "predict", "export", "serve", "fit-xray-check")
 SHIPPED = (
     "covidseg/pretrained/best_cpu.safetensors",
     "covidseg/pretrained/best_cpu.yaml",
@@ -96,7 +96,12 @@ def test_the_installed_wheel_trains_predicts_and_serves_from_an_empty_folder(dis
     image = np.full((128, 128), 40, np.uint8)
     cv2.circle(image, (64, 64), 40, 200, -1)
     cv2.imwrite(str(empty / "xray.png"), image)
-    run(["covidseg-predict", "ckpt_path=pretrained", "input=xray.png", "output=predictions"], empty, env)
+    # a drawn circle is no chest X-ray: the shipped model's check would refuse it (exit 3)
+    run(
+        ["covidseg-predict", "ckpt_path=pretrained", "input=xray.png", "output=predictions", "xray_check=false"],
+        empty,
+        env,
+    )
     assert (empty / "predictions" / "xray.png.mask.png").is_file()
     assert (empty / "predictions" / "predictions.csv").read_text().splitlines()[1].startswith("xray.png,128,128,")
 

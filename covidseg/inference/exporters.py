@@ -33,24 +33,27 @@ INPUT = "image, float32 (N, 1, S, S): grayscale / 255, resized to S x S (S = mod
 
 
 class TracedPredictor(nn.Module):
-    """The Predictor's probabilities and, with presence heads, presence: a graph's outputs, always
-    traced in fp32 (a Predictor loaded for bf16 inference would put bf16 casts into the graph)."""
+    """The Predictor's probabilities and, where the model has them, presence and x-ray scores: a
+    graph's outputs (named by :func:`outputs`), always traced in fp32 (a Predictor loaded for bf16
+    inference would put bf16 casts into the graph)."""
 
     def __init__(self, predictor: Predictor) -> None:
         super().__init__()
         self.predictor = predictor.eval()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         bf16, self.predictor.bf16 = self.predictor.bf16, False
         try:
-            probability, presence = self.predictor(images)
+            answer = self.predictor(images)
         finally:
             self.predictor.bf16 = bf16
-        return probability if presence is None else (probability, presence)
+        present = tuple(value for value in answer if value is not None)
+        return present[0] if len(present) == 1 else present
 
 
 def outputs(predictor: Predictor) -> list[str]:
-    return ["probability", "presence"] if predictor.has_presence else ["probability"]
+    """The graph's output names, in :class:`~covidseg.inference.predictor.Answer`'s order."""
+    return ["probability"] + ["presence"] * predictor.has_presence + ["xray_score"] * (predictor.xray_check is not None)
 
 
 def write_metadata(path: Path, file_format: str, loaded: LoadedModel) -> Path:
@@ -131,7 +134,7 @@ def export_safetensors(loaded: LoadedModel, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().half().contiguous() for name, tensor in loaded.predictor.state_dict().items()}
     write_atomic(path, save_safetensors(state))
-    write_atomic(path.with_suffix(".yaml"), yaml.safe_dump(loaded.spec.to_plain(), sort_keys=False))
+    write_atomic(path.with_suffix(".yaml"), yaml.safe_dump(loaded.spec.to_plain(), sort_keys=False, allow_unicode=True))
     write_metadata(path, "safetensors", loaded)
     return path
 

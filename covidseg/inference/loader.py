@@ -34,6 +34,7 @@ from covidseg.inference.model_spec import (
     refuse_hydra_keys,
 )
 from covidseg.inference.predictor import Predictor
+from covidseg.inference.xray_check import TENSOR_PREFIX, XrayCheck
 from covidseg.models.network import SegmentationNetwork
 from covidseg.models.registry import build_network
 
@@ -237,7 +238,9 @@ def build_predictor(spec: ModelSpec, bf16: bool = False) -> Predictor:
         )
         for network in spec.networks
     ]
-    return Predictor(networks, spec.targets, spec.inference, bf16=bf16)
+    check = spec.xray_check
+    xray_check = None if check is None else XrayCheck(check.feature_count, check.components)
+    return Predictor(networks, spec.targets, spec.inference, bf16=bf16, xray_check=xray_check)
 
 
 def ensemble_spec(specs: list[ModelSpec], paths: list[Path]) -> ModelSpec:
@@ -282,12 +285,15 @@ def load_predictor(
     spec = ensemble_spec([spec for spec, _ in read], paths).with_inference(**inference)
     predictor = build_predictor(spec, bf16)
     networks = iter(predictor.networks)
-    for path, (member_spec, state) in zip(paths, read, strict=True):
+    for member, (path, (member_spec, state)) in enumerate(zip(paths, read, strict=True)):
         prefixes = tuple(f"networks.{index}." for index in range(len(member_spec.networks)))
+        prefixes += (TENSOR_PREFIX,) if member_spec.xray_check is not None else ()
         stray = next((name for name in state if not name.startswith(prefixes)), None)
         if stray is not None:
             raise ModelFileError(f"{str(path)!r}: tensor {stray!r} belongs to no network of its model spec")
         check_weight_values(state, path)
+        if member == 0 and predictor.xray_check is not None:  # the ensemble's check is its first network's
+            load_xray_check(predictor, state, path)
         for index in range(len(member_spec.networks)):
             prefix = f"networks.{index}."
             weights = {name.removeprefix(prefix): tensor for name, tensor in state.items() if name.startswith(prefix)}
@@ -297,6 +303,29 @@ def load_predictor(
                 first_lines = "; ".join(str(error).splitlines()[:2])[:300]
                 raise ModelFileError(f"{str(path)!r}: the weights do not fit its model spec: {first_lines}") from None
     return LoadedModel(predictor.eval(), spec, paths)
+
+
+def load_xray_check(predictor: Predictor, state: dict[str, torch.Tensor], path: Path) -> None:
+    """The x-ray check's reference from ``state``, checked against the first network's encoder."""
+    assert predictor.xray_check is not None
+    tensors = {
+        name.removeprefix(TENSOR_PREFIX): tensor for name, tensor in state.items() if name.startswith(TENSOR_PREFIX)
+    }
+    try:
+        predictor.xray_check.load_state_dict(tensors)
+    except RuntimeError as error:
+        first_lines = "; ".join(str(error).splitlines()[:2])[:300]
+        raise ModelFileError(
+            f"{str(path)!r}: the x-ray check's tensors do not fit its model spec: {first_lines}"
+        ) from None
+    width = predictor.networks[0].summary_width()
+    if width != predictor.xray_check.mean.numel():
+        raise ModelFileError(
+            f"{str(path)!r}: xray_check.feature_count is {predictor.xray_check.mean.numel()}, "
+            f"but the first network's encoder gives {width} features"
+        )
+    if not bool((predictor.xray_check.scale > 0).all()):
+        raise ModelFileError(f"{str(path)!r}: tensor 'xray_check.scale' holds values <= 0, expected spreads")
 
 
 def read_onnx_metadata(path: Path) -> tuple[ExportMetadata, ModelSpec]:

@@ -81,6 +81,23 @@ class DataProvenance(_Plain):
     eval_classes: list[Literal[CLASSES]] = Field(default_factory=list, max_length=3)  # type: ignore[valid-type]
 
 
+class XrayCheckSpec(_Plain):
+    """The model's "does this look like a chest X-ray?" reference (:mod:`covidseg.inference.xray_check`):
+    its tensors ``xray_check.mean``, ``.scale`` (``feature_count``) and ``.basis`` (``components`` x
+    ``feature_count``) are in the model file; images scoring above ``threshold`` are refused."""
+
+    feature_count: int = Field(ge=2, le=100_000)
+    components: int = Field(ge=1, le=10_000)
+    threshold: float = Field(gt=0, allow_inf_nan=False)
+    reference: str = Field("", max_length=500)  # for people: which images the statistics come from
+
+    @model_validator(mode="after")
+    def _fewer_components(self) -> XrayCheckSpec:
+        if self.components >= self.feature_count:
+            raise ValueError(f"components {self.components} must be fewer than feature_count {self.feature_count}")
+        return self
+
+
 class ModelSpec(_Plain):
     """Everything needed to rebuild a model and turn its output into masks."""
 
@@ -92,6 +109,7 @@ class ModelSpec(_Plain):
     inference: InferenceSettings = InferenceSettings()
     data: DataProvenance = DataProvenance()
     metrics: dict[str, Scalar] = Field(default_factory=dict, max_length=200)
+    xray_check: XrayCheckSpec | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
@@ -139,7 +157,7 @@ class ExportMetadata(_Plain):
 
     format: Literal["onnx", "torchscript", "safetensors"]
     input: str = Field(max_length=500)
-    outputs: list[Literal["probability", "presence"]] = Field(min_length=1, max_length=2)
+    outputs: list[Literal["probability", "presence", "xray_score"]] = Field(min_length=1, max_length=3)
     model: dict[str, Any]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -20,10 +21,22 @@ from torch import nn
 
 from covidseg.inference.model_spec import InferenceSettings
 from covidseg.inference.regions import drop_small_regions
+from covidseg.inference.xray_check import XrayCheck
 from covidseg.models.network import SegmentationNetwork
 
-# images (N, 1, S, S) -> probabilities (N, T, S, S) and presence (N,) or None: what the networks answer
-Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+class Answer(NamedTuple):
+    """What a model answers for a batch (N, 1, S, S): probabilities (N, T, S, S), presence
+    probabilities (N,) and x-ray scores (N,), the last two ``None`` without presence heads or without
+    an x-ray check. Torch tensors from the Predictor, numpy arrays from a backend."""
+
+    probability: Any
+    presence: Any = None
+    xray_score: Any = None
+
+
+# images (N, 1, S, S) -> the networks' answer, as tensors
+Forward = Callable[[torch.Tensor], Answer]
 
 
 @dataclass
@@ -35,6 +48,7 @@ class Prediction:
     probability: torch.Tensor
     mask: torch.Tensor
     presence: torch.Tensor | None
+    xray_score: torch.Tensor | None = None
 
 
 class Predictor(nn.Module):
@@ -46,6 +60,8 @@ class Predictor(nn.Module):
         settings: threshold, presence threshold, flip TTA, lung restriction and small-region removal.
         bf16: run the networks under CPU bf16 autocast (faster where the CPU has native bf16);
             probabilities, averaging, gate and threshold stay in fp32.
+        xray_check: scores how far each image's encoder summary (first network, unflipped) lies
+            from real X-rays' (:mod:`covidseg.inference.xray_check`); callers refuse by its threshold.
     """
 
     def __init__(
@@ -54,9 +70,11 @@ class Predictor(nn.Module):
         targets: Sequence[str],
         settings: InferenceSettings,
         bf16: bool = False,
+        xray_check: XrayCheck | None = None,
     ) -> None:
         super().__init__()
         self.bf16 = bf16
+        self.xray_check = xray_check
         self.networks = nn.ModuleList(networks)
         self.targets = list(targets)
         self.settings = settings
@@ -74,19 +92,25 @@ class Predictor(nn.Module):
     def threshold(self) -> float:
         return self.settings.threshold
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Probabilities (N, T, H, W) at the images' side, and presence probabilities (N,) or ``None``."""
+    def forward(self, images: torch.Tensor) -> Answer:
+        """Probabilities (N, T, H, W) at the images' side, presence probabilities (N,) or ``None``,
+        x-ray scores (N,) or ``None``."""
         probabilities, presences = [], []
-        for network in self.networks:
+        summary = None
+        for index, network in enumerate(self.networks):
             for flipped in (False, True) if self.settings.flip_tta else (False,):
                 with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    logits, presence = network(images.flip(-1) if flipped else images)
+                    if index == 0 and not flipped and self.xray_check is not None:
+                        logits, presence, summary = network.forward_with_summary(images)
+                    else:
+                        logits, presence = network(images.flip(-1) if flipped else images)
                 probability = logits.float().sigmoid()
                 probabilities.append(probability.flip(-1) if flipped else probability)
                 if presence is not None:
                     presences.append(presence.float().sigmoid())
         probability = torch.stack(probabilities).mean(0)
         presence = torch.stack(presences).mean(0) if presences else None
+        xray_score = None if summary is None or self.xray_check is None else self.xray_check(summary)  # fp32
         channels = list(probability.unbind(1))
         if self.settings.restrict_to_lungs:  # infection probability <= lung probability
             lung, infection = self.targets.index("lung"), self.targets.index("infection")
@@ -95,21 +119,21 @@ class Predictor(nn.Module):
             primary = self.targets.index(self.primary_target)
             absent = (presence < self.settings.presence_threshold)[:, None, None]
             channels[primary] = torch.where(absent, torch.zeros_like(channels[primary]), channels[primary])
-        return torch.stack(channels, 1), presence
+        return Answer(torch.stack(channels, 1), presence, xray_score)
 
     def predict(self, images: torch.Tensor, forward: Forward | None = None) -> Prediction:
         """Images (N, 1, H, W) in [0, 1] -> probabilities, masks and presence (puts it in eval mode);
         ``forward`` replaces the networks by another runtime of the same model (an exported graph)."""
         self.eval()
         with torch.inference_mode():
-            probability, presence = (forward or self)(images)
+            probability, presence, xray_score = (forward or self)(images)
             mask = probability > self.threshold
             if self.settings.min_region_share > 0:  # on the CPU: OpenCV labels the regions
                 primary = self.targets.index(self.primary_target)
                 for image in mask:
                     kept = drop_small_regions(image[primary].cpu().numpy(), self.settings.min_region_share)
                     image[primary] = torch.from_numpy(kept).to(image.device)
-        return Prediction(probability, mask, presence)
+        return Prediction(probability, mask, presence, xray_score)
 
 
 class PredictorModule(L.LightningModule):
@@ -125,4 +149,9 @@ class PredictorModule(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor | None]:
         prediction = self.predictor.predict(batch["image"], self.forward_by)
-        return {"probability": prediction.probability, "mask": prediction.mask, "presence": prediction.presence}
+        return {
+            "probability": prediction.probability,
+            "mask": prediction.mask,
+            "presence": prediction.presence,
+            "xray_score": prediction.xray_score,
+        }

@@ -34,23 +34,28 @@ from covidseg.inference.loader import (
     resolve_model_paths,
 )
 from covidseg.inference.model_spec import InferenceSettings, ModelSpec
-from covidseg.inference.predictor import Forward, Predictor
+from covidseg.inference.predictor import Answer, Forward, Predictor
 from covidseg.inference.regions import drop_small_regions
 from covidseg.inference.severity import severity
 
-# (N, 1, S, S) float32 in [0, 1] -> probabilities (N, T, S, S) and presence probabilities (N,) or None
-Backend = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
+# (N, 1, S, S) float32 in [0, 1] -> the model's answer as numpy arrays (probabilities, presence, x-ray scores)
+Backend = Callable[[np.ndarray], Answer]
 BACKENDS = ("auto", "torch", "onnx", "openvino")
 log = logging.getLogger(__name__)
 
 
 def torch_backend(predictor: Predictor) -> Backend:
-    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def run(images: np.ndarray) -> Answer:
         prediction = predictor.predict(torch.from_numpy(images))
-        presence = None if prediction.presence is None else prediction.presence.numpy()
-        return prediction.probability.numpy(), presence
+        as_array = [None if value is None else value.numpy() for value in (prediction.presence, prediction.xray_score)]
+        return Answer(prediction.probability.numpy(), *as_array)
 
     return run
+
+
+def named_answer(values: Mapping[str, np.ndarray]) -> Answer:
+    """A graph's outputs by name (:func:`~covidseg.inference.exporters.outputs`) as an Answer."""
+    return Answer(values["probability"], values.get("presence"), values.get("xray_score"))
 
 
 def onnx_backend(path: Path) -> Backend:
@@ -64,10 +69,10 @@ def onnx_backend(path: Path) -> Backend:
         first_line = (str(error).splitlines() or [type(error).__name__])[0][:200]
         raise ModelFileError(f"{printable(path)!r} is not an ONNX graph ONNX Runtime can run: {first_line}") from None
     name = session.get_inputs()[0].name
+    names = [output.name for output in session.get_outputs()]
 
-    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        probability, *presence = session.run(None, {name: images})
-        return probability, presence[0] if presence else None
+    def run(images: np.ndarray) -> Answer:
+        return named_answer(dict(zip(names, session.run(None, {name: images}), strict=True)))
 
     return run
 
@@ -99,11 +104,12 @@ def openvino_backend(path: Path, bf16: bool) -> Backend:
         lines = [line for line in str(error).splitlines() if line.strip() and not line.startswith("Exception from")]
         reason = " ".join(lines)[:200] or type(error).__name__
         raise ModelFileError(f"{printable(path)!r} is not an ONNX graph OpenVINO can compile: {reason}") from None
-    has_presence = len(compiled.outputs) > 1
+    # an output may carry several names (OpenVINO keeps the graph's internal one beside ours)
+    outputs = {name: output for output in compiled.outputs for name in output.get_names()}
 
-    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def run(images: np.ndarray) -> Answer:
         answer = compiled.create_infer_request().infer({0: images})
-        return answer[compiled.outputs[0]], answer[compiled.outputs[1]] if has_presence else None
+        return named_answer({name: answer[output] for name, output in outputs.items()})
 
     return run
 
@@ -116,10 +122,10 @@ def graph_backend(backend: str, path: Path, bf16: bool) -> Backend:
 def as_forward(backend: Backend) -> Forward:
     """A numpy backend as the Predictor's forward on tensors (for Lightning's test loop)."""
 
-    def forward(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        probability, presence = backend(images.detach().float().cpu().contiguous().numpy())
-        back = torch.from_numpy(probability).to(images.device)  # where the loop keeps the masks
-        return back, None if presence is None else torch.from_numpy(presence).to(images.device)
+    def forward(images: torch.Tensor) -> Answer:
+        answer = backend(images.detach().float().cpu().contiguous().numpy())
+        # where the loop keeps the masks
+        return Answer(*(None if value is None else torch.from_numpy(value).to(images.device) for value in answer))
 
     return forward
 
@@ -139,11 +145,24 @@ def resolve_backend(backend: str, bf16: bool) -> str:
 
 @dataclass
 class LoadedBackend:
-    """A backend, the spec it answers by (image size, targets, thresholds) and the files it came from."""
+    """A backend, the spec it answers by (image size, targets, thresholds) and the files it came
+    from; ``refuse_above`` is the x-ray score beyond which a picture is refused (``None``: none is)."""
 
     run: Backend
     spec: ModelSpec
     paths: list[Path]
+    refuse_above: float | None = None
+
+    def checking(self, xray_check: Any) -> LoadedBackend:
+        """This backend refusing pictures unlike X-rays where ``xray_check`` (a command's setting)
+        is true and the model has the check."""
+        if not isinstance(xray_check, bool):
+            raise ConfigError(f"xray_check={xray_check!r}: expected true or false")
+        check = self.spec.xray_check
+        if xray_check and check is None:
+            log.info("xray_check: this model has no x-ray check, so every picture is answered")
+        self.refuse_above = check.threshold if xray_check and check is not None else None
+        return self
 
 
 def load_backend(
@@ -201,7 +220,7 @@ def load_configured_backend(cfg: Mapping[str, Any]) -> LoadedBackend:
         inference_bf16(cfg),
         Path(cfg["paths"]["cache_dir"]),
         allow_missing_folds(cfg),
-    )
+    ).checking(cfg.get("xray_check", True))
 
 
 class ImageResult:
@@ -215,9 +234,13 @@ class ImageResult:
         lung: np.ndarray | None,
         presence: float | None,
         settings: InferenceSettings,
+        xray_score: float | None = None,
+        refuse_above: float | None = None,
     ) -> None:
         height, width = image.shape
-        self.image, self.presence = image, presence
+        self.image, self.presence, self.xray_score, self.refuse_above = image, presence, xray_score, refuse_above
+        # refused: the picture does not look like the chest X-rays the model learnt from
+        self.refused = xray_score is not None and refuse_above is not None and not xray_score <= refuse_above
         self.probability = cv2.resize(probability, (width, height), interpolation=cv2.INTER_LINEAR)
         self.mask = drop_small_regions(self.probability > settings.threshold, settings.min_region_share)
         self.lung = None
@@ -242,7 +265,16 @@ class ImageResult:
         }
         if self.presence is not None:
             stats["presence_probability"] = round(self.presence, 4)
+        if self.xray_score is not None:
+            stats["xray_score"] = round(self.xray_score, 3)
         return stats
+
+    def refusal(self) -> str:
+        """Why a refused picture is not answered, in one line."""
+        return (
+            f"does not look like a chest X-ray (x-ray score {self.xray_score:.1f}, above {self.refuse_above:.1f} where "
+            "the model's reference X-rays lie); xray_check=false answers it anyway"
+        )
 
     def severity(self) -> dict[str, float] | None:
         """Per-lung infected percentages and the zone score (:mod:`covidseg.inference.severity`);
@@ -252,13 +284,16 @@ class ImageResult:
         return {key: round(value, 4) for key, value in severity(self.lung, self.mask).items()}
 
 
-def segment(backend: Backend, spec: ModelSpec, images: Sequence[np.ndarray]) -> list[ImageResult]:
-    """Run one batch of 8-bit grayscale images (any sizes) through the model."""
+def segment(
+    backend: Backend, spec: ModelSpec, images: Sequence[np.ndarray], refuse_above: float | None = None
+) -> list[ImageResult]:
+    """Run one batch of 8-bit grayscale images (any sizes) through the model; images whose x-ray
+    score is above ``refuse_above`` come back ``refused``."""
     targets = spec.targets
     channel = targets.index("infection") if "infection" in targets else 0
     lung_channel = targets.index("lung") if "lung" in targets and len(targets) > 1 else None
     stacked = np.stack([resize_image(image, spec.image_size) for image in images])[:, None].astype(np.float32) / 255
-    probabilities, presences = backend(stacked)
+    probabilities, presences, xray_scores = backend(stacked)
     return [
         ImageResult(
             image,
@@ -266,6 +301,8 @@ def segment(backend: Backend, spec: ModelSpec, images: Sequence[np.ndarray]) -> 
             probability[lung_channel] if lung_channel is not None else None,
             None if presences is None else float(presences[index]),
             spec.inference,
+            None if xray_scores is None else float(xray_scores[index]),
+            refuse_above,
         )
         for index, (image, probability) in enumerate(zip(images, probabilities, strict=True))
     ]

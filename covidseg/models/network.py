@@ -49,18 +49,43 @@ class SegmentationNetwork(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits at the images' side and presence logits (``None`` without a presence head)."""
+        logits, presence, _ = self._run(images, summarize=False)
+        return logits, presence
+
+    def forward_with_summary(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """:meth:`forward` plus the encoder's summary (N, D): each encoder level's channel means,
+        finest first (what :mod:`covidseg.inference.xray_check` compares with real X-rays)."""
+        logits, presence, summary = self._run(images, summarize=True)
+        assert summary is not None
+        return logits, presence, summary
+
+    def summary_width(self) -> int:
+        """D of :meth:`forward_with_summary`: the channels of every encoder level together."""
+        parameter = next(self.parameters())
+        side = self.input_size or 256
+        probe = torch.zeros(1, self.in_channels, side, side, dtype=parameter.dtype, device=parameter.device)
+        with torch.no_grad():
+            return sum(features.shape[1] for features in self.net.encode(probe))
+
+    def _run(
+        self, images: torch.Tensor, summarize: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         size = images.shape[-2:]
         input_size = (self.training and self.train_input_size) or self.input_size
         if input_size and tuple(size) != (input_size, input_size):
             images = F.interpolate(images, size=(input_size, input_size), mode="area")
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        if self.presence_head is None:
-            logits, presence = self.net(images), None
+        presence = summary = None
+        if self.presence_head is None and not summarize:
+            logits = self.net(images)
         else:
             features = self.net.encode(images)
-            presence = self.presence_head(features[-1])
+            if self.presence_head is not None:
+                presence = self.presence_head(features[-1])
+            if summarize:
+                summary = torch.cat([level.float().mean((2, 3)) for level in features], 1)
             logits = self.net.forward_head(self.net.decode(features))
         if logits.shape[-2:] != size:
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        return logits, presence
+        return logits, presence, summary

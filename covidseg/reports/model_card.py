@@ -53,6 +53,28 @@ def _networks(spec: ModelSpec) -> str:
     return "\n".join(lines)
 
 
+def _refusals(spec: ModelSpec) -> str:
+    check = spec.xray_check
+    if check is None:
+        return (
+            "This model has no x-ray check: it answers every picture, chest X-ray or not. Give it one with "
+            "`python -m covidseg.fit_xray_check`."
+        )
+    measured = ""
+    if "xray_check_val_refused" in spec.metrics:
+        measured = (
+            f" Measured when it was fitted: Val X-rays refused: {spec.metrics['xray_check_val_refused']}; pictures "
+            f"that are not X-rays (drawn by covidseg, and scikit-image's samples) refused: "
+            f"{spec.metrics.get('xray_check_not_xrays_refused', 'not recorded')}."
+        )
+    return (
+        f"`predict` and `serve` refuse a picture that does not look like the chest X-rays the model learnt from: "
+        f"its x-ray score (how far the first network's encoder summary lies outside the first {check.components} "
+        f"principal components of real X-rays') is above {check.threshold}. Reference: {check.reference}."
+        f"{measured} `xray_check=false` answers every picture."
+    )
+
+
 def _metrics(metrics: dict[str, Any]) -> str:
     rows = [(METRIC_NAMES[key], metrics[key]) for key in METRIC_NAMES if key in metrics]
     if not rows:
@@ -101,6 +123,10 @@ and the model spec is plain data (nothing in the files chooses code to run).
 ## Metrics
 
 {_metrics(spec.metrics)}
+
+## Pictures it refuses
+
+{_refusals(spec)}
 
 ## Intended use
 

@@ -114,9 +114,9 @@ def check_address(settings: ServeSettings) -> None:
 class ApiError(Exception):
     """An answer other than 200: the status and one line for the client."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.details = status, message, details or {}
 
 
 def png_base64(array: np.ndarray) -> str:
@@ -228,7 +228,7 @@ class Segmenter:
         )
 
     def segment_batch(self, images: list[np.ndarray]) -> list[ImageResult]:
-        return segment(self.model.run, self.model.spec, images)
+        return segment(self.model.run, self.model.spec, images, self.model.refuse_above)
 
     def decode(self, data: bytes, name: str) -> tuple[np.ndarray, str]:
         decoded, found = decode_unchanged(data, name, self.settings.max_pixels)
@@ -265,6 +265,9 @@ class Segmenter:
             finally:
                 self.decoding -= 1
             result = await self.batcher.segment(image)
+            if result.refused:
+                details = {"refused": True, "xray_score": result.xray_score, "xray_threshold": result.refuse_above}
+                raise ApiError(422, f"{name}: {result.refusal()}", details)
             return await anyio.to_thread.run_sync(
                 self.describe, result, name, found, layers, started, limiter=self.limiter
             )
@@ -318,8 +321,8 @@ async def read_upload(request: Request, limit: int) -> tuple[bytes, str]:
     return data, printable(name)[:NAME_LENGTH]
 
 
-def error_response(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": " ".join(message.split())}, status_code=status)
+def error_response(status: int, message: str, details: dict[str, Any] | None = None) -> JSONResponse:
+    return JSONResponse({"error": " ".join(message.split()), **(details or {})}, status_code=status)
 
 
 UPLOAD_BODY = {
@@ -361,7 +364,7 @@ def create_app(model: LoadedBackend, settings: ServeSettings) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
-        return error_response(error.status, error.message)
+        return error_response(error.status, error.message, error.details)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:

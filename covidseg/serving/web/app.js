@@ -73,7 +73,9 @@ async function upload(file) {
     const response = await fetch("/api/predict?layers=true", { method: "POST", body: form });
     const answer = await response.json();
     if (!response.ok) {
-      setStatus(answer.error || `The server answered ${response.status}.`, true);
+      $("result").hidden = true; // never leave an earlier picture's answer under a new error
+      const text = answer.error || `The server answered ${response.status}.`;
+      setStatus(answer.refused ? `Not segmented — ${text}` : text, true);
       return;
     }
     show(answer);

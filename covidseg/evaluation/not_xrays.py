@@ -1,0 +1,129 @@
+"""Pictures that are not chest X-rays, drawn on the spot: what the x-ray check is measured and tested on.
+
+Documents, forms, drawings, noise, gradients, textures, scenes and cross-sectional slices (a CT/MRI-like
+head phantom), 8-bit grayscale at sizes a user might upload. Nothing is downloaded: the pictures are
+made by NumPy and OpenCV from a seed, so the measurement is the same on every machine. scikit-image's
+sample photographs join them where scikit-image is installed (:func:`sample_photographs`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+
+import cv2
+import numpy as np
+
+Rng = np.random.Generator
+
+
+def _document(rng: Rng) -> np.ndarray:
+    page = np.full((1100, 850), 245, np.uint8)
+    for line in range(40):
+        words = " ".join("".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 9))) for _ in range(8))
+        cv2.putText(page, words, (60, 70 + line * 25), cv2.FONT_HERSHEY_SIMPLEX, 0.6, 25, 1, cv2.LINE_AA)
+    return page
+
+
+def _form(rng: Rng) -> np.ndarray:
+    page = np.full((800, 1000), 255, np.uint8)
+    for row in range(0, 800, 50):
+        cv2.line(page, (40, row), (960, row), 60, 2)
+    for column in (40, 300, 620, 960):
+        cv2.line(page, (column, 0), (column, 800), 60, 2)
+    for row in range(25, 800, 50):
+        cv2.putText(page, f"item {int(rng.integers(1000))}", (60, row + 10), cv2.FONT_HERSHEY_SIMPLEX, 0.7, 0, 2)
+    return page
+
+
+def _drawing(rng: Rng) -> np.ndarray:
+    canvas = np.full((600, 800), 255, np.uint8)
+    for _ in range(12):
+        centre = (int(rng.integers(50, 750)), int(rng.integers(50, 550)))
+        cv2.circle(canvas, centre, int(rng.integers(15, 120)), int(rng.integers(0, 120)), int(rng.integers(1, 6)))
+        corner = (int(rng.integers(0, 700)), int(rng.integers(0, 500)))
+        cv2.rectangle(canvas, corner, (corner[0] + 90, corner[1] + 60), int(rng.integers(0, 200)), 3)
+    return canvas
+
+
+def _face(rng: Rng) -> np.ndarray:
+    canvas = np.full((512, 512), 230, np.uint8)
+    cv2.circle(canvas, (256, 256), 180, 170, -1)
+    for x in (190, 322):
+        cv2.circle(canvas, (x, 210), 25, 40, -1)
+    cv2.ellipse(canvas, (256, 320), (90, 45), 0, 0, 180, 40, 8)
+    return canvas
+
+
+def _head_slice(rng: Rng) -> np.ndarray:
+    """A cross-sectional head phantom (Shepp-Logan-like ellipses): CT or MRI, not a chest X-ray."""
+    canvas = np.zeros((512, 512), np.float32)
+    cv2.ellipse(canvas, (256, 256), (180, 230), 0, 0, 360, 1.0, -1)
+    cv2.ellipse(canvas, (256, 262), (165, 212), 0, 0, 360, 0.25, -1)
+    for centre, axes, angle, value in (((200, 240), (30, 80), 18, 0.05), ((312, 240), (40, 100), -18, 0.05),
+                                       ((256, 150), (20, 20), 0, 0.45), ((256, 360), (12, 10), 0, 0.4)):  # fmt: skip
+        cv2.ellipse(canvas, centre, axes, angle, 0, 360, value, -1)
+    canvas += rng.normal(0, 0.02, canvas.shape).astype(np.float32)
+    return np.clip(canvas * 230, 0, 255).astype(np.uint8)
+
+
+def _smooth_noise(rng: Rng, sigma: float) -> np.ndarray:
+    field = cv2.GaussianBlur(rng.normal(0, 1, (512, 512)).astype(np.float32), (0, 0), sigma)
+    return cv2.normalize(field, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+
+
+def _scene(rng: Rng) -> np.ndarray:
+    """A photograph-like scene: sky, horizon, ground, objects, blur and sensor noise."""
+    sky = np.linspace(200, 150, 240)[:, None].repeat(640, 1)
+    ground = np.linspace(90, 50, 240)[:, None].repeat(640, 1)
+    scene = np.concatenate([sky, ground]).astype(np.float32)
+    for _ in range(8):
+        centre = (int(rng.integers(0, 640)), int(rng.integers(180, 460)))
+        cv2.ellipse(scene, centre, (int(rng.integers(10, 60)), int(rng.integers(20, 90))), 0, 0, 360,
+                    float(rng.integers(20, 230)), -1)  # fmt: skip
+    scene = cv2.GaussianBlur(scene, (0, 0), 2) + rng.normal(0, 6, scene.shape)
+    return np.clip(scene, 0, 255).astype(np.uint8)
+
+
+PICTURES: dict[str, Callable[[Rng], np.ndarray]] = {
+    "document": _document,
+    "form": _form,
+    "drawing": _drawing,
+    "face_drawing": _face,
+    "head_slice": _head_slice,
+    "scene": _scene,
+    "uniform_noise": lambda rng: rng.integers(0, 256, (512, 512), dtype=np.uint8),
+    "gaussian_noise": lambda rng: np.clip(rng.normal(128, 40, (512, 512)), 0, 255).astype(np.uint8),
+    "cloudy_noise": lambda rng: _smooth_noise(rng, 12),
+    "fine_texture": lambda rng: _smooth_noise(rng, 1.5),
+    "horizontal_gradient": lambda rng: np.tile(np.linspace(0, 255, 512), (512, 1)).astype(np.uint8),
+    "radial_gradient": lambda rng: (255 - np.hypot(*np.mgrid[-256:256, -256:256]) / 362 * 255).astype(np.uint8),
+    "checkerboard": lambda rng: ((np.add.outer(np.arange(512) // 32, np.arange(512) // 32) % 2) * 255).astype(np.uint8),
+    "stripes": lambda rng: ((np.arange(512) // 16 % 2) * 200 + 30).astype(np.uint8)[None].repeat(512, 0),
+    "blocks": lambda rng: np.kron(rng.integers(0, 2, (25, 25), dtype=np.uint8) * 255, np.ones((20, 20), np.uint8)),
+}  # fmt: skip
+
+
+def generated_pictures(seed: int = 0) -> dict[str, np.ndarray]:
+    """Every picture of :data:`PICTURES`, drawn from ``seed``."""
+    return {name: draw(np.random.default_rng([seed, index])) for index, (name, draw) in enumerate(PICTURES.items())}
+
+
+def sample_photographs() -> dict[str, np.ndarray]:
+    """scikit-image's bundled sample pictures in gray (photographs, microscopy, astronomy, text), or
+    nothing where scikit-image is not installed; those it would download are left out."""
+    if importlib.util.find_spec("skimage") is None:
+        return {}
+    import skimage.data
+
+    pictures = {}
+    for name in ("astronaut", "brick", "camera", "cat", "cell", "chelsea", "clock", "coffee", "coins", "colorwheel",
+                 "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo", "microaneurysms",
+                 "moon", "page", "retina", "rocket", "shepp_logan_phantom", "text"):  # fmt: skip
+        picture = np.asarray(getattr(skimage.data, name)())
+        if picture.dtype != np.uint8:
+            picture = cv2.normalize(picture.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+        if picture.ndim == 3:
+            picture = cv2.cvtColor(picture[..., :3], cv2.COLOR_RGB2GRAY)
+        pictures[f"skimage_{name}"] = picture
+    return pictures

@@ -1,0 +1,191 @@
+"""The x-ray check: its statistics, the command that fits it, the model file that carries it, and
+predict, serve and every backend refusing a picture unlike the model's X-rays."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from covidseg.core.errors import ConfigError, ModelFileError
+from covidseg.evaluation.not_xrays import generated_pictures
+from covidseg.inference.loader import load_predictor
+from covidseg.inference.segment import load_backend
+from covidseg.inference.xray_check import fit_xray_check
+from tests.conftest import FAST
+
+NO_OVERRIDES: dict = {}
+
+
+def test_the_score_is_the_residual_outside_the_reference_components() -> None:
+    generator = torch.Generator().manual_seed(0)
+    directions = torch.linalg.qr(torch.randn(20, 3, generator=generator))[0].T  # a 3-D subspace of R^20
+    reference = torch.randn(500, 3, generator=generator) @ directions * 5 + 2
+    check = fit_xray_check(reference + 0.01 * torch.randn(500, 20, generator=generator), components=3)
+    inside = torch.randn(50, 3, generator=generator) @ directions * 5 + 2
+    outside = inside + 2 * torch.randn(50, 20, generator=generator)  # off the subspace
+    assert check(inside).max() < 0.1 < 1.0 < check(outside).min()
+    with pytest.raises(ValueError, match="components=20"):
+        fit_xray_check(reference, components=20)
+
+
+@pytest.fixture(scope="module")
+def checked_model(trained_checkpoints: list[Path], tmp_path_factory: pytest.TempPathFactory, cache_dir: Path):
+    """A tiny phantom model with its check, fitted by the command as a user runs it."""
+    from covidseg.fit_xray_check import fit
+    from tests.conftest import compose_config
+
+    out = tmp_path_factory.mktemp("fit")
+    data = [override for override in FAST if override.startswith("data")]
+    cfg = compose_config(
+        "fit_xray_check",
+        [*data, f"ckpt_path={trained_checkpoints[0]}", "components=4"],
+        log_dir=out,
+        output_dir=out / "run",
+        cache_dir=cache_dir,
+    )
+    return fit(cfg), out / "run"
+
+
+def test_the_command_fits_on_train_measures_val_and_pictures_and_writes_the_model(checked_model) -> None:
+    result, run = checked_model
+    assert json.loads((run / "xray_check.json").read_text())["threshold"] == result["threshold"]
+    spec = yaml.safe_load((run / "model.yaml").read_text())
+    assert spec["xray_check"]["components"] == 4 and spec["xray_check"]["threshold"] == result["threshold"]
+    held_out = sum(row["images"] for row in result["held_out_train"].values())
+    assert result["reference_images"] + held_out == 3 * 8  # every Train phantom fits or chooses
+    assert set(result["val"]) == {"COVID-19", "Non-COVID", "Normal"}
+    drawn = {name: score for name, score in result["not_xray_scores"].items() if not name.startswith("skimage_")}
+    assert len(drawn) == len(generated_pictures())
+    assert sum(score > result["threshold"] for score in drawn.values()) >= 0.9 * len(drawn)
+    # the file scores as the command measured (the check stored in fp16, as fitted)
+    loaded = load_predictor(str(run / "model.safetensors"), run)
+    document = cv2.resize(generated_pictures()["document"], (64, 64), interpolation=cv2.INTER_AREA)
+    score = loaded.predictor.predict(torch.from_numpy(document[None, None] / 255).float()).xray_score
+    assert score.item() == pytest.approx(result["not_xray_scores"]["document"], rel=0.05)
+
+
+def _pictures(folder: Path, xray: np.ndarray) -> Path:
+    folder.mkdir()
+    cv2.imwrite(str(folder / "chest.png"), xray)
+    for name in ("document", "uniform_noise", "checkerboard"):
+        cv2.imwrite(str(folder / f"{name}.png"), generated_pictures()[name])
+    return folder
+
+
+def test_predict_refuses_what_is_not_an_xray_lists_it_and_exits_3(checked_model, compose_cfg, xray, tmp_path) -> None:
+    _, run = checked_model
+    pictures = _pictures(tmp_path / "in", xray)
+    model = f"ckpt_path={run / 'model.safetensors'}"
+    command = [sys.executable, "-m", "covidseg.predict", model, f"input={pictures}", f"output={tmp_path / 'out'}"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3, done.stderr[-2000:]
+    said = done.stdout + done.stderr  # the warnings go to the log on stdout
+    assert "does not look like a chest X-ray" in said and "Traceback" not in said
+    with (tmp_path / "out" / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    refused = {"document.png", "uniform_noise.png", "checkerboard.png"} - {Path(row["file"]).name for row in rows}
+    assert len(refused) >= 2  # the tiny model's check refuses most of them (it measures 90 % or more)
+    assert not any((tmp_path / "out" / f"{name}.mask.png").exists() for name in refused)  # no mask for them
+    assert all(float(row["xray_score"]) >= 0 for row in rows)
+    # the user's override answers every picture
+    cfg = compose_cfg("predict", [model, f"input={pictures}", f"output={tmp_path / 'all'}", "xray_check=false"])
+    from covidseg.predict import predict
+
+    answered = predict(cfg)
+    assert len(answered.rows) == 4 and answered.refused == []
+    with pytest.raises(ConfigError, match="xray_check='maybe'"):
+        predict(compose_cfg("predict", [model, f"input={pictures}", f"output={tmp_path / 'x'}", "xray_check=maybe"]))
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_every_backend_scores_as_torch_does(checked_model, backend: str, tmp_path: Path) -> None:
+    _, run = checked_model
+    model = str(run / "model.safetensors")
+    images = np.stack([cv2.resize(picture, (64, 64), interpolation=cv2.INTER_AREA) for picture in
+                       generated_pictures().values()])[:, None].astype(np.float32) / 255  # fmt: skip
+    torch_scores = load_backend(model, run, "torch", NO_OVERRIDES, False, tmp_path).run(images).xray_score
+    graph_scores = load_backend(model, run, backend, NO_OVERRIDES, False, tmp_path).run(images).xray_score
+    np.testing.assert_allclose(graph_scores, torch_scores, rtol=1e-3, atol=1e-3)
+
+
+def test_serve_answers_a_refused_picture_422_with_its_score(checked_model, xray) -> None:
+    from fastapi.testclient import TestClient
+
+    from covidseg.serving.app import ServeSettings, create_app
+
+    _, run = checked_model
+    model = load_backend(str(run / "model.safetensors"), run, "torch", NO_OVERRIDES, False, run).checking(True)
+    client = TestClient(create_app(model, ServeSettings()))
+    _, noise = cv2.imencode(".png", generated_pictures()["checkerboard"])
+    response = client.post("/api/predict", files={"file": ("board.png", noise.tobytes(), "image/png")})
+    answer = response.json()
+    assert response.status_code == 422 and answer["refused"] is True
+    assert answer["xray_score"] > answer["xray_threshold"] == model.refuse_above
+    assert "does not look like a chest X-ray" in answer["error"] and "mask_png" not in answer
+    _, chest = cv2.imencode(".png", xray)
+    allowed = load_backend(str(run / "model.safetensors"), run, "torch", NO_OVERRIDES, False, run).checking(False)
+    response = TestClient(create_app(allowed, ServeSettings())).post(
+        "/api/predict", files={"file": ("board.png", noise.tobytes(), "image/png")}
+    )
+    assert response.status_code == 200 and response.json()["xray_score"] > model.refuse_above
+
+
+def _copy_model(run: Path, folder: Path) -> Path:
+    folder.mkdir()
+    for suffix in (".safetensors", ".yaml"):
+        (folder / f"model{suffix}").write_bytes((run / f"model{suffix}").read_bytes())
+    return folder / "model.safetensors"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("wrong_shape", "the x-ray check's tensors do not fit"),
+        ("missing_tensor", "the x-ray check's tensors do not fit"),
+        ("nan", "NaN or infinite"),
+        ("zero_scale", "values <= 0"),
+        ("no_spec", "belongs to no network"),
+        ("feature_count", "the first network's encoder gives"),
+        ("too_many_components", "must be fewer than feature_count"),
+        ("infinite_threshold", "xray_check.threshold"),
+    ],
+)
+def test_a_damaged_or_forged_check_is_refused_naming_the_file(checked_model, tmp_path, change, message) -> None:
+    _, run = checked_model
+    path = _copy_model(run, tmp_path / "model")
+    tensors, spec = load_file(path), yaml.safe_load(path.with_suffix(".yaml").read_text())
+    check = spec["xray_check"]
+    if change == "wrong_shape":
+        tensors["xray_check.basis"] = tensors["xray_check.basis"][:2].contiguous()
+    elif change == "missing_tensor":
+        del tensors["xray_check.scale"]
+    elif change == "nan":
+        tensors["xray_check.mean"][0] = float("nan")
+    elif change == "zero_scale":
+        tensors["xray_check.scale"][3] = 0
+    elif change == "no_spec":
+        del spec["xray_check"]
+    elif change == "feature_count":  # spec and tensors agree with each other, not with the network
+        check["feature_count"] -= 1
+        for name in ("mean", "scale"):
+            tensors[f"xray_check.{name}"] = tensors[f"xray_check.{name}"][:-1].contiguous()
+        tensors["xray_check.basis"] = tensors["xray_check.basis"][:, :-1].contiguous()
+    elif change == "too_many_components":
+        check["components"] = check["feature_count"]
+    elif change == "infinite_threshold":
+        check["threshold"] = float("inf")
+    save_file(tensors, path)
+    path.with_suffix(".yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ModelFileError, match=message) as refused:
+        load_predictor(str(path), tmp_path)
+    assert str(path.parent) in str(refused.value)
