@@ -33,7 +33,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     spec = loaded.spec
     output_dir = Path(cfg.paths.output_dir)
     write_run_info(output_dir)
-    results = PerImageResults(spec.targets, spec.image_size)
+    xray_threshold = spec.xray_check.threshold if spec.xray_check is not None else None
+    results = PerImageResults(spec.targets, spec.image_size, xray_threshold)
     callbacks = instantiate_each(cfg.get("callbacks"))
     metrics = run_test_loop(cfg, loaded, datamodule, [results, *callbacks]) | results.metrics()
     metrics_path = write_metrics(output_dir, metrics)

@@ -85,6 +85,10 @@ def rates(scores: dict[str, torch.Tensor], threshold: float) -> dict[str, dict[s
 def fit(cfg: DictConfig) -> dict[str, Any]:
     check_command_keys(cfg, FitSettings)
     loaded, datamodule = load_for_data(cfg)
+    with torch.no_grad():  # the networks as the written model file holds them (fp16), so it scores as measured
+        for tensor in loaded.predictor.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())
     datamodule.prepare_data()  # phantoms (data=synthetic) are written first
     side = loaded.spec.image_size
     train = {label: summaries(loaded, images) for label, images in split_images(cfg, datamodule, "Train").items()}

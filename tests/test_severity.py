@@ -51,19 +51,43 @@ def test_infection_outside_the_lungs_does_not_count() -> None:
     assert severity(_two_lungs(), infection)["lung_infected_percent"] == 0
 
 
+def _rows(percents: list[tuple[float, float, float]], scores: list[int]) -> list[dict]:
+    """Severity rows: (right, left, both) percent infected and the zone score."""
+    return [
+        {"right_lung_infected_percent": right, "left_lung_infected_percent": left, "lung_infected_percent": both}
+        | {"zone_score": score}
+        for (right, left, both), score in zip(percents, scores, strict=True)
+    ]
+
+
 def test_agreement_of_predicted_and_true_severity() -> None:
-    truth = [{"lung_infected_percent": p, "zone_score": s} for p, s in [(10, 1), (50, 4), (0, 0)]]
+    truth = _rows([(10, 10, 10), (60, 40, 50), (0, 0, 0), (30, 20, 25)], [1, 4, 0, 2])
     perfect = agreement(truth, truth)
-    assert perfect == {
-        "severity/percent_infected_mae": 0.0,
-        "severity/zone_score_exact": 1.0,
-        "severity/zone_score_kappa": pytest.approx(1.0),
-    }
-    off = [{"lung_infected_percent": p, "zone_score": s} for p, s in [(20, 1), (40, 3), (0, 0)]]
+    assert perfect["severity/percent_infected_mae"] == 0 == perfect["severity/percent_infected_bias"]
+    assert perfect["severity/percent_infected_limit_low"] == 0 == perfect["severity/percent_infected_limit_high"]
+    assert perfect["severity/percent_infected_pearson_r"] == pytest.approx(1.0)
+    assert perfect["severity/zone_score_exact"] == 1.0 == perfect["severity/zone_score_within_one"]
+    assert perfect["severity/zone_score_kappa"] == pytest.approx(1.0)
+    # 10 points too high everywhere, zone scores one off on two images and three off on one
+    off = _rows([(20, 20, 20), (70, 50, 60), (10, 10, 10), (40, 30, 35)], [1, 5, 3, 1])
     result = agreement(off, truth)
-    assert result["severity/percent_infected_mae"] == pytest.approx(20 / 3)
-    assert result["severity/zone_score_exact"] == pytest.approx(2 / 3)
+    assert result["severity/percent_infected_mae"] == pytest.approx(10)
+    assert result["severity/right_lung_percent_mae"] == pytest.approx(10) == result["severity/left_lung_percent_mae"]
+    assert result["severity/percent_infected_bias"] == pytest.approx(10)  # a constant bias: the limits close on it
+    assert result["severity/percent_infected_limit_low"] == pytest.approx(10)
+    assert result["severity/percent_infected_limit_high"] == pytest.approx(10)
+    assert result["severity/percent_infected_pearson_r"] == pytest.approx(1.0)
+    assert result["severity/zone_score_exact"] == pytest.approx(1 / 4)
+    assert result["severity/zone_score_within_one"] == pytest.approx(3 / 4)
     assert 0 < result["severity/zone_score_kappa"] < 1
+    # scattered differences: Bland-Altman limits are the mean difference +- 1.96 sample SDs
+    scattered = _rows([(15, 15, 15), (40, 40, 40), (0, 0, 0), (35, 35, 35)], [1, 4, 0, 2])
+    spread = agreement(scattered, truth)
+    differences = np.array([5, -10, 0, 10])
+    assert spread["severity/percent_infected_bias"] == pytest.approx(differences.mean())
+    assert spread["severity/percent_infected_limit_high"] == pytest.approx(
+        differences.mean() + 1.96 * differences.std(ddof=1)
+    )
 
 
 @pytest.mark.slow

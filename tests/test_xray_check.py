@@ -189,3 +189,26 @@ def test_a_damaged_or_forged_check_is_refused_naming_the_file(checked_model, tmp
     with pytest.raises(ModelFileError, match=message) as refused:
         load_predictor(str(path), tmp_path)
     assert str(path.parent) in str(refused.value)
+
+
+def test_eval_reports_the_share_of_xrays_the_check_would_refuse(checked_model, compose_cfg) -> None:
+    from covidseg.eval import evaluate
+
+    result, run = checked_model
+    data = [override for override in FAST if override.startswith("data")]
+    cfg = compose_cfg("eval", [*data, f"ckpt_path={run / 'model.safetensors'}", "data.split=Val", "stats.resamples=100"])
+    metrics = evaluate(cfg)
+    with (Path(cfg.paths.output_dir) / "per_image.csv").open() as handle:
+        scores = [float(row["xray_score"]) for row in csv.DictReader(handle)]
+    refused = sum(score > result["threshold"] for score in scores)
+    assert metrics["test/xray_refused_images"] == refused and metrics["test/xray_refused"] == refused / len(scores)
+    # the command measured the same Val X-rays of the evaluated class with the same reference
+    assert refused == result["val"]["COVID-19"]["refused"]
+
+
+def test_loading_the_check_leaves_the_networks_weights_and_statistics_as_stored(checked_model) -> None:
+    _, run = checked_model
+    stored = load_file(run / "model.safetensors")
+    loaded = load_predictor(str(run / "model.safetensors"), run).predictor.state_dict()
+    for name, tensor in stored.items():
+        torch.testing.assert_close(loaded[name].half(), tensor, msg=name)

@@ -24,15 +24,19 @@ class PerImageResults(L.Callback):
     Args:
         targets: the mask channels' names, in order.
         image_size: side of the evaluated masks (for the "almost empty" area limit).
+        xray_threshold: the model's x-ray check threshold: the share of test images it would refuse
+            is reported (``test/xray_refused``); their scores are a column either way.
     """
 
-    def __init__(self, targets: Sequence[str], image_size: int) -> None:
+    def __init__(self, targets: Sequence[str], image_size: int, xray_threshold: float | None = None) -> None:
         self.targets = list(targets)
         self.primary_target = "infection" if "infection" in self.targets else self.targets[0]
         self.image_size = image_size
         self.scores = {target: SegmentationScores(from_logits=False) for target in self.targets}
         self.names: list[str] = []
         self.presence: list[float] = []
+        self.xray_threshold = xray_threshold
+        self.xray_scores: list[float] = []
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.names.extend(batch["name"])
@@ -41,6 +45,8 @@ class PerImageResults(L.Callback):
             self.scores[target].update(masks[:, channel], batch["mask"][:, channel].cpu())
         if outputs.get("presence") is not None:
             self.presence.extend(outputs["presence"].float().cpu().tolist())
+        if outputs.get("xray_score") is not None:
+            self.xray_scores.extend(outputs["xray_score"].float().cpu().tolist())
 
     def metrics(self) -> dict[str, float]:
         """``test/dice`` etc. of the primary target, per target too when there are several, and on
@@ -60,6 +66,9 @@ class PerImageResults(L.Callback):
                 "test/empty_truth_images": float(empty.sum()),
                 "test/empty_truth_clean": float(clean.double().mean()),
             }
+        if self.xray_scores and self.xray_threshold is not None:  # NaN scores are refused, as predict does
+            refused = [not score <= self.xray_threshold for score in self.xray_scores]
+            metrics |= {"test/xray_refused": sum(refused) / len(refused), "test/xray_refused_images": sum(refused)}
         return metrics
 
     def columns(self) -> dict[str, list[float]]:
@@ -69,7 +78,8 @@ class PerImageResults(L.Callback):
             for target, scores in self.scores.items()
             for key, values in scores.per_image().items()
         }
-        return columns | ({"presence_probability": self.presence} if self.presence else {})
+        columns |= {"presence_probability": self.presence} if self.presence else {}
+        return columns | ({"xray_score": self.xray_scores} if self.xray_scores else {})
 
 
 class SeverityOnTest(L.Callback):

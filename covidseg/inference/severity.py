@@ -66,15 +66,35 @@ def severity(lung: np.ndarray, infection: np.ndarray, zone_threshold: float = 0.
 
 
 def agreement(predicted: Sequence[dict], truth: Sequence[dict]) -> dict[str, float]:
-    """Mean absolute error of percent infected, and exact-match rate and quadratic-weighted kappa
-    of the zone score, of predicted against ground-truth severity."""
-    predicted_percent = np.array([row["lung_infected_percent"] for row in predicted])
-    true_percent = np.array([row["lung_infected_percent"] for row in truth])
+    """Predicted against ground-truth severity: for the percent of both lungs infected the mean
+    absolute error, Pearson's r and the Bland-Altman bias (predicted - true) with its 95 % limits
+    (bias +- 1.96 SD); the mean absolute error per lung; for the zone score the exact-match and
+    within-one rates and the quadratic-weighted kappa."""
+    from scipy.stats import pearsonr
+
+    def column(rows: Sequence[dict], key: str) -> np.ndarray:
+        return np.array([row[key] for row in rows], dtype=float)
+
+    predicted_percent, true_percent = column(predicted, "lung_infected_percent"), column(truth, "lung_infected_percent")
+    difference = predicted_percent - true_percent
+    spread = 1.96 * float(difference.std(ddof=1)) if len(difference) > 1 else float("nan")
+    varies = len(difference) > 1 and predicted_percent.std() > 0 and true_percent.std() > 0
     predicted_score = torch.tensor([row["zone_score"] for row in predicted])
     true_score = torch.tensor([row["zone_score"] for row in truth])
     kappa = cohen_kappa(predicted_score, true_score, task="multiclass", num_classes=7, weights="quadratic")
-    return {
-        "severity/percent_infected_mae": float(np.abs(predicted_percent - true_percent).mean()),
+    correlation = float(pearsonr(predicted_percent, true_percent)[0]) if varies else float("nan")
+    figures = {
+        "severity/percent_infected_mae": float(np.abs(difference).mean()),
+        "severity/percent_infected_pearson_r": correlation,
+        "severity/percent_infected_bias": float(difference.mean()),
+        "severity/percent_infected_limit_low": float(difference.mean()) - spread,
+        "severity/percent_infected_limit_high": float(difference.mean()) + spread,
+    }
+    for side in ("right", "left"):
+        key = f"{side}_lung_infected_percent"
+        figures[f"severity/{side}_lung_percent_mae"] = float(np.abs(column(predicted, key) - column(truth, key)).mean())
+    return figures | {
         "severity/zone_score_exact": float((predicted_score == true_score).float().mean()),
+        "severity/zone_score_within_one": float(((predicted_score - true_score).abs() <= 1).float().mean()),
         "severity/zone_score_kappa": float(kappa),
     }

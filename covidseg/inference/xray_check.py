@@ -44,7 +44,9 @@ def fit_xray_check(summaries: torch.Tensor, components: int) -> XrayCheck:
         raise ValueError(f"components={components}: expected 1 to {min(count, width) - 1} for {count} images")
     summaries = summaries.double()
     mean = summaries.mean(0)
-    scale = summaries.std(0).clamp_min(1e-6)  # a channel that never varies on X-rays
+    spread = summaries.std(0)
+    # a channel that (nearly) never varies on X-rays would turn rounding noise into a large score
+    scale = spread.clamp_min(max(1e-6, 0.01 * float(spread.median())))
     _, _, directions = torch.linalg.svd((summaries - mean) / scale, full_matrices=False)
     check = XrayCheck(width, components)
     check.mean.copy_(mean.float())

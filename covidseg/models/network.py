@@ -64,8 +64,12 @@ class SegmentationNetwork(nn.Module):
         parameter = next(self.parameters())
         side = self.input_size or 256
         probe = torch.zeros(1, self.in_channels, side, side, dtype=parameter.dtype, device=parameter.device)
-        with torch.no_grad():
-            return sum(features.shape[1] for features in self.net.encode(probe))
+        training = self.training
+        try:  # in eval mode: a probe in training mode would move BatchNorm's running statistics
+            with torch.no_grad():
+                return sum(features.shape[1] for features in self.eval().net.encode(probe))
+        finally:
+            self.train(training)
 
     def _run(
         self, images: torch.Tensor, summarize: bool
