@@ -196,7 +196,8 @@ def test_eval_reports_the_share_of_xrays_the_check_would_refuse(checked_model, c
 
     result, run = checked_model
     data = [override for override in FAST if override.startswith("data")]
-    cfg = compose_cfg("eval", [*data, f"ckpt_path={run / 'model.safetensors'}", "data.split=Val", "stats.resamples=100"])
+    model = f"ckpt_path={run / 'model.safetensors'}"
+    cfg = compose_cfg("eval", [*data, model, "data.split=Val", "stats.resamples=100"])
     metrics = evaluate(cfg)
     with (Path(cfg.paths.output_dir) / "per_image.csv").open() as handle:
         scores = [float(row["xray_score"]) for row in csv.DictReader(handle)]
