@@ -244,6 +244,7 @@ class Segmenter:
             "threshold": inference.threshold,
             "presence_threshold": inference.presence_threshold,
             "min_region_share": inference.min_region_share,
+            "xray_threshold": self.model.refuse_above,
             "model": self.card["id"],
             "mask_png": png_base64(result.mask.astype(np.uint8) * 255),
             "overlay_png": png_base64(cv2.cvtColor(result.overlay(), cv2.COLOR_RGB2BGR)),

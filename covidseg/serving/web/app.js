@@ -43,6 +43,11 @@ function show(answer) {
     $("presence").textContent = answer.presence_probability.toFixed(3) +
       (gate === null ? "" : answer.presence_probability < gate ? ` (below ${gate}: mask emptied)` : ` (gate ${gate})`);
   }
+  const checked = answer.xray_threshold !== undefined && answer.xray_threshold !== null;
+  $("xray-check-label").hidden = $("xray-check").hidden = !checked;
+  if (checked) {
+    $("xray-check").textContent = `score ${answer.xray_score.toFixed(1)}, like the model's X-rays (refused above ${answer.xray_threshold.toFixed(1)})`;
+  }
   $("image-size").textContent = `${answer.width} × ${answer.height} ${answer.format}`;
   $("seconds").textContent = `${answer.seconds.toFixed(2)} s on the server`;
   const severity = answer.severity;
