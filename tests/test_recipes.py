@@ -180,6 +180,27 @@ ALL_CLASSES = ["data.classes=[COVID-19,Non-COVID,Normal]", "data.eval_classes=[C
 
 
 @pytest.mark.slow
+def test_cross_fitting_scores_each_image_by_the_choice_of_the_half_it_is_not_in() -> None:
+    from covidseg.evaluation.thresholds import SweepPass, cross_fitted
+
+    # 20 infected images (truth 100 px) and 20 healthy ones, two thresholds: 0.4 marks 120 px of each
+    # infected image (100 right) and 50 px of each healthy one; 0.6 marks 80 px (all right) and none
+    truth = np.array([100.0] * 20 + [0.0] * 20)
+    predicted = np.array([[[120.0, 80.0]]] * 20 + [[[50.0, 0.0]]] * 20)
+    intersection = np.array([[[100.0, 80.0]]] * 20 + [[[0.0, 0.0]]] * 20)
+    sweep = SweepPass(False, predicted, intersection, truth, None)
+    # at >= 90 % clean only 0.6 qualifies, on either half
+    choices, dice, clean = cross_fitted([sweep], [0.0], [0.4, 0.6], [], 40.0, 0.9, seed=0)
+    assert [choice.threshold for choice in choices] == [0.6, 0.6]
+    assert len(dice) == 20 and np.allclose(dice, 160 / 180) and len(clean) == 20 and clean.all()
+    # with no floor, 0.4 (Dice 200/220) wins on both halves, and the healthy images are not clean
+    choices, dice, clean = cross_fitted([sweep], [0.0], [0.4, 0.6], [], 40.0, 0.0, seed=0)
+    assert [choice.threshold for choice in choices] == [0.4, 0.4]
+    assert np.allclose(dice, 200 / 220) and not clean.any()
+    # whatever the halves, each infected image is scored once
+    assert len(cross_fitted([sweep], [0.0], [0.4, 0.6], [], 40.0, 0.5, seed=3)[1]) == 20
+
+
 def test_calibrate_choices_are_what_eval_measures_with_them(compose_cfg, tmp_path: Path) -> None:
     """Train a presence-head model, calibrate it on Val, then evaluate Val with one of the pairs:
     eval's per-image Dice on infected images and clean rate on healthy ones match calibration's."""
@@ -194,6 +215,9 @@ def test_calibrate_choices_are_what_eval_measures_with_them(compose_cfg, tmp_pat
     # flip TTA off/on x 4 small-region shares x 9 thresholds x (no gate + 14 presence thresholds)
     assert len(result["all"]) == 2 * 4 * 9 * 15
     assert Choice(**result["chosen"]) == choose([Choice(**row) for row in result["all"]], 0.5)
+    crossed = result["cross_fitted"]
+    assert len(crossed["choices"]) == 2
+    assert crossed["dice_interval"][0] <= crossed["dice"] <= crossed["dice_interval"][1]
     as_trained = result["as_trained"]
     assert as_trained["flip_tta"] is False and as_trained["presence_threshold"] is None
     assert as_trained["min_region_share"] == 0

@@ -79,15 +79,22 @@ def score_choices(
     gates: list[float | None] = [None] + (list(presence_thresholds) if presence is not None else [])
     choices = []
     for gate in gates:
-        kept = np.ones(len(truth), bool) if gate is None else presence >= gate
         for column, threshold in enumerate(thresholds):
-            area = np.where(kept, predicted[:, column], 0)
-            overlap = np.where(kept, intersection[:, column], 0)
-            total = area + truth
-            dice = np.where(total == 0, 1.0, 2 * overlap / np.maximum(total, 1))
+            dice, area = image_scores(predicted[:, column], intersection[:, column], truth, presence, gate)
             clean = float((area[~infected] < max_area).mean())
             choices.append(Choice(threshold, gate, float(dice[infected].mean()), clean, flip_tta, min_region_share))
     return choices
+
+
+def image_scores(
+    predicted: np.ndarray, intersection: np.ndarray, truth: np.ndarray, presence: np.ndarray | None, gate: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's Dice and predicted area under one pixel threshold's areas and presence ``gate``."""
+    kept = np.ones(len(truth), bool) if gate is None else presence >= gate
+    area = np.where(kept, predicted, 0)
+    overlap = np.where(kept, intersection, 0)
+    total = area + truth
+    return np.where(total == 0, 1.0, 2 * overlap / np.maximum(total, 1)), area
 
 
 def choose(choices: list[Choice], min_healthy_rate: float) -> Choice:
@@ -96,3 +103,57 @@ def choose(choices: list[Choice], min_healthy_rate: float) -> Choice:
     if clean:
         return max(clean, key=lambda choice: choice.dice)
     return max(choices, key=lambda choice: (choice.healthy_clean_rate, choice.dice))
+
+
+@dataclass
+class SweepPass:
+    """One pass over the images with one flip setting: areas per (image, region share, threshold)."""
+
+    flip_tta: bool
+    predicted: np.ndarray
+    intersection: np.ndarray
+    truth: np.ndarray
+    presence: np.ndarray | None
+
+
+def cross_fitted(
+    passes: list[SweepPass],
+    shares: list[float],
+    thresholds: list[float],
+    presence_thresholds: list[float],
+    max_area: float,
+    min_healthy_rate: float,
+    seed: int,
+) -> tuple[list[Choice], np.ndarray, np.ndarray]:
+    """Choose on one half of the images and score on the other, both ways (halves drawn from ``seed``
+    within infected and healthy images alike): an estimate of the chosen settings' Dice and clean rate
+    on images that did not choose them. Returns the two halves' choices, each infected image's Dice and
+    each healthy image's clean flag, each scored by the choice of the half it is not in."""
+    truth = passes[0].truth
+    half = np.zeros(len(truth), int)
+    rng = np.random.default_rng(seed)
+    for group in (truth > 0, truth == 0):
+        members = np.flatnonzero(group)
+        half[rng.permutation(members)[: len(members) // 2]] = 1
+    chosen: list[Choice] = []
+    dice, clean = np.zeros(len(truth)), np.zeros(len(truth), bool)
+    for side in (0, 1):
+        choosing, scored = half == side, half != side
+        candidates = []
+        for sweep in passes:
+            presence = None if sweep.presence is None else sweep.presence[choosing]
+            for column, share in enumerate(shares):
+                candidates += score_choices(
+                    sweep.predicted[choosing, column], sweep.intersection[choosing, column], truth[choosing],
+                    presence, thresholds, presence_thresholds, max_area, sweep.flip_tta, share,
+                )  # fmt: skip
+        choice = choose(candidates, min_healthy_rate)
+        chosen.append(choice)
+        sweep = next(sweep for sweep in passes if sweep.flip_tta == choice.flip_tta)
+        column = thresholds.index(choice.threshold)
+        areas = (sweep.predicted[:, shares.index(choice.min_region_share), column],
+                 sweep.intersection[:, shares.index(choice.min_region_share), column])  # fmt: skip
+        side_dice, area = image_scores(*areas, truth, sweep.presence, choice.presence_threshold)
+        dice[scored], clean[scored] = side_dice[scored], area[scored] < max_area
+    infected = truth > 0
+    return chosen, dice[infected], clean[~infected]
