@@ -102,3 +102,24 @@ def test_a_server_that_stops_at_start_is_its_own_last_line(capsys: pytest.Captur
     error = capsys.readouterr().err.strip()
     assert stopped.value.code == 2
     assert error == "error: the server stopped before answering (exit code 2): ckpt_path nope.ckpt does not exist"
+
+
+def test_the_gpu_check_lists_its_runs_on_a_cpu_and_each_composes(monkeypatch, capsys) -> None:
+    import sys
+
+    from covidseg.benchmarks import gpu_check
+    from covidseg.core.config import compose_config
+
+    monkeypatch.setattr(sys, "argv", ["gpu_check", "--steps", "7"])
+    gpu_check.main()  # no CUDA here: it lists what it would run and returns
+    said = capsys.readouterr().out
+    assert "no CUDA GPU here" in said and "experiment=best_gpu" in said and "trainer.limit_train_batches=7" in said
+    for command in gpu_check.commands(7, gpus=4, run_dir=Path("/nowhere")).values():
+        module, overrides = command[2].removeprefix("covidseg."), command[3:]
+        cfg = compose_config(module, [o for o in overrides if not o.startswith("hydra.")], output_dir="/nowhere")
+        assert cfg.trainer.accelerator == "gpu"
+        if module == "train":
+            assert cfg.model.net.base_width == 32 and cfg.model.input_size is None
+            assert cfg.trainer.precision == "bf16-mixed"
+        if "trainer=ddp" in overrides:
+            assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == 4 and cfg.trainer.sync_batchnorm
