@@ -34,13 +34,14 @@ from covidseg.core.run_files import make_output_folder, write_run_info
 from covidseg.core.validation import CheckedSettings, check_command_keys
 from covidseg.core.writing import exclusive_lock, write_csv
 from covidseg.inference.image_files import (
-    OUTPUT_MARKER,
     check_nothing_replaced,
     check_output,
     find_inputs,
     output_stem,
     write_outputs,
 )
+from covidseg.inference.loader import inference_bf16
+from covidseg.inference.manifest import Manifest, run_digest
 from covidseg.inference.predictor import Answer
 from covidseg.inference.segment import Backend, LoadedBackend, load_configured_backend, segment
 
@@ -56,6 +57,7 @@ class PredictSettings(CheckedSettings):
     batch_size: int = Field(ge=1)
     save_probability: bool
     allow_output_in_input: bool
+    resume: bool
 
     @field_validator("input", "output")
     @classmethod
@@ -114,26 +116,34 @@ def predict(cfg: DictConfig) -> PredictRun:
                 "it to finish or choose another output"
             )
         check_nothing_replaced(output, files, base)  # again, now that no other predict can write here
-        (output / OUTPUT_MARKER).touch()
-        return _predict_into(cfg, model, files, base, output)
+        settings = {"spec": model.spec.to_plain(), "backend": cfg.backend, "bf16": inference_bf16(cfg),
+                    "refuse_above": model.refuse_above, "save_probability": cfg.save_probability}  # fmt: skip
+        manifest = Manifest.open(output, run_digest(model.paths, settings), cfg.resume)
+        return _predict_into(cfg, model, files, base, output, manifest)
 
 
-def _predict_into(cfg: DictConfig, model: LoadedBackend, files: list[Path], base: Path, output: Path) -> PredictRun:
+def _predict_into(
+    cfg: DictConfig, model: LoadedBackend, files: list[Path], base: Path, output: Path, manifest: Manifest
+) -> PredictRun:
     inputs = {Path(os.path.realpath(path)) for path in files}
     run = PredictRun(output / "predictions.csv")
-    batches = [files[start : start + cfg.batch_size] for start in range(0, len(files), cfg.batch_size)]
+    todo = [path for path in files if os.path.realpath(path) not in manifest.finished]
+    if len(todo) < len(files):
+        log.info("resuming: %d of %d image(s) were finished by an earlier run", len(files) - len(todo), len(files))
+    batches = [todo[start : start + cfg.batch_size] for start in range(0, len(todo), cfg.batch_size)]
     networks = run.timed("networks", model.run)
     for batch in track(batches, description="predicting", console=Console(stderr=True)):
         started = time.perf_counter()
-        images, readable = [], []
+        images, readable, finished = [], [], []
         with run.stage("read and decode"):
             for path in batch:
                 try:
                     images.append(xray_gray(read_unchanged(path), str(path)))
                     readable.append(path)
                 except (DataError, OSError) as error:
-                    run.skipped.append((path, str(error)))
+                    finished.append({"input": os.path.realpath(path), "status": "skipped", "reason": str(error)})
         if not images:
+            manifest.record(finished)
             continue
         with run.stage("resize and post-process"):  # the networks' share is taken out below
             results = segment(networks, model.spec, images, model.refuse_above)
@@ -141,16 +151,26 @@ def _predict_into(cfg: DictConfig, model: LoadedBackend, files: list[Path], base
         with run.stage("draw, encode and write"):
             for path, result in zip(readable, results, strict=True):
                 if result.refused:
-                    run.refused.append((path, result.refusal()))
+                    finished.append({"input": os.path.realpath(path), "status": "refused", "reason": result.refusal()})
                     continue
                 try:
                     write_outputs(result, output_stem(output, path, base), cfg.save_probability, inputs)
                 except (DataError, OSError) as error:
-                    run.failed.append((path, str(error)))
+                    run.failed.append((path, str(error)))  # not recorded: a rerun tries it again
                     continue
                 row = {"file": printable(path), **result.stats(), **(result.severity() or {})}
-                run.rows.append(row | {"seconds": round(seconds, 4)})
+                row["seconds"] = round(seconds, 4)
+                finished.append({"input": os.path.realpath(path), "status": "predicted", "row": row})
+            manifest.record(finished)
     run.stage_seconds["resize and post-process"] -= run.stage_seconds["networks"]
+    for path in files:  # in the inputs' order, this run's and earlier runs' alike
+        entry = manifest.finished.get(os.path.realpath(path))
+        if entry is None:
+            continue
+        if entry["status"] == "predicted":
+            run.rows.append(entry["row"])
+        else:
+            (run.refused if entry["status"] == "refused" else run.skipped).append((path, entry["reason"]))
     header = list(run.rows[0]) if run.rows else ["file"]
     with run.stage("CSV"):
         write_csv(run.csv_path, header, ([row[key] for key in header] for row in run.rows))

@@ -1,0 +1,139 @@
+"""predict continues where a killed or failed run stopped: nothing finished is done again, nothing is
+lost, and the CSV and masks are those of one uninterrupted run."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import covidseg.predict as predict_module
+from covidseg.core.errors import DataError
+from covidseg.data.synthetic import make_phantom
+from covidseg.inference.manifest import RECORD
+from covidseg.predict import predict
+
+
+@pytest.fixture
+def phantoms(tmp_path: Path) -> Path:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(12):
+        cv2.imwrite(str(folder / f"{index:02d}.png"), make_phantom(rng, 96, infected=index % 2 == 0)[0])
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")  # skipped, and recorded as skipped
+    return folder
+
+
+def _rows(output: Path) -> list[dict]:
+    with (output / "predictions.csv").open() as handle:
+        return [{key: value for key, value in row.items() if key != "seconds"} for row in csv.DictReader(handle)]
+
+
+def _masks(output: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(output.glob("*.mask.png"))}
+
+
+def test_a_run_stopped_half_way_is_finished_by_the_next_one_as_one_run_would_be(
+    compose_cfg, trained_checkpoints, phantoms, tmp_path, monkeypatch
+) -> None:
+    model = f"ckpt_path={trained_checkpoints[0]}"
+    whole = tmp_path / "whole"
+    predict(compose_cfg("predict", [model, f"input={phantoms}", f"output={whole}", "batch_size=2"]))
+
+    written: list[Path] = []
+    real_write = predict_module.write_outputs
+
+    def dies_after_five(result, stem, save_probability, inputs) -> None:
+        if len(written) == 5:
+            raise SystemExit("killed")  # the process ends here: no CSV, no clean-up
+        real_write(result, stem, save_probability, inputs)
+        written.append(stem)
+
+    monkeypatch.setattr(predict_module, "write_outputs", dies_after_five)
+    resumed = tmp_path / "resumed"
+    cfg = compose_cfg("predict", [model, f"input={phantoms}", f"output={resumed}", "batch_size=2"])
+    with pytest.raises(SystemExit):
+        predict(cfg)
+    assert not (resumed / "predictions.csv").exists()
+    recorded = (resumed / RECORD).read_text().splitlines()
+    assert 1 <= len(recorded) <= 5  # the batches whose images were all written (and the unreadable one)
+
+    monkeypatch.setattr(predict_module, "write_outputs", lambda *args: (written.append(args[1]), real_write(*args)))
+    written.clear()
+    run = predict(cfg)
+    done_before = {Path(line.split('"input": "')[1].split('"')[0]).name for line in recorded}
+    assert {stem.name for stem in written} == {f"{i:02d}.png" for i in range(12)} - done_before  # only the rest
+    assert len(run.skipped) == 1 and run.failed == []
+    assert _rows(resumed) == _rows(whole) and _masks(resumed) == _masks(whole)
+
+    # a third run finds everything finished: nothing is written again, the CSV is the same
+    written.clear()
+    predict(cfg)
+    assert written == [] and _rows(resumed) == _rows(whole)
+
+
+def test_a_torn_record_line_redoes_that_image_only(compose_cfg, trained_checkpoints, phantoms, tmp_path) -> None:
+    model = f"ckpt_path={trained_checkpoints[0]}"
+    output = tmp_path / "out"
+    cfg = compose_cfg("predict", [model, f"input={phantoms}", f"output={output}"])
+    predict(cfg)
+    lines = (output / RECORD).read_text().splitlines()
+    (output / RECORD).write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])  # the last line cut mid-write
+    before = _rows(output)
+    (output / "11.png.mask.png").unlink()  # the image the torn line recorded, were it the last one written
+    run = predict(cfg)
+    assert _rows(output) == before and len(run.rows) == 12
+
+
+def test_another_model_or_setting_is_refused_unless_resume_is_false(
+    compose_cfg, trained_checkpoints, phantoms, tmp_path
+) -> None:
+    output = tmp_path / "out"
+    first = [f"input={phantoms}", f"output={output}"]
+    predict(compose_cfg("predict", [f"ckpt_path={trained_checkpoints[0]}", *first]))
+    for changed in ([f"ckpt_path={trained_checkpoints[1]}"], [f"ckpt_path={trained_checkpoints[0]}", "threshold=0.3"]):
+        with pytest.raises(DataError, match="holds predictions of another model or other settings.*resume=false"):
+            predict(compose_cfg("predict", [*changed, *first]))
+    again = predict(compose_cfg("predict", [f"ckpt_path={trained_checkpoints[0]}", "threshold=0.3", *first,
+                                            "resume=false"]))  # fmt: skip
+    assert len(again.rows) == 12 and all(float(row["infected_pixels"]) >= 0 for row in again.rows)
+    # a folder from before records (an empty marker) is predicted afresh, not refused
+    (output / ".covidseg-predict").write_text("")
+    assert len(predict(compose_cfg("predict", [f"ckpt_path={trained_checkpoints[0]}", *first])).rows) == 12
+
+
+def test_sigkill_half_way_then_a_rerun_finishes_only_the_rest(trained_checkpoints, tmp_path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for index in range(60):
+        cv2.imwrite(str(folder / f"{index:02d}.png"), make_phantom(rng, 96, infected=True)[0])
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "covidseg.predict", f"ckpt_path={trained_checkpoints[0]}", f"input={folder}",
+               f"output={output}", "batch_size=1", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if (output / RECORD).is_file() and len((output / RECORD).read_text().splitlines()) >= 10:
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = len((output / RECORD).read_text().splitlines())
+    assert 10 <= finished < 60, "the run was not stopped half-way"
+    done = subprocess.run([*command[:-1], f"hydra.run.dir={tmp_path / 'run2'}"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resuming: {finished} of 60" in done.stdout + done.stderr
+    lines = (output / RECORD).read_text().splitlines()
+    assert len(lines) == 60 and len({line.split('"status"')[0] for line in lines}) == 60  # each image once
+    with (output / "predictions.csv").open() as handle:
+        assert [row["file"] for row in csv.DictReader(handle)] == [str(folder / f"{i:02d}.png") for i in range(60)]
