@@ -57,7 +57,7 @@ def summaries(loaded: LoadedModel, images: np.ndarray) -> torch.Tensor:
     parts = []
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for start in range(0, len(images), BATCH):
-            batch = torch.from_numpy(images[start : start + BATCH]).float().div_(255)[:, None]
+            batch = torch.from_numpy(np.asarray(images[start : start + BATCH], np.float32) / 255)[:, None]
             parts.append(network.forward_with_summary(batch)[2].float())
     return torch.cat(parts)
 

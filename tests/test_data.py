@@ -207,3 +207,36 @@ def test_real_data_subset_indexes_and_decodes(real_data: Path) -> None:
     assert masks[:3, 0].any(axis=(1, 2)).all(), "every COVID-19 infection mask is non-empty"
     assert not masks[3:, 0].any(), "Normal images have empty infection masks"
     assert not (masks[:, 0].astype(bool) & ~masks[:, 1].astype(bool)).any()
+
+
+def test_a_cache_entry_is_mapped_read_only_and_built_once_by_processes_at_once(dataset_root, tmp_path, monkeypatch):
+    import threading
+    import warnings
+
+    import covidseg.data.decode as decode
+    from covidseg.data.dataset import XRaySegmentationDataset
+
+    samples = index_split(dataset_root, "Train")
+    built: list[int] = []
+    real_decode_all = decode._decode_all
+
+    def slow_decode_all(*args, **kwargs):
+        built.append(1)
+        threading.Event().wait(0.3)  # long enough for the other one to arrive while this builds
+        return real_decode_all(*args, **kwargs)
+
+    monkeypatch.setattr(decode, "_decode_all", slow_decode_all)
+    results: list = []
+    workers = [threading.Thread(target=lambda: results.append(decode_samples(samples, 32, tmp_path / "cache")))
+               for _ in range(2)]  # fmt: skip
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert len(built) == 1  # the second waited on the lock, then mapped what the first wrote
+    images, masks = decode_samples(samples, 32, tmp_path / "cache")
+    assert isinstance(images, np.memmap) and not images.flags.writeable
+    np.testing.assert_array_equal(images, results[0][0])
+    with warnings.catch_warnings():  # torch warns when it wraps a read-only array: each item is a copy
+        warnings.simplefilter("error")
+        XRaySegmentationDataset(images, masks, [sample.name for sample in samples])[0]["image"].add_(1)

@@ -44,8 +44,8 @@ class XRaySegmentationDataset(Dataset):
 
     def __getitem__(self, key: int) -> dict[str, torch.Tensor | str]:
         index = key % len(self)
-        image = self.images[index]
-        mask = self.masks[index]
+        image = np.array(self.images[index])  # a copy: the arrays may be a read-only map of the decode cache
+        mask = np.array(self.masks[index])
         channels = len(mask)
         if self.soft_targets is not None:  # one more mask channel, so that it moves with the masks
             mask = np.concatenate([mask, self.soft_targets[index][None]])

@@ -24,7 +24,7 @@ import numpy as np
 from covidseg.core.errors import DataError
 from covidseg.core.files import open_regular_file, printable, read_file_bytes
 from covidseg.core.images import check_xray_shape, read_gray, read_unchanged, resize_image
-from covidseg.core.writing import atomic_output, write_atomic
+from covidseg.core.writing import atomic_output, exclusive_lock, write_atomic
 from covidseg.data.index import Sample
 
 log = logging.getLogger(__name__)
@@ -89,13 +89,27 @@ def decode_samples(
     sizes and modification times, so a changed or added file invalidates the cache; a damaged
     entry is rebuilt.
     """
-    cache_files = None
-    if cache_dir is not None:
-        key = _cache_key(samples, image_size)
-        cache_files = (Path(cache_dir) / f"{key}-images.npy", Path(cache_dir) / f"{key}-masks.npy")
+    if cache_dir is None:
+        return _decode_all(samples, image_size)
+    key = _cache_key(samples, image_size)
+    cache_files = (Path(cache_dir) / f"{key}-images.npy", Path(cache_dir) / f"{key}-masks.npy")
+    cached = _load_cache(cache_files, quiet=True)
+    if cached is not None:
+        return cached
+    try:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        building = exclusive_lock(Path(cache_dir), wait=True)
+    except OSError:  # a cache folder that cannot be made: decoded, and the writing warns
+        return _decode_all(samples, image_size, cache_files)
+    with building:  # one process of a machine builds an entry; the others wait and then map it
         cached = _load_cache(cache_files)
-        if cached is not None:
-            return cached
+        return cached if cached is not None else _decode_all(samples, image_size, cache_files)
+
+
+def _decode_all(
+    samples: Sequence[Sample], image_size: int, cache_files: tuple[Path, Path] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every sample (in threads: OpenCV releases the GIL), and cache the arrays."""
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         decoded = list(pool.map(lambda s: _decode_sample(s, image_size), samples))
     images = np.stack([image for image, _ in decoded])
@@ -106,8 +120,10 @@ def decode_samples(
 
 
 def _describe(array: np.ndarray) -> dict:
-    """What a cache entry must match when it is loaded again."""
-    return {"shape": list(array.shape), "dtype": array.dtype.str, "crc32": zlib.crc32(array.tobytes())}
+    """What a cache entry must match when it is loaded again (the checksum read in place: a mapped
+    entry is not copied into the process)."""
+    contiguous = np.ascontiguousarray(array)
+    return {"shape": list(array.shape), "dtype": array.dtype.str, "crc32": zlib.crc32(memoryview(contiguous).cast("B"))}
 
 
 def _meta_path(paths: tuple[Path, Path]) -> Path:
@@ -115,13 +131,16 @@ def _meta_path(paths: tuple[Path, Path]) -> Path:
 
 
 def _load_array(path: Path) -> np.ndarray:
-    with open_regular_file(path, MAX_CACHE_BYTES, "a decode cache entry", DataError) as file:
-        return np.load(file, allow_pickle=False)
+    """The entry memory-mapped read-only: the processes of a machine (DDP ranks, loader workers)
+    share one copy in the page cache instead of holding one each."""
+    with open_regular_file(path, MAX_CACHE_BYTES, "a decode cache entry", DataError):
+        pass  # a link, a pipe, a device or an oversized file is refused before numpy maps it
+    return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
-def _load_cache(paths: tuple[Path, Path]) -> tuple[np.ndarray, np.ndarray] | None:
+def _load_cache(paths: tuple[Path, Path], quiet: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
     """The cached arrays when present and intact (shape, dtype and checksum as recorded); a damaged
-    or unverifiable entry is reported in one line and rebuilt."""
+    or unverifiable entry is reported in one line (unless ``quiet``) and rebuilt."""
     if not any(path.exists() for path in paths):
         return None
     try:
@@ -135,7 +154,8 @@ def _load_cache(paths: tuple[Path, Path]) -> tuple[np.ndarray, np.ndarray] | Non
             if _describe(array) != expected[name]:
                 raise ValueError(f"the {name} do not match their recorded shape, type and checksum")
     except (OSError, ValueError, TypeError, EOFError, RecursionError, MemoryError) as error:  # DataError: ValueError
-        log.warning("decode cache %s is damaged (%s): rebuilding it", printable(paths[0].parent), error)
+        if not quiet:
+            log.warning("decode cache %s is damaged (%s): rebuilding it", printable(paths[0].parent), error)
         return None
     return arrays
 
