@@ -58,6 +58,7 @@ class PredictSettings(CheckedSettings):
     save_probability: bool
     allow_output_in_input: bool
     resume: bool
+    xray_check: bool
 
     @field_validator("input", "output")
     @classmethod

@@ -31,7 +31,7 @@ def test_auto_is_openvino_where_it_is_installed_and_torch_elsewhere(monkeypatch,
 def test_auto_falls_back_to_torch_when_openvino_cannot_run_the_model(
     trained_checkpoints: list[Path], tmp_path: Path, monkeypatch, caplog
 ) -> None:
-    def cannot_compile(backend: str, path: Path, bf16: bool):
+    def cannot_compile(backend: str, path: Path, bf16: bool, expected: list[str]):
         raise RuntimeError("Unsupported operation: NewOp-42")
 
     monkeypatch.setattr(segment, "graph_backend", cannot_compile)
@@ -55,6 +55,8 @@ def test_a_graph_exported_from_a_bf16_predictor_is_fp32_and_cached_once(
     from_bf16 = cached_onnx(load_predictor(checkpoint, tmp_path, bf16=True), tmp_path / "cache")
     assert cached_onnx(load_predictor(checkpoint, tmp_path, bf16=False), tmp_path / "cache") == from_bf16
     images = np.random.default_rng(0).random((2, 1, 64, 64), dtype=np.float32)
-    probability = segment.onnx_backend(from_bf16)(images).probability  # ONNX Runtime refuses bf16 casts on CPU
+    probability = segment.onnx_backend(from_bf16, ["probability", "presence"])(
+        images
+    ).probability  # ONNX Runtime refuses bf16 casts on CPU
     expected = load_predictor(checkpoint, tmp_path).predictor.predict(torch.from_numpy(images)).probability
     assert np.abs(probability - expected.numpy()).max() <= 1e-4

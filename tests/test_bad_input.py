@@ -653,7 +653,7 @@ def test_a_corrupt_onnx_graph_and_odd_messages_are_one_line(tmp_path: Path, caps
 
     (tmp_path / "model.onnx").write_bytes(b"\x08\x07 not a graph")
     with pytest.raises(ModelFileError, match="is not an ONNX graph ONNX Runtime can run"):
-        onnx_backend(tmp_path / "model.onnx")
+        onnx_backend(tmp_path / "model.onnx", ["probability"])
     say_error(f"a [bold]name[/] with markup,\na line break and {NOT_UTF8}")
     error = capsys.readouterr().err.strip()
     assert error == "error: a [bold]name[/] with markup, a line break and covid-19_\\udcff\\udcfe.png"

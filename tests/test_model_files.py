@@ -274,7 +274,7 @@ def test_model_files_over_the_size_limit_are_refused_unread(tmp_path: Path, caps
         from covidseg.inference.segment import onnx_backend
 
         with pytest.raises(ModelFileError, match=r"is 3,221,225,472 bytes; an ONNX graph is under 2,147,483,648"):
-            onnx_backend(path)
+            onnx_backend(path, ["probability"])
         return
     with pytest.raises(ModelFileError, match=r"is 3,221,225,472 bytes; a model file is under 2,147,483,648"):
         load_predictor(str(path), tmp_path)
@@ -310,11 +310,11 @@ def test_an_onnx_graph_that_points_outside_its_folder_for_weights_is_refused(tmp
     path.parent.mkdir()
     path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
     with pytest.raises(ModelFileError, match="is not an ONNX graph ONNX Runtime can run: .*escapes model directory"):
-        onnx_backend(path)
+        onnx_backend(path, ["probability"])
     from covidseg.inference.segment import openvino_backend
 
     with pytest.raises(ModelFileError, match=r"keeps weights in other files \(ONNX external data\): not read"):
-        openvino_backend(path, bf16=False)
+        openvino_backend(path, bf16=False, expected=["probability"])
 
 
 @pytest.mark.slow

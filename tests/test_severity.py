@@ -80,6 +80,11 @@ def test_agreement_of_predicted_and_true_severity() -> None:
     assert result["severity/zone_score_exact"] == pytest.approx(1 / 4)
     assert result["severity/zone_score_within_one"] == pytest.approx(3 / 4)
     assert 0 < result["severity/zone_score_kappa"] < 1
+    # one image, or percentages that never vary: no limits, no correlation, rather than NaN
+    assert "severity/percent_infected_limit_low" not in agreement(off[:1], truth[:1])
+    flat = _rows([(0, 0, 0)] * 4, [0] * 4)
+    assert "severity/percent_infected_pearson_r" not in agreement(flat, truth)
+    assert "severity/zone_score_kappa" not in agreement(flat, flat)
     # scattered differences: Bland-Altman limits are the mean difference +- 1.96 sample SDs
     scattered = _rows([(15, 15, 15), (40, 40, 40), (0, 0, 0), (35, 35, 35)], [1, 4, 0, 2])
     spread = agreement(scattered, truth)

@@ -150,10 +150,13 @@ def _copy_model(run: Path, folder: Path) -> Path:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ("wrong_shape", "the x-ray check's tensors do not fit"),
-        ("missing_tensor", "the x-ray check's tensors do not fit"),
+        ("wrong_shape", r"tensor 'xray_check.basis' is of shape \(2, 124\); .* needs shape \(4, 124\)"),
+        ("missing_tensor", "tensor 'xray_check.scale' is missing"),
         ("nan", "NaN or infinite"),
-        ("zero_scale", "values <= 0"),
+        ("zero_scale", "tensor 'xray_check.scale' holds values below 1e-6"),
+        ("tiny_scale", "tensor 'xray_check.scale' holds values below 1e-6"),
+        ("not_orthonormal", "tensor 'xray_check.basis' is not a set of orthonormal directions"),
+        ("huge_declared", "tensor 'xray_check.mean' is of shape \\(124,\\); .* needs shape \\(10000,\\)"),
         ("no_spec", "belongs to no network"),
         ("feature_count", "the first network's encoder gives"),
         ("too_many_components", "must be fewer than feature_count"),
@@ -173,13 +176,19 @@ def test_a_damaged_or_forged_check_is_refused_naming_the_file(checked_model, tmp
         tensors["xray_check.mean"][0] = float("nan")
     elif change == "zero_scale":
         tensors["xray_check.scale"][3] = 0
+    elif change == "tiny_scale":  # finite, but every score would be infinite
+        tensors["xray_check.scale"][3] = 1e-30
+    elif change == "not_orthonormal":  # scaled directions: every score near 0, the check silently off
+        tensors["xray_check.basis"] = tensors["xray_check.basis"] * 100
+    elif change == "huge_declared":  # a spec that asks the loader for 40 MB the file does not hold
+        check["feature_count"], check["components"] = 10_000, 1_000
     elif change == "no_spec":
         del spec["xray_check"]
     elif change == "feature_count":  # spec and tensors agree with each other, not with the network
         check["feature_count"] -= 1
         for name in ("mean", "scale"):
             tensors[f"xray_check.{name}"] = tensors[f"xray_check.{name}"][:-1].contiguous()
-        tensors["xray_check.basis"] = tensors["xray_check.basis"][:, :-1].contiguous()
+        tensors["xray_check.basis"] = torch.eye(check["feature_count"])[: check["components"]].half()
     elif change == "too_many_components":
         check["components"] = check["feature_count"]
     elif change == "infinite_threshold":
@@ -213,3 +222,85 @@ def test_loading_the_check_leaves_the_networks_weights_and_statistics_as_stored(
     loaded = load_predictor(str(run / "model.safetensors"), run).predictor.state_dict()
     for name, tensor in stored.items():
         torch.testing.assert_close(loaded[name].half(), tensor, msg=name)
+
+
+def _export_onnx(model: str, folder: Path) -> Path:
+    from covidseg.inference.exporters import export_onnx
+
+    return export_onnx(load_predictor(model, folder), folder / "model.onnx")
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_an_onnx_graph_must_answer_what_its_json_says(checked_model, trained_checkpoints, backend, tmp_path) -> None:
+    import onnx
+
+    _, run = checked_model
+    checked = _export_onnx(str(run / "model.safetensors"), tmp_path / "checked")
+    plain = _export_onnx(str(trained_checkpoints[0]), tmp_path / "plain")
+    # a graph without the check beside a .json that declares it: it would refuse nothing
+    (plain.parent / "model.json").write_text((checked.parent / "model.json").read_text())
+    with pytest.raises(ModelFileError, match=r"outputs are \['probability', 'presence'\], but its model spec expects"):
+        load_backend(str(plain), tmp_path, backend, NO_OVERRIDES, False, tmp_path)
+    # the .json's own list of outputs disagrees with its spec
+    metadata = json.loads((checked.parent / "model.json").read_text())
+    metadata["outputs"] = ["probability", "presence"]
+    (checked.parent / "model.json").write_text(json.dumps(metadata))
+    with pytest.raises(ModelFileError, match="model.json': key 'outputs'"):
+        load_backend(str(checked), tmp_path, backend, NO_OVERRIDES, False, tmp_path)
+    # outputs renamed in the graph (it still passes onnx.checker)
+    metadata["outputs"] = ["probability", "presence", "xray_score"]
+    (checked.parent / "model.json").write_text(json.dumps(metadata))
+    graph = onnx.load(str(checked))
+    renames = {output.name: f"out{index}" for index, output in enumerate(graph.graph.output)}
+    for node in graph.graph.node:
+        node.output[:] = [renames.get(name, name) for name in node.output]
+    for output in graph.graph.output:
+        output.name = renames[output.name]
+    onnx.checker.check_model(graph)
+    onnx.save(graph, str(checked))
+    with pytest.raises(ModelFileError, match=r"outputs are \[.*'out1', 'out2'\], but its model spec expects"):
+        load_backend(str(checked), tmp_path, backend, NO_OVERRIDES, False, tmp_path)
+
+
+def test_an_ensembles_check_is_its_first_models_and_every_members_is_validated(
+    checked_model, trained_checkpoints, tmp_path, caplog
+) -> None:
+    _, run = checked_model
+    checked = str(run / "model.safetensors")
+    with caplog.at_level("INFO"):
+        assert load_predictor([str(trained_checkpoints[1]), checked], tmp_path).predictor.xray_check is None
+    assert "x-ray check is its first model's" in caplog.text
+    assert load_predictor([checked, str(trained_checkpoints[1])], tmp_path).predictor.xray_check is not None
+    broken = _copy_model(run, tmp_path / "broken")
+    tensors = load_file(broken)
+    del tensors["xray_check.mean"]
+    save_file(tensors, broken)
+    with pytest.raises(ModelFileError, match="broken/model.safetensors': tensor 'xray_check.mean' is missing"):
+        load_predictor([checked, str(broken)], tmp_path)
+
+
+def test_bf16_scores_of_the_shipped_model_stay_near_fp32(xray, tmp_path) -> None:
+    pictures = [xray, *(generated_pictures()[name] for name in ("document", "scene", "head_slice", "cloudy_noise"))]
+    images = np.stack([cv2.resize(picture, (256, 256), interpolation=cv2.INTER_AREA) for picture in pictures])
+    images = images[:, None].astype(np.float32) / 255
+    fp32 = load_backend("pretrained", tmp_path, "torch", NO_OVERRIDES, False, tmp_path).run(images).xray_score
+    for backend in ("torch", "openvino"):
+        bf16 = load_backend("pretrained", tmp_path, backend, NO_OVERRIDES, True, tmp_path).run(images).xray_score
+        np.testing.assert_allclose(bf16, fp32, rtol=0.1)  # bf16's rounding, not another answer
+
+
+def test_an_infinite_score_is_refused_in_json_the_client_can_read(checked_model, xray) -> None:
+    from fastapi.testclient import TestClient
+
+    from covidseg.inference.predictor import Answer
+    from covidseg.serving.app import ServeSettings, create_app
+
+    _, run = checked_model
+    model = load_backend(str(run / "model.safetensors"), run, "torch", NO_OVERRIDES, False, run).checking(True)
+    real = model.run
+    model.run = lambda images: Answer(real(images).probability, real(images).presence, np.full(len(images), np.inf))
+    _, chest = cv2.imencode(".png", xray)
+    response = TestClient(create_app(model, ServeSettings())).post(
+        "/api/predict", files={"file": ("chest.png", chest.tobytes(), "image/png")}
+    )
+    assert response.status_code == 422 and response.json()["refused"] is True and response.json()["xray_score"] is None

@@ -237,9 +237,9 @@ def compare_variants(cfg: DictConfig, datamodule, rounds: int, steps: int, compi
         torch.manual_seed(cfg.seed)
         modules[name] = instantiate(cfg.model, channels_last=channels_last, compile=compile_network)
     with tempfile.TemporaryDirectory() as folder:  # the session keeps the graph in memory
-        onnx_path = trace_onnx(
-            predictor_of(modules["fp32"]).eval(), eval_batches[0]["image"][:1], Path(folder) / "m.onnx"
-        )
+        predictor = predictor_of(modules["fp32"]).eval()
+        names = ["probability"] + ["presence"] * predictor.has_presence
+        onnx_path = trace_onnx(predictor, eval_batches[0]["image"][:1], Path(folder) / "m.onnx", names)
         session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     measured: dict[str, list[float]] = {}
     first_steps: dict[str, list[float]] = {name: [] for name in variants}

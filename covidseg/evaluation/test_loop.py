@@ -62,7 +62,7 @@ def run_test_loop(cfg: DictConfig, loaded: LoadedModel, datamodule: CovidQuExDat
     forward = None
     if backend != "torch":
         graph = cached_onnx(loaded, Path(cfg.paths.cache_dir))
-        forward = as_forward(graph_backend(backend, graph, inference_bf16(cfg)))
+        forward = as_forward(graph_backend(backend, graph, inference_bf16(cfg), loaded.spec.graph_outputs))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
     try:
         trainer.test(PredictorModule(loaded.predictor, forward), datamodule=datamodule, verbose=False)

@@ -34,7 +34,7 @@ INPUT = "image, float32 (N, 1, S, S): grayscale / 255, resized to S x S (S = mod
 
 class TracedPredictor(nn.Module):
     """The Predictor's probabilities and, where the model has them, presence and x-ray scores: a
-    graph's outputs (named by :func:`outputs`), always traced in fp32 (a Predictor loaded for bf16
+    graph's outputs (named by the spec's ``graph_outputs``), always traced in fp32 (a Predictor loaded for bf16
     inference would put bf16 casts into the graph)."""
 
     def __init__(self, predictor: Predictor) -> None:
@@ -51,15 +51,10 @@ class TracedPredictor(nn.Module):
         return present[0] if len(present) == 1 else present
 
 
-def outputs(predictor: Predictor) -> list[str]:
-    """The graph's output names, in :class:`~covidseg.inference.predictor.Answer`'s order."""
-    return ["probability"] + ["presence"] * predictor.has_presence + ["xray_score"] * (predictor.xray_check is not None)
-
-
 def write_metadata(path: Path, file_format: str, loaded: LoadedModel) -> Path:
     """``<path>.json``: input, outputs and the model spec."""
     metadata = ExportMetadata(
-        format=file_format, input=INPUT, outputs=outputs(loaded.predictor), model=loaded.spec.to_plain()
+        format=file_format, input=INPUT, outputs=loaded.spec.graph_outputs, model=loaded.spec.to_plain()
     )
     return write_atomic(path.with_suffix(".json"), json.dumps(metadata.model_dump(mode="json"), indent=2) + "\n")
 
@@ -68,11 +63,11 @@ def _example(spec: ModelSpec) -> torch.Tensor:
     return torch.rand(2, 1, spec.image_size, spec.image_size)
 
 
-def trace_onnx(predictor: Predictor, example: torch.Tensor, path: Path) -> Path:
-    """The whole Predictor as an ONNX graph with a dynamic batch dimension (TorchScript-based
+def trace_onnx(predictor: Predictor, example: torch.Tensor, path: Path, names: list[str]) -> Path:
+    """The whole Predictor as an ONNX graph with a dynamic batch dimension and the outputs ``names``
+    (its spec's :attr:`~covidseg.inference.model_spec.ModelSpec.graph_outputs`; TorchScript-based
     exporter: no onnxscript needed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    names = outputs(predictor)
     graph = io.BytesIO()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -91,7 +86,7 @@ def trace_onnx(predictor: Predictor, example: torch.Tensor, path: Path) -> Path:
 
 def export_onnx(loaded: LoadedModel, path: Path) -> Path:
     """ONNX of the Predictor plus its metadata ``.json``."""
-    trace_onnx(loaded.predictor, _example(loaded.spec), path)
+    trace_onnx(loaded.predictor, _example(loaded.spec), path, loaded.spec.graph_outputs)
     write_metadata(path, "onnx", loaded)
     return path
 

@@ -12,6 +12,7 @@ safetensors, YAML's safe loader without aliases); the model spec inside is valid
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from covidseg.inference.xray_check import TENSOR_PREFIX, XrayCheck
 from covidseg.models.network import SegmentationNetwork
 from covidseg.models.registry import build_network
 
+log = logging.getLogger(__name__)
 PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained" / "best_cpu.safetensors"
 MODULE_PREFIX = "network."  # the SegmentationModule's network in a Lightning checkpoint's state_dict
 BEST_DICE = re.compile(r"dice(\d+(?:\.\d+)?)")
@@ -61,6 +63,14 @@ def allow_missing_folds(cfg: Mapping[str, Any]) -> bool:
     choice = cfg.get("allow_missing_folds", False)
     if not isinstance(choice, bool):
         raise ConfigError(f"allow_missing_folds={choice!r}: expected true or false")
+    return choice
+
+
+def xray_check_setting(cfg: Mapping[str, Any]) -> bool:
+    """``xray_check`` of predict and serve: true refuses pictures unlike the model's X-rays."""
+    choice = cfg.get("xray_check", True)
+    if not isinstance(choice, bool):
+        raise ConfigError(f"xray_check={choice!r}: expected true (refuse pictures unlike chest X-rays) or false")
     return choice
 
 
@@ -282,6 +292,10 @@ def load_predictor(
     file's spec has been validated."""
     paths = resolve_model_paths(ckpt_path, log_dir, allow_missing_folds=allow_missing_folds)
     read = [read_model_file(path) for path in paths]
+    for path, (member_spec, state) in zip(paths, read, strict=True):
+        check_xray_tensors(member_spec, state, path)  # before anything of the spec's size is built
+    if any(member_spec.xray_check is not None for member_spec, _ in read[1:]):
+        log.info("an ensemble's x-ray check is its first model's: the checks of the others are not used")
     spec = ensemble_spec([spec for spec, _ in read], paths).with_inference(**inference)
     predictor = build_predictor(spec, bf16)
     networks = iter(predictor.networks)
@@ -305,27 +319,44 @@ def load_predictor(
     return LoadedModel(predictor.eval(), spec, paths)
 
 
+def check_xray_tensors(spec: ModelSpec, state: dict[str, torch.Tensor], path: Path) -> None:
+    """A model spec's x-ray check has its tensors in the file, of the sizes it declares, and they
+    are a reference (spreads of at least 1e-6, orthonormal directions): checked before the check is
+    built, so a spec cannot make the loader allocate what the file does not hold."""
+    check = spec.xray_check
+    if check is None:
+        return
+    expected = {"mean": (check.feature_count,), "scale": (check.feature_count,),
+                "basis": (check.components, check.feature_count)}  # fmt: skip
+    for name, shape in expected.items():
+        tensor = state.get(TENSOR_PREFIX + name)
+        found = "missing" if tensor is None else f"of shape {tuple(tensor.shape)}"
+        if tensor is None or tuple(tensor.shape) != shape:
+            raise ModelFileError(
+                f"{str(path)!r}: tensor '{TENSOR_PREFIX}{name}' is {found}; the x-ray check its spec declares needs "
+                f"shape {shape}"
+            )
+    if not bool((state[TENSOR_PREFIX + "scale"] >= 1e-6).all()):
+        raise ModelFileError(f"{str(path)!r}: tensor '{TENSOR_PREFIX}scale' holds values below 1e-6, expected spreads")
+    basis = state[TENSOR_PREFIX + "basis"].double()
+    if not torch.allclose(basis @ basis.T, torch.eye(check.components, dtype=torch.float64), atol=1e-2):
+        raise ModelFileError(f"{str(path)!r}: tensor '{TENSOR_PREFIX}basis' is not a set of orthonormal directions")
+
+
 def load_xray_check(predictor: Predictor, state: dict[str, torch.Tensor], path: Path) -> None:
-    """The x-ray check's reference from ``state``, checked against the first network's encoder."""
+    """The x-ray check's reference from ``state`` (checked by :func:`check_xray_tensors`), checked
+    against the first network's encoder."""
     assert predictor.xray_check is not None
     tensors = {
         name.removeprefix(TENSOR_PREFIX): tensor for name, tensor in state.items() if name.startswith(TENSOR_PREFIX)
     }
-    try:
-        predictor.xray_check.load_state_dict(tensors)
-    except RuntimeError as error:
-        first_lines = "; ".join(str(error).splitlines()[:2])[:300]
-        raise ModelFileError(
-            f"{str(path)!r}: the x-ray check's tensors do not fit its model spec: {first_lines}"
-        ) from None
+    predictor.xray_check.load_state_dict(tensors)
     width = predictor.networks[0].summary_width()
     if width != predictor.xray_check.mean.numel():
         raise ModelFileError(
             f"{str(path)!r}: xray_check.feature_count is {predictor.xray_check.mean.numel()}, "
             f"but the first network's encoder gives {width} features"
         )
-    if not bool((predictor.xray_check.scale > 0).all()):
-        raise ModelFileError(f"{str(path)!r}: tensor 'xray_check.scale' holds values <= 0, expected spreads")
 
 
 def read_onnx_metadata(path: Path) -> tuple[ExportMetadata, ModelSpec]:

@@ -86,8 +86,8 @@ class XrayCheckSpec(_Plain):
     its tensors ``xray_check.mean``, ``.scale`` (``feature_count``) and ``.basis`` (``components`` x
     ``feature_count``) are in the model file; images scoring above ``threshold`` are refused."""
 
-    feature_count: int = Field(ge=2, le=100_000)
-    components: int = Field(ge=1, le=10_000)
+    feature_count: int = Field(ge=2, le=10_000)  # covidseg's networks have a few hundred
+    components: int = Field(ge=1, le=1_000)
     threshold: float = Field(gt=0, allow_inf_nan=False)
     reference: str = Field("", max_length=500)  # for people: which images the statistics come from
 
@@ -140,6 +140,11 @@ class ModelSpec(_Plain):
     @property
     def has_presence(self) -> bool:
         return self.networks[0].presence_head
+
+    @property
+    def graph_outputs(self) -> list[str]:
+        """The outputs of the model's exported graph, in order (what its ``.json`` lists)."""
+        return ["probability"] + ["presence"] * self.has_presence + ["xray_score"] * (self.xray_check is not None)
 
     def with_inference(self, **overrides: Any) -> ModelSpec:
         """A copy with some inference settings replaced (``None`` values keep the file's), validated."""

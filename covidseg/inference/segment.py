@@ -32,6 +32,7 @@ from covidseg.inference.loader import (
     load_predictor,
     read_onnx_metadata,
     resolve_model_paths,
+    xray_check_setting,
 )
 from covidseg.inference.model_spec import InferenceSettings, ModelSpec
 from covidseg.inference.predictor import Answer, Forward, Predictor
@@ -58,7 +59,17 @@ def named_answer(values: Mapping[str, np.ndarray]) -> Answer:
     return Answer(values["probability"], values.get("presence"), values.get("xray_score"))
 
 
-def onnx_backend(path: Path) -> Backend:
+def check_graph_outputs(path: Path, names: Sequence[str], expected: Sequence[str]) -> None:
+    """A graph answers with the outputs its model spec says, in that order (a graph with other
+    outputs would be read wrong, or refuse nothing its spec promises to refuse)."""
+    if list(names) != list(expected):
+        raise ModelFileError(
+            f"{printable(path)!r}: the graph's outputs are {list(names)}, but its model spec expects {list(expected)}"
+        )
+
+
+def onnx_backend(path: Path, expected: Sequence[str]) -> Backend:
+    """An ONNX graph in ONNX Runtime (fp32), whose outputs must be ``expected``."""
     import onnxruntime
 
     with open_regular_file(path, MAX_MODEL_BYTES, "an ONNX graph", ModelFileError):
@@ -70,6 +81,7 @@ def onnx_backend(path: Path) -> Backend:
         raise ModelFileError(f"{printable(path)!r} is not an ONNX graph ONNX Runtime can run: {first_line}") from None
     name = session.get_inputs()[0].name
     names = [output.name for output in session.get_outputs()]
+    check_graph_outputs(path, names, expected)
 
     def run(images: np.ndarray) -> Answer:
         return named_answer(dict(zip(names, session.run(None, {name: images}), strict=True)))
@@ -91,9 +103,10 @@ def refuse_external_data(path: Path) -> None:
         raise ModelFileError(f"{printable(path)!r} keeps weights in other files (ONNX external data): not read")
 
 
-def openvino_backend(path: Path, bf16: bool) -> Backend:
+def openvino_backend(path: Path, bf16: bool, expected: Sequence[str]) -> Backend:
     """An ONNX graph compiled by OpenVINO for this CPU, in bf16 where ``bf16`` (the CPU has it) and
-    fp32 otherwise; one inference request per call, so threads may share it."""
+    fp32 otherwise, whose outputs must be ``expected``; one inference request per call, so threads
+    may share it."""
     import openvino
 
     refuse_external_data(path)  # OpenVINO, unlike ONNX Runtime, is not documented to keep them in the folder
@@ -105,7 +118,10 @@ def openvino_backend(path: Path, bf16: bool) -> Backend:
         reason = " ".join(lines)[:200] or type(error).__name__
         raise ModelFileError(f"{printable(path)!r} is not an ONNX graph OpenVINO can compile: {reason}") from None
     # an output may carry several names (OpenVINO keeps the graph's internal one beside ours)
-    outputs = {name: output for output in compiled.outputs for name in output.get_names()}
+    found = [next((name for name in expected if name in output.get_names()), output.get_any_name())
+             for output in compiled.outputs]  # fmt: skip
+    check_graph_outputs(path, found, expected)
+    outputs = dict(zip(found, compiled.outputs, strict=True))
 
     def run(images: np.ndarray) -> Answer:
         answer = compiled.create_infer_request().infer({0: images})
@@ -114,9 +130,9 @@ def openvino_backend(path: Path, bf16: bool) -> Backend:
     return run
 
 
-def graph_backend(backend: str, path: Path, bf16: bool) -> Backend:
-    """An ONNX graph run by ONNX Runtime (fp32) or OpenVINO."""
-    return openvino_backend(path, bf16) if backend == "openvino" else onnx_backend(path)
+def graph_backend(backend: str, path: Path, bf16: bool, expected: Sequence[str]) -> Backend:
+    """An ONNX graph run by ONNX Runtime (fp32) or OpenVINO, with the outputs ``expected``."""
+    return openvino_backend(path, bf16, expected) if backend == "openvino" else onnx_backend(path, expected)
 
 
 def as_forward(backend: Backend) -> Forward:
@@ -153,11 +169,9 @@ class LoadedBackend:
     paths: list[Path]
     refuse_above: float | None = None
 
-    def checking(self, xray_check: Any) -> LoadedBackend:
+    def checking(self, xray_check: bool) -> LoadedBackend:
         """This backend refusing pictures unlike X-rays where ``xray_check`` (a command's setting)
         is true and the model has the check."""
-        if not isinstance(xray_check, bool):
-            raise ConfigError(f"xray_check={xray_check!r}: expected true or false")
         check = self.spec.xray_check
         if xray_check and check is None:
             log.info("xray_check: this model has no x-ray check, so every picture is answered")
@@ -187,20 +201,26 @@ def load_backend(
         baked = sorted(key for key, value in inference.items() if key not in APPLIED_AFTER_GRAPH and value is not None)
         if baked:
             raise ModelFileError(f"{', '.join(baked)} cannot change an exported .onnx graph: export again with them")
-        _, spec = read_onnx_metadata(paths[0])
+        metadata, spec = read_onnx_metadata(paths[0])
+        if metadata.outputs != spec.graph_outputs:
+            raise ModelFileError(
+                f"{printable(paths[0].with_suffix('.json'))!r}: key 'outputs' = {metadata.outputs}, but its model "
+                f"spec makes the graph answer {spec.graph_outputs}"
+            )
         settings = {key: inference.get(key) for key in APPLIED_AFTER_GRAPH}
         try:
-            run = graph_backend(chosen, paths[0], bf16)
+            run = graph_backend(chosen, paths[0], bf16, spec.graph_outputs)
         except ModelFileError as error:
             if backend != "auto" or chosen != "openvino":
                 raise
             log.warning("backend=auto: ONNX Runtime, as OpenVINO failed: %s", error)
-            run = onnx_backend(paths[0])
+            run = onnx_backend(paths[0], spec.graph_outputs)
         return LoadedBackend(run, spec.with_inference(**settings), paths)
     loaded = load_predictor([str(path) for path in paths], log_dir, bf16 and chosen == "torch", **inference)
     if chosen != "torch":  # an ONNX export is traced in fp32
         try:
-            return LoadedBackend(graph_backend(chosen, cached_onnx(loaded, cache_dir), bf16), loaded.spec, paths)
+            graph = cached_onnx(loaded, cache_dir)
+            return LoadedBackend(graph_backend(chosen, graph, bf16, loaded.spec.graph_outputs), loaded.spec, paths)
         except Exception as error:  # a network the ONNX exporter or OpenVINO cannot take
             if backend != "auto":
                 raise
@@ -211,7 +231,9 @@ def load_backend(
 
 def load_configured_backend(cfg: Mapping[str, Any]) -> LoadedBackend:
     """:func:`load_backend` with a command's own settings (``ckpt_path``, ``backend``, the
-    inference keys, ``bf16``, ``allow_missing_folds``, ``paths``): what predict and serve share."""
+    inference keys, ``bf16``, ``allow_missing_folds``, ``xray_check``, ``paths``): what predict
+    and serve share. The settings are checked before the model is read."""
+    refuse = xray_check_setting(cfg)
     return load_backend(
         cfg["ckpt_path"],
         cfg["paths"]["log_dir"],
@@ -220,7 +242,7 @@ def load_configured_backend(cfg: Mapping[str, Any]) -> LoadedBackend:
         inference_bf16(cfg),
         Path(cfg["paths"]["cache_dir"]),
         allow_missing_folds(cfg),
-    ).checking(cfg.get("xray_check", True))
+    ).checking(refuse)
 
 
 class ImageResult:

@@ -77,24 +77,27 @@ def agreement(predicted: Sequence[dict], truth: Sequence[dict]) -> dict[str, flo
 
     predicted_percent, true_percent = column(predicted, "lung_infected_percent"), column(truth, "lung_infected_percent")
     difference = predicted_percent - true_percent
-    spread = 1.96 * float(difference.std(ddof=1)) if len(difference) > 1 else float("nan")
-    varies = len(difference) > 1 and predicted_percent.std() > 0 and true_percent.std() > 0
     predicted_score = torch.tensor([row["zone_score"] for row in predicted])
     true_score = torch.tensor([row["zone_score"] for row in truth])
     kappa = cohen_kappa(predicted_score, true_score, task="multiclass", num_classes=7, weights="quadratic")
-    correlation = float(pearsonr(predicted_percent, true_percent)[0]) if varies else float("nan")
     figures = {
         "severity/percent_infected_mae": float(np.abs(difference).mean()),
-        "severity/percent_infected_pearson_r": correlation,
         "severity/percent_infected_bias": float(difference.mean()),
-        "severity/percent_infected_limit_low": float(difference.mean()) - spread,
-        "severity/percent_infected_limit_high": float(difference.mean()) + spread,
     }
+    # figures that need two images, or percentages that vary, are left out rather than written as NaN
+    if len(difference) > 1:
+        spread = 1.96 * float(difference.std(ddof=1))
+        figures["severity/percent_infected_limit_low"] = float(difference.mean()) - spread
+        figures["severity/percent_infected_limit_high"] = float(difference.mean()) + spread
+    if len(difference) > 1 and predicted_percent.std() > 0 and true_percent.std() > 0:
+        figures["severity/percent_infected_pearson_r"] = float(pearsonr(predicted_percent, true_percent)[0])
     for side in ("right", "left"):
         key = f"{side}_lung_infected_percent"
         figures[f"severity/{side}_lung_percent_mae"] = float(np.abs(column(predicted, key) - column(truth, key)).mean())
-    return figures | {
+    figures |= {
         "severity/zone_score_exact": float((predicted_score == true_score).float().mean()),
         "severity/zone_score_within_one": float(((predicted_score - true_score).abs() <= 1).float().mean()),
-        "severity/zone_score_kappa": float(kappa),
     }
+    if np.isfinite(float(kappa)):  # undefined when every score, true and predicted, is the same
+        figures["severity/zone_score_kappa"] = float(kappa)
+    return figures

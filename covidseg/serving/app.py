@@ -20,6 +20,7 @@ import asyncio
 import base64
 import hashlib
 import logging
+import math
 import socket
 import time
 from collections.abc import Callable
@@ -267,7 +268,10 @@ class Segmenter:
                 self.decoding -= 1
             result = await self.batcher.segment(image)
             if result.refused:
-                details = {"refused": True, "xray_score": result.xray_score, "xray_threshold": result.refuse_above}
+                score = (
+                    result.xray_score if result.xray_score is not None and math.isfinite(result.xray_score) else None
+                )
+                details = {"refused": True, "xray_score": score, "xray_threshold": result.refuse_above}
                 raise ApiError(422, f"{name}: {result.refusal()}", details)
             return await anyio.to_thread.run_sync(
                 self.describe, result, name, found, layers, started, limiter=self.limiter
