@@ -128,7 +128,7 @@ def _predict_into(
 ) -> PredictRun:
     inputs = {Path(os.path.realpath(path)) for path in files}
     run = PredictRun(output / "predictions.csv")
-    todo = [path for path in files if os.path.realpath(path) not in manifest.finished]
+    todo = [path for path in files if manifest.entry(path) is None]
     if len(todo) < len(files):
         log.info("resuming: %d of %d image(s) were finished by an earlier run", len(files) - len(todo), len(files))
     batches = [todo[start : start + cfg.batch_size] for start in range(0, len(todo), cfg.batch_size)]
@@ -142,9 +142,8 @@ def _predict_into(
                     images.append(xray_gray(read_unchanged(path), str(path)))
                     readable.append(path)
                 except (DataError, OSError) as error:
-                    finished.append({"input": os.path.realpath(path), "status": "skipped", "reason": str(error)})
+                    run.skipped.append((path, str(error)))  # not recorded: a rerun reads it again
         if not images:
-            manifest.record(finished)
             continue
         with run.stage("resize and post-process"):  # the networks' share is taken out below
             results = segment(networks, model.spec, images, model.refuse_above)
@@ -152,7 +151,7 @@ def _predict_into(
         with run.stage("draw, encode and write"):
             for path, result in zip(readable, results, strict=True):
                 if result.refused:
-                    finished.append({"input": os.path.realpath(path), "status": "refused", "reason": result.refusal()})
+                    finished.append(manifest.finished_entry(path, "refused", reason=result.refusal()))
                     continue
                 try:
                     write_outputs(result, output_stem(output, path, base), cfg.save_probability, inputs)
@@ -161,17 +160,15 @@ def _predict_into(
                     continue
                 row = {"file": printable(path), **result.stats(), **(result.severity() or {})}
                 row["seconds"] = round(seconds, 4)
-                finished.append({"input": os.path.realpath(path), "status": "predicted", "row": row})
+                finished.append(manifest.finished_entry(path, "predicted", row=row))
             manifest.record(finished)
     run.stage_seconds["resize and post-process"] -= run.stage_seconds["networks"]
     for path in files:  # in the inputs' order, this run's and earlier runs' alike
-        entry = manifest.finished.get(os.path.realpath(path))
-        if entry is None:
-            continue
-        if entry["status"] == "predicted":
+        entry = manifest.entry(path)
+        if entry is not None and entry["status"] == "predicted":
             run.rows.append(entry["row"])
-        else:
-            (run.refused if entry["status"] == "refused" else run.skipped).append((path, entry["reason"]))
+        elif entry is not None:
+            run.refused.append((path, entry["reason"]))
     header = list(run.rows[0]) if run.rows else ["file"]
     with run.stage("CSV"):
         write_csv(run.csv_path, header, ([row[key] for key in header] for row in run.rows))

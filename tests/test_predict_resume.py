@@ -65,7 +65,7 @@ def test_a_run_stopped_half_way_is_finished_by_the_next_one_as_one_run_would_be(
         predict(cfg)
     assert not (resumed / "predictions.csv").exists()
     recorded = (resumed / RECORD).read_text().splitlines()
-    assert 1 <= len(recorded) <= 5  # the batches whose images were all written (and the unreadable one)
+    assert 1 <= len(recorded) <= 5  # the batches whose images were all written (not the unreadable one)
 
     monkeypatch.setattr(predict_module, "write_outputs", lambda *args: (written.append(args[1]), real_write(*args)))
     written.clear()
@@ -92,6 +92,12 @@ def test_a_torn_record_line_redoes_that_image_only(compose_cfg, trained_checkpoi
     (output / "11.png.mask.png").unlink()  # the image the torn line recorded, were it the last one written
     run = predict(cfg)
     assert _rows(output) == before and len(run.rows) == 12
+    # an input changed since it was predicted is predicted again; the others are not
+    stamp = (output / "00.png.mask.png").stat().st_mtime_ns
+    cv2.imwrite(str(phantoms / "03.png"), make_phantom(np.random.default_rng(9), 96, infected=True)[0])
+    predict(cfg)
+    assert (output / "00.png.mask.png").stat().st_mtime_ns == stamp
+    assert (output / "03.png.mask.png").stat().st_mtime_ns > stamp
 
 
 def test_another_model_or_setting_is_refused_unless_resume_is_false(

@@ -2,12 +2,13 @@
 
 The folder's marker (:data:`~covidseg.inference.image_files.OUTPUT_MARKER`) holds a digest of the
 model files, the model spec with the command's inference settings, the backend, the precision and the outputs asked for;
-``.covidseg-predict.jsonl`` gets one line per finished image (predicted with its CSV row, refused or
-skipped with the reason), appended and flushed to disk once the image's files are written. A rerun
-with the same model and settings reads the lines back and does only the images they lack: after a
-crash or a kill, nothing finished is done again and nothing is lost (an image killed between its
-files and its line is done again, its files replaced by the same). A torn last line is ignored.
-Images whose files could not be written are not recorded, so a rerun tries them again.
+``.covidseg-predict.jsonl`` gets one line per finished image (predicted with its CSV row, or refused
+with the reason; with the input's size and modification time), appended and flushed to disk once the
+image's files are written. A rerun with the same model and settings reads the lines back and does
+only the images they lack, or whose input changed since: after a crash or a kill, nothing finished
+is done again and nothing is lost (an image killed between its files and its line is done again,
+its files replaced by the same). A torn last line is ignored. Unreadable images and images whose
+files could not be written are not recorded, so a rerun tries them again.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from covidseg.core.writing import write_atomic
 from covidseg.inference.image_files import OUTPUT_MARKER
 
 RECORD = ".covidseg-predict.jsonl"
-STATUSES = ("predicted", "refused", "skipped")
+STATUSES = ("predicted", "refused")
 
 
 def run_digest(model_files: Iterable[Path], settings: dict[str, Any]) -> str:
@@ -89,8 +90,23 @@ class Manifest:
                 finished[entry["input"]] = entry
         return finished
 
+    @staticmethod
+    def finished_entry(path: Path, status: str, **details: Any) -> dict[str, Any]:
+        """A line for ``path``: its real path, size and modification time, ``status`` and ``details``."""
+        stat = os.stat(path)
+        return {"input": os.path.realpath(path), "stamp": [stat.st_size, stat.st_mtime_ns], "status": status} | details
+
+    def entry(self, path: Path) -> dict[str, Any] | None:
+        """The record of ``path`` when it is finished and unchanged since."""
+        entry = self.finished.get(os.path.realpath(path))
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return None
+        return entry if entry is not None and entry.get("stamp") == [stat.st_size, stat.st_mtime_ns] else None
+
     def record(self, entries: list[dict[str, Any]]) -> None:
-        """Append finished images (``input``, ``status``, ``row`` or ``reason``) and flush them to disk."""
+        """Append finished images (``input``, ``stamp``, ``status``, ``row`` or ``reason``) and flush them."""
         if not entries:
             return
         with open(self.path, "a", encoding="utf-8") as file:

@@ -55,7 +55,7 @@ def torch_backend(predictor: Predictor) -> Backend:
 
 
 def named_answer(values: Mapping[str, np.ndarray]) -> Answer:
-    """A graph's outputs by name (:func:`~covidseg.inference.exporters.outputs`) as an Answer."""
+    """A graph's outputs by name (``ModelSpec.graph_outputs``) as an Answer."""
     return Answer(values["probability"], values.get("presence"), values.get("xray_score"))
 
 
