@@ -113,7 +113,8 @@ def test_a_damaged_cache_entry_is_rebuilt_with_a_note(
 ) -> None:
     cache = tmp_path / "cache"
     samples = index_split(dataset_root, "Train")
-    images, masks = decode_samples(samples, 32, cache)
+    # copies: the entry is mapped, and the damage below is done in place, under the map
+    images, masks = (np.array(array) for array in decode_samples(samples, 32, cache))
     (entry,) = cache.glob("*-images.npy")
     if damage == "truncate":
         entry.write_bytes(entry.read_bytes()[:200])

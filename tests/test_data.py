@@ -234,6 +234,7 @@ def test_a_cache_entry_is_mapped_read_only_and_built_once_by_processes_at_once(d
     for worker in workers:
         worker.join()
     assert len(built) == 1  # the second waited on the lock, then mapped what the first wrote
+    assert all(isinstance(images, np.memmap) for images, _ in results)  # the builder too: its copy is freed
     images, masks = decode_samples(samples, 32, tmp_path / "cache")
     assert isinstance(images, np.memmap) and not images.flags.writeable
     np.testing.assert_array_equal(images, results[0][0])

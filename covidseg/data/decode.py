@@ -5,6 +5,11 @@ bytes by :mod:`covidseg.core.images` (type from the content, pixel count checked
 
 Masks: a single-channel image with at most two values, 0 and one foreground value (0/1 and
 0/255 both work); anything else (colour, several grey levels) is refused with the file named.
+
+Cache entries are memory-mapped read-only, so the processes of a machine share one copy; one of
+them builds a missing entry under a lock while the others wait. covidseg only ever replaces an
+entry whole (a new file renamed over it), which leaves the maps of running processes intact; a
+file edited or truncated in place under a running process would change or cut its data.
 """
 
 from __future__ import annotations
@@ -116,6 +121,9 @@ def _decode_all(
     masks = np.stack([mask for _, mask in decoded])
     if cache_files is not None:
         _save_atomic(cache_files, (images, masks), samples, image_size)
+        mapped = _load_cache(cache_files, quiet=True)  # the builder too maps the entry, and frees its own copy
+        if mapped is not None:
+            return mapped
     return images, masks
 
 
