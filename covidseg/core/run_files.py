@@ -165,7 +165,7 @@ def print_summary(
     if intervals:
         table.add_column("95 % interval", justify="right")
     for name in sorted(metrics):
-        if name.split("/")[0] in ("val", "test") and not name.endswith("_epoch"):
+        if name.split("/")[0] in ("val", "test", "severity") and not name.endswith("_epoch"):
             interval = (intervals or {}).get(name)
             shown = [f"[{interval['low']:.4f}, {interval['high']:.4f}]"] if interval else [""] if intervals else []
             table.add_row(name, f"{metrics[name]:.4f}", *shown)
