@@ -21,7 +21,7 @@ from covidseg.core.config import compose_config
 from covidseg.inference.loader import INFERENCE_KEYS
 from covidseg.inference.segment import LoadedBackend, load_backend
 from covidseg.predict import predict
-from covidseg.serving.app import ServeSettings, create_app
+from covidseg.serving.app import ServeSettings, create_app, png_base64
 
 NO_OVERRIDES = dict.fromkeys(INFERENCE_KEYS)  # every inference setting as the model file has it
 REPO = Path(__file__).resolve().parents[1]
@@ -293,7 +293,27 @@ def test_a_lung_model_answers_severity_and_lung_outlines(tmp_path: Path, cache_d
     assert 0 <= severity["zone_score"] <= 6
     lungs = decode_png(answer["layers"]["lungs"])
     assert lungs.shape == (300, 280, 4)
+    assert decode_png(answer["layers"]["zones"]).shape == (300, 280, 4)
     assert client.get("/api/model").json()["targets"] == ["lung", "infection"]
+
+
+def test_the_zone_layer_outlines_six_zones_and_tints_the_involved_ones() -> None:
+    from covidseg.inference.model_spec import InferenceSettings
+    from covidseg.inference.segment import ImageResult
+    from covidseg.serving.app import zone_layer
+
+    lung = np.zeros((90, 100), np.float32)
+    lung[0:90, 10:40] = lung[0:90, 60:90] = 1.0  # two lungs, 90 rows each: zones of 30 rows
+    infection = np.zeros_like(lung)
+    infection[60:90, 10:40] = 1.0  # the image-left lung's lower third only: the patient's right lower zone
+    result = ImageResult(np.zeros((90, 100), np.uint8), infection, lung, None, InferenceSettings())
+    layer = decode_png(png_base64(zone_layer(result)))
+    tinted = layer[..., 3] == 90
+    assert tinted[65:85, 15:35].all() and not tinted[:55].any() and not tinted[:, 50:].any()
+    assert (layer[..., 3] == 200).any()  # the zones' outlines
+    assert result.severity()["right_lower_zone"] == 1 and result.severity()["zone_score"] == 1
+    no_lungs = ImageResult(np.zeros((90, 100), np.uint8), infection, None, None, InferenceSettings())
+    assert zone_layer(no_lungs) is None
 
 
 def test_requests_sent_together_share_a_forward_pass_and_get_the_answers_they_get_alone(model: LoadedBackend) -> None:

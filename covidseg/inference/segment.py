@@ -37,7 +37,7 @@ from covidseg.inference.loader import (
 from covidseg.inference.model_spec import InferenceSettings, ModelSpec
 from covidseg.inference.predictor import Answer, Forward, Predictor
 from covidseg.inference.regions import drop_small_regions
-from covidseg.inference.severity import severity
+from covidseg.inference.severity import severity, zones
 
 # (N, 1, S, S) float32 in [0, 1] -> the model's answer as numpy arrays (probabilities, presence, x-ray scores)
 Backend = Callable[[np.ndarray], Answer]
@@ -297,6 +297,11 @@ class ImageResult:
             f"does not look like a chest X-ray (x-ray score {self.xray_score:.1f}, above {self.refuse_above:.1f} where "
             "the model's reference X-rays lie); xray_check=false answers it anyway"
         )
+
+    def zones(self) -> dict[str, tuple[np.ndarray, bool]] | None:
+        """The six lung zones and whether each is involved (:func:`covidseg.inference.severity.zones`);
+        ``None`` without lungs."""
+        return None if self.lung is None else zones(self.lung, self.mask)
 
     def severity(self) -> dict[str, float] | None:
         """Per-lung infected percentages and the zone score (:mod:`covidseg.inference.severity`);

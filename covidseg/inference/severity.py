@@ -45,20 +45,32 @@ def zone_masks(lung: np.ndarray) -> list[np.ndarray]:
     return [lung & (row_index >= bounds[k]) & (row_index < bounds[k + 1]) for k in range(3)]
 
 
+def zones(lung: np.ndarray, infection: np.ndarray, zone_threshold: float = 0.05) -> dict[str, tuple[np.ndarray, bool]]:
+    """Each lung's six zones by name (``right_upper`` ... ``left_lower``): the zone's mask and whether
+    infection covers more than ``zone_threshold`` of it."""
+    infection = infection.astype(bool)
+    found = {}
+    for side, side_mask in zip(("right", "left"), split_lungs(lung), strict=True):
+        for zone, zone_mask in zip(ZONES, zone_masks(side_mask), strict=True):
+            zone_area = zone_mask.sum()
+            found[f"{side}_{zone}"] = (
+                zone_mask,
+                bool(zone_area > 0 and (infection & zone_mask).sum() / zone_area > zone_threshold),
+            )
+    return found
+
+
 def severity(lung: np.ndarray, infection: np.ndarray, zone_threshold: float = 0.05) -> dict[str, float]:
     """Percent of each lung infected, of both lungs, and the zone score, for one image."""
     infection = infection.astype(bool)
     right, left = split_lungs(lung)
     result: dict[str, float] = {}
-    score = 0
     for side, side_mask in (("right", right), ("left", left)):
         area = side_mask.sum()
         result[f"{side}_lung_infected_percent"] = 100 * float((infection & side_mask).sum() / area) if area else 0.0
-        for zone, zone_mask in zip(ZONES, zone_masks(side_mask), strict=True):
-            zone_area = zone_mask.sum()
-            involved = zone_area > 0 and (infection & zone_mask).sum() / zone_area > zone_threshold
-            result[f"{side}_{zone}_zone"] = int(involved)
-            score += int(involved)
+    involved = {name: flag for name, (_, flag) in zones(lung, infection, zone_threshold).items()}
+    result |= {f"{name}_zone": int(flag) for name, flag in involved.items()}
+    score = sum(involved.values())
     lungs = right | left
     result["lung_infected_percent"] = 100 * float((infection & lungs).sum() / lungs.sum()) if lungs.any() else 0.0
     result["zone_score"] = score

@@ -50,6 +50,7 @@ from covidseg.core.visualize import LUNG_COLOR, PREDICTION_COLOR, outline
 from covidseg.inference.segment import ImageResult, LoadedBackend, segment
 
 log = logging.getLogger(__name__)
+ZONE_COLOR = (255, 170, 0)  # RGB: an involved lung zone on the page (the infection is red, the lungs yellow)
 WEB = Path(__file__).parent / "web"
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file in a multipart body
 RAW_TYPES = ("multipart/form-data", "application/octet-stream", "application/dicom", "")
@@ -134,15 +135,33 @@ def layer_pngs(result: ImageResult) -> dict[str, str | None]:
     height, width = result.image.shape
     infection = np.zeros((height, width, 4), np.uint8)
     infection[result.mask] = (*PREDICTION_COLOR[::-1], 255)  # BGRA
-    lungs = None
+    lungs = zone_grid = None
     if result.lung is not None:
         drawn = outline(np.zeros((height, width, 3), np.uint8), result.lung, LUNG_COLOR[::-1])
         lungs = np.dstack([drawn, drawn.any(axis=2).astype(np.uint8) * 255])
+        zone_grid = zone_layer(result)
     return {
         "image": png_base64(result.image),
         "infection": png_base64(infection),
         "lungs": None if lungs is None else png_base64(lungs),
+        "zones": None if zone_grid is None else png_base64(zone_grid),
     }
+
+
+def zone_layer(result: ImageResult) -> np.ndarray | None:
+    """The six lung zones as a transparent BGRA layer: each zone outlined, the involved ones tinted."""
+    found = result.zones()
+    if found is None:
+        return None
+    height, width = result.image.shape
+    layer = np.zeros((height, width, 4), np.uint8)
+    for mask, involved in found.values():
+        if involved:
+            layer[mask] = (*ZONE_COLOR[::-1], 90)
+    for mask, _ in found.values():
+        edge = outline(np.zeros((height, width, 3), np.uint8), mask, (255, 255, 255)).any(axis=2)
+        layer[edge] = (255, 255, 255, 200)
+    return layer
 
 
 def model_info(model: LoadedBackend) -> dict[str, Any]:

@@ -33,6 +33,10 @@ function show(answer) {
   $("lung-toggle").hidden = !lungs;
   $("lung-layer").hidden = !lungs || !$("show-lungs").checked;
   if (lungs) $("lung-layer").src = png(lungs);
+  const zones = answer.layers.zones;
+  $("zone-toggle").hidden = !zones;
+  $("zone-layer").hidden = !zones || !$("show-zones").checked;
+  if (zones) $("zone-layer").src = png(zones);
   $("file-name").textContent = answer.file;
   $("infected-percent").textContent = String(answer.infected_percent);
   $("infected-pixels").textContent = answer.infected_pixels.toLocaleString("en");
@@ -54,7 +58,9 @@ function show(answer) {
   $("severity").hidden = !severity;
   if (severity) {
     for (const side of ["right", "left"]) {
-      $(`${side}-percent`).textContent = `${severity[`${side}_lung_infected_percent`].toFixed(1)} %`;
+      const percent = severity[`${side}_lung_infected_percent`];
+      $(`${side}-percent`).textContent = `${percent.toFixed(1)} %`;
+      $(`${side}-bar`).style.width = `${Math.min(100, Math.max(0, percent))}%`;
       for (const zone of ["upper", "middle", "lower"]) {
         $(`${side}-${zone}`).textContent = severity[`${side}_${zone}_zone`] ? "involved" : "—";
       }
@@ -102,6 +108,7 @@ window.addEventListener("DOMContentLoaded", () => {
   $("opacity").addEventListener("input", applyOpacity);
   $("show-infection").addEventListener("change", applyOpacity);
   $("show-lungs").addEventListener("change", () => { $("lung-layer").hidden = !$("show-lungs").checked; });
+  $("show-zones").addEventListener("change", () => { $("zone-layer").hidden = !$("show-zones").checked; });
   const drop = $("drop");
   drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
