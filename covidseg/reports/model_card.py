@@ -24,6 +24,12 @@ METRIC_NAMES = {
     "dice_pooled": "Dice, pooled over all pixels",
     "iou_pooled": "IoU, pooled",
     "healthy_val_images_below_1pct_area": "healthy Val images (Non-COVID, Normal) predicted below 1 % infected area",
+    # lung + infection models: the lungs and severity against the ground-truth masks (docs/user_guide.md)
+    "dice_lung": "lung Dice, per image",
+    "severity_percent_infected_mae": "percent of both lungs infected: mean absolute error (points)",
+    "severity_percent_infected_bias": "percent of both lungs infected: Bland-Altman bias, predicted - true (points)",
+    "severity_zone_score_kappa": "zone score (0-6): quadratic-weighted kappa",
+    "severity_zone_score_within_one": "zone score (0-6): share within one of the truth",
 }
 INTENDED_USE = """\
 - Research on segmenting COVID-19 infection in chest X-rays: comparing methods, measuring the
