@@ -38,9 +38,8 @@ def _options(group: str) -> list[str]:
 def test_every_config_option_builds_the_whole_run(compose_cfg, override: str) -> None:
     if override == "logger=wandb":
         pytest.importorskip("wandb")  # an optional extra, not in [test]
-    on_this_machine = (
-        ["trainer.accelerator=cpu", "trainer.devices=1"] if override in ("trainer=gpu", "trainer=ddp") else []
-    )
+    gpu_only = ("trainer=gpu", "trainer=ddp", "experiment=best_gpu")
+    on_this_machine = ["trainer.accelerator=cpu", "trainer.devices=1"] if override in gpu_only else []
     cfg = compose_cfg("train", [override, *on_this_machine])
     run = build_run(cfg)
     assert run.module.network.net.out_channels == len(cfg.data.targets)
@@ -58,7 +57,9 @@ def test_eval_config_composes(compose_cfg) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", _options("experiment"))
 def test_every_experiment_trains_one_batch(compose_cfg, experiment: str) -> None:
-    cfg = compose_cfg("train", [f"experiment={experiment}", *FAST, "debug=fast_dev_run"])
+    # best_gpu, on this machine's CPU: its loader workers and pinned memory are for a GPU's host
+    on_cpu = ["trainer.accelerator=cpu", "data.num_workers=0", "data.pin_memory=false"] * (experiment == "best_gpu")
+    cfg = compose_cfg("train", [f"experiment={experiment}", *FAST, "debug=fast_dev_run", *on_cpu])
     metrics, _ = train(cfg)
     assert "val/dice" in metrics and "test/dice" in metrics
 
@@ -343,7 +344,7 @@ def test_installed_commands_take_hydra_overrides(tmp_path: Path, capsys: pytest.
         ["covidseg-eval", "ckpt_path=nope.ckpt"], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert refused.returncode == 2 and "error: ckpt_path 'nope.ckpt' does not exist" in refused.stderr
-    assert run_command(main, "--help") == 0 and "experiment: best_cpu, fast_cpu" in capsys.readouterr().out
+    assert run_command(main, "--help") == 0 and "experiment: best_cpu, best_gpu, fast_cpu" in capsys.readouterr().out
 
 
 def test_user_errors_exit_cleanly_with_the_key_named(

@@ -267,7 +267,7 @@ def test_an_ensembles_check_is_its_first_models_and_every_members_is_validated(
 ) -> None:
     _, run = checked_model
     checked = str(run / "model.safetensors")
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="covidseg.inference.loader"):
         assert load_predictor([str(trained_checkpoints[1]), checked], tmp_path).predictor.xray_check is None
     assert "x-ray check is its first model's" in caplog.text
     assert load_predictor([checked, str(trained_checkpoints[1])], tmp_path).predictor.xray_check is not None
