@@ -29,14 +29,13 @@ from rich.progress import track
 from covidseg.core.config import CONF_DIR, check_output_folder
 from covidseg.core.errors import DataError, hydra_errors_in_one_line, user_errors
 from covidseg.core.files import printable
-from covidseg.core.images import read_unchanged, xray_gray
+from covidseg.core.images import find_inputs, read_unchanged, xray_gray
 from covidseg.core.run_files import make_output_folder, write_run_info
 from covidseg.core.validation import CheckedSettings, check_command_keys
 from covidseg.core.writing import exclusive_lock, write_csv
 from covidseg.inference.image_files import (
     check_nothing_replaced,
     check_output,
-    find_inputs,
     output_stem,
     write_outputs,
 )

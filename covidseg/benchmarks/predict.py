@@ -3,11 +3,12 @@
 python -m covidseg.benchmarks.predict [--input FOLDER] [--rounds 3] [--out DIR] [predict overrides]
 
 Each round runs :func:`covidseg.predict.predict` once per backend and precision (torch fp32 and bf16,
-ONNX Runtime fp32, OpenVINO fp32 and bf16; ``--variants`` picks), in-process,
+ONNX Runtime fp32, OpenVINO fp32, bf16 and int8; ``--variants`` picks), in-process,
 so the figures leave out the interpreter's start-up but count everything ``predict`` does: finding
 the files, loading the model, reading, resizing, the model, the overlays and writing the PNGs and
 the CSV. The input defaults to the Val COVID-19 X-rays of ../shared/covid-qu-ex when they are
-there, else 64 synthetic phantoms. It asserts nothing: targets are read off the table.
+there, else 64 synthetic phantoms; int8 is calibrated (once, before the rounds, as a user's first run
+does) on the Train X-rays there, else on the input. It asserts nothing: targets are read off the table.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from covidseg.core.errors import DataError, user_errors, whole_number
 from covidseg.core.files import printable
 from covidseg.core.writing import new_figures_folder, write_atomic
 from covidseg.data.synthetic import make_phantom
+from covidseg.inference.segment import load_configured_backend
 from covidseg.predict import predict
 
 VARIANTS = {  # backend and precision of each timed predict; the first is what the others are compared with
@@ -38,6 +40,7 @@ VARIANTS = {  # backend and precision of each timed predict; the first is what t
     "onnxruntime fp32": ["backend=onnx", "bf16=false"],
     "openvino fp32": ["backend=openvino", "bf16=false"],
     "openvino bf16": ["backend=openvino", "bf16=true"],
+    "openvino int8": ["backend=openvino_int8", "bf16=true"],
 }
 
 
@@ -57,6 +60,12 @@ def default_input(scratch: Path) -> Path:
     return folder
 
 
+def default_calibration(input_folder: Path) -> str:
+    """What int8 is calibrated on: the Train split's X-rays when the real data is there, else the input."""
+    train = SHARED_DATA / "Infection Segmentation Data" / "Train"
+    return f"{train}/*/images/*.png" if train.is_dir() else str(input_folder)
+
+
 def run(
     input_folder: Path, rounds: int, overrides: list[str], scratch: Path, variants: list[str] | None = None
 ) -> dict:
@@ -66,6 +75,11 @@ def run(
     stages: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     images = 0
     model = [] if any(o.startswith("ckpt_path=") for o in overrides) else ["ckpt_path=pretrained"]
+    if not any(o.startswith("int8_calibration=") for o in overrides):
+        overrides = [*overrides, f"int8_calibration={default_calibration(input_folder)}"]
+    if "openvino int8" in variants:  # its graph is made once, untimed, as other backends' ONNX graphs are cached
+        base = [*model, *overrides, *VARIANTS["openvino int8"], f"input={input_folder}", f"output={scratch / 'int8'}"]
+        load_configured_backend(compose_config("predict", base, output_dir=scratch / "int8", log_dir=scratch / "logs"))
     for round_index in range(rounds):
         for name in variants:
             output = scratch / f"{name.replace(' ', '_')}_{round_index}"

@@ -4,13 +4,16 @@ Files are read as bytes and decoded with ``cv2.imdecode``: OpenCV never sees a f
 name (any bytes, not UTF-8) can crash native code. The type comes from the content (Pillow reads
 the header; DICOM by its ``DICM`` mark), and the header's width x height is checked before
 decoding, so a small file that claims a huge image (a decompression bomb) is refused without
-allocating it. Training's decode cache (:mod:`covidseg.data.decode`), ``predict`` and the server's
+allocating it. Image files named by a file, a folder or a glob are found here too (symlinked
+folders not followed). Training's decode cache (:mod:`covidseg.data.decode`), ``predict`` and the server's
 uploads (:mod:`covidseg.serving.app`, bytes that never touch the disk) all decode here.
 """
 
 from __future__ import annotations
 
+import glob
 import io
+import os
 import warnings
 from pathlib import Path
 
@@ -19,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from covidseg.core.errors import DataError
-from covidseg.core.files import read_file_bytes
+from covidseg.core.files import printable, read_file_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")  # what a folder of images holds
 MAX_PIXELS = 50_000_000  # width x height; larger files are refused before decoding (decompression bombs)
@@ -267,3 +270,43 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     if image.shape == (size, size):
         return image
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Image files below ``folder``; symlinked folders are not entered, so a loop cannot be followed."""
+    files = []
+    for root, folders, names in os.walk(folder, followlinks=False):
+        folders.sort()
+        files += [Path(root, name) for name in sorted(names) if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+    return files
+
+
+def _first_magic_part(path: Path) -> int:
+    return next((index for index, part in enumerate(path.parts) if glob.has_magic(part)), len(path.parts))
+
+
+def find_inputs(pattern: str) -> tuple[list[Path], Path]:
+    """Image files named by a file, a folder (searched recursively) or a glob, and their common base.
+
+    Each file is listed once (by its real path), and symlinked folders are not followed (pathlib's
+    ``**`` does not follow them either).
+    """
+    path = Path(pattern).expanduser()
+    if path.is_file():
+        candidates, base = [path], path.parent
+    elif path.is_dir():
+        candidates, base = _walk(path), path
+    else:
+        magic = _first_magic_part(path)
+        base = Path(*path.parts[:magic]) if magic else Path()
+        rest = Path(*path.parts[magic:]) if magic < len(path.parts) else None
+        candidates = sorted(p for p in base.glob(str(rest)) if p.is_file()) if rest and base.is_dir() else []
+    chosen: dict[str, Path] = {}  # real path -> the name it is predicted under (a link only if no other)
+    for candidate in candidates:
+        real = os.path.realpath(candidate)
+        if real not in chosen or (chosen[real].is_symlink() and not candidate.is_symlink()):
+            chosen[real] = candidate
+    files = [candidate for candidate in candidates if chosen[os.path.realpath(candidate)] is candidate]
+    if not files:
+        raise DataError(f"input {printable(pattern)!r} names no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return files, base

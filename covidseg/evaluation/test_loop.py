@@ -54,15 +54,20 @@ def check_loop_precision(cfg: DictConfig) -> None:
 
 def run_test_loop(cfg: DictConfig, loaded: LoadedModel, datamodule: CovidQuExDataModule, callbacks: list) -> dict:
     """Run the Predictor over ``data.split`` in Lightning's test loop; returns what callbacks logged.
-    With ``backend=onnx|openvino`` the networks run as the model's ONNX graph (exported once, cached),
-    so each runtime's accuracy is measured by the same command."""
+    With ``backend=onnx|openvino|openvino_int8`` the networks run as the model's ONNX graph (exported
+    once, cached; int8: quantized once on ``int8_calibration``), so each runtime's accuracy is measured
+    by the same command."""
     if OmegaConf.select(cfg, "trainer.limit_test_batches", default=None) == 0:
         raise ConfigError("trainer.limit_test_batches=0 scores no image: give a count >= 1 or a share in (0, 1]")
     backend = resolve_backend(cfg.get("backend", "torch"), inference_bf16(cfg))
     forward = None
     if backend != "torch":
-        graph = cached_onnx(loaded, Path(cfg.paths.cache_dir))
-        forward = as_forward(graph_backend(backend, graph, inference_bf16(cfg), loaded.spec.graph_outputs))
+        cache_dir = Path(cfg.paths.cache_dir)
+        graph = cached_onnx(loaded, cache_dir)
+        run = graph_backend(
+            backend, graph, inference_bf16(cfg), loaded.spec.graph_outputs, cfg.get("int8_calibration"), cache_dir
+        )
+        forward = as_forward(run)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
     try:
         trainer.test(PredictorModule(loaded.predictor, forward), datamodule=datamodule, verbose=False)

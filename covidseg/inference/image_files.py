@@ -10,7 +10,6 @@ it searched (unless told to), never replaces a file it did not write (a folder i
 
 from __future__ import annotations
 
-import glob
 import os
 from pathlib import Path
 
@@ -19,52 +18,11 @@ import numpy as np
 
 from covidseg.core.errors import DataError
 from covidseg.core.files import printable
-from covidseg.core.images import IMAGE_SUFFIXES
 from covidseg.core.writing import write_atomic
 from covidseg.inference.segment import ImageResult
 
 OUTPUT_MARKER = ".covidseg-predict"  # in a folder predict wrote into: a later run may replace those files
 OUTPUT_KINDS = ("mask", "lung", "overlay", "probability")  # <file>.<kind>.png
-
-
-def _walk(folder: Path) -> list[Path]:
-    """Image files below ``folder``; symlinked folders are not entered, so a loop cannot be followed."""
-    files = []
-    for root, folders, names in os.walk(folder, followlinks=False):
-        folders.sort()
-        files += [Path(root, name) for name in sorted(names) if Path(name).suffix.lower() in IMAGE_SUFFIXES]
-    return files
-
-
-def _first_magic_part(path: Path) -> int:
-    return next((index for index, part in enumerate(path.parts) if glob.has_magic(part)), len(path.parts))
-
-
-def find_inputs(pattern: str) -> tuple[list[Path], Path]:
-    """Image files named by a file, a folder (searched recursively) or a glob, and their common base.
-
-    Each file is listed once (by its real path), and symlinked folders are not followed (pathlib's
-    ``**`` does not follow them either).
-    """
-    path = Path(pattern).expanduser()
-    if path.is_file():
-        candidates, base = [path], path.parent
-    elif path.is_dir():
-        candidates, base = _walk(path), path
-    else:
-        magic = _first_magic_part(path)
-        base = Path(*path.parts[:magic]) if magic else Path()
-        rest = Path(*path.parts[magic:]) if magic < len(path.parts) else None
-        candidates = sorted(p for p in base.glob(str(rest)) if p.is_file()) if rest and base.is_dir() else []
-    chosen: dict[str, Path] = {}  # real path -> the name it is predicted under (a link only if no other)
-    for candidate in candidates:
-        real = os.path.realpath(candidate)
-        if real not in chosen or (chosen[real].is_symlink() and not candidate.is_symlink()):
-            chosen[real] = candidate
-    files = [candidate for candidate in candidates if chosen[os.path.realpath(candidate)] is candidate]
-    if not files:
-        raise DataError(f"input {printable(pattern)!r} names no image files ({', '.join(IMAGE_SUFFIXES)})")
-    return files, base
 
 
 def real(path: Path) -> Path:

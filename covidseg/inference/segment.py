@@ -36,12 +36,13 @@ from covidseg.inference.loader import (
 )
 from covidseg.inference.model_spec import InferenceSettings, ModelSpec
 from covidseg.inference.predictor import Answer, Forward, Predictor
+from covidseg.inference.quantize import cached_int8, calibration_setting
 from covidseg.inference.regions import drop_small_regions
 from covidseg.inference.severity import severity, zones
 
 # (N, 1, S, S) float32 in [0, 1] -> the model's answer as numpy arrays (probabilities, presence, x-ray scores)
 Backend = Callable[[np.ndarray], Answer]
-BACKENDS = ("auto", "torch", "onnx", "openvino")
+BACKENDS = ("auto", "torch", "onnx", "openvino", "openvino_int8")
 log = logging.getLogger(__name__)
 
 
@@ -104,12 +105,13 @@ def refuse_external_data(path: Path) -> None:
 
 
 def openvino_backend(path: Path, bf16: bool, expected: Sequence[str]) -> Backend:
-    """An ONNX graph compiled by OpenVINO for this CPU, in bf16 where ``bf16`` (the CPU has it) and
-    fp32 otherwise, whose outputs must be ``expected``; one inference request per call, so threads
-    may share it."""
+    """An ONNX graph (or an int8 model covidseg made, ``.xml``) compiled by OpenVINO for this CPU, in
+    bf16 where ``bf16`` (the CPU has it) and fp32 otherwise (for what int8 leaves in float), whose
+    outputs must be ``expected``; one inference request per call, so threads may share it."""
     import openvino
 
-    refuse_external_data(path)  # OpenVINO, unlike ONNX Runtime, is not documented to keep them in the folder
+    if path.suffix == ".onnx":  # OpenVINO, unlike ONNX Runtime, is not documented to keep them in the folder
+        refuse_external_data(path)
     precision = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
     try:
         compiled = openvino.Core().compile_model(str(path), "CPU", precision)
@@ -130,9 +132,17 @@ def openvino_backend(path: Path, bf16: bool, expected: Sequence[str]) -> Backend
     return run
 
 
-def graph_backend(backend: str, path: Path, bf16: bool, expected: Sequence[str]) -> Backend:
-    """An ONNX graph run by ONNX Runtime (fp32) or OpenVINO, with the outputs ``expected``."""
-    return openvino_backend(path, bf16, expected) if backend == "openvino" else onnx_backend(path, expected)
+def graph_backend(
+    backend: str, path: Path, bf16: bool, expected: Sequence[str], int8_calibration: str | None, cache_dir: Path
+) -> Backend:
+    """An ONNX graph run by ONNX Runtime (fp32), OpenVINO, or OpenVINO in int8 (quantized once on
+    ``int8_calibration``'s X-rays, :mod:`covidseg.inference.quantize`), with the outputs ``expected``."""
+    if backend == "onnx":
+        return onnx_backend(path, expected)
+    if backend == "openvino_int8":
+        _, spec = read_onnx_metadata(path)
+        path = cached_int8(path, int8_calibration, spec.image_size, cache_dir)
+    return openvino_backend(path, bf16, expected)
 
 
 def as_forward(backend: Backend) -> Forward:
@@ -187,12 +197,16 @@ def load_backend(
     bf16: bool,
     cache_dir: Path,
     allow_missing_folds: bool = False,
+    int8_calibration: str | None = None,
 ) -> LoadedBackend:
     """What ``ckpt_path`` names, as a backend: an exported ``.onnx`` runs in OpenVINO with
     ``backend=openvino``, else in ONNX Runtime; anything else builds the torch Predictor, exported
     first (once: the graph is kept under ``<cache_dir>/graphs``) when ``backend`` is ``onnx`` or
-    ``openvino``. ``auto`` is OpenVINO, the fastest end to end on the CPUs measured
-    (docs/performance.md), or torch where OpenVINO is missing or cannot compile the model."""
+    ``openvino`` (``openvino_int8``: quantized on ``int8_calibration``'s X-rays). ``auto`` is OpenVINO, the
+    fastest end to end on the CPUs measured (docs/performance.md), or torch where OpenVINO is missing or
+    cannot compile the model."""
+    if backend == "openvino_int8":
+        calibration_setting(int8_calibration)  # refused before a model is read
     paths = resolve_model_paths(ckpt_path, log_dir, allow_missing_folds=allow_missing_folds)
     chosen = resolve_backend(backend, bf16)  # said once the model is found
     if any(path.suffix == ".onnx" for path in paths):
@@ -209,7 +223,7 @@ def load_backend(
             )
         settings = {key: inference.get(key) for key in APPLIED_AFTER_GRAPH}
         try:
-            run = graph_backend(chosen, paths[0], bf16, spec.graph_outputs)
+            run = graph_backend(chosen, paths[0], bf16, spec.graph_outputs, int8_calibration, cache_dir)
         except ModelFileError as error:
             if backend != "auto" or chosen != "openvino":
                 raise
@@ -220,7 +234,8 @@ def load_backend(
     if chosen != "torch":  # an ONNX export is traced in fp32
         try:
             graph = cached_onnx(loaded, cache_dir)
-            return LoadedBackend(graph_backend(chosen, graph, bf16, loaded.spec.graph_outputs), loaded.spec, paths)
+            run = graph_backend(chosen, graph, bf16, loaded.spec.graph_outputs, int8_calibration, cache_dir)
+            return LoadedBackend(run, loaded.spec, paths)
         except Exception as error:  # a network the ONNX exporter or OpenVINO cannot take
             if backend != "auto":
                 raise
@@ -242,6 +257,7 @@ def load_configured_backend(cfg: Mapping[str, Any]) -> LoadedBackend:
         inference_bf16(cfg),
         Path(cfg["paths"]["cache_dir"]),
         allow_missing_folds(cfg),
+        cfg.get("int8_calibration"),
     ).checking(refuse)
 
 

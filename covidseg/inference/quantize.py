@@ -1,0 +1,134 @@
+"""int8 graphs for OpenVINO: a model's ONNX graph quantized after training with NNCF (static
+post-training quantization), calibrated on X-rays the user names, made once and kept.
+
+NNCF's OpenVINO path, not its ONNX one, and three parts kept in float, because that is what held
+accuracy on the shipped pair (Val COVID-19, docs/performance.md): the ONNX path (a QDQ graph) lost
+0.007 Dice in ONNX Runtime and 0.07 in OpenVINO; the OpenVINO path with every operation quantized
+lost 0.011; NNCF's accuracy-controlled search (``quantize_with_accuracy_control``, 2.5 min) restored
+it by reverting exactly the presence heads (a small shift flips the gate) and each network's first
+convolution (it reads the raw image). Those, and the x-ray check (its score is compared with a
+threshold), stay in float here, found by their place in the graph, so no search runs per model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from covidseg.core.errors import ConfigError, DataError
+from covidseg.core.files import printable, read_file_bytes
+from covidseg.core.images import MAX_FILE_BYTES, find_inputs, read_unchanged, resize_image, xray_gray
+
+MAX_CALIBRATION_IMAGES = 300  # NNCF's default subset; more measured no better
+log = logging.getLogger(__name__)
+SCHEME = "nncf-openvino-mixed-v2"  # changes when the recipe below does, so older cached graphs are not reused
+
+
+def calibration_setting(value: object) -> str:
+    """``int8_calibration``, which ``backend=openvino_int8`` needs."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(
+            f"int8_calibration={value!r}: backend=openvino_int8 needs X-rays to calibrate on: a folder or glob of a "
+            "few hundred X-rays like those it will see, e.g. '<data>/Train/*/images/*.png'"
+        )
+    return value
+
+
+def calibration_files(pattern: str | None) -> list[Path]:
+    """Up to :data:`MAX_CALIBRATION_IMAGES` image files of ``int8_calibration`` (a file, a folder
+    searched recursively or a glob), evenly spaced over the sorted list so every class of a split
+    folder is drawn from."""
+    files, _ = find_inputs(calibration_setting(pattern))
+    files = sorted(files)
+    step = max(1, len(files) // MAX_CALIBRATION_IMAGES)
+    return files[::step][:MAX_CALIBRATION_IMAGES]
+
+
+def calibration_batch(files: Sequence[Path], image_size: int) -> np.ndarray:
+    """The graph's input for ``files``: grayscale / 255 at the model's side, as predict feeds it."""
+    images = [resize_image(xray_gray(read_unchanged(path), printable(path)), image_size) for path in files]
+    return np.stack(images)[:, None].astype(np.float32) / 255
+
+
+def first_convolutions(model: object) -> list[str]:
+    """The convolutions that read the image itself (each network's first): no other convolution
+    lies between them and the graph's input."""
+    before_any_convolution = {parameter.get_name() for parameter in model.get_parameters()}  # unique names
+    found = []
+    for op in model.get_ordered_ops():
+        if not any(value.get_node().get_name() in before_any_convolution for value in op.input_values()):
+            continue
+        if op.get_type_name() == "Convolution":
+            found.append(op.get_friendly_name())
+        else:
+            before_any_convolution.add(op.get_name())
+    return found
+
+
+def after_last_convolution(model: object) -> list[str]:
+    """The operations no convolution follows: sigmoids, the ensemble's and flip's means, the
+    presence heads and gate, the x-ray check. They cost little, and a small shift in them moves
+    answers that are compared with thresholds."""
+    feeds_convolution: set[str] = set()
+    tail = []
+    for op in reversed(model.get_ordered_ops()):
+        consumers = [target.get_node() for output in op.outputs() for target in output.get_target_inputs()]
+        if any(node.get_type_name() == "Convolution" or node.get_name() in feeds_convolution for node in consumers):
+            feeds_convolution.add(op.get_name())
+        elif op.get_type_name() not in ("Convolution", "Parameter", "Result", "Constant"):
+            tail.append(op.get_friendly_name())
+    return tail
+
+
+def quantize_int8(graph: Path, images: np.ndarray) -> object:
+    """The OpenVINO model of ``graph`` with int8 weights and activations, calibrated on ``images``."""
+    import nncf
+    import openvino
+
+    nncf.set_log_level(logging.ERROR)  # its per-operation notes would bury the command's own output
+    model = openvino.Core().read_model(str(graph))
+    keep_float = nncf.IgnoredScope(names=first_convolutions(model) + after_last_convolution(model), validate=False)
+    dataset = nncf.Dataset([images[index : index + 1] for index in range(len(images))])
+    return nncf.quantize(
+        model, dataset, subset_size=len(images), preset=nncf.QuantizationPreset.MIXED, ignored_scope=keep_float
+    )
+
+
+def _digest(graph: Path, files: Sequence[Path]) -> str:
+    digest = hashlib.sha256(graph.name.encode())  # the fp32 graph's name is a digest of weights and spec
+    for path in files:  # read as untrusted: a FIFO or a link to /dev/zero named like an image is refused
+        digest.update(hashlib.sha256(read_file_bytes(path, MAX_FILE_BYTES, "an image file", DataError)).digest())
+    versions = {name: importlib.metadata.version(name) for name in ("nncf", "openvino")}
+    digest.update(json.dumps(versions | {"scheme": SCHEME}, sort_keys=True).encode())
+    return digest.hexdigest()[:32]
+
+
+def cached_int8(graph: Path, calibration: str | None, image_size: int, cache_dir: Path) -> Path:
+    """The int8 OpenVINO model (``.xml`` and ``.bin``) of the fp32 ONNX ``graph`` calibrated on
+    ``calibration``'s X-rays, made once into ``<cache_dir>/graphs`` (its name digests the graph,
+    the calibration images' bytes and NNCF's and OpenVINO's versions). Runs at once each write their
+    own temporary folder and move the same files in, the weights before the graph that names them."""
+    import openvino
+
+    files = calibration_files(calibration)
+    path = Path(cache_dir) / "graphs" / f"{_digest(graph, files)}.int8.xml"
+    if path.is_file() and path.with_suffix(".bin").is_file():
+        return path
+    log.info("openvino_int8: calibrating on %d X-rays of %s (once; kept in %s)", len(files), printable(calibration),
+             printable(path.parent))  # fmt: skip
+    quantized = quantize_int8(graph, calibration_batch(files, image_size))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".int8-") as folder:
+        written = Path(folder, "model.xml")
+        openvino.save_model(quantized, str(written), compress_to_fp16=False)
+        os.replace(written.with_suffix(".bin"), path.with_suffix(".bin"))
+        os.replace(written, path)
+    return path

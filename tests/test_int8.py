@@ -1,0 +1,130 @@
+"""backend=openvino_int8: a model's graph quantized once on X-rays the user names, then kept."""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import openvino
+import pytest
+import torch
+from conftest import FAST
+from helpers import run_command
+from torch import nn
+
+from covidseg.core.errors import ConfigError, DataError
+from covidseg.inference import quantize, segment
+from covidseg.inference.loader import INFERENCE_KEYS
+
+NO_OVERRIDES = dict.fromkeys(INFERENCE_KEYS)
+
+
+class TwoBranches(nn.Module):
+    """Two convolutions read the image; a third reads only what they made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left, self.right = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(1, 4, 3, padding=1)
+        self.after = nn.Conv2d(4, 1, 3, padding=1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.after(torch.relu(self.left(image * 2)) + self.right(image))
+
+
+def test_the_first_convolutions_are_those_that_read_the_image(tmp_path: Path) -> None:
+    graph = tmp_path / "two.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter, as covidseg's own export
+        torch.onnx.export(TwoBranches(), (torch.rand(1, 1, 16, 16),), str(graph), dynamo=False)
+    found = quantize.first_convolutions(openvino.Core().read_model(str(graph)))
+    assert sorted(name.split("/")[1] for name in found) == ["left", "right"]
+
+
+@pytest.mark.parametrize("value", [None, "", "   ", 3])
+def test_int8_without_calibration_images_is_refused_before_the_model_is_read(value, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"int8_calibration=.*backend=openvino_int8 needs X-rays to calibrate on"):
+        segment.load_backend("missing.ckpt", tmp_path, "openvino_int8", NO_OVERRIDES, False, tmp_path, False, value)
+
+
+def test_calibration_folders_without_x_rays_are_named(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty.*names no image files"):
+        quantize.calibration_files(str(tmp_path / "empty"))
+    colour = np.zeros((64, 64, 3), np.uint8)
+    colour[..., 2] = 255
+    cv2.imwrite(str(tmp_path / "red.png"), colour)
+    with pytest.raises(DataError, match="red.png"):
+        quantize.calibration_batch(quantize.calibration_files(str(tmp_path / "red.png")), 64)
+
+
+def test_a_fifo_among_calibration_images_is_refused_not_waited_on(tmp_path: Path) -> None:
+    graph = tmp_path / "graph.onnx"
+    graph.write_bytes(b"")
+    (tmp_path / "xrays").mkdir()
+    os.mkfifo(tmp_path / "xrays" / "xray.png")  # listed by the folder's search; no writer: a read would block
+    with pytest.raises(DataError, match="xray.png.*not a regular file"):
+        quantize.cached_int8(graph, str(tmp_path / "xrays"), 64, tmp_path / "cache")
+
+
+def test_calibration_draws_at_most_300_images_evenly(tmp_path: Path) -> None:
+    for index in range(700):
+        (tmp_path / f"{index:04d}.png").write_bytes(b"")  # found by name; not read here
+    files = quantize.calibration_files(str(tmp_path))
+    assert len(files) == 300 and files[0].name == "0000.png" and files[1].name == "0002.png"
+    assert files == sorted(files)
+
+
+def test_predict_without_calibration_images_exits_2_in_one_line(tmp_path: Path, capsys) -> None:
+    from covidseg.predict import main
+
+    (tmp_path / "in").mkdir()
+    cv2.imwrite(str(tmp_path / "in" / "xray.png"), np.full((64, 64), 128, np.uint8))
+    code = run_command(main, "ckpt_path=pretrained", f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}",
+                       "backend=openvino_int8")  # fmt: skip
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1 and "int8_calibration=None" in error[0]
+
+
+@pytest.mark.slow
+def test_int8_answers_like_fp32_and_is_calibrated_once(compose_cfg, trained_checkpoints, tmp_path, monkeypatch) -> None:
+    from covidseg.eval import evaluate
+    from covidseg.predict import predict
+
+    checkpoint = trained_checkpoints[0]
+    data = [o for o in FAST if o.startswith("data")]
+    cfg = compose_cfg("eval", [f"ckpt_path={checkpoint}", *data])
+    phantoms = Path(cfg.data.root)
+    calibration = f"int8_calibration={phantoms}/Train/*/images/*.png"
+    xrays = phantoms / "Val" / "COVID-19" / "images"
+
+    def rows(output: str, *extra: str) -> list[dict]:
+        overrides = [f"ckpt_path={checkpoint}", f"input={xrays}", f"output={tmp_path / output}", "bf16=false", *extra]
+        with predict(compose_cfg("predict", overrides)).csv_path.open() as handle:
+            return list(csv.DictReader(handle))
+
+    fp32 = rows("fp32", "backend=openvino")
+    int8 = rows("int8", "backend=openvino_int8", calibration)
+    assert [row["file"] for row in int8] == [row["file"] for row in fp32] and fp32
+    for row in fp32:
+        name = Path(row["file"]).name
+        masks = [cv2.imread(str(tmp_path / kind / name) + ".mask.png", 0) > 0 for kind in ("fp32", "int8")]
+        assert (masks[0] != masks[1]).mean() <= 0.05, name
+    graphs = Path(cfg.paths.cache_dir) / "graphs"
+    made = sorted(graphs.glob("*.int8.*"))
+    assert [path.suffix for path in made] == [".bin", ".xml"]
+
+    def never(*args):
+        raise AssertionError("calibrated again")
+
+    monkeypatch.setattr(quantize, "quantize_int8", never)  # the kept graph is reused by predict and eval
+    assert len(rows("again", "backend=openvino_int8", calibration)) == len(fp32)
+    scores = {
+        backend: evaluate(compose_cfg("eval", [f"ckpt_path={checkpoint}", *data, f"backend={backend}", calibration]))
+        for backend in ("torch", "openvino_int8")
+    }
+    assert scores["openvino_int8"]["test/dice"] == pytest.approx(scores["torch"]["test/dice"], abs=0.03)
+    assert sorted(graphs.glob("*.int8.*")) == made
