@@ -4,15 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from covidseg.export import export
-from covidseg.inference.loader import PRETRAINED, read_model_file
+from covidseg.inference.loader import PRETRAINED_MODELS, read_model_file
 from covidseg.reports.model_card import render_model_card
 
+CARDS = {"pretrained": "MODEL_CARD.md", "pretrained:lung_infection": "MODEL_CARD_lung_infection.md"}
 
-def test_the_shipped_card_is_rendered_from_the_shipped_spec() -> None:
-    spec, _ = read_model_file(PRETRAINED)
-    card = (PRETRAINED.parent / "MODEL_CARD.md").read_text()
-    assert card == render_model_card(spec, "best_cpu", ["best_cpu.safetensors", "best_cpu.yaml"])
+
+@pytest.mark.parametrize("name", sorted(PRETRAINED_MODELS))
+def test_each_shipped_card_is_rendered_from_its_shipped_spec(name: str) -> None:
+    path = PRETRAINED_MODELS[name]
+    spec, _ = read_model_file(path)
+    card = (path.parent / CARDS[name]).read_text()
+    assert card == render_model_card(spec, path.stem, [path.name, path.with_suffix(".yaml").name])
     assert f"| Dice, per image (mean over COVID-19 images) | {spec.metrics['dice']} |" in card
     assert "Not a diagnostic device" in card and "CC BY-SA 4.0" in card
 

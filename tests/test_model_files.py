@@ -20,7 +20,7 @@ from covidseg.core.errors import ModelFileError, user_errors
 from covidseg.distill import write_teacher_targets
 from covidseg.eval import evaluate
 from covidseg.inference.exporters import export_onnx, export_safetensors
-from covidseg.inference.loader import load_predictor
+from covidseg.inference.loader import PRETRAINED_MODELS, load_predictor, resolve_model_paths
 from covidseg.inference.model_spec import parse_spec
 from covidseg.predict import main as predict_main
 from covidseg.predict import predict
@@ -396,3 +396,17 @@ def test_last_finds_the_newest_last_checkpoint_of_the_named_task(tmp_path: Path)
     assert resolve_model_paths("last", tmp_path) == [newer]
     assert resolve_model_paths("last:fast_cpu", tmp_path) == [other]
     assert resolve_model_paths(["last:train", "last:fast_cpu"], tmp_path) == [newer, other]
+
+
+def test_the_shipped_models_are_named_and_an_unknown_name_is_refused(tmp_path: Path, monkeypatch) -> None:
+    assert resolve_model_paths("pretrained", tmp_path) == [PRETRAINED_MODELS["pretrained"]]
+    assert load_predictor("pretrained", tmp_path).spec.targets == ["infection"]
+    assert load_predictor("pretrained:lung_infection", tmp_path).spec.targets == ["lung", "infection"]  # severity
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pretrained").mkdir()  # a folder of that name does not shadow the shipped model
+    assert resolve_model_paths("pretrained", tmp_path) == [PRETRAINED_MODELS["pretrained"]]
+    with pytest.raises(
+        ModelFileError,
+        match="ckpt_path='pretrained:lungs': the shipped models are pretrained, pretrained:lung_infection",
+    ):
+        resolve_model_paths("pretrained:lungs", tmp_path)

@@ -164,6 +164,21 @@ def test_shipped_model_predicts_out_of_the_box(compose_cfg, xrays, tmp_path) -> 
     assert all(float(row["xray_score"]) > spec.xray_check.threshold for row in rows)
 
 
+def test_the_shipped_lung_model_grades_severity_by_name(compose_cfg, xray, tmp_path) -> None:
+    from covidseg.inference.loader import PRETRAINED_MODELS
+
+    spec = load_predictor("pretrained:lung_infection", tmp_path).spec
+    assert PRETRAINED_MODELS["pretrained:lung_infection"].stat().st_size <= 20 * 2**20
+    assert spec.inference.threshold == spec.metrics["threshold"] and spec.metrics["dice_lung"] > 0.9
+    folder = tmp_path / "in"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "chest.png"), xray)
+    (row,) = _predict(compose_cfg, "pretrained:lung_infection", folder, tmp_path / "out", "xray_check=false")
+    assert all(0 <= float(row[f"{side}_lung_infected_percent"]) <= 100 for side in ("left", "right"))
+    assert 0 <= int(float(row["zone_score"])) <= 6
+    assert (cv2.imread(str(tmp_path / "out" / "chest.png") + ".lung.png", 0) > 0).any()  # the lungs it found
+
+
 def test_predict_reads_dicom(compose_cfg, checkpoint, tmp_path) -> None:
     import shutil
 

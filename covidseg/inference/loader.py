@@ -1,7 +1,8 @@
 """From ``ckpt_path`` to a :class:`~covidseg.inference.predictor.Predictor`: the one way a model file
 becomes a model.
 
-``ckpt_path`` takes a ``.ckpt``, ``pretrained`` (the model shipped in the package), ``last`` (the
+``ckpt_path`` takes a ``.ckpt``, ``pretrained`` (the model shipped in the package) or
+``pretrained:lung_infection`` (the shipped lung + infection model, which grades severity), ``last`` (the
 newest ``last.ckpt`` of a task), a ``.safetensors`` file with its ``.yaml`` spec beside it, an
 export folder, a list (an ensemble) or a finished k-fold multirun folder (an ensemble of its folds'
 best checkpoints). Files are read without unpickling objects (``torch.load(weights_only=True)``,
@@ -40,7 +41,13 @@ from covidseg.models.network import SegmentationNetwork
 from covidseg.models.registry import build_network
 
 log = logging.getLogger(__name__)
-PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained" / "best_cpu.safetensors"
+PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "pretrained"
+# the models shipped in the package, by the ckpt_path that names them (each file has its .yaml spec)
+PRETRAINED_MODELS = {
+    "pretrained": PRETRAINED_DIR / "best_cpu.safetensors",
+    "pretrained:lung_infection": PRETRAINED_DIR / "lung_infection.safetensors",
+}
+PRETRAINED = PRETRAINED_MODELS["pretrained"]
 MODULE_PREFIX = "network."  # the SegmentationModule's network in a Lightning checkpoint's state_dict
 BEST_DICE = re.compile(r"dice(\d+(?:\.\d+)?)")
 TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -109,20 +116,28 @@ def _newest_last(log_dir: str | Path, task_name: str) -> Path:
     return candidates[-1]
 
 
+def names_pretrained(value: str) -> bool:
+    """A shipped model's name (a file or folder of that name is not looked at, as before)."""
+    return value in PRETRAINED_MODELS
+
+
 def names_last(value: str) -> bool:
     """``last`` or ``last:<task>`` (unless a file or folder has that name)."""
     return value == "last" or (value.startswith("last:") and not Path(value).exists())
 
 
 def resolve_ckpt_path(value: str | None, log_dir: str | Path, task_name: str) -> Path | None:
-    """One file: ``None`` stays ``None``; ``pretrained``; ``last`` (the newest ``last.ckpt`` of
-    ``task_name``) or ``last:<task>`` (of that task); or a path to an existing file."""
+    """One file: ``None`` stays ``None``; a shipped model's name; ``last`` (the newest
+    ``last.ckpt`` of ``task_name``) or ``last:<task>`` (of that task); or a path to an existing file."""
     if value is None:
         return None
-    if value == "pretrained":
-        if not PRETRAINED.is_file():
-            raise ModelFileError(f"ckpt_path=pretrained: {str(PRETRAINED)!r} is not installed")
-        return PRETRAINED
+    if names_pretrained(value):
+        shipped = PRETRAINED_MODELS[value]
+        if not shipped.is_file():
+            raise ModelFileError(f"ckpt_path={value}: {str(shipped)!r} is not installed")
+        return shipped
+    if value.startswith("pretrained:") and not Path(value).exists():
+        raise ModelFileError(f"ckpt_path={value!r}: the shipped models are {', '.join(PRETRAINED_MODELS)}")
     if names_last(value):
         return _newest_last(log_dir, value.partition(":")[2] or task_name)
     path = Path(value).expanduser()
@@ -156,7 +171,7 @@ def resolve_model_paths(
             f"ckpt_path={value!r} names no model: give a .ckpt, pretrained, last, a list or a k-fold multirun folder"
         )
     folder = Path(str(value)).expanduser()
-    if str(value) != "pretrained" and not names_last(str(value)) and folder.is_dir():
+    if not names_pretrained(str(value)) and not names_last(str(value)) and folder.is_dir():
         for name in ("model.safetensors", "model.onnx"):  # an export folder
             if (folder / name).is_file():
                 return [folder / name]
