@@ -118,6 +118,8 @@ def predict(cfg: DictConfig) -> PredictRun:
         check_nothing_replaced(output, files, base)  # again, now that no other predict can write here
         settings = {"spec": model.spec.to_plain(), "backend": cfg.backend, "bf16": inference_bf16(cfg),
                     "refuse_above": model.refuse_above, "save_probability": cfg.save_probability}  # fmt: skip
+        if model.int8_graph is not None:  # its name digests the calibration images too
+            settings["int8_graph"] = model.int8_graph.name
         manifest = Manifest.open(output, run_digest(model.paths, settings), cfg.resume)
         return _predict_into(cfg, model, files, base, output, manifest)
 

@@ -16,9 +16,10 @@ from conftest import FAST
 from helpers import run_command
 from torch import nn
 
-from covidseg.core.errors import ConfigError, DataError
+from covidseg.core.errors import ConfigError, DataError, ModelFileError
 from covidseg.inference import quantize, segment
-from covidseg.inference.loader import INFERENCE_KEYS
+from covidseg.inference.exporters import export_onnx
+from covidseg.inference.loader import INFERENCE_KEYS, load_predictor
 
 NO_OVERRIDES = dict.fromkeys(INFERENCE_KEYS)
 
@@ -52,7 +53,7 @@ def test_int8_without_calibration_images_is_refused_before_the_model_is_read(val
 
 def test_calibration_folders_without_x_rays_are_named(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="empty.*names no image files"):
+    with pytest.raises(ConfigError, match="^int8_calibration='.*empty': '.*empty' names no image files"):
         quantize.calibration_files(str(tmp_path / "empty"))
     colour = np.zeros((64, 64, 3), np.uint8)
     colour[..., 2] = 255
@@ -64,6 +65,7 @@ def test_calibration_folders_without_x_rays_are_named(tmp_path: Path) -> None:
 def test_a_fifo_among_calibration_images_is_refused_not_waited_on(tmp_path: Path) -> None:
     graph = tmp_path / "graph.onnx"
     graph.write_bytes(b"")
+    graph.with_suffix(".json").write_bytes(b"{}")
     (tmp_path / "xrays").mkdir()
     os.mkfifo(tmp_path / "xrays" / "xray.png")  # listed by the folder's search; no writer: a read would block
     with pytest.raises(DataError, match="xray.png.*not a regular file"):
@@ -74,8 +76,14 @@ def test_calibration_draws_at_most_300_images_evenly(tmp_path: Path) -> None:
     for index in range(700):
         (tmp_path / f"{index:04d}.png").write_bytes(b"")  # found by name; not read here
     files = quantize.calibration_files(str(tmp_path))
-    assert len(files) == 300 and files[0].name == "0000.png" and files[1].name == "0002.png"
-    assert files == sorted(files)
+    assert len(files) == 300 and files[0].name == "0000.png" and files[-1].name == "0699.png"
+    assert files == sorted(files) and len(set(files)) == 300
+    for folder, count in (("covid", 300), ("normal", 299)):  # just under twice the limit: both halves drawn
+        (tmp_path / "two" / folder).mkdir(parents=True)
+        for index in range(count):
+            (tmp_path / "two" / folder / f"{index:03d}.png").write_bytes(b"")
+    drawn = [path.parent.name for path in quantize.calibration_files(str(tmp_path / "two"))]
+    assert drawn.count("covid") == 150 and drawn.count("normal") == 150
 
 
 def test_predict_without_calibration_images_exits_2_in_one_line(tmp_path: Path, capsys) -> None:
@@ -115,7 +123,7 @@ def test_int8_answers_like_fp32_and_is_calibrated_once(compose_cfg, trained_chec
         assert (masks[0] != masks[1]).mean() <= 0.05, name
     graphs = Path(cfg.paths.cache_dir) / "graphs"
     made = sorted(graphs.glob("*.int8.*"))
-    assert [path.suffix for path in made] == [".bin", ".xml"]
+    assert [path.suffix for path in made] == [".bin", ".json", ".xml"]  # the record of both files' digests
 
     def never(*args):
         raise AssertionError("calibrated again")
@@ -128,3 +136,52 @@ def test_int8_answers_like_fp32_and_is_calibrated_once(compose_cfg, trained_chec
     }
     assert scores["openvino_int8"]["test/dice"] == pytest.approx(scores["torch"]["test/dice"], abs=0.03)
     assert sorted(graphs.glob("*.int8.*")) == made
+    monkeypatch.undo()
+    other = f"int8_calibration={phantoms}/Train/COVID-19/images/*.png"  # another int8 graph: not resumed
+    with pytest.raises(DataError, match="other settings"):
+        rows("int8", "backend=openvino_int8", other)
+
+
+@pytest.mark.slow
+def test_each_graph_gets_its_own_int8_model_and_a_damaged_one_is_made_again(
+    compose_cfg, trained_checkpoints, tmp_path, monkeypatch
+) -> None:
+    cfg = compose_cfg("eval", [f"ckpt_path={trained_checkpoints[0]}", *(o for o in FAST if o.startswith("data"))])
+    calibration = f"{cfg.data.root}/Train/*/images/*.png"
+    graphs = [  # two exports, both named model.onnx
+        export_onnx(load_predictor(str(checkpoint), tmp_path), tmp_path / f"export{index}" / "model.onnx")
+        for index, checkpoint in enumerate(trained_checkpoints)
+    ]
+    cache = tmp_path / "cache"
+    made = [quantize.cached_int8(graph, calibration, 64, cache) for graph in graphs]
+    assert made[0] != made[1]  # named by the graphs' bytes, not by their (equal) names
+    images = np.random.default_rng(0).random((2, 1, 64, 64), dtype=np.float32)
+    expected = segment.openvino_backend(made[0], False, ["probability", "presence"])(images).probability
+    calls = []
+    real = quantize.quantize_int8
+    monkeypatch.setattr(quantize, "quantize_int8", lambda *args: calls.append(args) or real(*args))
+    bin_file = made[0].with_suffix(".bin")
+    bin_file.write_bytes(np.random.default_rng(1).bytes(bin_file.stat().st_size))  # damaged, same size
+    assert quantize.cached_int8(graphs[0], calibration, 64, cache) == made[0] and len(calls) == 1
+    again = segment.openvino_backend(made[0], False, ["probability", "presence"])(images).probability
+    assert np.array_equal(again, expected)
+    assert quantize.cached_int8(graphs[0], calibration, 64, cache) == made[0] and len(calls) == 1  # whole: kept
+
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("Exception from src/core/src/pass/serialize.cpp:\nbasic_ios::clear: iostream error")
+
+    monkeypatch.setattr(openvino, "save_model", disk_full)
+    with pytest.raises(DataError, match=r"^paths.cache_dir='.*': the int8 graph could not be written there"):
+        quantize.cached_int8(graphs[1], calibration, 64, tmp_path / "full")
+    assert not list((tmp_path / "full" / "graphs").glob("*"))  # nothing half-written is left
+
+
+@pytest.mark.slow
+def test_int8_refuses_a_graph_with_external_data_before_reading_it(trained_checkpoints, tmp_path) -> None:
+    import onnx
+
+    graph = export_onnx(load_predictor(str(trained_checkpoints[0]), tmp_path), tmp_path / "export" / "model.onnx")
+    onnx.save_model(onnx.load(str(graph)), str(graph), save_as_external_data=True, location="weights.bin",
+                    size_threshold=0)  # fmt: skip
+    with pytest.raises(ModelFileError, match="keeps weights in other files"):
+        segment.load_backend(str(graph), tmp_path, "openvino_int8", NO_OVERRIDES, False, tmp_path, False, str(graph))

@@ -75,15 +75,16 @@ def run(
     stages: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     images = 0
     model = [] if any(o.startswith("ckpt_path=") for o in overrides) else ["ckpt_path=pretrained"]
-    if not any(o.startswith("int8_calibration=") for o in overrides):
-        overrides = [*overrides, f"int8_calibration={default_calibration(input_folder)}"]
-    if "openvino int8" in variants:  # its graph is made once, untimed, as other backends' ONNX graphs are cached
-        base = [*model, *overrides, *VARIANTS["openvino int8"], f"input={input_folder}", f"output={scratch / 'int8'}"]
+    settings = {name: list(VARIANTS[name]) for name in variants}
+    if "openvino int8" in settings and not any(o.startswith("int8_calibration=") for o in overrides):
+        settings["openvino int8"] += [f"int8_calibration={default_calibration(input_folder)}"]
+    if "openvino int8" in settings:  # its graph is made once, untimed, as other backends' ONNX graphs are cached
+        base = [*model, *overrides, *settings["openvino int8"], f"input={input_folder}", f"output={scratch / 'int8'}"]
         load_configured_backend(compose_config("predict", base, output_dir=scratch / "int8", log_dir=scratch / "logs"))
     for round_index in range(rounds):
         for name in variants:
             output = scratch / f"{name.replace(' ', '_')}_{round_index}"
-            base = [*model, *overrides, *VARIANTS[name], f"input={input_folder}", f"output={output}"]
+            base = [*model, *overrides, *settings[name], f"input={input_folder}", f"output={output}"]
             cfg = compose_config("predict", base, output_dir=output, log_dir=scratch / "logs")
             started = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):

@@ -25,7 +25,7 @@ from covidseg.inference.loader import (
     load_predictor,
 )
 from covidseg.inference.predictor import PredictorModule
-from covidseg.inference.segment import as_forward, graph_backend, resolve_backend
+from covidseg.inference.segment import as_forward, graph_backend, int8_graph, resolve_backend
 
 
 def load_for_data(cfg: DictConfig) -> tuple[LoadedModel, CovidQuExDataModule]:
@@ -64,10 +64,9 @@ def run_test_loop(cfg: DictConfig, loaded: LoadedModel, datamodule: CovidQuExDat
     if backend != "torch":
         cache_dir = Path(cfg.paths.cache_dir)
         graph = cached_onnx(loaded, cache_dir)
-        run = graph_backend(
-            backend, graph, inference_bf16(cfg), loaded.spec.graph_outputs, cfg.get("int8_calibration"), cache_dir
-        )
-        forward = as_forward(run)
+        if backend == "openvino_int8":
+            graph = int8_graph(graph, cfg.get("int8_calibration"), cache_dir)
+        forward = as_forward(graph_backend(backend, graph, inference_bf16(cfg), loaded.spec.graph_outputs))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
     try:
         trainer.test(PredictorModule(loaded.predictor, forward), datamodule=datamodule, verbose=False)

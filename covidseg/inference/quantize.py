@@ -16,18 +16,20 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from covidseg.core.errors import ConfigError, DataError
+from covidseg.core.errors import ConfigError, DataError, ModelFileError
 from covidseg.core.files import printable, read_file_bytes
 from covidseg.core.images import MAX_FILE_BYTES, find_inputs, read_unchanged, resize_image, xray_gray
+from covidseg.core.writing import write_atomic
+from covidseg.inference.loader import MAX_MODEL_BYTES
 
-MAX_CALIBRATION_IMAGES = 300  # NNCF's default subset; more measured no better
+MAX_CALIBRATION_IMAGES = 300  # NNCF's default subset
+FEW_CALIBRATION_IMAGES = 100  # below this a warning says so
 log = logging.getLogger(__name__)
 SCHEME = "nncf-openvino-mixed-v2"  # changes when the recipe below does, so older cached graphs are not reused
 
@@ -46,10 +48,16 @@ def calibration_files(pattern: str | None) -> list[Path]:
     """Up to :data:`MAX_CALIBRATION_IMAGES` image files of ``int8_calibration`` (a file, a folder
     searched recursively or a glob), evenly spaced over the sorted list so every class of a split
     folder is drawn from."""
-    files, _ = find_inputs(calibration_setting(pattern))
+    setting = calibration_setting(pattern)
+    try:
+        files, _ = find_inputs(setting)
+    except DataError as error:
+        raise ConfigError(f"int8_calibration={setting!r}: {error}".replace("input ", "", 1)) from None
     files = sorted(files)
-    step = max(1, len(files) // MAX_CALIBRATION_IMAGES)
-    return files[::step][:MAX_CALIBRATION_IMAGES]
+    if len(files) < FEW_CALIBRATION_IMAGES:
+        log.warning("int8_calibration=%r: %d image(s); a few hundred calibrate int8 better", setting, len(files))
+    chosen = np.unique(np.linspace(0, len(files) - 1, min(len(files), MAX_CALIBRATION_IMAGES)).round().astype(int))
+    return [files[index] for index in chosen]
 
 
 def calibration_batch(files: Sequence[Path], image_size: int) -> np.ndarray:
@@ -103,7 +111,12 @@ def quantize_int8(graph: Path, images: np.ndarray) -> object:
 
 
 def _digest(graph: Path, files: Sequence[Path]) -> str:
-    digest = hashlib.sha256(graph.name.encode())  # the fp32 graph's name is a digest of weights and spec
+    """The cache entry's name: the graph's and its metadata's bytes (an exported ``model.onnx`` is
+    named by the user, so its name says nothing), the calibration images' bytes, NNCF's and
+    OpenVINO's versions and this module's scheme."""
+    digest = hashlib.sha256()
+    for path, expected in [(graph, "an ONNX graph"), (graph.with_suffix(".json"), "a graph's metadata")]:
+        digest.update(hashlib.sha256(read_file_bytes(path, MAX_MODEL_BYTES, expected, ModelFileError)).digest())
     for path in files:  # read as untrusted: a FIFO or a link to /dev/zero named like an image is refused
         digest.update(hashlib.sha256(read_file_bytes(path, MAX_FILE_BYTES, "an image file", DataError)).digest())
     versions = {name: importlib.metadata.version(name) for name in ("nncf", "openvino")}
@@ -111,16 +124,29 @@ def _digest(graph: Path, files: Sequence[Path]) -> str:
     return digest.hexdigest()[:32]
 
 
+def _kept(path: Path) -> bool:
+    """Whether the cache entry ``path`` (``.xml``, ``.bin`` and the ``.json`` record of both files'
+    digests, written last) is whole: a crash, a full disk or a damaged file makes it be made again."""
+    try:
+        record = json.loads(path.with_suffix(".json").read_text())
+        return all(
+            hashlib.sha256(path.with_suffix(suffix).read_bytes()).hexdigest() == record.get(suffix)
+            for suffix in (".xml", ".bin")
+        )
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def cached_int8(graph: Path, calibration: str | None, image_size: int, cache_dir: Path) -> Path:
     """The int8 OpenVINO model (``.xml`` and ``.bin``) of the fp32 ONNX ``graph`` calibrated on
-    ``calibration``'s X-rays, made once into ``<cache_dir>/graphs`` (its name digests the graph,
-    the calibration images' bytes and NNCF's and OpenVINO's versions). Runs at once each write their
-    own temporary folder and move the same files in, the weights before the graph that names them."""
+    ``calibration``'s X-rays, made once into ``<cache_dir>/graphs`` (:func:`_digest` names it) and
+    made again when it is not whole. Each file is written whole (:mod:`covidseg.core.writing`), the
+    weights first and the record of both files' digests last; runs at once write the same bytes."""
     import openvino
 
     files = calibration_files(calibration)
     path = Path(cache_dir) / "graphs" / f"{_digest(graph, files)}.int8.xml"
-    if path.is_file() and path.with_suffix(".bin").is_file():
+    if _kept(path):
         return path
     log.info("openvino_int8: calibrating on %d X-rays of %s (once; kept in %s)", len(files), printable(calibration),
              printable(path.parent))  # fmt: skip
@@ -128,7 +154,17 @@ def cached_int8(graph: Path, calibration: str | None, image_size: int, cache_dir
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".int8-") as folder:
         written = Path(folder, "model.xml")
-        openvino.save_model(quantized, str(written), compress_to_fp16=False)
-        os.replace(written.with_suffix(".bin"), path.with_suffix(".bin"))
-        os.replace(written, path)
+        try:
+            openvino.save_model(quantized, str(written), compress_to_fp16=False)
+        except RuntimeError as error:  # OpenVINO's writer reports a full disk as an iostream error
+            reason = (str(error).splitlines() or ["?"])[-1][:200]
+            raise DataError(
+                f"paths.cache_dir={printable(cache_dir)!r}: the int8 graph could not be written there (a full disk?): "
+                f"{reason}"
+            ) from None
+        contents = {suffix: written.with_suffix(suffix).read_bytes() for suffix in (".bin", ".xml")}
+    for suffix, content in contents.items():
+        write_atomic(path.with_suffix(suffix), content)
+    record = {suffix: hashlib.sha256(content).hexdigest() for suffix, content in contents.items()}
+    write_atomic(path.with_suffix(".json"), json.dumps(record, sort_keys=True) + "\n")
     return path

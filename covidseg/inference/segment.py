@@ -132,17 +132,18 @@ def openvino_backend(path: Path, bf16: bool, expected: Sequence[str]) -> Backend
     return run
 
 
-def graph_backend(
-    backend: str, path: Path, bf16: bool, expected: Sequence[str], int8_calibration: str | None, cache_dir: Path
-) -> Backend:
-    """An ONNX graph run by ONNX Runtime (fp32), OpenVINO, or OpenVINO in int8 (quantized once on
-    ``int8_calibration``'s X-rays, :mod:`covidseg.inference.quantize`), with the outputs ``expected``."""
-    if backend == "onnx":
-        return onnx_backend(path, expected)
-    if backend == "openvino_int8":
-        _, spec = read_onnx_metadata(path)
-        path = cached_int8(path, int8_calibration, spec.image_size, cache_dir)
-    return openvino_backend(path, bf16, expected)
+def int8_graph(graph: Path, int8_calibration: str | None, cache_dir: Path) -> Path:
+    """The int8 OpenVINO model of the ONNX ``graph``, quantized once on ``int8_calibration``'s
+    X-rays (:mod:`covidseg.inference.quantize`); a graph with external data is refused first."""
+    refuse_external_data(graph)
+    _, spec = read_onnx_metadata(graph)
+    return cached_int8(graph, int8_calibration, spec.image_size, cache_dir)
+
+
+def graph_backend(backend: str, path: Path, bf16: bool, expected: Sequence[str]) -> Backend:
+    """An ONNX graph run by ONNX Runtime (fp32), or by OpenVINO (also an int8 model made by
+    :func:`int8_graph`), with the outputs ``expected``."""
+    return onnx_backend(path, expected) if backend == "onnx" else openvino_backend(path, bf16, expected)
 
 
 def as_forward(backend: Backend) -> Forward:
@@ -178,6 +179,7 @@ class LoadedBackend:
     spec: ModelSpec
     paths: list[Path]
     refuse_above: float | None = None
+    int8_graph: Path | None = None  # the int8 model that runs, with backend=openvino_int8
 
     def checking(self, xray_check: bool) -> LoadedBackend:
         """This backend refusing pictures unlike X-rays where ``xray_check`` (a command's setting)
@@ -207,6 +209,8 @@ def load_backend(
     cannot compile the model."""
     if backend == "openvino_int8":
         calibration_setting(int8_calibration)  # refused before a model is read
+    elif int8_calibration is not None:
+        log.warning("int8_calibration is read by backend=openvino_int8 only; backend=%s runs without it", backend)
     paths = resolve_model_paths(ckpt_path, log_dir, allow_missing_folds=allow_missing_folds)
     chosen = resolve_backend(backend, bf16)  # said once the model is found
     if any(path.suffix == ".onnx" for path in paths):
@@ -222,20 +226,25 @@ def load_backend(
                 f"spec makes the graph answer {spec.graph_outputs}"
             )
         settings = {key: inference.get(key) for key in APPLIED_AFTER_GRAPH}
+        graph = int8_graph(paths[0], int8_calibration, cache_dir) if chosen == "openvino_int8" else paths[0]
         try:
-            run = graph_backend(chosen, paths[0], bf16, spec.graph_outputs, int8_calibration, cache_dir)
+            run = graph_backend(chosen, graph, bf16, spec.graph_outputs)
         except ModelFileError as error:
             if backend != "auto" or chosen != "openvino":
                 raise
             log.warning("backend=auto: ONNX Runtime, as OpenVINO failed: %s", error)
             run = onnx_backend(paths[0], spec.graph_outputs)
-        return LoadedBackend(run, spec.with_inference(**settings), paths)
+        quantized = graph if chosen == "openvino_int8" else None
+        return LoadedBackend(run, spec.with_inference(**settings), paths, int8_graph=quantized)
     loaded = load_predictor([str(path) for path in paths], log_dir, bf16 and chosen == "torch", **inference)
     if chosen != "torch":  # an ONNX export is traced in fp32
         try:
             graph = cached_onnx(loaded, cache_dir)
-            run = graph_backend(chosen, graph, bf16, loaded.spec.graph_outputs, int8_calibration, cache_dir)
-            return LoadedBackend(run, loaded.spec, paths)
+            if chosen == "openvino_int8":
+                graph = int8_graph(graph, int8_calibration, cache_dir)
+            run = graph_backend(chosen, graph, bf16, loaded.spec.graph_outputs)
+            quantized = graph if chosen == "openvino_int8" else None
+            return LoadedBackend(run, loaded.spec, paths, int8_graph=quantized)
         except Exception as error:  # a network the ONNX exporter or OpenVINO cannot take
             if backend != "auto":
                 raise
