@@ -30,6 +30,9 @@ bench-predict:  ## Time predict with the shipped model over Val COVID-19 X-rays 
 bench-serve:  ## Load-test the server: 200 requests from 16 clients (throughput, p50/p95, errors, memory)
 	$(PYTHON) -m covidseg.benchmarks.serve
 
+bench-data:  ## Index and decode-cache time per image for 1k, 10k and 100k phantoms (written once under ~/.cache/covidseg/scaling)
+	$(PYTHON) -m covidseg.benchmarks.data_scaling
+
 gpu-check:  ## On a CUDA machine: environment, best_gpu for 300 steps (and DDP on every GPU), eval on GPU; figures to outputs/gpu_check
 	$(PYTHON) -m covidseg.benchmarks.gpu_check
 
@@ -42,4 +45,4 @@ report:  ## Render learning curves of a run (RUN=outputs/<task>/runs/<date>, def
 tensorboard:  ## Open TensorBoard on every run under outputs/
 	tensorboard --logdir outputs/
 
-.PHONY: help install test test-fast lint train bench bench-predict bench-serve gpu-check serve report tensorboard
+.PHONY: help install test test-fast lint train bench bench-predict bench-serve bench-data gpu-check serve report tensorboard

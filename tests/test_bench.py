@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,20 @@ def test_the_gpu_check_lists_its_runs_on_a_cpu_and_each_composes(monkeypatch, ca
             assert cfg.trainer.precision == "bf16-mixed"
         if "trainer=ddp" in overrides:
             assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == 4 and cfg.trainer.sync_batchnorm
+
+
+def test_data_scaling_reports_index_and_cache_per_image(tmp_path: Path, capsys) -> None:
+    from covidseg.benchmarks import data_scaling
+
+    code = run_command(data_scaling.main, "--counts", "6", "12", "--size", "32", "--root", str(tmp_path / "root"),
+                       "--out", str(tmp_path / "out"))  # fmt: skip
+    assert code == 0
+    (folder,) = (tmp_path / "out").iterdir()
+    rows = json.loads((folder / "data_scaling.json").read_text())["rows"]
+    assert [row["images"] for row in rows] == [6, 12]
+    assert all(row["index_s"] > 0 and row["build_s"] > 0 and row["cache_mib"] > 0 for row in rows)
+    assert "| 12 |" in (folder / "data_scaling.md").read_text()
+    assert not any(path.name.startswith(".scaling-cache-") for path in (tmp_path / "root").iterdir())  # removed
+    root, out = str(tmp_path / "root"), str(tmp_path / "out")
+    rerun = run_command(data_scaling.main, "--counts", "6", "--root", root, "--out", out)
+    assert rerun == 0 and len(list((tmp_path / "out").iterdir())) == 2  # phantoms found again, figures beside

@@ -5,6 +5,7 @@ Layout: ``<root>/<split>/<class>/{images, infection masks, lung masks}/<name>.pn
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,12 +64,16 @@ def find_split_root(root: str | Path) -> Path:
 def _image_files(folder: Path) -> dict[str, Path]:
     """The images of ``folder`` by name; anything named like an image that is not a regular file
     (a FIFO, a device, a folder, a link to nothing) is refused by its name, never skipped."""
-    named_like_images = [path for path in sorted(folder.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
-    for path in named_like_images:
-        if not path.is_file():
-            kind = "a link to nothing" if not path.exists() else "a folder, pipe, socket or device"
-            raise DataError(f"{printable(path)!r} is {kind}, not an image file: replace or remove it")
-    return {path.stem: path for path in named_like_images}
+    with os.scandir(folder) as entries:  # names sorted as text, types from the listing: linear in the files
+        named_like_images = sorted(
+            (entry for entry in entries if os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES),
+            key=lambda entry: entry.name,
+        )
+    for entry in named_like_images:
+        if not entry.is_file():  # follows a link, as a stat would
+            kind = "a link to nothing" if not os.path.exists(entry.path) else "a folder, pipe, socket or device"
+            raise DataError(f"{printable(entry.path)!r} is {kind}, not an image file: replace or remove it")
+    return {os.path.splitext(entry.name)[0]: folder / entry.name for entry in named_like_images}
 
 
 def index_split(
