@@ -182,6 +182,28 @@ def test_cache_is_reused_and_invalidated_by_a_changed_file(dataset_root: Path, t
     assert np.array_equal(again, second)
 
 
+def test_a_full_disk_while_the_cache_is_built_leaves_no_file_and_still_decodes(
+    dataset_root: Path, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    import errno
+
+    from covidseg.data import decode
+
+    samples = index_split(dataset_root, "Train", targets=["infection", "lung"])
+    expected = decode_samples(samples, 32)  # no cache: the arrays decoded in memory
+
+    def disk_full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(decode.os, "posix_fallocate", disk_full)
+    cache = tmp_path / "cache"
+    images, masks = decode_samples(samples, 32, cache)
+    assert np.array_equal(images, expected[0]) and np.array_equal(masks, expected[1])
+    assert "could not write the decode cache" in caplog.text and "No space left" in caplog.text
+    left = [path.name for path in cache.iterdir()]
+    assert not any(name.endswith((".npy", ".json")) or ".tmp" in name for name in left), left  # no part of an entry
+
+
 def test_datamodule_batches_and_augments_only_training(dataset_root: Path) -> None:
     import albumentations as A
 

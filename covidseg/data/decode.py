@@ -114,17 +114,56 @@ def decode_samples(
 def _decode_all(
     samples: Sequence[Sample], image_size: int, cache_files: tuple[Path, Path] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Decode every sample (in threads: OpenCV releases the GIL), and cache the arrays."""
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        decoded = list(pool.map(lambda s: _decode_sample(s, image_size), samples))
-    images = np.stack([image for image, _ in decoded])
-    masks = np.stack([mask for _, mask in decoded])
+    """Decode every sample (in threads: OpenCV releases the GIL) straight into the arrays: with
+    ``cache_files``, into the cache files themselves (mapped from disk while they are written), so
+    building an entry of any size holds about one image per thread in memory, not the dataset twice."""
+    first_image, first_masks = _decode_sample(samples[0], image_size)
+    shapes = ((len(samples), *first_image.shape), (len(samples), *first_masks.shape))
     if cache_files is not None:
-        _save_atomic(cache_files, (images, masks), samples, image_size)
-        mapped = _load_cache(cache_files, quiet=True)  # the builder too maps the entry, and frees its own copy
-        if mapped is not None:
-            return mapped
+        try:
+            return _decode_into_cache(samples, image_size, cache_files, shapes)
+        except OSError as error:  # a read-only or full cache folder must not stop training
+            log.warning("could not write the decode cache in %s: %s", cache_files[0].parent, error)
+    images, masks = np.empty(shapes[0], np.uint8), np.empty(shapes[1], np.uint8)
+    _fill(samples, image_size, images, masks)
     return images, masks
+
+
+def _fill(samples: Sequence[Sample], image_size: int, images: np.ndarray, masks: np.ndarray) -> None:
+    def one(index: int) -> None:
+        images[index], masks[index] = _decode_sample(samples[index], image_size)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for _ in pool.map(one, range(len(samples))):  # re-raises a worker's error (a bad file, named)
+            pass
+
+
+def _decode_into_cache(
+    samples: Sequence[Sample], image_size: int, paths: tuple[Path, Path], shapes: tuple[tuple[int, ...], ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode into temporary ``.npy`` files beside the entry, renamed over it once whole (each a name
+    of its own: runs at once never share one); the record (written last) says what
+    :func:`_load_cache` checks. The builder then maps the entry like every other process."""
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(paths[0]) as image_file, atomic_output(paths[1]) as mask_file:
+        arrays = tuple(
+            np.lib.format.open_memmap(file, mode="w+", dtype=np.uint8, shape=shape)
+            for file, shape in zip((image_file, mask_file), shapes, strict=True)
+        )
+        for file in (image_file, mask_file):  # the disk space taken now: a full disk is an OSError here,
+            with open(file, "r+b") as handle:  # never a SIGBUS when a mapped page is written later
+                os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+        _fill(samples, image_size, *arrays)
+        for array in arrays:
+            array.flush()
+        described = {name: _describe(array) for name, array in zip(("images", "masks"), arrays, strict=True)}
+        del arrays  # unmapped before the files are synced and renamed
+    meta = {"image_size": image_size, "count": len(samples), "first": printable(samples[0].image)} | described
+    write_atomic(_meta_path(paths), json.dumps(meta))
+    mapped = _load_cache(paths)
+    if mapped is None:
+        raise OSError(f"the decode cache just written in {printable(paths[0].parent)} does not read back")
+    return mapped
 
 
 def _describe(array: np.ndarray) -> dict:
@@ -166,18 +205,3 @@ def _load_cache(paths: tuple[Path, Path], quiet: bool = False) -> tuple[np.ndarr
             log.warning("decode cache %s is damaged (%s): rebuilding it", printable(paths[0].parent), error)
         return None
     return arrays
-
-
-def _save_atomic(paths: tuple[Path, Path], arrays: tuple[np.ndarray, ...], samples, size: int) -> None:
-    """Write the cache through temporary files so an interrupted write leaves no half cache; the
-    metadata (written last) records what :func:`_load_cache` checks."""
-    try:
-        paths[0].parent.mkdir(parents=True, exist_ok=True)
-        for path, array in zip(paths, arrays, strict=True):
-            with atomic_output(path) as temporary:  # a name of its own: runs at once never share one
-                np.save(temporary, array)
-        meta = {"image_size": size, "count": len(samples), "first": printable(samples[0].image)}
-        meta |= {name: _describe(array) for name, array in zip(("images", "masks"), arrays, strict=True)}
-        write_atomic(_meta_path(paths), json.dumps(meta))
-    except OSError as error:  # a read-only or full cache folder must not stop training
-        log.warning("could not write the decode cache in %s: %s", paths[0].parent, error)

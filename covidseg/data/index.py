@@ -5,8 +5,10 @@ Layout: ``<root>/<split>/<class>/{images, infection masks, lung masks}/<name>.pn
 
 from __future__ import annotations
 
+import gc
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +85,24 @@ def index_split(
     targets: Sequence[str] = ("infection",),
 ) -> list[Sample]:
     """List the samples of one split, checking that every image has each of its masks."""
+    with _collector_paused():
+        return _index_split(root, split, classes, targets)
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cycle collector rescans every live object as the lists grow, which doubled the time
+    per image from 10k to 100k images (``covidseg.benchmarks.data_scaling``); indexing makes no cycles."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _index_split(root: str | Path, split: str, classes: Sequence[str], targets: Sequence[str]) -> list[Sample]:
     split_dir = find_split_root(root) / canonical_split(split)
     if not split_dir.is_dir():
         raise DataError(f"split folder {str(split_dir)!r} is missing")
