@@ -5,9 +5,10 @@ NNCF's OpenVINO path, not its ONNX one, and three parts kept in float, because t
 accuracy on the shipped pair (Val COVID-19, docs/performance.md): the ONNX path (a QDQ graph) lost
 0.007 Dice in ONNX Runtime and 0.07 in OpenVINO; the OpenVINO path with every operation quantized
 lost 0.011; NNCF's accuracy-controlled search (``quantize_with_accuracy_control``, 2.5 min) restored
-it by reverting exactly the presence heads (a small shift flips the gate) and each network's first
-convolution (it reads the raw image). Those, and the x-ray check (its score is compared with a
-threshold), stay in float here, found by their place in the graph, so no search runs per model.
+it by reverting exactly the ``presence`` output (a small shift flips the gate) and each network's
+first convolution (it reads the raw image). Here the first convolutions and everything after the
+last convolution (sigmoids, means, presence heads and gate, the x-ray check, whose score meets a
+threshold) stay in float, found by their place in the graph, so no search runs per model.
 """
 
 from __future__ import annotations
