@@ -29,6 +29,7 @@ from covidseg.benchmarks.throughput import SHARED_DATA, spread
 from covidseg.core.config import compose_config
 from covidseg.core.errors import DataError, user_errors, whole_number
 from covidseg.core.files import printable
+from covidseg.core.images import find_inputs
 from covidseg.core.writing import new_figures_folder, write_atomic
 from covidseg.data.synthetic import make_phantom
 from covidseg.inference.segment import load_configured_backend
@@ -75,6 +76,7 @@ def run(
     stages: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     images = 0
     model = [] if any(o.startswith("ckpt_path=") for o in overrides) else ["ckpt_path=pretrained"]
+    find_inputs(str(input_folder))  # an input without images is refused before int8 calibrates on it
     settings = {name: list(VARIANTS[name]) for name in variants}
     if "openvino int8" in settings and not any(o.startswith("int8_calibration=") for o in overrides):
         settings["openvino int8"] += [f"int8_calibration={default_calibration(input_folder)}"]
