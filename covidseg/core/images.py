@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from covidseg.core.errors import DataError
+from covidseg.core.errors import DataError, UserError
 from covidseg.core.files import printable, read_file_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")  # what a folder of images holds
@@ -285,8 +285,9 @@ def _first_magic_part(path: Path) -> int:
     return next((index for index, part in enumerate(path.parts) if glob.has_magic(part)), len(path.parts))
 
 
-def find_inputs(pattern: str) -> tuple[list[Path], Path]:
-    """Image files named by a file, a folder (searched recursively) or a glob, and their common base.
+def find_inputs(pattern: str, named_by: str = "input", error: type[UserError] = DataError) -> tuple[list[Path], Path]:
+    """Image files named by a file, a folder (searched recursively) or a glob, and their common base;
+    when there are none, ``error`` is raised, its message starting with ``named_by`` (the setting).
 
     Each file is listed once (by its real path), and symlinked folders are not followed (pathlib's
     ``**`` does not follow them either).
@@ -308,5 +309,5 @@ def find_inputs(pattern: str) -> tuple[list[Path], Path]:
             chosen[real] = candidate
     files = [candidate for candidate in candidates if chosen[os.path.realpath(candidate)] is candidate]
     if not files:
-        raise DataError(f"input {printable(pattern)!r} names no image files ({', '.join(IMAGE_SUFFIXES)})")
+        raise error(f"{named_by} {printable(pattern)!r} names no image files ({', '.join(IMAGE_SUFFIXES)})")
     return files, base

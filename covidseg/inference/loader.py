@@ -116,11 +116,6 @@ def _newest_last(log_dir: str | Path, task_name: str) -> Path:
     return candidates[-1]
 
 
-def names_pretrained(value: str) -> bool:
-    """A shipped model's name (a file or folder of that name is not looked at, as before)."""
-    return value in PRETRAINED_MODELS
-
-
 def names_last(value: str) -> bool:
     """``last`` or ``last:<task>`` (unless a file or folder has that name)."""
     return value == "last" or (value.startswith("last:") and not Path(value).exists())
@@ -131,7 +126,7 @@ def resolve_ckpt_path(value: str | None, log_dir: str | Path, task_name: str) ->
     ``last.ckpt`` of ``task_name``) or ``last:<task>`` (of that task); or a path to an existing file."""
     if value is None:
         return None
-    if names_pretrained(value):
+    if value in PRETRAINED_MODELS:  # a file or folder of that name is not looked at
         shipped = PRETRAINED_MODELS[value]
         if not shipped.is_file():
             raise ModelFileError(f"ckpt_path={value}: {str(shipped)!r} is not installed")
@@ -171,7 +166,7 @@ def resolve_model_paths(
             f"ckpt_path={value!r} names no model: give a .ckpt, pretrained, last, a list or a k-fold multirun folder"
         )
     folder = Path(str(value)).expanduser()
-    if not names_pretrained(str(value)) and not names_last(str(value)) and folder.is_dir():
+    if str(value) not in PRETRAINED_MODELS and not names_last(str(value)) and folder.is_dir():
         for name in ("model.safetensors", "model.onnx"):  # an export folder
             if (folder / name).is_file():
                 return [folder / name]

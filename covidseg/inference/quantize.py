@@ -50,11 +50,7 @@ def calibration_files(pattern: str | None) -> list[Path]:
     searched recursively or a glob), evenly spaced over the sorted list so every class of a split
     folder is drawn from."""
     setting = calibration_setting(pattern)
-    try:
-        files, _ = find_inputs(setting)
-    except DataError as error:
-        raise ConfigError(f"int8_calibration={setting!r}: {error}".replace("input ", "", 1)) from None
-    files = sorted(files)
+    files = sorted(find_inputs(setting, named_by=f"int8_calibration={setting!r}:", error=ConfigError)[0])
     if len(files) < FEW_CALIBRATION_IMAGES:
         log.warning("int8_calibration=%r: %d image(s); a few hundred calibrate int8 better", setting, len(files))
     chosen = np.unique(np.linspace(0, len(files) - 1, min(len(files), MAX_CALIBRATION_IMAGES)).round().astype(int))
