@@ -112,6 +112,28 @@ def test_segment_present_only_scores_segmentation_on_infected_images_and_presenc
         _module(segment_present_only=True)
 
 
+def test_segment_present_only_scores_the_lungs_on_every_image() -> None:
+    """The lungs are in every image: only the infection channel is limited to infected images."""
+    torch.manual_seed(0)
+    net = UNet(base_width=4, out_channels=2)
+    options = {"targets": ["lung", "infection"], "presence_weight": 0.5, "segment_present_only": True}
+    module = SegmentationModule(net, BCEDiceLoss(), partial(torch.optim.Adam), **options).train()
+    masks = torch.zeros(3, 2, 32, 32)
+    masks[:, 0, 2:30, 4:28] = 1  # lungs everywhere
+    masks[1, 1, 4:12, 4:12] = 1  # infection in the second image only
+    images = torch.rand(3, 1, 32, 32)
+    loss = module._shared_step({"image": images, "mask": masks, "name": ["a", "b", "c"]}, "train")[0]
+    logits, presence = module.network(images)
+    infection = BCEDiceLoss()(logits[1:2, 1:], masks[1:2, 1:])
+    lungs = BCEDiceLoss()(logits[:, :1], masks[:, :1])
+    presence_loss = torch.nn.functional.binary_cross_entropy_with_logits(presence, torch.tensor([0.0, 1.0, 0.0]))
+    torch.testing.assert_close(loss, (infection + lungs) / 2 + 0.5 * presence_loss)
+    healthy = {"image": images[[0]], "mask": masks[[0]], "name": ["a"]}
+    module._shared_step(healthy, "train")[0].backward()
+    lung_head, infection_head = module.network.net.head.weight.grad.flatten(1).abs().sum(1)
+    assert lung_head > 0 and infection_head == 0  # a healthy image trains the lungs, not the infection
+
+
 def test_presence_gate_empties_masks_below_the_threshold() -> None:
     network = _module(presence_weight=1.0).network.eval()
     images = torch.rand(3, 1, 32, 32)

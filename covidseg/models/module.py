@@ -49,7 +49,8 @@ class SegmentationModule(L.LightningModule):
         segment_present_only: compute the segmentation loss only on images whose primary mask is
             not empty, leaving "nothing here" to the presence head (required). Per-image soft Dice
             on an empty truth punishes every predicted pixel, which makes the decoder cautious on
-            infected lungs too; without it healthy lungs depend on the presence gate alone.
+            infected lungs too; without it healthy lungs depend on the presence gate alone. Other
+            targets (the lungs) are still scored on every image.
         distill_weight: > 0 adds, in training steps, this weight times BCE between the primary
             target's logits and a teacher's probabilities (the batch's ``"teacher"``, from
             ``data.teacher_targets``), on the images the segmentation loss sees.
@@ -109,15 +110,7 @@ class SegmentationModule(L.LightningModule):
         logits, presence = self.network(batch["image"])
         masks = batch["mask"]
         present = masks[:, self.targets.index(self.primary_target)].flatten(1).amax(1) > 0.5
-        # the images the segmentation (and distillation) loss sees; a slice keeps the batch uncopied
-        selected = present if self.hparams.segment_present_only else slice(None)
-        segmented = logits[selected]
-        if len(segmented):
-            loss = self.loss(segmented, masks[selected])
-            if self.hparams.distill_weight and stage == "train":
-                loss = loss + self.hparams.distill_weight * self._distill_loss(segmented, batch, selected)
-        else:  # no image to segment in the batch: a zero that keeps every parameter in the graph (DDP)
-            loss = logits.sum() * 0
+        loss = self._segmentation_loss(logits, masks, present, batch, stage)
         if presence is not None:
             presence = presence.float()
             smoothing = self.hparams.presence_label_smoothing
@@ -139,14 +132,37 @@ class SegmentationModule(L.LightningModule):
             self.scores[f"{stage}_scores"][target].update(detached[:, channel], masks[:, channel])
         return loss, detached
 
-    def _distill_loss(
-        self, segmented: torch.Tensor, batch: dict[str, Any], selected: torch.Tensor | slice
+    def _segmentation_loss(
+        self, logits: torch.Tensor, masks: torch.Tensor, present: torch.Tensor, batch: dict[str, Any], stage: str
     ) -> torch.Tensor:
-        """BCE of the selected images' primary-target logits against the teacher's probabilities."""
-        if "teacher" not in batch:
+        """The segmentation (and distillation) loss. Under ``segment_present_only`` the primary target's
+        channel is scored on the images where it is present and every other channel (the lungs, which
+        every image has) on all images, each part weighted by its number of channels, so the scale
+        stays that of one loss over all channels."""
+        primary = self.targets.index(self.primary_target)
+        distill = self.hparams.distill_weight if stage == "train" else 0.0
+        if not self.hparams.segment_present_only:
+            loss = self.loss(logits, masks)
+            if distill:
+                loss = loss + distill * self._distill_loss(logits[:, primary], batch.get("teacher"))
+            return loss
+        loss = logits.sum() * 0  # keeps every parameter in the graph (DDP) when no image has the target
+        if present.any():
+            infected = logits[present][:, [primary]]
+            loss = loss + self.loss(infected, masks[present][:, [primary]])
+            if distill:
+                teacher = batch["teacher"][present] if "teacher" in batch else None
+                loss = loss + distill * self._distill_loss(infected[:, 0], teacher)
+        others = [channel for channel in range(len(self.targets)) if channel != primary]
+        if others:
+            loss = (loss + len(others) * self.loss(logits[:, others], masks[:, others])) / len(self.targets)
+        return loss
+
+    def _distill_loss(self, primary: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
+        """BCE of the primary target's logits against the teacher's probabilities."""
+        if teacher is None:
             raise ValueError("model.distill_weight > 0 needs data.teacher_targets (python -m covidseg.distill)")
-        primary = segmented[:, self.targets.index(self.primary_target)].float()
-        return F.binary_cross_entropy_with_logits(primary, batch["teacher"][selected][:, 0])
+        return F.binary_cross_entropy_with_logits(primary.float(), teacher[:, 0])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")[0]
