@@ -1,18 +1,23 @@
 """Compare models evaluated on the same images: is B better than A, and by how much.
 
-python -m covidseg.compare <eval run folder A> <eval run folder B> [C ...] [--resamples 2000] [--out DIR]
+python -m covidseg.compare <A> <B> [C ...] [--eval KEY=VALUE ...] [--resamples 2000] [--out DIR]
 
-Each folder is an ``eval`` run (its per_image.csv and recorded config); the first is the reference.
-Prints the table and writes comparison.md, comparison.csv and comparison.png to a new
-``DIR/<date_time>`` folder (:mod:`covidseg.evaluation.comparison` says which statistics).
+Each of A, B, ... is an ``eval`` run folder (its per_image.csv and recorded config) or a model
+(anything ``ckpt_path`` takes: a checkpoint, ``pretrained``, ``[a.ckpt,b.ckpt]``, a k-fold folder),
+which is first evaluated by ``python -m covidseg.eval ckpt_path=<model> <--eval overrides>`` into
+``DIR/<date_time>/evals/<label>``, so that it is scored exactly as eval scores it; the first is
+the reference. Prints the table and writes comparison.md, comparison.csv and comparison.png to that
+new folder (:mod:`covidseg.evaluation.comparison` says which statistics).
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 from pathlib import Path
 
-from covidseg.core.errors import user_errors, whole_number
+from covidseg.core.errors import DataError, user_errors, whole_number
 from covidseg.core.files import printable
 from covidseg.core.writing import new_figures_folder
 from covidseg.evaluation.comparison import compare, read_eval_run
@@ -20,28 +25,59 @@ from covidseg.evaluation.intervals import check_resamples
 from covidseg.reports.comparison import markdown, write_comparison
 
 
+def label_of(index: int) -> str:
+    return chr(ord("A") + index) if index < 26 else str(index)
+
+
+def is_eval_run(folder: Path) -> bool:
+    return (folder / "per_image.csv").is_file()
+
+
+def evaluate_model(model: str, overrides: list[str], folder: Path) -> Path:
+    """``python -m covidseg.eval ckpt_path=<model> <overrides>`` into ``folder`` (its own process, as
+    a user runs it: the recorded config says which images it scored); its error in one line."""
+    command = [sys.executable, "-m", "covidseg.eval", f"ckpt_path={model}", *overrides, f"hydra.run.dir={folder}"]
+    print(f"evaluating {printable(model)} ...", flush=True)
+    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        raise DataError(f"eval of {printable(model)!r} failed (exit {done.returncode}): {(lines or ['?'])[-1][:300]}")
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m covidseg.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("runs", type=Path, nargs="+", help="eval run folders, the reference first")
+    parser.add_argument("runs", nargs="+", help="eval run folders or models to evaluate, the reference first")
+    example = "e.g. data.root=../shared/covid-qu-ex data.split=Val"
+    parser.add_argument(
+        "--eval", nargs="+", default=[], metavar="KEY=VALUE", help=f"eval overrides for models, {example}"
+    )
     parser.add_argument("--resamples", type=whole_number(100), default=2000, help="bootstrap and permutation resamples")
     parser.add_argument("--seed", type=whole_number(0), default=42, help="seeds the resampling (reruns match)")
     parser.add_argument("--out", type=Path, default=Path("outputs/compare"), help="figures go to DIR/<date_time>")
     args = parser.parse_args()
     if len(args.runs) < 2:
-        parser.error("give at least two eval run folders: the reference first, then the models to compare with it")
+        parser.error("give at least two eval run folders or models: the reference first, then those to compare with it")
     with user_errors():
         check_resamples(args.resamples)
-        runs = [read_eval_run(folder) for folder in args.runs]
+        # a new folder for the figures, made first when models are to be evaluated into it
+        out = None if all(is_eval_run(Path(run)) for run in args.runs) else new_figures_folder(args.out)
+        folders = [
+            Path(run) if out is None or is_eval_run(Path(run)) else evaluate_model(run, args.eval, out / "evals" /
+                                                                                   label_of(index))
+            for index, run in enumerate(args.runs)
+        ]  # fmt: skip
+        runs = [read_eval_run(folder) for folder in folders]
         rows = compare(runs, args.resamples, args.seed)
-        labels = {str(run.folder): chr(ord("A") + index) if index < 26 else str(index) for index, run in
-                  enumerate(runs)}  # fmt: skip
-        out = new_figures_folder(args.out)
+        labels = {str(run.folder): label_of(index) for index, run in enumerate(runs)}
+        out = out or new_figures_folder(args.out)
         written = write_comparison(out, rows, labels, {str(run.folder): run.dice for run in runs})
     print(markdown(rows, labels))  # plain text: a Markdown table must not be wrapped to the terminal
-    for model, label in labels.items():
-        print(f"{label}: {printable(model)}")
+    for index, (given, run) in enumerate(zip(args.runs, runs, strict=True)):
+        evaluated = "" if given == str(run.folder) else f" (evaluated into {printable(run.folder)})"
+        print(f"{label_of(index)}: {printable(given)}{evaluated}")
     print(f"written: {', '.join(printable(path) for path in written)}")
 
 

@@ -13,38 +13,42 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
+import lightning as L
+import torch
 from omegaconf import DictConfig
 from pydantic import Field, field_validator
 from rich.console import Console
-from rich.progress import track
 
 from covidseg.core.config import CONF_DIR, check_output_folder
 from covidseg.core.errors import DataError, hydra_errors_in_one_line, user_errors
 from covidseg.core.files import printable
-from covidseg.core.images import find_inputs, read_unchanged, xray_gray
+from covidseg.core.framework_noise import quiet_framework_noise
+from covidseg.core.images import find_inputs
 from covidseg.core.run_files import make_output_folder, write_run_info
 from covidseg.core.validation import CheckedSettings, check_command_keys
 from covidseg.core.writing import exclusive_lock, write_csv
-from covidseg.inference.image_files import (
-    check_nothing_replaced,
-    check_output,
-    output_stem,
-    write_outputs,
-)
+from covidseg.evaluation.test_loop import check_loop_precision
+from covidseg.inference.image_files import check_nothing_replaced, check_output
 from covidseg.inference.loader import inference_bf16
 from covidseg.inference.manifest import Manifest, run_digest
-from covidseg.inference.predictor import Answer
-from covidseg.inference.segment import Backend, LoadedBackend, load_configured_backend, segment
+from covidseg.inference.prediction_loop import (
+    LOOP_STAGES,
+    InputShards,
+    OutputWriter,
+    ProgressLog,
+    SegmentImages,
+    StageClock,
+    prediction_trainer,
+)
+from covidseg.inference.segment import LoadedBackend, load_configured_backend
 
 log = logging.getLogger(__name__)
+STAGES = (*LOOP_STAGES, "CSV")  # the stages predict_bench times
 SOME_IMAGES_FAILED = 3  # exit code: the run finished, but some images were not read, answered or written
 
 
@@ -76,39 +80,27 @@ class PredictRun:
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # unreadable inputs
     failed: list[tuple[Path, str]] = field(default_factory=list)  # outputs that could not be written
     refused: list[tuple[Path, str]] = field(default_factory=list)  # pictures unlike the model's X-rays
-    stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        """Adds the block's wall time to ``stage_seconds[name]`` (``predict_bench`` prints the shares)."""
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.stage_seconds[name] += time.perf_counter() - started
-
-    def timed(self, name: str, backend: Backend) -> Backend:
-        def run(images: np.ndarray) -> Answer:
-            with self.stage(name):
-                return backend(images)
-
-        return run
-
-
-STAGES = ("read and decode", "networks", "resize and post-process", "draw, encode and write", "CSV")
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # of the command's own process (one process)
 
 
 def predict(cfg: DictConfig) -> PredictRun:
     """Write mask, overlay (and optional probability) PNGs per image and ``predictions.csv``."""
     check_command_keys(cfg, PredictSettings)
+    check_loop_precision(cfg)
     files, base = find_inputs(str(cfg.input))
     # the folder the path names once its links and ".." are followed: "<new>/../<yours>" is yours
     output = Path(os.path.realpath(Path(str(cfg.output)).expanduser()))
     recursive = Path(str(cfg.input)).expanduser().is_dir() or "**" in str(cfg.input)
     check_output(output, files, base, recursive, cfg.allow_output_in_input)
     check_nothing_replaced(output, files, base)
+    clock = StageClock()
+    writer = OutputWriter(output, base, {Path(os.path.realpath(path)) for path in files}, cfg.save_probability, clock)
+    trainer = prediction_trainer(cfg, [writer, ProgressLog()])
     model = load_configured_backend(cfg)
     make_output_folder(output)
+    if trainer.node_rank > 0:  # the first node's command holds the lock, keeps the record and writes the CSV
+        _run_loop(trainer, cfg, model, files, output, clock)
+        return PredictRun(output / "predictions.csv")
     with exclusive_lock(output) as locked:  # one predict at a time writes into a folder
         if not locked:
             raise DataError(
@@ -121,58 +113,60 @@ def predict(cfg: DictConfig) -> PredictRun:
         if model.int8_graph is not None:  # its name digests the calibration images too
             settings["int8_graph"] = model.int8_graph.name
         manifest = Manifest.open(output, run_digest(model.paths, settings), cfg.resume)
-        return _predict_into(cfg, model, files, base, output, manifest)
+        done = sum(manifest.entry(path) is not None for path in files)
+        if done:
+            log.info("resuming: %d of %d image(s) were finished by an earlier run", done, len(files))
+        try:
+            if done < len(files):
+                _run_loop(trainer, cfg, model, files, output, clock)
+        finally:  # what the ranks finished is kept even when the run stops early
+            unfinished = manifest.fold_parts()
+        return _report(model, files, output, manifest, unfinished, clock)
 
 
-def _predict_into(
-    cfg: DictConfig, model: LoadedBackend, files: list[Path], base: Path, output: Path, manifest: Manifest
+def _run_loop(
+    trainer: L.Trainer, cfg: DictConfig, model: LoadedBackend, files: list[Path], output: Path, clock: StageClock
+) -> None:
+    """Lightning's predict loop over the images the record lacks (:mod:`covidseg.inference.prediction_loop`)."""
+    threads = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    try:
+        trainer.predict(SegmentImages(cfg, model, clock), InputShards(files, output, cfg.batch_size),
+                        return_predictions=False)  # fmt: skip
+    except SystemExit as exit_:  # Lightning answers Ctrl-C with exit code 1 after its own message
+        if isinstance(exit_.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise
+    finally:  # Lightning shares the cores out among the processes it starts, this one's setting included
+        torch.set_num_threads(threads[0])
+        if threads[1] is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = threads[1]
+
+
+def _report(
+    model: LoadedBackend,
+    files: list[Path],
+    output: Path,
+    manifest: Manifest,
+    unfinished: list[dict[str, Any]],
+    clock: StageClock,
 ) -> PredictRun:
-    inputs = {Path(os.path.realpath(path)) for path in files}
-    run = PredictRun(output / "predictions.csv")
-    todo = [path for path in files if manifest.entry(path) is None]
-    if len(todo) < len(files):
-        log.info("resuming: %d of %d image(s) were finished by an earlier run", len(files) - len(todo), len(files))
-    batches = [todo[start : start + cfg.batch_size] for start in range(0, len(todo), cfg.batch_size)]
-    networks = run.timed("networks", model.run)
-    for batch in track(batches, description="predicting", console=Console(stderr=True)):
-        started = time.perf_counter()
-        images, readable, finished = [], [], []
-        with run.stage("read and decode"):
-            for path in batch:
-                try:
-                    images.append(xray_gray(read_unchanged(path), str(path)))
-                    readable.append(path)
-                except (DataError, OSError) as error:
-                    run.skipped.append((path, str(error)))  # not recorded: a rerun reads it again
-        if not images:
-            continue
-        with run.stage("resize and post-process"):  # the networks' share is taken out below
-            results = segment(networks, model.spec, images, model.refuse_above)
-        seconds = (time.perf_counter() - started) / len(images)
-        with run.stage("draw, encode and write"):
-            for path, result in zip(readable, results, strict=True):
-                if result.refused:
-                    finished.append(manifest.finished_entry(path, "refused", reason=result.refusal()))
-                    continue
-                try:
-                    write_outputs(result, output_stem(output, path, base), cfg.save_probability, inputs)
-                except (DataError, OSError) as error:
-                    run.failed.append((path, str(error)))  # not recorded: a rerun tries it again
-                    continue
-                row = {"file": printable(path), **result.stats(), **(result.severity() or {})}
-                row["seconds"] = round(seconds, 4)
-                finished.append(manifest.finished_entry(path, "predicted", row=row))
-            manifest.record(finished)
-    run.stage_seconds["resize and post-process"] -= run.stage_seconds["networks"]
-    for path in files:  # in the inputs' order, this run's and earlier runs' alike
+    """The CSV in the inputs' order (this run's and earlier runs' images alike), and the summary."""
+    run = PredictRun(output / "predictions.csv", stage_seconds=dict(clock.seconds))
+    order = {str(path): index for index, path in enumerate(files)}
+    for entry in sorted(unfinished, key=lambda entry: order.get(entry["input"], len(order))):
+        (run.skipped if entry["status"] == "skipped" else run.failed).append((Path(entry["input"]), entry["reason"]))
+    for path in files:
         entry = manifest.entry(path)
         if entry is not None and entry["status"] == "predicted":
             run.rows.append(entry["row"])
         elif entry is not None:
             run.refused.append((path, entry["reason"]))
     header = list(run.rows[0]) if run.rows else ["file"]
-    with run.stage("CSV"):
-        write_csv(run.csv_path, header, ([row[key] for key in header] for row in run.rows))
+    started = time.perf_counter()
+    write_csv(run.csv_path, header, ([row[key] for key in header] for row in run.rows))
+    run.stage_seconds["CSV"] = time.perf_counter() - started
     problems = (("skipped (unreadable)", run.skipped), ("refused", run.refused), ("failed (not written)", run.failed))
     for label, listed in problems:
         for path, reason in listed:
@@ -190,6 +184,7 @@ def _predict_into(
 @hydra_errors_in_one_line
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
 def main(cfg: DictConfig) -> None:
+    quiet_framework_noise()
     with user_errors():
         check_output_folder(cfg)  # this run's own folder, before anything is written
         write_run_info(cfg.paths.output_dir)

@@ -11,6 +11,7 @@ from conftest import FAST
 
 from covidseg.core.errors import ConfigError
 from covidseg.evaluation.intervals import bootstrap_interval, check_resamples, eval_intervals, mean_of
+from covidseg.inference.severity import agreement
 
 
 def test_intervals_cover_the_true_mean_about_95_times_in_100() -> None:
@@ -44,6 +45,40 @@ def test_pooled_figures_and_the_clean_rate_match_their_definitions() -> None:
     assert intervals["test/iou_pooled"]["value"] == pytest.approx(15 / 35)
     assert intervals["test/empty_truth_clean"] == {"value": 1.0, "low": 1.0, "high": 1.0, "images": 1}
     assert all(v["low"] <= v["value"] <= v["high"] for v in intervals.values())
+
+
+def test_severity_figures_match_agreement_and_get_intervals() -> None:
+    """The resampled severity statistics equal eval's own figures (torchmetrics' kappa, SciPy's r)
+    on the same images, and each gets an interval around it."""
+    rng = np.random.default_rng(5)
+    true_percent = rng.uniform(0, 60, 120)
+    predicted_percent = np.clip(true_percent + rng.normal(3, 8, 120), 0, 100)
+    true_score = rng.integers(0, 7, 120)
+    predicted_score = np.clip(true_score + rng.integers(-2, 3, 120), 0, 6)
+    rows = [
+        [{"lung_infected_percent": p, "zone_score": int(z), "right_lung_infected_percent": 0.0,
+          "left_lung_infected_percent": 0.0} for p, z in zip(percents, scores, strict=True)]
+        for percents, scores in ((predicted_percent, predicted_score), (true_percent, true_score))
+    ]  # fmt: skip
+    expected = agreement(*rows)
+    columns = {
+        "dice_infection": list(rng.random(120)),
+        "iou_infection": list(rng.random(120)),
+        "intersection_infection": [1] * 120,
+        "truth_area_infection": [2] * 120,
+        "predicted_area_infection": [2] * 120,
+        "predicted_lung_infected_percent": list(predicted_percent),
+        "true_lung_infected_percent": list(true_percent),
+        "predicted_zone_score": list(predicted_score),
+        "true_zone_score": list(true_score),
+    }
+    intervals = eval_intervals(columns, "infection", clean_area=5, resamples=300, seed=0)
+    for name in ("percent_infected_mae", "percent_infected_bias", "percent_infected_pearson_r", "zone_score_exact",
+                 "zone_score_within_one", "zone_score_kappa"):  # fmt: skip
+        figure = intervals[f"severity/{name}"]
+        assert figure["value"] == pytest.approx(expected[f"severity/{name}"], abs=1e-6), name
+        assert figure["low"] < figure["value"] < figure["high"], name
+    assert 2 < intervals["severity/percent_infected_bias"]["value"] < 4  # the shift put in
 
 
 @pytest.mark.parametrize("resamples", [10, 10**7, "many", 2.5, True])
@@ -140,3 +175,28 @@ def test_compare_refuses_runs_on_other_images_and_writes_its_table_and_plot(
     (b / "intervals.json").unlink()  # an eval from before covidseg recorded what it scored
     assert run_command(main, str(a), str(b)) == 2
     assert "intervals.json" in capsys.readouterr().err
+
+
+def test_compare_evaluates_models_itself_as_eval_would(
+    trained_checkpoints: list[Path], cache_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from helpers import run_command
+
+    from covidseg.compare import main
+
+    data = [o for o in FAST if o.startswith("data")]
+    settings = ["--eval", *data, f"paths.cache_dir={cache_dir}", f"paths.log_dir={tmp_path / 'logs'}",
+                "trainer.enable_progress_bar=false", "--resamples", "200", "--out", str(tmp_path / "out")]  # fmt: skip
+    models = [str(checkpoint) for checkpoint in trained_checkpoints]
+    assert run_command(main, *models, *settings) == 0
+    (written,) = (tmp_path / "out").iterdir()
+    for label, model in zip("AB", models, strict=True):
+        recorded = (written / "evals" / label / ".hydra" / "overrides.yaml").read_text()
+        assert f"ckpt_path={model}" in recorded and "data=synthetic" in recorded
+        assert (written / "evals" / label / "per_image.csv").is_file()
+    assert "| dice | B | " in (written / "comparison.md").read_text()
+    assert f"A: {models[0]} (evaluated into {written / 'evals' / 'A'})" in capsys.readouterr().out
+    # a model eval cannot read: its error in one line, exit 2
+    assert run_command(main, models[0], str(tmp_path / "missing.ckpt"), *settings) == 2
+    error = capsys.readouterr().err
+    assert f"eval of '{tmp_path / 'missing.ckpt'}' failed (exit 2)" in error and len(error.strip().splitlines()) == 1

@@ -4,6 +4,7 @@ lost, and the CSV and masks are those of one uninterrupted run."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -15,10 +16,10 @@ import cv2
 import numpy as np
 import pytest
 
-import covidseg.predict as predict_module
+import covidseg.inference.prediction_loop as loop_module
 from covidseg.core.errors import DataError
 from covidseg.data.synthetic import make_phantom
-from covidseg.inference.manifest import RECORD
+from covidseg.inference.manifest import PARTS, RECORD
 from covidseg.predict import predict
 
 
@@ -50,7 +51,7 @@ def test_a_run_stopped_half_way_is_finished_by_the_next_one_as_one_run_would_be(
     predict(compose_cfg("predict", [model, f"input={phantoms}", f"output={whole}", "batch_size=2"]))
 
     written: list[Path] = []
-    real_write = predict_module.write_outputs
+    real_write = loop_module.write_outputs
 
     def dies_after_five(result, stem, save_probability, inputs) -> None:
         if len(written) == 5:
@@ -58,7 +59,7 @@ def test_a_run_stopped_half_way_is_finished_by_the_next_one_as_one_run_would_be(
         real_write(result, stem, save_probability, inputs)
         written.append(stem)
 
-    monkeypatch.setattr(predict_module, "write_outputs", dies_after_five)
+    monkeypatch.setattr(loop_module, "write_outputs", dies_after_five)
     resumed = tmp_path / "resumed"
     cfg = compose_cfg("predict", [model, f"input={phantoms}", f"output={resumed}", "batch_size=2"])
     with pytest.raises(SystemExit):
@@ -67,7 +68,7 @@ def test_a_run_stopped_half_way_is_finished_by_the_next_one_as_one_run_would_be(
     recorded = (resumed / RECORD).read_text().splitlines()
     assert 1 <= len(recorded) <= 5  # the batches whose images were all written (not the unreadable one)
 
-    monkeypatch.setattr(predict_module, "write_outputs", lambda *args: (written.append(args[1]), real_write(*args)))
+    monkeypatch.setattr(loop_module, "write_outputs", lambda *args: (written.append(args[1]), real_write(*args)))
     written.clear()
     run = predict(cfg)
     done_before = {Path(line.split('"input": "')[1].split('"')[0]).name for line in recorded}
@@ -117,29 +118,49 @@ def test_another_model_or_setting_is_refused_unless_resume_is_false(
     assert len(predict(compose_cfg("predict", [f"ckpt_path={trained_checkpoints[0]}", *first])).rows) == 12
 
 
-def test_sigkill_half_way_then_a_rerun_finishes_only_the_rest(trained_checkpoints, tmp_path) -> None:
+def _finished(output: Path) -> dict[str, str]:
+    """Finished images (input name -> line) in the record and the ranks' parts; a torn line left out."""
+    finished = {}
+    for path in [output / RECORD, *sorted((output / PARTS).glob("part-*.jsonl"))]:
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry["status"] in ("predicted", "refused"):
+                finished[Path(entry["input"]).name] = line
+    return finished
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigkill_half_way_then_a_rerun_finishes_only_the_rest(processes, trained_checkpoints, tmp_path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
     rng = np.random.default_rng(1)
-    for index in range(60):
+    count = 80
+    for index in range(count):
         cv2.imwrite(str(folder / f"{index:02d}.png"), make_phantom(rng, 96, infected=True)[0])
     output = tmp_path / "out"
+    spread = ["trainer=ddp_cpu", f"trainer.devices={processes}"] if processes > 1 else []
     command = [sys.executable, "-m", "covidseg.predict", f"ckpt_path={trained_checkpoints[0]}", f"input={folder}",
-               f"output={output}", "batch_size=1", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               f"output={output}", "batch_size=1", *spread, f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    # its own process group: the kill takes the started processes with it, as a scheduler's would
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if (output / RECORD).is_file() and len((output / RECORD).read_text().splitlines()) >= 10:
-            break
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
+    while time.monotonic() < deadline and process.poll() is None and len(_finished(output)) < 10:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    finished = len((output / RECORD).read_text().splitlines())
-    assert 10 <= finished < 60, "the run was not stopped half-way"
+    time.sleep(0.5)  # the started processes are gone with the group
+    finished = _finished(output)
+    assert 10 <= len(finished) < count, "the run was not stopped half-way"
+    stamps = {name: (output / f"{name}.mask.png").stat().st_mtime_ns for name in finished}
     done = subprocess.run([*command[:-1], f"hydra.run.dir={tmp_path / 'run2'}"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"resuming: {finished} of 60" in done.stdout + done.stderr
+    assert f"resuming: {len(finished)} of {count}" in done.stdout + done.stderr
+    assert {name: (output / f"{name}.mask.png").stat().st_mtime_ns for name in finished} == stamps  # not redone
     lines = (output / RECORD).read_text().splitlines()
-    assert len(lines) == 60 and len({line.split('"status"')[0] for line in lines}) == 60  # each image once
+    assert len(lines) == count and len({json.loads(line)["input"] for line in lines}) == count  # each image once
+    assert not (output / PARTS).exists()  # folded into the record
     with (output / "predictions.csv").open() as handle:
-        assert [row["file"] for row in csv.DictReader(handle)] == [str(folder / f"{i:02d}.png") for i in range(60)]
+        assert [row["file"] for row in csv.DictReader(handle)] == [str(folder / f"{i:02d}.png") for i in range(count)]

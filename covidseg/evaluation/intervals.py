@@ -3,7 +3,9 @@
 Each figure is recomputed on images drawn with replacement from the evaluated ones
 (``scipy.stats.bootstrap``; BCa, seeded, so a rerun gives the same interval): the mean per-image
 Dice and IoU, the pooled Dice and IoU (sums of the resampled images' areas), and the healthy clean
-rate (the share of images without infection predicted almost empty). On 466 Val X-rays the mean
+rate (the share of images without infection predicted almost empty), and for lung + infection
+models the severity agreement (percent of the lungs infected: MAE, bias, Pearson's r; zone score:
+exact, within one, quadratic-weighted kappa). On 466 Val X-rays the mean
 per-image Dice of the shipped model moves by about ±0.02 this way: differences of 0.002 between
 two models are within it, which is what ``compare``'s paired tests are for.
 """
@@ -78,6 +80,49 @@ def pooled_iou(intersection: np.ndarray, truth: np.ndarray, predicted: np.ndarra
     return np.where(union > 0, intersection.sum(axis=axis) / np.maximum(union, 1), 1.0)
 
 
+def pearson_r(predicted: np.ndarray, true: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Pearson's correlation of paired values (NaN where either does not vary)."""
+    predicted = predicted - predicted.mean(axis=axis, keepdims=True)
+    true = true - true.mean(axis=axis, keepdims=True)
+    scale = np.sqrt((predicted**2).sum(axis=axis) * (true**2).sum(axis=axis))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (predicted * true).sum(axis=axis) / scale
+
+
+def quadratic_kappa(predicted: np.ndarray, true: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Cohen's kappa with quadratic weights of paired scores: 1 - the mean squared disagreement over
+    the one expected of independent scores with the same distributions (variances and means), the
+    closed form of the weighted confusion matrix, so that all resamples are computed at once."""
+    observed = ((predicted - true) ** 2).mean(axis=axis)
+    expected = predicted.var(axis=axis) + true.var(axis=axis) + (predicted.mean(axis=axis) - true.mean(axis=axis)) ** 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return 1 - observed / expected
+
+
+def severity_figures(columns: Mapping[str, list[float]]) -> dict[str, tuple[Callable[..., np.ndarray], tuple]]:
+    """The severity agreement figures (:func:`covidseg.inference.severity.agreement`) as statistics
+    of per-image columns: percent of the lungs infected (MAE, bias, r) and zone score (exact,
+    within one, kappa)."""
+
+    def column(name: str) -> np.ndarray:
+        return np.asarray(columns[name], dtype=float)
+
+    predicted, true = column("predicted_lung_infected_percent"), column("true_lung_infected_percent")
+    predicted_score, true_score = column("predicted_zone_score"), column("true_zone_score")
+    difference, score_difference = predicted - true, np.abs(predicted_score - true_score)
+    figures: dict[str, tuple[Callable[..., np.ndarray], tuple]] = {
+        "severity/percent_infected_mae": (mean_of, (np.abs(difference),)),
+        "severity/percent_infected_bias": (mean_of, (difference,)),
+        "severity/zone_score_exact": (mean_of, ((score_difference == 0).astype(float),)),
+        "severity/zone_score_within_one": (mean_of, ((score_difference <= 1).astype(float),)),
+    }
+    if predicted.std() > 0 and true.std() > 0:
+        figures["severity/percent_infected_pearson_r"] = (pearson_r, (predicted, true))
+    if np.isfinite(quadratic_kappa(predicted_score, true_score)):
+        figures["severity/zone_score_kappa"] = (quadratic_kappa, (predicted_score, true_score))
+    return figures
+
+
 def eval_intervals(
     columns: Mapping[str, list[float]], target: str, clean_area: float, resamples: int, seed: int
 ) -> dict[str, dict[str, float]]:
@@ -96,6 +141,8 @@ def eval_intervals(
     healthy = areas[1] == 0
     if healthy.any():
         figures["test/empty_truth_clean"] = (mean_of, ((areas[2][healthy] < clean_area).astype(float),))
+    if "predicted_lung_infected_percent" in columns:  # a lung + infection model
+        figures |= severity_figures(columns)
     intervals = {}
     for name, (statistic, samples) in figures.items():
         low, high = bootstrap_interval(statistic, samples, resamples, seed)

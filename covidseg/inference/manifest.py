@@ -9,10 +9,15 @@ only the images they lack, or whose input changed since: after a crash or a kill
 is done again and nothing is lost (an image killed between its files and its line is done again,
 its files replaced by the same). A torn last line is ignored. Unreadable images and images whose
 files could not be written are not recorded, so a rerun tries them again.
+
+While a run is under way each process (rank) appends its lines to a part of its own,
+``.covidseg-predict.parts/part-<rank>.jsonl``, so processes never write to one file; the command's
+own process folds the parts into the record at the end, or the next run does after a kill.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,7 +32,12 @@ from covidseg.core.writing import write_atomic
 from covidseg.inference.image_files import OUTPUT_MARKER
 
 RECORD = ".covidseg-predict.jsonl"
-STATUSES = ("predicted", "refused")
+PARTS = ".covidseg-predict.parts"  # the ranks' lines of the run under way: part-<rank>.jsonl
+STATUSES = ("predicted", "refused")  # finished: kept in the record
+UNFINISHED = (
+    "skipped",
+    "failed",
+)  # unreadable, or its files not written: reported by this run, tried again by the next
 
 
 def run_digest(model_files: Iterable[Path], settings: dict[str, Any]) -> str:
@@ -49,6 +59,27 @@ def _recorded_digest(output: Path) -> str | None:
         return None
 
 
+def _entries(path: Path) -> list[dict[str, Any]]:
+    """The well-formed lines of a record or part; a line torn by a kill mid-write is left out."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    entries = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:  # torn by a kill mid-write: that image is done again
+            continue
+        if (
+            isinstance(entry, dict)
+            and entry.get("status") in STATUSES + UNFINISHED
+            and isinstance(entry.get("input"), str)
+        ):
+            entries.append(entry)
+    return entries
+
+
 @dataclass
 class Manifest:
     """The finished images of an output folder by input (real path), appended to as images finish."""
@@ -58,9 +89,9 @@ class Manifest:
 
     @classmethod
     def open(cls, output: Path, digest: str, resume: bool) -> Manifest:
-        """The folder's record when it was made with ``digest`` and ``resume`` is true, else a new one
-        (the marker rewritten). A record of another model or settings is refused unless ``resume`` is
-        false. Call it holding the folder's lock."""
+        """The folder's record when it was made with ``digest`` and ``resume`` is true (with the parts
+        of a run killed before it folded them), else a new one (the marker rewritten). A record of
+        another model or settings is refused unless ``resume`` is false. Call it holding the folder's lock."""
         recorded = _recorded_digest(output)
         record = cls(output / RECORD)
         if recorded is not None and recorded != digest and resume:
@@ -69,32 +100,60 @@ class Manifest:
                 "output, or set resume=false to predict every image again into it"
             )
         if recorded == digest and resume:
-            record.finished = record._read()
+            record.finished = cls.read(output).finished
+            record.fold_parts()
             return record
         write_atomic(output / OUTPUT_MARKER, json.dumps({"digest": digest}) + "\n")
         write_atomic(record.path, "")
+        record._remove_parts(record._parts())
         return record
 
-    def _read(self) -> dict[str, dict[str, Any]]:
-        finished: dict[str, dict[str, Any]] = {}
-        try:
-            lines = self.path.read_text(errors="replace").splitlines()
-        except FileNotFoundError:
-            return finished
-        for line in lines:
-            try:
-                entry = json.loads(line)
-            except ValueError:  # torn by a kill mid-write: that image is done again
-                continue
-            if isinstance(entry, dict) and entry.get("status") in STATUSES and isinstance(entry.get("input"), str):
-                finished[entry["input"]] = entry
-        return finished
+    @classmethod
+    def read(cls, output: Path) -> Manifest:
+        """The record as it is on disk, for reading only (what each rank does before it starts)."""
+        record = cls(output / RECORD)
+        record.finished = {entry["input"]: entry for entry in _entries(record.path) if entry["status"] in STATUSES}
+        return record
+
+    @classmethod
+    def part(cls, output: Path, rank: int) -> Manifest:
+        """Rank ``rank``'s part of the run under way in ``output``, appended to by :meth:`record`."""
+        folder = output / PARTS
+        folder.mkdir(exist_ok=True)
+        return cls(folder / f"part-{rank}.jsonl")
+
+    def _parts(self) -> list[Path]:
+        folder = self.path.parent / PARTS
+        return sorted(folder.glob("part-*.jsonl")) if folder.is_dir() and not folder.is_symlink() else []
+
+    def fold_parts(self) -> list[dict[str, Any]]:
+        """Fold the ranks' parts into the record (rewritten whole, atomically) and remove them;
+        returns their lines of images left unfinished (skipped or failed), for the run to report."""
+        parts = self._parts()
+        entries = [entry for part in parts for entry in _entries(part)]
+        finished = {entry["input"]: entry for entry in entries if entry["status"] in STATUSES}
+        if finished:
+            self.finished |= finished
+            write_atomic(self.path, "".join(json.dumps(entry) + "\n" for entry in self.finished.values()))
+        self._remove_parts(parts)
+        return [entry for entry in entries if entry["status"] in UNFINISHED]
+
+    def _remove_parts(self, parts: list[Path]) -> None:
+        for part in parts:
+            part.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not there, or holds something covidseg did not put there
+            (self.path.parent / PARTS).rmdir()
 
     @staticmethod
     def finished_entry(path: Path, status: str, **details: Any) -> dict[str, Any]:
         """A line for ``path``: its real path, size and modification time, ``status`` and ``details``."""
         stat = os.stat(path)
         return {"input": os.path.realpath(path), "stamp": [stat.st_size, stat.st_mtime_ns], "status": status} | details
+
+    @staticmethod
+    def unfinished_entry(path: Path, status: str, reason: str) -> dict[str, Any]:
+        """A line for an image this run could not finish (``skipped`` or ``failed``), by the name it was given."""
+        return {"input": str(path), "status": status, "reason": reason}
 
     def entry(self, path: Path) -> dict[str, Any] | None:
         """The record of ``path`` when it is finished and unchanged since."""
@@ -106,11 +165,11 @@ class Manifest:
         return entry if entry is not None and entry.get("stamp") == [stat.st_size, stat.st_mtime_ns] else None
 
     def record(self, entries: list[dict[str, Any]]) -> None:
-        """Append finished images (``input``, ``stamp``, ``status``, ``row`` or ``reason``) and flush them."""
+        """Append lines (``input``, ``status`` and the status's details) and flush them to disk."""
         if not entries:
             return
         with open(self.path, "a", encoding="utf-8") as file:
             file.write("".join(json.dumps(entry) + "\n" for entry in entries))
             file.flush()
             os.fsync(file.fileno())
-        self.finished |= {entry["input"]: entry for entry in entries}
+        self.finished |= {entry["input"]: entry for entry in entries if entry["status"] in STATUSES}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,14 +70,24 @@ def check_graph_outputs(path: Path, names: Sequence[str], expected: Sequence[str
         )
 
 
+def runtime_threads() -> int | None:
+    """The threads ONNX Runtime and OpenVINO may use: ``OMP_NUM_THREADS`` when set (Lightning sets it
+    in each process it starts to that process's share of the cores, and torch follows it), else
+    the runtime's own choice."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def onnx_backend(path: Path, expected: Sequence[str]) -> Backend:
     """An ONNX graph in ONNX Runtime (fp32), whose outputs must be ``expected``."""
     import onnxruntime
 
     with open_regular_file(path, MAX_MODEL_BYTES, "an ONNX graph", ModelFileError):
         pass  # a pipe, a device or an oversized file is refused before ONNX Runtime reads it
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = runtime_threads() or 0  # 0: ONNX Runtime's choice
     try:  # by path: ONNX Runtime refuses external data outside the graph's folder
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own types for corrupt or unsupported graphs
         first_line = (str(error).splitlines() or [type(error).__name__])[0][:200]
         raise ModelFileError(f"{printable(path)!r} is not an ONNX graph ONNX Runtime can run: {first_line}") from None
@@ -112,9 +123,11 @@ def openvino_backend(path: Path, bf16: bool, expected: Sequence[str]) -> Backend
 
     if path.suffix == ".onnx":  # OpenVINO, unlike ONNX Runtime, is not documented to keep them in the folder
         refuse_external_data(path)
-    precision = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
+    settings: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
+    if runtime_threads() is not None:
+        settings["INFERENCE_NUM_THREADS"] = runtime_threads()
     try:
-        compiled = openvino.Core().compile_model(str(path), "CPU", precision)
+        compiled = openvino.Core().compile_model(str(path), "CPU", settings)
     except Exception as error:  # OpenVINO raises RuntimeError with its own messages for bad graphs
         lines = [line for line in str(error).splitlines() if line.strip() and not line.startswith("Exception from")]
         reason = " ".join(lines)[:200] or type(error).__name__
