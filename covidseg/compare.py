@@ -13,11 +13,12 @@ new folder (:mod:`covidseg.evaluation.comparison` says which statistics).
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from covidseg.core.errors import DataError, user_errors, whole_number
+from covidseg.core.errors import ConfigError, DataError, user_errors, whole_number
 from covidseg.core.files import printable
 from covidseg.core.writing import new_figures_folder
 from covidseg.evaluation.comparison import compare, read_eval_run
@@ -35,10 +36,33 @@ def is_eval_run(folder: Path) -> bool:
 
 def evaluate_model(model: str, overrides: list[str], folder: Path) -> Path:
     """``python -m covidseg.eval ckpt_path=<model> <overrides>`` into ``folder`` (its own process, as
-    a user runs it: the recorded config says which images it scored); its error in one line."""
-    command = [sys.executable, "-m", "covidseg.eval", f"ckpt_path={model}", *overrides, f"hydra.run.dir={folder}"]
+    a user runs it: the recorded config says which images it scored); its error in one line. A model
+    that names a file or folder, and the folder, reach eval through the environment, so that no
+    character of a path (``=``, brackets, quotes, ``${``) is read as Hydra's syntax; anything else
+    (``pretrained``, ``[a.ckpt,b.ckpt]``) is given as it is written."""
+    taken = [override for override in overrides if override.split("=")[0].lstrip("+~") in ("ckpt_path", "hydra")
+             or override.lstrip("+~").startswith("hydra.")]  # fmt: skip
+    if taken:
+        raise ConfigError(
+            f"--eval {taken[0]}: compare sets the model and eval's folder itself; give models as arguments"
+        )
+    environment = os.environ | {"COVIDSEG_COMPARE_RUN_DIR": str(folder)}
+    if os.path.lexists(model):
+        environment["COVIDSEG_COMPARE_MODEL"] = model
+        named = "ckpt_path=${oc.env:COVIDSEG_COMPARE_MODEL}"
+    else:
+        named = f"ckpt_path={model}"
+    command = [
+        sys.executable,
+        "-m",
+        "covidseg.eval",
+        named,
+        *overrides,
+        "hydra.run.dir=${oc.env:COVIDSEG_COMPARE_RUN_DIR}",
+    ]
     print(f"evaluating {printable(model)} ...", flush=True)
-    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
+    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace",
+                          env=environment)  # fmt: skip
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         raise DataError(f"eval of {printable(model)!r} failed (exit {done.returncode}): {(lines or ['?'])[-1][:300]}")
@@ -64,20 +88,21 @@ def main() -> None:
         check_resamples(args.resamples)
         # a new folder for the figures, made first when models are to be evaluated into it
         out = None if all(is_eval_run(Path(run)) for run in args.runs) else new_figures_folder(args.out)
+        evaluated = {index for index, run in enumerate(args.runs) if not is_eval_run(Path(run))}
         folders = [
-            Path(run) if out is None or is_eval_run(Path(run)) else evaluate_model(run, args.eval, out / "evals" /
-                                                                                   label_of(index))
+            evaluate_model(run, args.eval, out / "evals" / label_of(index)) if index in evaluated else Path(run)
             for index, run in enumerate(args.runs)
-        ]  # fmt: skip
+        ]
         runs = [read_eval_run(folder) for folder in folders]
         rows = compare(runs, args.resamples, args.seed)
         labels = {str(run.folder): label_of(index) for index, run in enumerate(runs)}
         out = out or new_figures_folder(args.out)
-        written = write_comparison(out, rows, labels, {str(run.folder): run.dice for run in runs})
+        sources = {str(folders[index]): args.runs[index] for index in evaluated}
+        written = write_comparison(out, rows, labels, {str(run.folder): run.dice for run in runs}, sources)
     print(markdown(rows, labels))  # plain text: a Markdown table must not be wrapped to the terminal
     for index, (given, run) in enumerate(zip(args.runs, runs, strict=True)):
-        evaluated = "" if given == str(run.folder) else f" (evaluated into {printable(run.folder)})"
-        print(f"{label_of(index)}: {printable(given)}{evaluated}")
+        into = f" (evaluated into {printable(run.folder)})" if index in evaluated else ""
+        print(f"{label_of(index)}: {printable(given)}{into}")
     print(f"written: {', '.join(printable(path) for path in written)}")
 
 

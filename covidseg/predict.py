@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,10 +20,10 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pydantic import Field, field_validator
 from rich.console import Console
+from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 from covidseg.core.config import CONF_DIR, check_output_folder
 from covidseg.core.errors import DataError, hydra_errors_in_one_line, user_errors
@@ -43,6 +44,7 @@ from covidseg.inference.prediction_loop import (
     ProgressLog,
     SegmentImages,
     StageClock,
+    StopOnSigterm,
     prediction_trainer,
 )
 from covidseg.inference.segment import LoadedBackend, load_configured_backend
@@ -95,11 +97,11 @@ def predict(cfg: DictConfig) -> PredictRun:
     check_nothing_replaced(output, files, base)
     clock = StageClock()
     writer = OutputWriter(output, base, {Path(os.path.realpath(path)) for path in files}, cfg.save_probability, clock)
-    trainer = prediction_trainer(cfg, [writer, ProgressLog()])
+    trainer = prediction_trainer(cfg, [writer, StopOnSigterm(), ProgressLog()])
     model = load_configured_backend(cfg)
     make_output_folder(output)
-    if trainer.node_rank > 0:  # the first node's command holds the lock, keeps the record and writes the CSV
-        _run_loop(trainer, cfg, model, files, output, clock)
+    if trainer.node_rank > 0:  # the first machine's command holds the lock, keeps the record and writes the CSV
+        _run_loop(trainer, cfg, model, files, None, output, clock)
         return PredictRun(output / "predictions.csv")
     with exclusive_lock(output) as locked:  # one predict at a time writes into a folder
         if not locked:
@@ -113,35 +115,50 @@ def predict(cfg: DictConfig) -> PredictRun:
         if model.int8_graph is not None:  # its name digests the calibration images too
             settings["int8_graph"] = model.int8_graph.name
         manifest = Manifest.open(output, run_digest(model.paths, settings), cfg.resume)
-        done = sum(manifest.entry(path) is not None for path in files)
-        if done:
-            log.info("resuming: %d of %d image(s) were finished by an earlier run", done, len(files))
+        Manifest.parts_folder(output)  # checked here, where a refusal is one line, before any process writes
+        todo = [path for path in files if manifest.entry(path) is None]
+        if len(todo) < len(files):
+            log.info("resuming: %d of %d image(s) were finished by an earlier run", len(files) - len(todo), len(files))
         try:
-            if done < len(files):
-                _run_loop(trainer, cfg, model, files, output, clock)
+            if todo or trainer.num_nodes > 1:  # the other machines wait for this one's processes
+                _run_loop(trainer, cfg, model, files, todo, output, clock)
         finally:  # what the ranks finished is kept even when the run stops early
             unfinished = manifest.fold_parts()
         return _report(model, files, output, manifest, unfinished, clock)
 
 
 def _run_loop(
-    trainer: L.Trainer, cfg: DictConfig, model: LoadedBackend, files: list[Path], output: Path, clock: StageClock
+    trainer: L.Trainer,
+    cfg: DictConfig,
+    model: LoadedBackend,
+    files: list[Path],
+    todo: list[Path] | None,
+    output: Path,
+    clock: StageClock,
 ) -> None:
-    """Lightning's predict loop over the images the record lacks (:mod:`covidseg.inference.prediction_loop`)."""
-    threads = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    """Lightning's predict loop over ``todo`` (:mod:`covidseg.inference.prediction_loop`); the processes
+    it starts load the very files this one loaded, and an error in one of them comes back in one line."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["ckpt_path"] = [str(path) for path in model.paths] if len(model.paths) > 1 else str(model.paths[0])
+    meeting = {key: os.environ.get(key) for key in ("MASTER_ADDR", "MASTER_PORT")}
+    interrupt = signal.getsignal(signal.SIGINT)
     try:
-        trainer.predict(SegmentImages(cfg, model, clock), InputShards(files, output, cfg.batch_size),
-                        return_predictions=False)  # fmt: skip
+        trainer.predict(SegmentImages(OmegaConf.create(resolved), model, clock),
+                        InputShards(files, todo, output, cfg.batch_size), return_predictions=False)  # fmt: skip
     except SystemExit as exit_:  # Lightning answers Ctrl-C with exit code 1 after its own message
         if isinstance(exit_.__context__, KeyboardInterrupt):
             raise KeyboardInterrupt from None
         raise
-    finally:  # Lightning shares the cores out among the processes it starts, this one's setting included
-        torch.set_num_threads(threads[0])
-        if threads[1] is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = threads[1]
+    except (ProcessRaisedException, ProcessExitedException) as error:  # a started process failed
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise DataError(f"a predict process stopped: {(lines or ['?'])[-1][:300]}") from None
+    finally:  # Lightning ignores Ctrl-C from its first one on, and leaves its meeting point set
+        signal.signal(signal.SIGINT, interrupt)
+        for key, value in meeting.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _report(
@@ -157,12 +174,15 @@ def _report(
     order = {str(path): index for index, path in enumerate(files)}
     for entry in sorted(unfinished, key=lambda entry: order.get(entry["input"], len(order))):
         (run.skipped if entry["status"] == "skipped" else run.failed).append((Path(entry["input"]), entry["reason"]))
+    attempted = {entry["input"] for entry in unfinished}
     for path in files:
         entry = manifest.entry(path)
         if entry is not None and entry["status"] == "predicted":
             run.rows.append(entry["row"])
         elif entry is not None:
             run.refused.append((path, entry["reason"]))
+        elif str(path) not in attempted:  # no process got to it (stopped early): a rerun does it
+            run.failed.append((path, "not done: the run stopped before it"))
     header = list(run.rows[0]) if run.rows else ["file"]
     started = time.perf_counter()
     write_csv(run.csv_path, header, ([row[key] for key in header] for row in run.rows))

@@ -81,6 +81,22 @@ def test_severity_figures_match_agreement_and_get_intervals() -> None:
     assert 2 < intervals["severity/percent_infected_bias"]["value"] < 4  # the shift put in
 
 
+def test_a_figure_undefined_on_most_resamples_gets_no_interval_rather_than_nan() -> None:
+    """29 images graded alike and one not: the kappa of most resamples is undefined (every score the
+    same), so no interval is given for it, and nothing written is NaN."""
+    scores = [2] * 29 + [4]
+    columns = {
+        "dice_infection": [0.5] * 30, "iou_infection": [0.3] * 30, "intersection_infection": [1] * 30,
+        "truth_area_infection": [2] * 30, "predicted_area_infection": [2] * 30,
+        "predicted_lung_infected_percent": [10.0] * 29 + [30.0], "true_lung_infected_percent": [10.0] * 30,
+        "predicted_zone_score": scores, "true_zone_score": [2] * 30,
+    }  # fmt: skip
+    intervals = eval_intervals(columns, "infection", clean_area=5, resamples=300, seed=0)
+    assert all(np.isfinite([figure["value"], figure["low"], figure["high"]]).all() for figure in intervals.values())
+    json.dumps(intervals, allow_nan=False)
+    assert "severity/percent_infected_mae" in intervals
+
+
 @pytest.mark.parametrize("resamples", [10, 10**7, "many", 2.5, True])
 def test_resamples_out_of_range_are_one_line(resamples: object) -> None:
     with pytest.raises(ConfigError, match=r"stats.resamples=.*expected a whole number from 100 to 100,000"):
@@ -178,25 +194,37 @@ def test_compare_refuses_runs_on_other_images_and_writes_its_table_and_plot(
 
 
 def test_compare_evaluates_models_itself_as_eval_would(
-    trained_checkpoints: list[Path], cache_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    trained_checkpoints: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     from helpers import run_command
 
     from covidseg.compare import main
 
     data = [o for o in FAST if o.startswith("data")]
-    settings = ["--eval", *data, f"paths.cache_dir={cache_dir}", f"paths.log_dir={tmp_path / 'logs'}",
+    settings = ["--eval", *data, f"paths.cache_dir={tmp_path / 'cache'}", f"paths.log_dir={tmp_path / 'logs'}",
                 "trainer.enable_progress_bar=false", "--resamples", "200", "--out", str(tmp_path / "out")]  # fmt: skip
     models = [str(checkpoint) for checkpoint in trained_checkpoints]
     assert run_command(main, *models, *settings) == 0
     (written,) = (tmp_path / "out").iterdir()
     for label, model in zip("AB", models, strict=True):
-        recorded = (written / "evals" / label / ".hydra" / "overrides.yaml").read_text()
-        assert f"ckpt_path={model}" in recorded and "data=synthetic" in recorded
+        assert "data=synthetic" in (written / "evals" / label / ".hydra" / "overrides.yaml").read_text()
         assert (written / "evals" / label / "per_image.csv").is_file()
+        assert (
+            f"- {label}: `{written / 'evals' / label}`, the eval of `{model}`"
+            in (written / "comparison.md").read_text()
+        )
     assert "| dice | B | " in (written / "comparison.md").read_text()
     assert f"A: {models[0]} (evaluated into {written / 'evals' / 'A'})" in capsys.readouterr().out
     # a model eval cannot read: its error in one line, exit 2
     assert run_command(main, models[0], str(tmp_path / "missing.ckpt"), *settings) == 2
     error = capsys.readouterr().err
     assert f"eval of '{tmp_path / 'missing.ckpt'}' failed (exit 2)" in error and len(error.strip().splitlines()) == 1
+    # a path Hydra would parse (Lightning's own checkpoint names hold "="), and overrides compare keeps to itself
+    named = tmp_path / "epoch=0-step=2 (copy).ckpt"
+    named.write_bytes(trained_checkpoints[1].read_bytes())
+    assert run_command(main, models[0], str(named), *settings) == 0
+    assert f"the eval of `{named}`" in next(path for path in (tmp_path / "out").rglob("comparison.md")
+                                                  if "copy" in path.read_text()).read_text()  # fmt: skip
+    for taken in ("ckpt_path=x.ckpt", "hydra.run.dir=/tmp/x"):
+        assert run_command(main, *models, "--out", str(tmp_path / "refused"), "--eval", taken) == 2
+        assert f"--eval {taken}: compare sets the model" in capsys.readouterr().err

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from covidseg.core.errors import ConfigError
+from covidseg.core.errors import ConfigError, DataError
 from covidseg.data.synthetic import make_phantom
 from covidseg.inference.manifest import PARTS, RECORD
 from covidseg.inference.segment import runtime_threads
@@ -66,6 +66,8 @@ def test_two_processes_write_the_same_files_and_csv_as_one(compose_cfg, trained_
         ("trainer.devices=auto", "trainer.devices=auto: expected a whole number"),
         ("+trainer.strategy=fsdp", "trainer.strategy=fsdp: predict runs with auto"),
         ("trainer.precision=bf16-mixed", "trainer.precision=bf16-mixed: predict keeps its loop in fp32"),
+        ("trainer.fast_dev_run=true", "trainer.fast_dev_run=True: predict does every image"),
+        ("+trainer.limit_predict_batches=1", "trainer.limit_predict_batches=1: predict does every image"),
     ],
 )
 def test_settings_predict_cannot_run_are_refused_in_one_line(compose_cfg, tmp_path, override, message) -> None:
@@ -114,3 +116,45 @@ def test_two_nodes_share_one_output_as_one_process_would(compose_cfg, trained_ch
         tmp_path / "one"
     )
     assert "7 image(s) predicted" in outputs[0] and "rank 1 of 2: 3/3 images" in outputs[1]
+
+
+def test_a_parts_folder_that_is_a_link_or_a_pipe_part_is_refused_in_one_line(
+    compose_cfg, trained_checkpoints, tmp_path
+) -> None:
+    """Parts written through a link would land outside the output and be lost; a pipe named like a
+    part would block the fold forever."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), make_phantom(np.random.default_rng(0), 64, infected=True)[0])
+    model = [f"ckpt_path={trained_checkpoints[0]}", f"input={folder}"]
+    linked = tmp_path / "linked"
+    predict(compose_cfg("predict", [*model, f"output={linked}"]))
+    (tmp_path / "elsewhere").mkdir()
+    (linked / PARTS).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(DataError, match=r"\.covidseg-predict\.parts' is not a folder covidseg made"):
+        predict(compose_cfg("predict", [*model, f"output={linked}", "resume=false"]))
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+    piped = tmp_path / "piped"
+    predict(compose_cfg("predict", [*model, f"output={piped}"]))
+    (piped / PARTS).mkdir()
+    os.mkfifo(piped / PARTS / "part-0.jsonl")
+    with pytest.raises(DataError, match="is not a regular file"):
+        predict(compose_cfg("predict", [*model, f"output={piped}"]))
+
+
+def test_record_lines_not_of_covidsegs_making_are_left_out(compose_cfg, trained_checkpoints, tmp_path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for index in range(2):
+        cv2.imwrite(str(folder / f"{index}.png"), make_phantom(np.random.default_rng(index), 64, infected=True)[0])
+    cfg = compose_cfg("predict", [f"ckpt_path={trained_checkpoints[0]}", f"input={folder}", f"output={tmp_path / 'o'}"])
+    predict(cfg)
+    record = tmp_path / "o" / RECORD
+    lines = record.read_text().splitlines()
+    broken = json.loads(lines[0])
+    del broken["row"]  # "predicted" without its CSV row
+    odd = [json.dumps(broken), json.dumps({"input": 3, "status": "refused"}), "[1, 2]", lines[1]]
+    record.write_text("\n".join(odd) + "\n")
+    run = predict(cfg)  # the first image is predicted again, the second kept
+    assert [Path(row["file"]).name for row in run.rows] == ["0.png", "1.png"]
+    assert len(record.read_text().splitlines()) == 2

@@ -164,3 +164,25 @@ def test_sigkill_half_way_then_a_rerun_finishes_only_the_rest(processes, trained
     assert not (output / PARTS).exists()  # folded into the record
     with (output / "predictions.csv").open() as handle:
         assert [row["file"] for row in csv.DictReader(handle)] == [str(folder / f"{i:02d}.png") for i in range(count)]
+
+
+def test_sigterm_stops_predict_after_its_batch_keeping_what_it_finished(trained_checkpoints, tmp_path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for index in range(80):
+        cv2.imwrite(str(folder / f"{index:02d}.png"), make_phantom(rng, 96, infected=True)[0])
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "covidseg.predict", f"ckpt_path={trained_checkpoints[0]}", f"input={folder}",
+               f"output={output}", "batch_size=1", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None and len(_finished(output)) < 5:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 143, process.stderr.read()[-2000:]
+    assert not (output / PARTS).exists()  # its part folded into the record on the way out
+    finished = len((output / RECORD).read_text().splitlines())
+    assert 5 <= finished < 80, "the run was not stopped half-way"
+    done = subprocess.run([*command[:-1], f"hydra.run.dir={tmp_path / 'run2'}"], capture_output=True, text=True)
+    assert done.returncode == 0 and f"resuming: {finished} of 80" in done.stdout + done.stderr

@@ -55,7 +55,11 @@ def bootstrap_interval(
         )
     low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
     if not (np.isfinite(low) and np.isfinite(high)):  # BCa undefined (e.g. one image differs): percentile
-        low, high = (float(q) for q in np.percentile(result.bootstrap_distribution, [2.5, 97.5]))
+        # over the resamples where the figure is defined (a kappa or r of identical scores is not)
+        distribution = result.bootstrap_distribution[np.isfinite(result.bootstrap_distribution)]
+        if len(distribution) < 0.9 * resamples:  # too few to place an interval: none is given
+            return float("nan"), float("nan")
+        low, high = (float(q) for q in np.percentile(distribution, [2.5, 97.5]))
     return low, high
 
 
@@ -86,7 +90,7 @@ def pearson_r(predicted: np.ndarray, true: np.ndarray, axis: int = -1) -> np.nda
     true = true - true.mean(axis=axis, keepdims=True)
     scale = np.sqrt((predicted**2).sum(axis=axis) * (true**2).sum(axis=axis))
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (predicted * true).sum(axis=axis) / scale
+        return np.clip((predicted * true).sum(axis=axis) / scale, -1.0, 1.0)
 
 
 def quadratic_kappa(predicted: np.ndarray, true: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -146,6 +150,7 @@ def eval_intervals(
     intervals = {}
     for name, (statistic, samples) in figures.items():
         low, high = bootstrap_interval(statistic, samples, resamples, seed)
-        value = float(statistic(*samples, axis=-1))
-        intervals[name] = {"value": value, "low": low, "high": high, "images": len(samples[0])}
+        if np.isfinite(low) and np.isfinite(high):  # else the figure is printed without an interval
+            value = float(statistic(*samples, axis=-1))
+            intervals[name] = {"value": value, "low": low, "high": high, "images": len(samples[0])}
     return intervals

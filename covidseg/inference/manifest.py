@@ -21,13 +21,14 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from covidseg.core.errors import DataError
-from covidseg.core.files import printable
+from covidseg.core.files import printable, read_file_bytes
 from covidseg.core.writing import write_atomic
 from covidseg.inference.image_files import OUTPUT_MARKER
 
@@ -59,23 +60,34 @@ def _recorded_digest(output: Path) -> str | None:
         return None
 
 
+MAX_RECORD_BYTES = 1 << 33  # 8 GiB: about 20 million images' lines
+
+
+def _well_formed(entry: Any) -> bool:
+    """A line covidseg could have written: its status, its input, and what that status carries."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("input"), str):
+        return False
+    status = entry.get("status")
+    if status == "predicted":
+        return isinstance(entry.get("row"), dict) and isinstance(entry["row"].get("file"), str)
+    return status in ("refused", *UNFINISHED) and isinstance(entry.get("reason"), str)
+
+
 def _entries(path: Path) -> list[dict[str, Any]]:
-    """The well-formed lines of a record or part; a line torn by a kill mid-write is left out."""
+    """The well-formed lines of a record or part (missing: none); a line torn by a kill mid-write,
+    or not of covidseg's making, is left out. A pipe, a folder or an oversized file in its place is
+    refused in one line."""
     try:
-        lines = path.read_text(errors="replace").splitlines()
+        text = read_file_bytes(path, MAX_RECORD_BYTES, "predict's record of finished images", DataError)
     except FileNotFoundError:
         return []
     entries = []
-    for line in lines:
+    for line in text.decode("utf-8", "replace").splitlines():
         try:
             entry = json.loads(line)
         except ValueError:  # torn by a kill mid-write: that image is done again
             continue
-        if (
-            isinstance(entry, dict)
-            and entry.get("status") in STATUSES + UNFINISHED
-            and isinstance(entry.get("input"), str)
-        ):
+        if _well_formed(entry):
             entries.append(entry)
     return entries
 
@@ -116,11 +128,23 @@ class Manifest:
         return record
 
     @classmethod
+    def parts_folder(cls, output: Path) -> Path:
+        """``<output>/.covidseg-predict.parts``, made if missing; a link or a file in its place is
+        refused (parts written through a link would land outside the output and be lost)."""
+        folder = output / PARTS
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir()
+        if folder.is_symlink() or not folder.is_dir():
+            raise DataError(
+                f"{printable(folder)!r} is not a folder covidseg made (a link or a file): remove it, or choose another "
+                "output"
+            )
+        return folder
+
+    @classmethod
     def part(cls, output: Path, rank: int) -> Manifest:
         """Rank ``rank``'s part of the run under way in ``output``, appended to by :meth:`record`."""
-        folder = output / PARTS
-        folder.mkdir(exist_ok=True)
-        return cls(folder / f"part-{rank}.jsonl")
+        return cls(cls.parts_folder(output) / f"part-{rank}.jsonl")
 
     def _parts(self) -> list[Path]:
         folder = self.path.parent / PARTS
@@ -168,8 +192,18 @@ class Manifest:
         """Append lines (``input``, ``status`` and the status's details) and flush them to disk."""
         if not entries:
             return
-        with open(self.path, "a", encoding="utf-8") as file:
-            file.write("".join(json.dumps(entry) + "\n" for entry in entries))
-            file.flush()
-            os.fsync(file.fileno())
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+        try:
+            handle = os.open(self.path, flags, 0o666)
+        except OSError as error:  # a link in its place (ELOOP), a full or read-only disk
+            raise DataError(f"{printable(self.path)!r} could not be appended to: {error.strerror}") from None
+        with os.fdopen(handle, "a", encoding="utf-8") as file:
+            if not stat.S_ISREG(os.fstat(handle).st_mode):
+                raise DataError(f"{printable(self.path)!r} is not a regular file: remove it, or choose another output")
+            try:
+                file.write("".join(json.dumps(entry) + "\n" for entry in entries))
+                file.flush()
+                os.fsync(file.fileno())
+            except OSError as error:
+                raise DataError(f"{printable(self.path)!r} could not be written: {error.strerror}") from None
         self.finished |= {entry["input"]: entry for entry in entries if entry["status"] in STATUSES}

@@ -27,6 +27,7 @@ import lightning as L
 import numpy as np
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
@@ -96,17 +97,20 @@ class InputImages(Dataset):
 
 
 class InputShards(L.LightningDataModule):
-    """This rank's share of the inputs the record lacks, read once every rank has started (so on
-    every node after the command's process on the first one has folded a killed run's parts)."""
+    """This rank's share of the inputs to do: ``todo`` as the command's process found it, or (on the
+    other machines of a multi-node run, ``todo=None``) the inputs the record lacks, read once every
+    process has started, so after the first machine's command has folded a killed run's parts."""
 
-    def __init__(self, files: list[Path], output: Path, batch_size: int) -> None:
+    def __init__(self, files: list[Path], todo: list[Path] | None, output: Path, batch_size: int) -> None:
         super().__init__()
-        self.files, self.output, self.batch_size = files, output, batch_size
+        self.files, self.todo, self.output, self.batch_size = files, todo, output, batch_size
         self.shard: list[Path] = []
 
     def setup(self, stage: str) -> None:
-        record = Manifest.read(self.output)
-        todo = [path for path in self.files if record.entry(path) is None]
+        todo = self.todo
+        if todo is None:
+            record = Manifest.read(self.output)
+            todo = [path for path in self.files if record.entry(path) is None]
         self.shard = todo[self.trainer.global_rank :: self.trainer.world_size]
 
     def predict_dataloader(self) -> DataLoader:
@@ -171,6 +175,12 @@ class OutputWriter(BasePredictionWriter):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.part = Manifest.part(self.output, trainer.global_rank)
 
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Every process waits for the others, so the first machine's command folds the parts only
+        once all are written: Lightning's predict loop ends without a barrier, and skips its end
+        hooks in a process left without images, but always tears down."""
+        trainer.strategy.barrier("predict_written")
+
     def write_on_batch_end(
         self,
         trainer: L.Trainer,
@@ -199,6 +209,16 @@ class OutputWriter(BasePredictionWriter):
         row = {"file": printable(path), **result.stats(), **(result.severity() or {})}
         row["seconds"] = round(answered.seconds, 4)
         return Manifest.finished_entry(path, "predicted", row=row)
+
+
+class StopOnSigterm(Callback):
+    """SIGTERM (a scheduler's stop, ``kill``) ends predict after the batch under way, as it ends
+    training: Lightning's handler only notes it, and its predict loop never looks."""
+
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:  # fmt: skip
+        if trainer.received_sigterm:
+            raise SIGTERMException
 
 
 class ProgressLog(Callback):
@@ -233,6 +253,11 @@ def prediction_trainer(cfg: DictConfig, callbacks: list[Callback]) -> L.Trainer:
             f"trainer.accelerator={settings.accelerator}: predict runs its networks on the CPU; spread it over "
             "processes with trainer=ddp_cpu trainer.devices=N (and trainer.num_nodes=M)"
         )
+    limit, quick = settings.get("limit_predict_batches"), settings.get("fast_dev_run", False)
+    every_batch = limit is None or (isinstance(limit, float) and limit == 1.0)
+    if not every_batch or quick is True or (isinstance(quick, int) and quick > 0):
+        key, value = ("limit_predict_batches", limit) if not every_batch else ("fast_dev_run", quick)
+        raise ConfigError(f"trainer.{key}={value}: predict does every image; leave it unset")
     strategy = str(settings.get("strategy", "auto"))
     if strategy not in ("auto", "ddp", "ddp_spawn"):
         raise ConfigError(f"trainer.strategy={strategy}: predict runs with auto (one process) or ddp (processes)")

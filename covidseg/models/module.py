@@ -147,16 +147,17 @@ class SegmentationModule(L.LightningModule):
                 loss = loss + distill * self._distill_loss(logits[:, primary], batch.get("teacher"))
             return loss
         loss = logits.sum() * 0  # keeps every parameter in the graph (DDP) when no image has the target
+        taught: torch.Tensor | float = 0.0  # the distillation term, outside the channels' weighting
         if present.any():
             infected = logits[present][:, [primary]]
             loss = loss + self.loss(infected, masks[present][:, [primary]])
             if distill:
                 teacher = batch["teacher"][present] if "teacher" in batch else None
-                loss = loss + distill * self._distill_loss(infected[:, 0], teacher)
+                taught = distill * self._distill_loss(infected[:, 0], teacher)
         others = [channel for channel in range(len(self.targets)) if channel != primary]
         if others:
             loss = (loss + len(others) * self.loss(logits[:, others], masks[:, others])) / len(self.targets)
-        return loss
+        return loss + taught
 
     def _distill_loss(self, primary: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
         """BCE of the primary target's logits against the teacher's probabilities."""

@@ -45,11 +45,14 @@ def markdown(rows: Sequence[dict[str, Any]], labels: dict[str, str]) -> str:
 
 
 def write_comparison(folder: Path, rows: Sequence[dict[str, Any]], labels: dict[str, str],
-                     dice: dict[str, np.ndarray]) -> list[Path]:  # fmt: skip
+                     dice: dict[str, np.ndarray], evaluated: dict[str, str] | None = None) -> list[Path]:  # fmt: skip
     """``comparison.md``, ``comparison.csv`` and ``comparison.png`` (per-image Dice of each model
-    against the reference, and the differences' histogram)."""
+    against the reference, and the differences' histogram); ``evaluated``: the model each eval
+    folder compare made itself was an eval of."""
     table = markdown(rows, labels)
-    legend = "\n".join(f"- {label}: `{model}`" for model, label in labels.items())
+    sources = evaluated or {}
+    legend = "\n".join(f"- {label}: `{run}`" + (f", the eval of `{sources[run]}`" if run in sources else "")
+                       for run, label in labels.items())  # fmt: skip
     written = [write_atomic(folder / "comparison.md", f"{table}\n{legend}\n")]
     written.append(write_csv(folder / "comparison.csv", COLUMNS, ([_number(row.get(key, "")) for key in COLUMNS]
                                                                  for row in rows)))  # fmt: skip
