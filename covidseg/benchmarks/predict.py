@@ -44,8 +44,8 @@ VARIANTS = {  # backend and precision of each timed predict; the first is what t
     "openvino bf16": ["backend=openvino", "bf16=true"],
     "openvino int8": ["backend=openvino_int8", "bf16=true"],
     # the images shared out over processes, each with its share of the cores (its stages are not timed here)
-    "openvino bf16, 2 processes": ["backend=openvino", "bf16=true", "trainer=ddp_cpu", "trainer.devices=2"],
-    "openvino int8, 2 processes": ["backend=openvino_int8", "bf16=true", "trainer=ddp_cpu", "trainer.devices=2"],
+    "openvino bf16 2 processes": ["backend=openvino", "bf16=true", "trainer=ddp_cpu", "trainer.devices=2"],
+    "openvino int8 2 processes": ["backend=openvino_int8", "bf16=true", "trainer=ddp_cpu", "trainer.devices=2"],
 }
 INT8 = [name for name, settings in VARIANTS.items() if "backend=openvino_int8" in settings]
 

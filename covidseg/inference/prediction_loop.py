@@ -146,6 +146,11 @@ class SegmentImages(L.LightningModule):
         if self.model is None:
             self.model = load_configured_backend(self.cfg)
 
+    def transfer_batch_to_device(self, batch: list[InputImage], device: Any, dataloader_idx: int) -> list[InputImage]:
+        """Decoded images stay where they are: the backend takes numpy arrays on the CPU (Lightning
+        would otherwise copy every item of the batch looking for tensors)."""
+        return batch
+
     def predict_step(self, batch: list[InputImage], batch_idx: int) -> list[Answered]:
         assert self.model is not None, "setup loads the model"
         readable = [item for item in batch if item.image is not None]
