@@ -142,9 +142,9 @@ def _run_loop(
     resolved["ckpt_path"] = [str(path) for path in model.paths] if len(model.paths) > 1 else str(model.paths[0])
     meeting = {key: os.environ.get(key) for key in ("MASTER_ADDR", "MASTER_PORT")}
     interrupt = signal.getsignal(signal.SIGINT)
+    segmenter = SegmentImages(OmegaConf.create(resolved), model, clock)
     try:
-        trainer.predict(SegmentImages(OmegaConf.create(resolved), model, clock),
-                        InputShards(files, todo, output, cfg.batch_size), return_predictions=False)  # fmt: skip
+        trainer.predict(segmenter, InputShards(files, todo, output, cfg.batch_size), return_predictions=False)
     except SystemExit as exit_:  # Lightning answers Ctrl-C with exit code 1 after its own message
         if isinstance(exit_.__context__, KeyboardInterrupt):
             raise KeyboardInterrupt from None
@@ -153,6 +153,9 @@ def _run_loop(
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         raise DataError(f"a predict process stopped: {(lines or ['?'])[-1][:300]}") from None
     finally:  # Lightning ignores Ctrl-C from its first one on, and leaves its meeting point set
+        # the runtime is released here, not whenever the garbage collector breaks the Trainer's cycles:
+        # an OpenVINO model freed later, at a random moment of another run, can crash the process
+        segmenter.model = None
         signal.signal(signal.SIGINT, interrupt)
         for key, value in meeting.items():
             if value is None:
