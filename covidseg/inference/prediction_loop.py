@@ -116,6 +116,11 @@ class InputShards(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(InputImages(self.shard), batch_size=self.batch_size, collate_fn=list)
 
+    def transfer_batch_to_device(self, batch: list[InputImage], device: Any, dataloader_idx: int) -> list[InputImage]:
+        """Decoded images stay where they are: the backend takes numpy arrays on the CPU (Lightning
+        would otherwise copy every item of the batch looking for tensors)."""
+        return batch
+
 
 @dataclass
 class Answered:
@@ -145,11 +150,6 @@ class SegmentImages(L.LightningModule):
             quiet_framework_noise()
         if self.model is None:
             self.model = load_configured_backend(self.cfg)
-
-    def transfer_batch_to_device(self, batch: list[InputImage], device: Any, dataloader_idx: int) -> list[InputImage]:
-        """Decoded images stay where they are: the backend takes numpy arrays on the CPU (Lightning
-        would otherwise copy every item of the batch looking for tensors)."""
-        return batch
 
     def predict_step(self, batch: list[InputImage], batch_idx: int) -> list[Answered]:
         assert self.model is not None, "setup loads the model"
