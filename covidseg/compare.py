@@ -40,8 +40,8 @@ def evaluate_model(model: str, overrides: list[str], folder: Path) -> Path:
     that names a file or folder, and the folder, reach eval through the environment, so that no
     character of a path (``=``, brackets, quotes, ``${``) is read as Hydra's syntax; anything else
     (``pretrained``, ``[a.ckpt,b.ckpt]``) is given as it is written."""
-    taken = [override for override in overrides if override.split("=")[0].lstrip("+~") in ("ckpt_path", "hydra")
-             or override.lstrip("+~").startswith("hydra.")]  # fmt: skip
+    keys = [(override, override.split("=")[0].lstrip("+~")) for override in overrides]
+    taken = [override for override, key in keys if key in ("ckpt_path", "hydra") or key.startswith("hydra.")]
     if taken:
         raise ConfigError(
             f"--eval {taken[0]}: compare sets the model and eval's folder itself; give models as arguments"
@@ -86,9 +86,9 @@ def main() -> None:
         parser.error("give at least two eval run folders or models: the reference first, then those to compare with it")
     with user_errors():
         check_resamples(args.resamples)
-        # a new folder for the figures, made first when models are to be evaluated into it
-        out = None if all(is_eval_run(Path(run)) for run in args.runs) else new_figures_folder(args.out)
         evaluated = {index for index, run in enumerate(args.runs) if not is_eval_run(Path(run))}
+        # a new folder for the figures, made first when models are to be evaluated into it
+        out = new_figures_folder(args.out) if evaluated else None
         folders = [
             evaluate_model(run, args.eval, out / "evals" / label_of(index)) if index in evaluated else Path(run)
             for index, run in enumerate(args.runs)

@@ -155,7 +155,7 @@ def _run_loop(
     finally:  # Lightning ignores Ctrl-C from its first one on, and leaves its meeting point set
         # the runtime is released here, not whenever the garbage collector breaks the Trainer's cycles:
         # an OpenVINO model freed later, at a random moment of another run, can crash the process
-        segmenter.model = None
+        segmenter.model = segmenter.networks = None
         signal.signal(signal.SIGINT, interrupt)
         for key, value in meeting.items():
             if value is None:

@@ -35,10 +35,8 @@ from covidseg.inference.image_files import OUTPUT_MARKER
 RECORD = ".covidseg-predict.jsonl"
 PARTS = ".covidseg-predict.parts"  # the ranks' lines of the run under way: part-<rank>.jsonl
 STATUSES = ("predicted", "refused")  # finished: kept in the record
-UNFINISHED = (
-    "skipped",
-    "failed",
-)  # unreadable, or its files not written: reported by this run, tried again by the next
+# unreadable, or its files not written: reported by this run, tried again by the next
+UNFINISHED = ("skipped", "failed")
 
 
 def run_digest(model_files: Iterable[Path], settings: dict[str, Any]) -> str:

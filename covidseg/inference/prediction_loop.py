@@ -137,11 +137,12 @@ class SegmentImages(L.LightningModule):
     def __init__(self, cfg: DictConfig, model: LoadedBackend | None, clock: StageClock) -> None:
         super().__init__()
         self.cfg, self.model, self.clock = cfg, model, clock
+        self.networks: Backend | None = None  # the model's run, timed (setup)
         self.allow_zero_length_dataloader_with_multiple_devices = True  # more ranks than images left
 
     def __getstate__(self) -> dict[str, Any]:
         """A started process loads the model itself (:meth:`setup`)."""
-        return {**self.__dict__, "model": None}
+        return {**self.__dict__, "model": None, "networks": None}
 
     def setup(self, stage: str) -> None:
         if self.trainer.world_size > 1 and not logging.getLogger().handlers:  # a started process: log to stderr
@@ -150,19 +151,18 @@ class SegmentImages(L.LightningModule):
             quiet_framework_noise()
         if self.model is None:
             self.model = load_configured_backend(self.cfg)
+        self.networks = self.clock.timed("networks", self.model.run)
 
     def predict_step(self, batch: list[InputImage], batch_idx: int) -> list[Answered]:
-        assert self.model is not None, "setup loads the model"
+        assert self.model is not None and self.networks is not None, "setup loads the model"
         readable = [item for item in batch if item.image is not None]
         with self.clock.stage("resize and post-process"):  # the networks' share is taken out at the end
             started = time.perf_counter()
-            networks = self.clock.timed("networks", self.model.run)
             images = [item.image for item in readable]
-            results = segment(networks, self.model.spec, images, self.model.refuse_above) if readable else []
+            results = iter(segment(self.networks, self.model.spec, images, self.model.refuse_above) if readable else [])
         self.clock.seconds["read and decode"] += sum(item.seconds for item in batch)
         seconds = (time.perf_counter() - started + sum(item.seconds for item in readable)) / max(len(readable), 1)
-        answers = dict(zip((id(item) for item in readable), results, strict=True))
-        return [Answered(item, answers.get(id(item)), seconds) for item in batch]
+        return [Answered(item, next(results) if item.image is not None else None, seconds) for item in batch]
 
     def on_predict_end(self) -> None:
         self.clock.seconds["resize and post-process"] -= self.clock.seconds["networks"]

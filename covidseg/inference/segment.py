@@ -124,8 +124,9 @@ def openvino_backend(path: Path, bf16: bool, expected: Sequence[str]) -> Backend
     if path.suffix == ".onnx":  # OpenVINO, unlike ONNX Runtime, is not documented to keep them in the folder
         refuse_external_data(path)
     settings: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
-    if runtime_threads() is not None:
-        settings["INFERENCE_NUM_THREADS"] = runtime_threads()
+    threads = runtime_threads()
+    if threads is not None:
+        settings["INFERENCE_NUM_THREADS"] = threads
     try:
         compiled = openvino.Core().compile_model(str(path), "CPU", settings)
     except Exception as error:  # OpenVINO raises RuntimeError with its own messages for bad graphs
