@@ -9,6 +9,7 @@ The files it reads and writes, and the rules that keep the user's files safe, ar
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -156,6 +157,7 @@ def _run_loop(
         # the runtime is released here, not whenever the garbage collector breaks the Trainer's cycles:
         # an OpenVINO model freed later, at a random moment of another run, can crash the process
         segmenter.model = segmenter.networks = None
+        gc.collect()  # the Trainer's cycles (module, loops, progress bar) freed now, in this thread
         signal.signal(signal.SIGINT, interrupt)
         for key, value in meeting.items():
             if value is None:
