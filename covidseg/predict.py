@@ -1,6 +1,6 @@
 """Segment any X-ray: masks, overlays and a CSV of infected areas.
 
-python -m covidseg.predict ckpt_path=<ckpt|pretrained|pretrained:lung_infection|list|k-fold folder|model.onnx> \
+python -m covidseg.predict ckpt_path=<ckpt|pretrained|pretrained:infection|list|k-fold folder|model.onnx> \
     input=<file|folder|glob> output=<dir>
 
 The files it reads and writes, and the rules that keep the user's files safe, are

@@ -1,6 +1,6 @@
 """Serve a model over HTTP: a page to drop an X-ray on, and a JSON API for other tools.
 
-python -m covidseg.serve ckpt_path=<ckpt|pretrained|pretrained:lung_infection|list|k-fold folder|model.onnx> \
+python -m covidseg.serve ckpt_path=<ckpt|pretrained|pretrained:infection|list|k-fold folder|model.onnx> \
     [host=127.0.0.1] [port=8000]
 
 The settings are checked and the model is loaded once, before the server starts; the app and its

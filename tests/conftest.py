@@ -91,11 +91,12 @@ def xray() -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``python -m covidseg.serve`` (the shipped model) as a user starts it, on a free port of 127.0.0.1."""
+    """``python -m covidseg.serve`` (the shipped model) as a user starts it, on a free port of 127.0.0.1;
+    without its x-ray check, since the tests' phantoms are no X-rays (the check has tests of its own)."""
     from covidseg.benchmarks.serve import free_port, start_server, wait_until_up
 
     port = free_port()
-    process = start_server(port, [], tmp_path_factory.mktemp("serve"))
+    process = start_server(port, ["xray_check=false"], tmp_path_factory.mktemp("serve"))
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(url, process)

@@ -157,6 +157,12 @@ def test_compare_finds_no_difference_between_identical_models_and_recovers_a_kno
     assert shifted["difference"] == pytest.approx(true_shift, abs=1e-5)
     assert shifted["difference_low"] <= true_shift <= shifted["difference_high"] and shifted["p"] < 0.01
     assert rows[("dice_pooled", str(tmp_path / "better"))]["p"] < 0.01
+    # every fifth image is healthy: the infected images' Dice is reported alone too (calibrate's figure)
+    infected = np.arange(len(dice)) % 5 != 0
+    alone = rows[("dice_infected", str(tmp_path / "better"))]
+    shifted_infected = np.minimum(dice + 0.05, 1.0)[infected]
+    assert alone["images"] == infected.sum() and alone["value"] == pytest.approx(shifted_infected.mean())
+    assert rows[("dice_infected", str(tmp_path / "a"))]["value"] == pytest.approx(dice[infected].mean())
 
 
 def test_compare_refuses_runs_on_other_images_and_writes_its_table_and_plot(

@@ -400,13 +400,14 @@ def test_last_finds_the_newest_last_checkpoint_of_the_named_task(tmp_path: Path)
 
 def test_the_shipped_models_are_named_and_an_unknown_name_is_refused(tmp_path: Path, monkeypatch) -> None:
     assert resolve_model_paths("pretrained", tmp_path) == [PRETRAINED_MODELS["pretrained"]]
-    assert load_predictor("pretrained", tmp_path).spec.targets == ["infection"]
-    assert load_predictor("pretrained:lung_infection", tmp_path).spec.targets == ["lung", "infection"]  # severity
+    assert load_predictor("pretrained", tmp_path).spec.targets == ["lung", "infection"]  # severity out of the box
+    assert resolve_model_paths("pretrained:lung_infection", tmp_path) == [PRETRAINED_MODELS["pretrained"]]
+    assert load_predictor("pretrained:infection", tmp_path).spec.targets == ["infection"]  # the default before
     monkeypatch.chdir(tmp_path)
     (tmp_path / "pretrained").mkdir()  # a folder of that name does not shadow the shipped model
     assert resolve_model_paths("pretrained", tmp_path) == [PRETRAINED_MODELS["pretrained"]]
     with pytest.raises(
         ModelFileError,
-        match="ckpt_path='pretrained:lungs': the shipped models are pretrained, pretrained:lung_infection",
+        match="'pretrained:lungs': the shipped models are pretrained, pretrained:lung_infection, pretrained:infection",
     ):
         resolve_model_paths("pretrained:lungs", tmp_path)

@@ -48,13 +48,14 @@ def test_an_upload_is_segmented_as_predict_does_it(client: TestClient, xray: np.
     assert mask.shape == (300, 280) and set(np.unique(mask)) <= {0, 255}
     assert int((mask > 0).sum()) == answer["infected_pixels"]
     assert decode_png(answer["overlay_png"]).shape == (300, 280, 3)
-    assert answer["severity"] is None and 0 <= answer["presence_probability"] <= 1
+    assert 0 <= answer["severity"]["zone_score"] <= 6 and 0 <= answer["presence_probability"] <= 1
     assert "layers" not in answer
 
     (tmp_path / "in").mkdir()
     cv2.imwrite(str(tmp_path / "in" / "chest.png"), xray)
     paths = [f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}"]
-    cfg = compose_cfg("predict", ["ckpt_path=pretrained", "bf16=false", *paths])  # the fixture runs fp32
+    # the fixture runs fp32 and without the x-ray check (a phantom is no X-ray)
+    cfg = compose_cfg("predict", ["ckpt_path=pretrained", "bf16=false", "xray_check=false", *paths])
     row = predict(cfg).rows[0]
     for key in ("infected_pixels", "infected_percent", "mean_probability", "presence_probability"):
         assert answer[key] == row[key], key
@@ -74,7 +75,7 @@ def test_raw_bytes_layers_and_the_type_from_the_content(client: TestClient, xray
     assert np.array_equal(decode_png(layers["image"]), xray)
     infection = decode_png(layers["infection"])
     assert infection.shape == (300, 280, 4) and (infection[..., 3] > 0).sum() >= raw["infected_pixels"]
-    assert layers["lungs"] is None  # the shipped model has no lung channel
+    assert decode_png(layers["lungs"]).shape == (300, 280, 4)  # the shipped model outlines the lungs
     # a JPEG named .png, and a 16-bit TIFF named .bmp: decoded by what they are
     as_jpeg = client.post("/api/predict", files={"file": ("x.png", png_bytes(xray, ".jpg"), "image/png")}).json()
     assert as_jpeg["format"] == "JPEG" and as_jpeg["width"] == 280
@@ -169,8 +170,8 @@ def test_more_bad_requests(client: TestClient, xray: np.ndarray) -> None:
 
 def test_model_health_page_and_headers(client: TestClient, model: LoadedBackend) -> None:
     card = client.get("/api/model").json()
-    assert card["id"].startswith("best_cpu-") and card["files"] == ["best_cpu.safetensors"]
-    assert card["targets"] == ["infection"] and card["image_size"] == 256
+    assert card["id"].startswith("lung_infection-") and card["files"] == ["lung_infection.safetensors"]
+    assert card["targets"] == ["lung", "infection"] and card["image_size"] == 256
     assert card["inference"]["threshold"] == model.spec.inference.threshold
     assert card["metrics"]["dice"] == model.spec.metrics["dice"]
     assert client.get("/healthz").json() == {"status": "ok", "model": card["id"]}

@@ -24,7 +24,7 @@ SCRIPTS = ("train", "eval", "calibrate", "distill", "predict", "export", "serve"
 SHIPPED = (
     "covidseg/pretrained/best_cpu.safetensors",
     "covidseg/pretrained/best_cpu.yaml",
-    "covidseg/pretrained/MODEL_CARD.md",
+    "covidseg/pretrained/MODEL_CARD_best_cpu.md",
     "covidseg/pretrained/lung_infection.safetensors",
     "covidseg/pretrained/lung_infection.yaml",
     "covidseg/pretrained/MODEL_CARD_lung_infection.md",

@@ -1,8 +1,9 @@
 """From ``ckpt_path`` to a :class:`~covidseg.inference.predictor.Predictor`: the one way a model file
 becomes a model.
 
-``ckpt_path`` takes a ``.ckpt``, ``pretrained`` (the model shipped in the package) or
-``pretrained:lung_infection`` (the shipped lung + infection model, which grades severity), ``last`` (the
+``ckpt_path`` takes a ``.ckpt``, ``pretrained`` (the shipped lung + infection model, which grades
+severity; also named ``pretrained:lung_infection``), ``pretrained:infection`` (the shipped infection-only
+model, the default before), ``last`` (the
 newest ``last.ckpt`` of a task), a ``.safetensors`` file with its ``.yaml`` spec beside it, an
 export folder, a list (an ensemble) or a finished k-fold multirun folder (an ensemble of its folds'
 best checkpoints). Files are read without unpickling objects (``torch.load(weights_only=True)``,
@@ -44,8 +45,9 @@ log = logging.getLogger(__name__)
 PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "pretrained"
 # the models shipped in the package, by the ckpt_path that names them (each file has its .yaml spec)
 PRETRAINED_MODELS = {
-    "pretrained": PRETRAINED_DIR / "best_cpu.safetensors",
+    "pretrained": PRETRAINED_DIR / "lung_infection.safetensors",
     "pretrained:lung_infection": PRETRAINED_DIR / "lung_infection.safetensors",
+    "pretrained:infection": PRETRAINED_DIR / "best_cpu.safetensors",
 }
 PRETRAINED = PRETRAINED_MODELS["pretrained"]
 MODULE_PREFIX = "network."  # the SegmentationModule's network in a Lightning checkpoint's state_dict

@@ -26,6 +26,7 @@ METRIC_NAMES = {
     "healthy_val_images_below_1pct_area": "healthy Val images (Non-COVID, Normal) predicted below 1 % infected area",
     # lung + infection models: the lungs and severity against the ground-truth masks (docs/user_guide.md)
     "dice_lung": "lung Dice, per image",
+    "dice_lung_healthy": "lung Dice, per image, healthy Val images (Non-COVID, Normal)",
     "severity_percent_infected_mae": "percent of both lungs infected: mean absolute error (points)",
     "severity_percent_infected_bias": "percent of both lungs infected: Bland-Altman bias, predicted - true (points)",
     "severity_zone_score_kappa": "zone score (0-6): quadratic-weighted kappa",
