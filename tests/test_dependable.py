@@ -141,12 +141,13 @@ def test_ctrl_c_saves_a_checkpoint_and_gives_ctrl_c_back(
     """Ctrl-C in the middle of the second epoch; afterwards Ctrl-C does what it did before the run
     (for a notebook or a script that trains in its own process)."""
     log_dir = tmp_path / "outputs"
+    before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN in a job started in the background
     ctrl_c = ["+callbacks.stop._target_=helpers.SignalAfterStep", "+callbacks.stop.signal_name=SIGINT"]
     output = _stopped_here(
         log_dir, caplog, "callbacks.last_checkpoint.every_n_train_steps=1000", *ctrl_c, "+callbacks.stop.step=10"
     )
     assert "Resume with" in output and "ckpt_path=" in output
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
     (last,) = log_dir.glob("train/runs/*/checkpoints/last.ckpt")
     assert torch.load(last, weights_only=True)["global_step"] == 10
     _train_here(log_dir, "ckpt_path=last")
