@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from covidseg.core.errors import ConfigError, DataError, user_errors, whole_number
 from covidseg.core.files import printable
 from covidseg.core.writing import new_figures_folder
@@ -98,7 +100,10 @@ def main() -> None:
         labels = {str(run.folder): label_of(index) for index, run in enumerate(runs)}
         out = out or new_figures_folder(args.out)
         sources = {str(folders[index]): args.runs[index] for index in evaluated}
-        written = write_comparison(out, rows, labels, {str(run.folder): run.dice for run in runs}, sources)
+        infected = runs[0].truth > 0  # with healthy images scored too, the plot shows the infected ones
+        shown = infected if infected.any() and not infected.all() else np.ones_like(infected)
+        written = write_comparison(out, rows, labels, {str(run.folder): run.dice[shown] for run in runs}, sources,
+                                   "per-image Dice" if shown.all() else "per-image Dice, infected images")  # fmt: skip
     print(markdown(rows, labels))  # plain text: a Markdown table must not be wrapped to the terminal
     for index, (given, run) in enumerate(zip(args.runs, runs, strict=True)):
         into = f" (evaluated into {printable(run.folder)})" if index in evaluated else ""

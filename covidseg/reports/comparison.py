@@ -45,10 +45,11 @@ def markdown(rows: Sequence[dict[str, Any]], labels: dict[str, str]) -> str:
 
 
 def write_comparison(folder: Path, rows: Sequence[dict[str, Any]], labels: dict[str, str],
-                     dice: dict[str, np.ndarray], evaluated: dict[str, str] | None = None) -> list[Path]:  # fmt: skip
+                     dice: dict[str, np.ndarray], evaluated: dict[str, str] | None = None,
+                     plotted: str = "per-image Dice") -> list[Path]:  # fmt: skip
     """``comparison.md``, ``comparison.csv`` and ``comparison.png`` (per-image Dice of each model
     against the reference, and the differences' histogram); ``evaluated``: the model each eval
-    folder compare made itself was an eval of."""
+    folder compare made itself was an eval of; ``plotted``: what the Dice values are, for the axes."""
     table = markdown(rows, labels)
     sources = evaluated or {}
     legend = "\n".join(f"- {label}: `{run}`" + (f", the eval of `{sources[run]}`" if run in sources else "")
@@ -63,8 +64,8 @@ def write_comparison(folder: Path, rows: Sequence[dict[str, Any]], labels: dict[
         scatter, histogram = row_axes
         scatter.scatter(reference, dice[model], s=8, alpha=0.5, color="#c0392b")
         scatter.plot([0, 1], [0, 1], color="gray", linewidth=1)
-        scatter.set_xlabel(f"per-image Dice, {labels[models[0]]}")
-        scatter.set_ylabel(f"per-image Dice, {labels[model]}")
+        scatter.set_xlabel(f"{plotted}, {labels[models[0]]}")
+        scatter.set_ylabel(f"{plotted}, {labels[model]}")
         differences = dice[model] - reference
         limit = max(float(np.abs(differences).max()), 0.01)  # the differences' own scale, centred on 0
         histogram.hist(differences, bins=41, range=(-limit, limit), color="#2c3e50")
