@@ -18,12 +18,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from covidseg.core.errors import ConfigError, DataError, user_errors, whole_number
 from covidseg.core.files import printable
 from covidseg.core.writing import new_figures_folder
-from covidseg.evaluation.comparison import compare, read_eval_run
+from covidseg.evaluation.comparison import compare, infected_apart, read_eval_run
 from covidseg.evaluation.intervals import check_resamples
 from covidseg.reports.comparison import markdown, write_comparison
 
@@ -100,10 +98,10 @@ def main() -> None:
         labels = {str(run.folder): label_of(index) for index, run in enumerate(runs)}
         out = out or new_figures_folder(args.out)
         sources = {str(folders[index]): args.runs[index] for index in evaluated}
-        infected = runs[0].truth > 0  # with healthy images scored too, the plot shows the infected ones
-        shown = infected if infected.any() and not infected.all() else np.ones_like(infected)
-        written = write_comparison(out, rows, labels, {str(run.folder): run.dice[shown] for run in runs}, sources,
-                                   "per-image Dice" if shown.all() else "per-image Dice, infected images")  # fmt: skip
+        infected = infected_apart(runs[0])  # with healthy images scored too, the plot shows the infected ones
+        shown = {str(run.folder): run.dice if infected is None else run.dice[infected] for run in runs}
+        plotted = "per-image Dice" if infected is None else "per-image Dice, infected images"
+        written = write_comparison(out, rows, labels, shown, sources, plotted)
     print(markdown(rows, labels))  # plain text: a Markdown table must not be wrapped to the terminal
     for index, (given, run) in enumerate(zip(args.runs, runs, strict=True)):
         into = f" (evaluated into {printable(run.folder)})" if index in evaluated else ""

@@ -123,6 +123,13 @@ def check_comparable(runs: Sequence[EvalRun]) -> None:
             )
 
 
+def infected_apart(run: EvalRun) -> np.ndarray | None:
+    """Which images hold infection, where the run scored healthy ones too (an eval of every class);
+    ``None`` where all its images are of one kind."""
+    infected = run.truth > 0
+    return infected if infected.any() and not infected.all() else None
+
+
 def _difference(statistic, a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]):
     """``statistic`` of B minus that of A, over the same resampled images."""
     count = len(a)
@@ -140,7 +147,7 @@ def compare(runs: Sequence[EvalRun], resamples: int = 2000, seed: int = 42) -> l
     reference = runs[0]
     clean_area = CLEAN_AREA_SHARE * reference.image_size**2
     healthy = reference.truth == 0
-    infected = ~healthy
+    infected = infected_apart(reference)
 
     def figures(run: EvalRun) -> dict[str, tuple]:
         found = {
@@ -148,7 +155,7 @@ def compare(runs: Sequence[EvalRun], resamples: int = 2000, seed: int = 42) -> l
             "iou": (mean_of, (run.iou,)),
             "dice_pooled": (pooled_dice, (run.intersection, run.truth, run.predicted)),
         }
-        if healthy.any() and infected.any():
+        if infected is not None:
             found["dice_infected"] = (mean_of, (run.dice[infected],))
         if healthy.any():
             found["healthy_clean"] = (mean_of, ((run.predicted[healthy] < clean_area).astype(float),))
