@@ -2,6 +2,8 @@
 
 python -m covidseg.export ckpt_path=<ckpt|pretrained|list|k-fold folder> format=onnx|torchscript|safetensors
     [output=DIR] [threshold=T] [presence_threshold=P] [flip_tta=true] [min_region_share=S]
+    [int8_calibration=<X-rays> [int8_presence_threshold=P]]  (safetensors: the file carries int8 ranges for
+    OpenVINO, and the presence gate the int8 model runs at)
 
 Beside the file: its metadata ``.json`` and a ``MODEL_CARD.md`` (:mod:`covidseg.reports.model_card`).
 ONNX and TorchScript hold the whole Predictor: every network of an ensemble, the resizing to each
@@ -12,20 +14,31 @@ the settings applied to the graph's probabilities: the threshold and ``min_regio
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
 import os
 from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig
 from rich.console import Console
 
 from covidseg.core.config import CONF_DIR, check_output_folder
-from covidseg.core.errors import DataError, ModelFileError, hydra_errors_in_one_line, user_errors
+from covidseg.core.errors import ConfigError, DataError, ModelFileError, hydra_errors_in_one_line, user_errors
 from covidseg.core.files import printable
 from covidseg.core.run_files import make_output_folder
 from covidseg.core.writing import exclusive_lock, write_atomic
-from covidseg.inference.exporters import EXPORTERS
-from covidseg.inference.loader import allow_missing_folds, inference_overrides, load_predictor
+from covidseg.inference.exporters import EXPORTERS, cached_onnx
+from covidseg.inference.loader import (
+    LoadedModel,
+    allow_missing_folds,
+    inference_overrides,
+    int8_operating_point,
+    load_predictor,
+)
+from covidseg.inference.model_spec import Int8Spec, parse_spec
+from covidseg.inference.quantize import calibration_setting, shippable_ranges
 from covidseg.reports.model_card import render_model_card
 
 
@@ -58,9 +71,19 @@ def export(cfg: DictConfig) -> Path:
     # the folder the path names once its links and ".." are followed: "<new>/../<yours>" is yours
     output = Path(os.path.realpath(Path(str(cfg.output)).expanduser()))
     check_output(output, cfg.format)
+    calibration = cfg.get("int8_calibration")
+    if calibration is not None:
+        calibration_setting(calibration)
+        if cfg.format != "safetensors":
+            raise ConfigError(
+                f"int8_calibration: int8 ranges travel in a safetensors model file, not format={cfg.format}"
+            )
     loaded = load_predictor(
         cfg.ckpt_path, cfg.paths.log_dir, allow_missing_folds=allow_missing_folds(cfg), **inference_overrides(cfg)
     )
+    if calibration is not None:
+        gate = cfg.get("int8_presence_threshold")
+        loaded = with_int8_ranges(loaded, calibration, Path(cfg.paths.cache_dir), gate)
     exporter, suffix = EXPORTERS[cfg.format]
     with exclusive_lock(make_output_folder(output)) as locked:
         if not locked:
@@ -77,7 +100,37 @@ def export(cfg: DictConfig) -> Path:
                 (output / name).unlink(missing_ok=True)
             raise
     Console().print(f"exported {path}, {path.with_suffix('.json')} and {card}", markup=False, highlight=False)
+    if loaded.spec.int8 is not None:
+        Console().print(
+            f"with int8 ranges ({loaded.spec.int8.calibration}); measure them: python -m covidseg.eval "
+            f"ckpt_path={path} backend=openvino_int8 data.root=...",
+            markup=False,
+            highlight=False,
+        )
     return path
+
+
+def with_int8_ranges(
+    loaded: LoadedModel, calibration: str, cache_dir: Path, presence_threshold: float | None = None
+) -> LoadedModel:
+    """``loaded`` with the int8 ranges of its ONNX graph calibrated on ``calibration``'s X-rays, the
+    int8 model gated at ``presence_threshold`` where it is given (int8 moves the presence
+    probability; choose it on Val). The weights are rounded to fp16 first, as the safetensors file
+    keeps them, so the ranges are those of the graph the written file makes."""
+    with torch.no_grad():
+        for tensor in loaded.predictor.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())
+    versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("nncf", "openvino", "torch"))
+    int8 = Int8Spec(quantizers=1, digest="0" * 64, presence_threshold=presence_threshold)
+    spec = parse_spec(loaded.spec.model_copy(update={"int8": int8}).to_plain(), "int8_presence_threshold")
+    gated = int8_operating_point(dataclasses.replace(loaded, spec=spec), {})
+    ranges, digest, count = shippable_ranges(cached_onnx(gated, cache_dir), calibration, loaded.spec.image_size)
+    described = f"{count} X-rays of {printable(calibration)}; {versions}"[-500:]
+    int8 = int8.model_copy(update={"quantizers": len(ranges), "digest": digest, "calibration": described})
+    return dataclasses.replace(
+        loaded, spec=spec.model_copy(update={"int8": int8}), int8_ranges=torch.from_numpy(ranges)
+    )
 
 
 @hydra_errors_in_one_line

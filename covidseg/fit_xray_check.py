@@ -137,6 +137,7 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
             "quantile of held-out Train X-rays' scores, in the class where it is highest",
         ).model_dump()
     }
+    spec_data["int8"] = None  # its ranges were measured on the graph without this check
     loaded.predictor.xray_check = check
     output = Path(cfg.paths.output_dir)
     write_run_info(output)

@@ -16,28 +16,32 @@ from covidseg.inference.loader import INFERENCE_KEYS, load_predictor
 NO_OVERRIDES = dict.fromkeys(INFERENCE_KEYS)
 
 
-def test_auto_is_openvino_where_it_is_installed_and_torch_elsewhere(monkeypatch, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="covidseg.inference.segment")
-    assert segment.resolve_backend("auto", bf16=True) == "openvino"
-    assert "backend=auto: openvino in bf16" in caplog.text
-    assert segment.resolve_backend("onnx", bf16=True) == "onnx"  # a named backend is taken as named
+def test_auto_tries_int8_where_the_model_and_the_cpu_allow_then_openvino_then_torch(monkeypatch) -> None:
+    monkeypatch.setattr(segment, "cpu_has_int8_dot_products", lambda: True)
+    assert segment.backends_to_try("auto", int8_ranges=True) == ["openvino_int8", "openvino", "torch"]
+    assert segment.backends_to_try("auto", int8_ranges=False) == ["openvino", "torch"]
+    assert segment.backends_to_try("onnx", int8_ranges=True) == ["onnx"]  # a named backend is taken as named
+    monkeypatch.setattr(segment, "cpu_has_int8_dot_products", lambda: False)  # no VNNI or AMX: int8 does not pay
+    assert segment.backends_to_try("auto", int8_ranges=True) == ["openvino", "torch"]
     monkeypatch.setattr(segment.importlib.util, "find_spec", lambda name: None)
-    assert segment.resolve_backend("auto", bf16=False) == "torch"
-    assert "OpenVINO is not installed" in caplog.text
+    assert segment.backends_to_try("auto", int8_ranges=True) == ["torch"]
     with pytest.raises(ConfigError, match="backend='tensorrt': expected one of auto, torch, onnx, openvino"):
-        segment.resolve_backend("tensorrt", bf16=False)
+        segment.backends_to_try("tensorrt", int8_ranges=False)
 
 
 def test_auto_falls_back_to_torch_when_openvino_cannot_run_the_model(
     trained_checkpoints: list[Path], tmp_path: Path, monkeypatch, caplog
 ) -> None:
+    caplog.set_level(logging.INFO, logger="covidseg.inference.segment")
+
     def cannot_compile(*args):
         raise RuntimeError("Unsupported operation: NewOp-42")
 
     monkeypatch.setattr(segment, "graph_backend", cannot_compile)
     checkpoint = str(trained_checkpoints[0])
     loaded = segment.load_backend(checkpoint, tmp_path, "auto", NO_OVERRIDES, False, tmp_path / "cache")
-    assert "backend=auto: torch, as openvino failed: Unsupported operation: NewOp-42" in caplog.text
+    assert "backend=auto: openvino failed, trying torch: Unsupported operation: NewOp-42" in caplog.text
+    assert "backend=auto: torch" in caplog.text.splitlines()[-1]
     images = np.random.default_rng(0).random((2, 1, 64, 64), dtype=np.float32)
     expected = load_predictor(checkpoint, tmp_path).predictor.predict(torch.from_numpy(images))
     probability = loaded.run(images).probability

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -11,7 +13,9 @@ import cv2
 import numpy as np
 import openvino
 import pytest
+import safetensors.torch
 import torch
+import yaml
 from conftest import FAST
 from helpers import run_command
 from torch import nn
@@ -20,6 +24,8 @@ from covidseg.core.errors import ConfigError, DataError, ModelFileError
 from covidseg.inference import quantize, segment
 from covidseg.inference.exporters import export_onnx
 from covidseg.inference.loader import INFERENCE_KEYS, load_predictor
+from covidseg.inference.model_spec import Int8Spec
+from covidseg.predict import main as predict_main
 
 NO_OVERRIDES = dict.fromkeys(INFERENCE_KEYS)
 
@@ -45,8 +51,8 @@ def test_the_first_convolutions_are_those_that_read_the_image(tmp_path: Path) ->
     assert sorted(name.split("/")[1] for name in found) == ["left", "right"]
 
 
-@pytest.mark.parametrize("value", [None, "", "   ", 3])
-def test_int8_without_calibration_images_is_refused_before_the_model_is_read(value, tmp_path: Path) -> None:
+@pytest.mark.parametrize("value", ["", "   ", 3])
+def test_int8_with_a_blank_calibration_is_refused_before_the_model_is_read(value, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"int8_calibration=.*backend=openvino_int8 needs X-rays to calibrate on"):
         segment.load_backend("missing.ckpt", tmp_path, "openvino_int8", NO_OVERRIDES, False, tmp_path, False, value)
 
@@ -86,15 +92,15 @@ def test_calibration_draws_at_most_300_images_evenly(tmp_path: Path) -> None:
     assert drawn.count("covid") == 150 and drawn.count("normal") == 150
 
 
-def test_predict_without_calibration_images_exits_2_in_one_line(tmp_path: Path, capsys) -> None:
+def test_int8_without_calibration_images_or_ranges_in_the_model_exits_2_in_one_line(tmp_path: Path, capsys) -> None:
     from covidseg.predict import main
 
     (tmp_path / "in").mkdir()
     cv2.imwrite(str(tmp_path / "in" / "xray.png"), np.full((64, 64), 128, np.uint8))
-    code = run_command(main, "ckpt_path=pretrained", f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}",
-                       "backend=openvino_int8")  # fmt: skip
+    code = run_command(main, "ckpt_path=pretrained:infection", f"input={tmp_path / 'in'}",
+                       f"output={tmp_path / 'out'}", "backend=openvino_int8")  # fmt: skip
     error = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(error) == 1 and "int8_calibration=None" in error[0]
+    assert code == 2 and len(error) == 1 and "int8_calibration=None" in error[0] and "int8 ranges" in error[0]
 
 
 @pytest.mark.slow
@@ -185,3 +191,91 @@ def test_int8_refuses_a_graph_with_external_data_before_reading_it(trained_check
                     size_threshold=0)  # fmt: skip
     with pytest.raises(ModelFileError, match="keeps weights in other files"):
         segment.load_backend(str(graph), tmp_path, "openvino_int8", NO_OVERRIDES, False, tmp_path, False, str(graph))
+
+
+@pytest.mark.slow
+def test_int8_ranges_travel_in_the_model_file_and_rebuild_the_calibrated_model(
+    compose_cfg, trained_checkpoints, tmp_path, monkeypatch, caplog, capsys
+) -> None:
+    """export format=safetensors int8_calibration=... keeps the calibration as numbers; predict's
+    ``auto`` then runs that very int8 model (the same masks as calibrating on the spot), and ranges
+    that do not rebuild it are refused, or passed over by ``auto`` with a warning."""
+    from covidseg.export import main as export_main
+    from covidseg.predict import predict
+
+    monkeypatch.setattr(segment, "cpu_has_int8_dot_products", lambda: True)
+    checkpoint = trained_checkpoints[0]
+    phantoms = Path(
+        compose_cfg("eval", [f"ckpt_path={checkpoint}", *(o for o in FAST if o.startswith("data"))]).data.root
+    )
+    calibration = f"int8_calibration={phantoms}/Train/*/images/*.png"
+    cache = f"paths.cache_dir={tmp_path / 'cache'}"
+    for refused, said in (
+        (["format=onnx", calibration], "int8 ranges travel in a safetensors model file, not format=onnx"),
+        (["format=safetensors", f"{calibration}/none-here"], "names no image files"),
+    ):
+        code = run_command(export_main, f"ckpt_path={checkpoint}", f"output={tmp_path / 'no'}", *refused, cache)
+        assert code == 2 and said in capsys.readouterr().err
+    gate = "int8_presence_threshold=0.3"  # the int8 model's own gate, as if chosen on Val
+    assert run_command(export_main, f"ckpt_path={checkpoint}", "format=safetensors", f"output={tmp_path / 'm'}",
+                       calibration, gate, cache) == 0  # fmt: skip
+    model = tmp_path / "m" / "model.safetensors"
+    loaded = load_predictor(str(model), tmp_path)
+    assert loaded.spec.int8 is not None and tuple(loaded.int8_ranges.shape) == (loaded.spec.int8.quantizers, 4)
+    assert "X-rays of" in loaded.spec.int8.calibration and loaded.spec.int8.presence_threshold == 0.3
+    gates = {
+        name: segment.load_backend(
+            str(model), tmp_path, name, NO_OVERRIDES, False, tmp_path / "cache"
+        ).spec.inference.presence_threshold
+        for name in ("auto", "openvino", "torch")
+    }
+    assert gates == {"auto": 0.3, "openvino": loaded.spec.inference.presence_threshold, "torch": gates["openvino"]}
+
+    def masks(output: str, *extra: str) -> dict[str, bytes]:
+        overrides = [f"ckpt_path={model}", f"input={phantoms / 'Val' / 'COVID-19' / 'images'}", cache,
+                     f"output={tmp_path / output}", "bf16=false", *extra]  # fmt: skip
+        predict(compose_cfg("predict", overrides))
+        return {path.name: path.read_bytes() for path in sorted((tmp_path / output).glob("*.mask.png"))}
+
+    caplog.set_level(logging.INFO, logger="covidseg.inference.segment")
+    shipped = masks("auto", "backend=auto")
+    assert "backend=auto: openvino int8" in caplog.text
+    assert shipped and shipped == masks("calibrated", "backend=openvino_int8", calibration, "presence_threshold=0.3")
+
+    state = safetensors.torch.load_file(model)  # one range moved: no longer the model that was measured
+    state["int8.ranges"][0, 1] *= 1.5
+    safetensors.torch.save_file(state, model)
+    caplog.clear()
+    assert masks("fallback", "backend=auto")  # answered, by OpenVINO without int8
+    assert "openvino_int8 failed, trying openvino: the model's int8 ranges do not rebuild" in caplog.text
+    code = run_command(predict_main, f"ckpt_path={model}", f"input={phantoms / 'Val'}", f"output={tmp_path / 'x'}",
+                       "backend=openvino_int8", cache)  # fmt: skip
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1 and "do not rebuild the int8 model" in error[0]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda state, spec: state.pop("int8.ranges"), "tensor 'int8.ranges' is missing"),
+        (lambda state, spec: state.update({"int8.ranges": torch.zeros(3, 4)}), r"of shape \(3, 4\); .* needs \(5, 4\)"),
+        (lambda state, spec: state["int8.ranges"].fill_(float("nan")), "NaN or infinite"),
+        (lambda state, spec: spec.pop("int8"), "tensor 'int8.ranges' belongs to no network"),
+        (lambda state, spec: spec["int8"].update(digest="x"), "digest"),
+    ],
+)
+def test_int8_ranges_a_model_file_cannot_back_are_refused(change, message, trained_checkpoints, tmp_path) -> None:
+    from covidseg.inference.exporters import export_safetensors
+
+    loaded = load_predictor(str(trained_checkpoints[0]), tmp_path)
+    int8 = Int8Spec(quantizers=5, digest="0" * 64, calibration="test")
+    loaded = dataclasses.replace(
+        loaded, spec=loaded.spec.model_copy(update={"int8": int8}), int8_ranges=torch.ones(5, 4)
+    )
+    path = export_safetensors(loaded, tmp_path / "model.safetensors")
+    state, spec = safetensors.torch.load_file(path), yaml.safe_load(path.with_suffix(".yaml").read_text())
+    change(state, spec)
+    safetensors.torch.save_file(state, path)
+    path.with_suffix(".yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ModelFileError, match=message):
+        load_predictor(str(path), tmp_path)

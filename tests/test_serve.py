@@ -54,8 +54,8 @@ def test_an_upload_is_segmented_as_predict_does_it(client: TestClient, xray: np.
     (tmp_path / "in").mkdir()
     cv2.imwrite(str(tmp_path / "in" / "chest.png"), xray)
     paths = [f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}"]
-    # the fixture runs fp32 and without the x-ray check (a phantom is no X-ray)
-    cfg = compose_cfg("predict", ["ckpt_path=pretrained", "bf16=false", "xray_check=false", *paths])
+    # the fixture runs torch in fp32 and without the x-ray check (a phantom is no X-ray)
+    cfg = compose_cfg("predict", ["ckpt_path=pretrained", "backend=torch", "bf16=false", "xray_check=false", *paths])
     row = predict(cfg).rows[0]
     for key in ("infected_pixels", "infected_percent", "mean_probability", "presence_probability"):
         assert answer[key] == row[key], key

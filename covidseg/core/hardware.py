@@ -12,6 +12,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})  # int8 dot products (VNNI) or AMX
 
 
 @cache
@@ -31,3 +32,9 @@ def cpu_precision() -> str:
         return "bf16-mixed"
     log.info("this CPU has no native bf16 instructions (avx512_bf16, amx_bf16): training in fp32")
     return "32-true"
+
+
+@cache
+def cpu_has_int8_dot_products() -> bool:
+    """Whether the CPU multiplies int8 natively (VNNI or AMX), where int8 inference pays."""
+    return bool(cpu_flags() & INT8_FLAGS)

@@ -22,10 +22,11 @@ from covidseg.inference.loader import (
     allow_missing_folds,
     inference_bf16,
     inference_overrides,
+    int8_operating_point,
     load_predictor,
 )
 from covidseg.inference.predictor import PredictorModule
-from covidseg.inference.segment import as_forward, graph_backend, int8_graph, resolve_backend
+from covidseg.inference.segment import as_forward, backends_to_try, graph_backend, int8_graph
 
 
 def load_for_data(cfg: DictConfig) -> tuple[LoadedModel, CovidQuExDataModule]:
@@ -55,17 +56,20 @@ def check_loop_precision(cfg: DictConfig) -> None:
 def run_test_loop(cfg: DictConfig, loaded: LoadedModel, datamodule: CovidQuExDataModule, callbacks: list) -> dict:
     """Run the Predictor over ``data.split`` in Lightning's test loop; returns what callbacks logged.
     With ``backend=onnx|openvino|openvino_int8`` the networks run as the model's ONNX graph (exported
-    once, cached; int8: quantized once on ``int8_calibration``), so each runtime's accuracy is measured
+    once, cached; int8: quantized once on ``int8_calibration``, or with the model file's int8 ranges), so
+    each runtime's accuracy is measured
     by the same command."""
     if OmegaConf.select(cfg, "trainer.limit_test_batches", default=None) == 0:
         raise ConfigError("trainer.limit_test_batches=0 scores no image: give a count >= 1 or a share in (0, 1]")
-    backend = resolve_backend(cfg.get("backend", "torch"), inference_bf16(cfg))
+    backend = backends_to_try(cfg.get("backend", "torch"), loaded.int8_ranges is not None)[0]
     forward = None
+    if backend == "openvino_int8" and cfg.get("int8_calibration") is None:
+        loaded = int8_operating_point(loaded, inference_overrides(cfg))
     if backend != "torch":
         cache_dir = Path(cfg.paths.cache_dir)
         graph = cached_onnx(loaded, cache_dir)
         if backend == "openvino_int8":
-            graph = int8_graph(graph, cfg.get("int8_calibration"), cache_dir)
+            graph = int8_graph(graph, cfg.get("int8_calibration"), cache_dir, loaded)
         forward = as_forward(graph_backend(backend, graph, inference_bf16(cfg), loaded.spec.graph_outputs))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
     try:

@@ -25,7 +25,7 @@ from torch import nn
 import covidseg
 from covidseg.core.writing import write_atomic
 from covidseg.inference.loader import LoadedModel
-from covidseg.inference.model_spec import ExportMetadata, ModelSpec
+from covidseg.inference.model_spec import INT8_RANGES, ExportMetadata, ModelSpec
 from covidseg.inference.predictor import Predictor
 
 APPLIED_AFTER_GRAPH = ("threshold", "min_region_share")  # to a graph's probabilities, so not part of it
@@ -52,10 +52,10 @@ class TracedPredictor(nn.Module):
 
 
 def write_metadata(path: Path, file_format: str, loaded: LoadedModel) -> Path:
-    """``<path>.json``: input, outputs and the model spec."""
-    metadata = ExportMetadata(
-        format=file_format, input=INPUT, outputs=loaded.spec.graph_outputs, model=loaded.spec.to_plain()
-    )
+    """``<path>.json``: input, outputs and the model spec (without int8 ranges beside a graph,
+    which does not hold them)."""
+    spec = loaded.spec if file_format == "safetensors" else loaded.spec.model_copy(update={"int8": None})
+    metadata = ExportMetadata(format=file_format, input=INPUT, outputs=spec.graph_outputs, model=spec.to_plain())
     return write_atomic(path.with_suffix(".json"), json.dumps(metadata.model_dump(mode="json"), indent=2) + "\n")
 
 
@@ -124,10 +124,14 @@ def export_torchscript(loaded: LoadedModel, path: Path) -> Path:
 
 
 def export_safetensors(loaded: LoadedModel, path: Path) -> Path:
-    """fp16 weights of every network (safetensors: nothing to unpickle) with the model spec as
-    ``.yaml`` beside them; ``ckpt_path`` accepts the result like a checkpoint."""
+    """fp16 weights of every network (safetensors: nothing to unpickle), and the int8 ranges in fp32
+    where the spec has them, with the model spec as ``.yaml`` beside them; ``ckpt_path`` accepts the
+    result like a checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().half().contiguous() for name, tensor in loaded.predictor.state_dict().items()}
+    if loaded.spec.int8 is not None:
+        assert loaded.int8_ranges is not None, "a spec with int8 ranges needs them"
+        state[INT8_RANGES] = loaded.int8_ranges.detach().float().contiguous()
     write_atomic(path, save_safetensors(state))
     write_atomic(path.with_suffix(".yaml"), yaml.safe_dump(loaded.spec.to_plain(), sort_keys=False, allow_unicode=True))
     write_metadata(path, "safetensors", loaded)

@@ -13,6 +13,8 @@ safetensors, YAML's safe loader without aliases); the model spec inside is valid
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import re
@@ -29,6 +31,7 @@ from covidseg.core.files import open_regular_file, read_file_bytes, read_plain_y
 from covidseg.core.hardware import cpu_precision
 from covidseg.core.run_files import kfold_folds
 from covidseg.inference.model_spec import (
+    INT8_RANGES,
     SPEC_KEY,
     ExportMetadata,
     ModelSpec,
@@ -95,11 +98,13 @@ def inference_bf16(cfg: Mapping[str, Any]) -> bool:
 
 @dataclass
 class LoadedModel:
-    """A ready Predictor, the spec it was built from (ensembles: all networks) and its files."""
+    """A ready Predictor, the spec it was built from (ensembles: all networks) and its files, and
+    the int8 ranges of the file where its spec declares them (:class:`Int8Spec`)."""
 
     predictor: Predictor
     spec: ModelSpec
     paths: list[Path]
+    int8_ranges: torch.Tensor | None = None
 
     @property
     def description(self) -> str:
@@ -277,8 +282,10 @@ def ensemble_spec(specs: list[ModelSpec], paths: list[Path]) -> ModelSpec:
             )
     if len(specs) == 1:
         return first
+    if any(spec.int8 is not None for spec in specs):
+        log.info("int8 ranges are a model file's own: an ensemble of several files runs without them")
     networks = [network for spec in specs for network in spec.networks]
-    return first.model_copy(update={"networks": networks, "metrics": {}})
+    return first.model_copy(update={"networks": networks, "metrics": {}, "int8": None})
 
 
 WHOLE_NUMBER_TENSORS = ("num_batches_tracked",)  # BatchNorm's step counters, stored as int64
@@ -306,6 +313,7 @@ def load_predictor(
     read = [read_model_file(path) for path in paths]
     for path, (member_spec, state) in zip(paths, read, strict=True):
         check_xray_tensors(member_spec, state, path)  # before anything of the spec's size is built
+        check_int8_tensor(member_spec, state, path)
     if any(member_spec.xray_check is not None for member_spec, _ in read[1:]):
         log.info("an ensemble's x-ray check is its first model's: the checks of the others are not used")
     spec = ensemble_spec([spec for spec, _ in read], paths).with_inference(**inference)
@@ -314,6 +322,7 @@ def load_predictor(
     for member, (path, (member_spec, state)) in enumerate(zip(paths, read, strict=True)):
         prefixes = tuple(f"networks.{index}." for index in range(len(member_spec.networks)))
         prefixes += (TENSOR_PREFIX,) if member_spec.xray_check is not None else ()
+        prefixes += (INT8_RANGES,) if member_spec.int8 is not None else ()
         stray = next((name for name in state if not name.startswith(prefixes)), None)
         if stray is not None:
             raise ModelFileError(f"{str(path)!r}: tensor {stray!r} belongs to no network of its model spec")
@@ -328,7 +337,32 @@ def load_predictor(
             except RuntimeError as error:
                 first_lines = "; ".join(str(error).splitlines()[:2])[:300]
                 raise ModelFileError(f"{str(path)!r}: the weights do not fit its model spec: {first_lines}") from None
-    return LoadedModel(predictor.eval(), spec, paths)
+    ranges = read[0][1].get(INT8_RANGES) if spec.int8 is not None else None
+    return LoadedModel(predictor.eval(), spec, paths, ranges)
+
+
+def int8_operating_point(loaded: LoadedModel, inference: Mapping[str, Any]) -> LoadedModel:
+    """``loaded`` as its int8 ranges were measured: gated at the spec's ``int8.presence_threshold``
+    unless the command sets ``presence_threshold`` itself (``inference``). A copy; the networks are
+    shared."""
+    int8 = loaded.spec.int8
+    if int8 is None or int8.presence_threshold is None or inference.get("presence_threshold") is not None:
+        return loaded
+    spec = loaded.spec.with_inference(presence_threshold=int8.presence_threshold)
+    predictor = copy.copy(loaded.predictor)  # the networks shared, the settings its own
+    predictor.settings = spec.inference
+    return dataclasses.replace(loaded, predictor=predictor, spec=spec)
+
+
+def check_int8_tensor(spec: ModelSpec, state: dict[str, torch.Tensor], path: Path) -> None:
+    """The int8 ranges a spec declares are in the file, one row of four per quantizer."""
+    if spec.int8 is None:
+        return
+    tensor = state.get(INT8_RANGES)
+    shape = (spec.int8.quantizers, 4)
+    if tensor is None or tuple(tensor.shape) != shape:
+        found = "missing" if tensor is None else f"of shape {tuple(tensor.shape)}"
+        raise ModelFileError(f"{str(path)!r}: tensor {INT8_RANGES!r} is {found}; its spec's int8 entry needs {shape}")
 
 
 def check_xray_tensors(spec: ModelSpec, state: dict[str, torch.Tensor], path: Path) -> None:

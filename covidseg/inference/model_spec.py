@@ -98,6 +98,22 @@ class XrayCheckSpec(_Plain):
         return self
 
 
+INT8_RANGES = "int8.ranges"  # the model file's tensor of int8 ranges
+
+
+class Int8Spec(_Plain):
+    """The model's int8 calibration for OpenVINO (:mod:`covidseg.inference.quantize`): its tensor
+    ``int8.ranges`` (``quantizers`` x 4, each quantizer's input and output low and high, in graph
+    order) is in the model file, and ``digest`` names the int8 model they make, which a rebuilt one
+    must match to be used."""
+
+    quantizers: int = Field(ge=1, le=100_000)
+    digest: str = Field(pattern=r"^[0-9a-f]{64}$")
+    calibration: str = Field("", max_length=500)  # for people: which images, with which versions
+    # int8 moves the presence probability: the gate the int8 model was measured at (None: the spec's own)
+    presence_threshold: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False)
+
+
 class ModelSpec(_Plain):
     """Everything needed to rebuild a model and turn its output into masks."""
 
@@ -110,6 +126,7 @@ class ModelSpec(_Plain):
     data: DataProvenance = DataProvenance()
     metrics: dict[str, Scalar] = Field(default_factory=dict, max_length=200)
     xray_check: XrayCheckSpec | None = None
+    int8: Int8Spec | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
@@ -129,6 +146,8 @@ class ModelSpec(_Plain):
             raise ValueError("the networks disagree on the presence head: all or none must have one")
         if self.inference.presence_threshold is not None and heads != {True}:
             raise ValueError("inference.presence_threshold needs networks with a presence head")
+        if self.int8 is not None and self.int8.presence_threshold is not None and heads != {True}:
+            raise ValueError("int8.presence_threshold needs networks with a presence head")
         if self.inference.restrict_to_lungs and set(self.targets) != set(TARGETS):
             raise ValueError("inference.restrict_to_lungs needs the targets lung and infection")
         return self

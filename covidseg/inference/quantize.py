@@ -40,7 +40,8 @@ def calibration_setting(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(
             f"int8_calibration={value!r}: backend=openvino_int8 needs X-rays to calibrate on: a folder or glob of a "
-            "few hundred X-rays like those it will see, e.g. '<data>/Train/*/images/*.png'"
+            "few hundred X-rays like those it will see, e.g. '<data>/Train/*/images/*.png' (or a model file with "
+            "int8 ranges: covidseg.export format=safetensors int8_calibration=...)"
         )
     return value
 
@@ -107,6 +108,85 @@ def quantize_int8(graph: Path, images: np.ndarray) -> object:
     )
 
 
+RANGE_PORTS = ("input_low", "input_high", "output_low", "output_high")  # FakeQuantize's inputs 1-4
+
+
+def _quantizers(model: object) -> list[object]:
+    return [op for op in model.get_ordered_ops() if op.get_type_name() == "FakeQuantize"]
+
+
+def quantizer_ranges(model: object) -> np.ndarray:
+    """The ranges (quantizers x 4: input low, input high, output low, output high) of the int8
+    ``model``'s quantizers, in graph order: all a calibration decides."""
+    rows = []
+    for op in _quantizers(model):
+        values = [op.input_value(port).get_node().get_data() for port in range(1, 5)]
+        if any(value.size != 1 for value in values):
+            name = op.get_friendly_name()
+            raise ModelFileError(f"quantizer {name!r} has per-channel ranges: a model file keeps per-tensor ones")
+        rows.append([float(value.reshape(-1)[0]) for value in values])
+    return np.asarray(rows, np.float32).reshape(-1, len(RANGE_PORTS))
+
+
+def with_ranges(model: object, ranges: np.ndarray) -> object:
+    """``model`` (quantized as the ranges' model was) with ``ranges`` put into its quantizers."""
+    from openvino import opset13
+
+    found = _quantizers(model)
+    if len(found) != len(ranges):
+        raise ModelFileError(f"the graph has {len(found)} quantizers here, the int8 ranges are for {len(ranges)}")
+    for op, row in zip(found, ranges, strict=True):
+        for port, value in enumerate(row, start=1):
+            old = op.input_value(port).get_node()
+            new = opset13.constant(np.asarray(value, np.float32).reshape(old.get_data().shape))
+            new.set_friendly_name(old.get_friendly_name())
+            op.input(port).replace_source_output(new.output(0))
+    return model
+
+
+def int8_digest(model: object) -> str:
+    """SHA-256 of an OpenVINO model's operations and constants in graph order: equal digests, the
+    same int8 model."""
+    digest = hashlib.sha256()
+    for op in model.get_ordered_ops():
+        digest.update(op.get_type_name().encode())
+        if op.get_type_name() == "Constant":
+            data = np.ascontiguousarray(op.get_data())
+            digest.update(f"{data.dtype}{data.shape}".encode())
+            digest.update(data.tobytes())
+    return digest.hexdigest()
+
+
+def placement_image(image_size: int) -> np.ndarray:
+    """The one image the graph is quantized on to place its quantizers before stored ranges go in."""
+    return np.linspace(0.2, 0.8, image_size * image_size, dtype=np.float32).reshape(1, 1, image_size, image_size)
+
+
+def rebuild_int8(graph: Path, ranges: np.ndarray, digest: str, image_size: int) -> object:
+    """The int8 model that ``ranges`` were taken from, made again from ``graph``; refused unless it
+    is that model to the byte (``digest``)."""
+    model = with_ranges(quantize_int8(graph, placement_image(image_size)), ranges)
+    if int8_digest(model) != digest:
+        versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("nncf", "openvino", "torch"))
+        raise ModelFileError(
+            "the model's int8 ranges do not rebuild the int8 model they were measured as: its graph differs here "
+            f"(settings the graph holds, such as presence_threshold or flip_tta, changed; or {versions} here "
+            "quantize otherwise); calibrate here with int8_calibration=<X-rays>"
+        )
+    return model
+
+
+def shippable_ranges(graph: Path, calibration: str, image_size: int) -> tuple[np.ndarray, str, int]:
+    """``graph`` calibrated on ``calibration``'s X-rays, as the numbers a model file keeps: its
+    quantizers' ranges, the int8 model's digest, and how many X-rays were used. Checked here that
+    the ranges rebuild that model."""
+    files = calibration_files(calibration)
+    quantized = quantize_int8(graph, calibration_batch(files, image_size))
+    ranges, digest = quantizer_ranges(quantized), int8_digest(quantized)
+    rebuild_int8(graph, ranges, digest, image_size)
+    return ranges, digest, len(files)
+
+
 def _digest(graph: Path, files: Sequence[Path]) -> str:
     """The cache entry's name: the graph's and its metadata's bytes (an exported ``model.onnx`` is
     named by the user, so its name says nothing), the calibration images' bytes, NNCF's and
@@ -134,20 +214,12 @@ def _kept(path: Path) -> bool:
         return False
 
 
-def cached_int8(graph: Path, calibration: str | None, image_size: int, cache_dir: Path) -> Path:
-    """The int8 OpenVINO model (``.xml`` and ``.bin``) of the fp32 ONNX ``graph`` calibrated on
-    ``calibration``'s X-rays, made once into ``<cache_dir>/graphs`` (:func:`_digest` names it) and
-    made again when it is not whole. Each file is written whole (:mod:`covidseg.core.writing`), the
-    weights first and the record of both files' digests last; runs at once write the same bytes."""
+def _keep(path: Path, quantized: object, cache_dir: Path) -> Path:
+    """``quantized`` saved as the cache entry ``path``: each file written whole
+    (:mod:`covidseg.core.writing`), the weights first and the record of both files' digests last;
+    runs at once write the same bytes."""
     import openvino
 
-    files = calibration_files(calibration)
-    path = Path(cache_dir) / "graphs" / f"{_digest(graph, files)}.int8.xml"
-    if _kept(path):
-        return path
-    log.info("openvino_int8: calibrating on %d X-rays of %s (once; kept in %s)", len(files), printable(calibration),
-             printable(path.parent))  # fmt: skip
-    quantized = quantize_int8(graph, calibration_batch(files, image_size))
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".int8-") as folder:
         written = Path(folder, "model.xml")
@@ -165,3 +237,27 @@ def cached_int8(graph: Path, calibration: str | None, image_size: int, cache_dir
     record = {suffix: hashlib.sha256(content).hexdigest() for suffix, content in contents.items()}
     write_atomic(path.with_suffix(".json"), json.dumps(record, sort_keys=True) + "\n")
     return path
+
+
+def cached_int8(graph: Path, calibration: str | None, image_size: int, cache_dir: Path) -> Path:
+    """The int8 OpenVINO model (``.xml`` and ``.bin``) of the fp32 ONNX ``graph`` calibrated on
+    ``calibration``'s X-rays, made once into ``<cache_dir>/graphs`` (:func:`_digest` names it) and
+    made again when it is not whole."""
+    files = calibration_files(calibration)
+    path = Path(cache_dir) / "graphs" / f"{_digest(graph, files)}.int8.xml"
+    if _kept(path):
+        return path
+    log.info("openvino_int8: calibrating on %d X-rays of %s (once; kept in %s)", len(files), printable(calibration),
+             printable(path.parent))  # fmt: skip
+    return _keep(path, quantize_int8(graph, calibration_batch(files, image_size)), cache_dir)
+
+
+def cached_shipped_int8(graph: Path, ranges: np.ndarray, digest: str, image_size: int, cache_dir: Path) -> Path:
+    """The int8 OpenVINO model that a model file's ranges and digest describe, rebuilt once from the
+    ONNX ``graph`` (:func:`rebuild_int8`) into ``<cache_dir>/graphs``."""
+    key = hashlib.sha256(digest.encode() + np.ascontiguousarray(ranges, np.float32).tobytes())
+    key.update(_digest(graph, []).encode())
+    path = Path(cache_dir) / "graphs" / f"{key.hexdigest()[:32]}.int8.xml"
+    if _kept(path):
+        return path
+    return _keep(path, rebuild_int8(graph, ranges, digest, image_size), cache_dir)

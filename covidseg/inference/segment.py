@@ -22,14 +22,17 @@ import torch
 
 from covidseg.core.errors import ConfigError, ModelFileError
 from covidseg.core.files import open_regular_file, printable
+from covidseg.core.hardware import cpu_has_int8_dot_products
 from covidseg.core.images import resize_image
 from covidseg.core.visualize import LUNG_COLOR, PREDICTION_COLOR, outline, overlay
 from covidseg.inference.exporters import APPLIED_AFTER_GRAPH, cached_onnx
 from covidseg.inference.loader import (
     MAX_MODEL_BYTES,
+    LoadedModel,
     allow_missing_folds,
     inference_bf16,
     inference_overrides,
+    int8_operating_point,
     load_predictor,
     read_onnx_metadata,
     resolve_model_paths,
@@ -37,7 +40,7 @@ from covidseg.inference.loader import (
 )
 from covidseg.inference.model_spec import InferenceSettings, ModelSpec
 from covidseg.inference.predictor import Answer, Forward, Predictor
-from covidseg.inference.quantize import cached_int8, calibration_setting
+from covidseg.inference.quantize import cached_int8, cached_shipped_int8, calibration_setting
 from covidseg.inference.regions import drop_small_regions
 from covidseg.inference.severity import severity, zones
 
@@ -146,10 +149,15 @@ def openvino_backend(path: Path, bf16: bool, expected: Sequence[str]) -> Backend
     return run
 
 
-def int8_graph(graph: Path, int8_calibration: str | None, cache_dir: Path) -> Path:
-    """The int8 OpenVINO model of the ONNX ``graph``, quantized once on ``int8_calibration``'s
-    X-rays (:mod:`covidseg.inference.quantize`); a graph with external data is refused first."""
+def int8_graph(graph: Path, int8_calibration: str | None, cache_dir: Path, loaded: LoadedModel | None = None) -> Path:
+    """The int8 OpenVINO model of the ONNX ``graph``, made once (:mod:`covidseg.inference.quantize`):
+    calibrated on ``int8_calibration``'s X-rays where it is given, else rebuilt from the int8 ranges
+    ``loaded``'s model file carries; a graph with external data is refused first."""
     refuse_external_data(graph)
+    if int8_calibration is None and loaded is not None and loaded.int8_ranges is not None:
+        assert loaded.spec.int8 is not None
+        ranges = loaded.int8_ranges.numpy()
+        return cached_shipped_int8(graph, ranges, loaded.spec.int8.digest, loaded.spec.image_size, cache_dir)
     _, spec = read_onnx_metadata(graph)
     return cached_int8(graph, int8_calibration, spec.image_size, cache_dir)
 
@@ -171,17 +179,28 @@ def as_forward(backend: Backend) -> Forward:
     return forward
 
 
-def resolve_backend(backend: str, bf16: bool) -> str:
-    """``backend`` checked, and ``auto`` resolved (and said once): OpenVINO where it is installed."""
+def backends_to_try(backend: str, int8_ranges: bool) -> list[str]:
+    """``backend`` checked, as the backends to try in turn: itself, or for ``auto`` the fastest that
+    held accuracy on the CPUs measured (docs/performance.md) first: OpenVINO int8 where the model
+    file carries int8 ranges and the CPU multiplies int8 natively, OpenVINO (bf16 where the CPU has
+    it), and torch where OpenVINO is missing or fails."""
     if backend not in BACKENDS:
         raise ConfigError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
     if backend != "auto":
-        return backend
+        return [backend]
     if importlib.util.find_spec("openvino") is None:
-        log.info("backend=auto: torch (OpenVINO is not installed)")
-        return "torch"
-    log.info("backend=auto: openvino in %s", "bf16" if bf16 else "fp32")
-    return "openvino"
+        return ["torch"]
+    return ["openvino_int8"] * (int8_ranges and cpu_has_int8_dot_products()) + ["openvino", "torch"]
+
+
+def say_auto_choice(chosen: str, bf16: bool, tried: Sequence[str]) -> None:
+    """``backend=auto``'s choice and its reason, said once."""
+    if chosen == "openvino_int8":
+        log.info("backend=auto: openvino int8 (the model file carries int8 ranges; this CPU multiplies int8 natively)")
+    elif chosen == "openvino":
+        log.info("backend=auto: openvino in %s", "bf16" if bf16 else "fp32")
+    else:
+        log.info("backend=auto: torch%s", "" if "openvino" in tried else " (OpenVINO is not installed)")
 
 
 @dataclass
@@ -215,56 +234,86 @@ def load_backend(
     allow_missing_folds: bool = False,
     int8_calibration: str | None = None,
 ) -> LoadedBackend:
-    """What ``ckpt_path`` names, as a backend: an exported ``.onnx`` runs in OpenVINO with
-    ``backend=openvino``, else in ONNX Runtime; anything else builds the torch Predictor, exported
-    first (once: the graph is kept under ``<cache_dir>/graphs``) when ``backend`` is ``onnx`` or
-    ``openvino`` (``openvino_int8``: quantized on ``int8_calibration``'s X-rays). ``auto`` is OpenVINO, the
-    fastest end to end on the CPUs measured (docs/performance.md), or torch where OpenVINO is missing or
-    cannot compile the model."""
-    if backend == "openvino_int8":
-        calibration_setting(int8_calibration)  # refused before a model is read
-    elif int8_calibration is not None:
-        log.warning("int8_calibration is read by backend=openvino_int8 only; backend=%s runs without it", backend)
+    """What ``ckpt_path`` names, as a backend: an exported ``.onnx`` runs as
+    :func:`graph_file_backend` says; anything else builds the torch Predictor, exported first (once:
+    the graph is kept under ``<cache_dir>/graphs``) when ``backend`` is ``onnx`` or ``openvino``
+    (``openvino_int8``: quantized on ``int8_calibration``'s X-rays, or with the model file's int8
+    ranges). ``auto`` tries :func:`backends_to_try` in turn and says what it chose."""
+    if int8_calibration is not None:
+        if backend == "openvino_int8":
+            calibration_setting(int8_calibration)  # refused before a model is read
+        else:
+            log.warning("int8_calibration is read by backend=openvino_int8 only; backend=%s runs without it", backend)
     paths = resolve_model_paths(ckpt_path, log_dir, allow_missing_folds=allow_missing_folds)
-    chosen = resolve_backend(backend, bf16)  # said once the model is found
     if any(path.suffix == ".onnx" for path in paths):
-        if len(paths) > 1:
-            raise ModelFileError("an exported .onnx graph runs alone: export the ensemble as one graph instead")
-        baked = sorted(key for key, value in inference.items() if key not in APPLIED_AFTER_GRAPH and value is not None)
-        if baked:
-            raise ModelFileError(f"{', '.join(baked)} cannot change an exported .onnx graph: export again with them")
-        metadata, spec = read_onnx_metadata(paths[0])
-        if metadata.outputs != spec.graph_outputs:
-            raise ModelFileError(
-                f"{printable(paths[0].with_suffix('.json'))!r}: key 'outputs' = {metadata.outputs}, but its model "
-                f"spec makes the graph answer {spec.graph_outputs}"
-            )
-        settings = {key: inference.get(key) for key in APPLIED_AFTER_GRAPH}
-        graph = int8_graph(paths[0], int8_calibration, cache_dir) if chosen == "openvino_int8" else paths[0]
+        return graph_file_backend(paths, backend, inference, bf16, cache_dir, int8_calibration)
+    loaded = load_predictor([str(path) for path in paths], log_dir, bf16 and backend == "torch", **inference)
+    order = backends_to_try(backend, loaded.int8_ranges is not None)
+    for index, chosen in enumerate(order):
+        if chosen == "torch":
+            break
+        shipped_int8 = chosen == "openvino_int8" and int8_calibration is None
+        model = int8_operating_point(loaded, inference) if shipped_int8 else loaded
         try:
-            run = graph_backend(chosen, graph, bf16, spec.graph_outputs)
-        except ModelFileError as error:
-            if backend != "auto" or chosen != "openvino":
-                raise
-            log.warning("backend=auto: ONNX Runtime, as OpenVINO failed: %s", error)
-            run = onnx_backend(paths[0], spec.graph_outputs)
-        quantized = graph if chosen == "openvino_int8" else None
-        return LoadedBackend(run, spec.with_inference(**settings), paths, int8_graph=quantized)
-    loaded = load_predictor([str(path) for path in paths], log_dir, bf16 and chosen == "torch", **inference)
-    if chosen != "torch":  # an ONNX export is traced in fp32
-        try:
-            graph = cached_onnx(loaded, cache_dir)
+            graph = cached_onnx(model, cache_dir)  # an ONNX export is traced in fp32
             if chosen == "openvino_int8":
-                graph = int8_graph(graph, int8_calibration, cache_dir)
-            run = graph_backend(chosen, graph, bf16, loaded.spec.graph_outputs)
-            quantized = graph if chosen == "openvino_int8" else None
-            return LoadedBackend(run, loaded.spec, paths, int8_graph=quantized)
-        except Exception as error:  # a network the ONNX exporter or OpenVINO cannot take
+                graph = int8_graph(graph, int8_calibration, cache_dir, model)
+            run = graph_backend(chosen, graph, bf16, model.spec.graph_outputs)
+        except Exception as error:  # a network the ONNX exporter or OpenVINO cannot take, ranges that do not fit
             if backend != "auto":
                 raise
-            log.warning("backend=auto: torch, as %s failed: %s", chosen, (str(error).splitlines() or ["?"])[0][:200])
-            loaded.predictor.bf16 = bf16
+            reason = (str(error).splitlines() or ["?"])[0][:300]
+            log.warning("backend=auto: %s failed, trying %s: %s", chosen, order[index + 1], reason)
+            continue
+        if backend == "auto":
+            say_auto_choice(chosen, bf16, order)
+        return LoadedBackend(run, model.spec, paths, int8_graph=graph if chosen == "openvino_int8" else None)
+    if backend == "auto":
+        say_auto_choice("torch", bf16, order)
+    loaded.predictor.bf16 = bf16
     return LoadedBackend(torch_backend(loaded.predictor), loaded.spec, paths)
+
+
+def graph_file_backend(
+    paths: list[Path],
+    backend: str,
+    inference: Mapping[str, Any],
+    bf16: bool,
+    cache_dir: Path,
+    int8_calibration: str | None,
+) -> LoadedBackend:
+    """An exported ``.onnx`` graph as a backend: in OpenVINO with ``backend=openvino`` (``auto``,
+    falling back to ONNX Runtime) or ``openvino_int8`` (calibrated on ``int8_calibration``), else in
+    ONNX Runtime."""
+    chosen = backends_to_try(backend, int8_ranges=False)[0]
+    if chosen == "openvino_int8":
+        calibration_setting(int8_calibration)
+    if len(paths) > 1:
+        raise ModelFileError("an exported .onnx graph runs alone: export the ensemble as one graph instead")
+    baked = sorted(key for key, value in inference.items() if key not in APPLIED_AFTER_GRAPH and value is not None)
+    if baked:
+        raise ModelFileError(f"{', '.join(baked)} cannot change an exported .onnx graph: export again with them")
+    metadata, spec = read_onnx_metadata(paths[0])
+    if metadata.outputs != spec.graph_outputs:
+        raise ModelFileError(
+            f"{printable(paths[0].with_suffix('.json'))!r}: key 'outputs' = {metadata.outputs}, but its model "
+            f"spec makes the graph answer {spec.graph_outputs}"
+        )
+    settings = {key: inference.get(key) for key in APPLIED_AFTER_GRAPH}
+    graph = int8_graph(paths[0], int8_calibration, cache_dir) if chosen == "openvino_int8" else paths[0]
+    if chosen == "torch":  # auto without OpenVINO: the graph's own runtime
+        chosen = "onnx"
+    try:
+        run = graph_backend(chosen, graph, bf16, spec.graph_outputs)
+    except ModelFileError as error:
+        if backend != "auto":
+            raise
+        log.warning("backend=auto: ONNX Runtime, as OpenVINO failed: %s", error)
+        run = onnx_backend(paths[0], spec.graph_outputs)
+    if backend == "auto" and chosen == "openvino":
+        say_auto_choice(chosen, bf16, [chosen])
+    quantized = graph if chosen == "openvino_int8" else None
+    return LoadedBackend(run, spec.with_inference(**settings), paths, int8_graph=quantized)
 
 
 def load_configured_backend(cfg: Mapping[str, Any]) -> LoadedBackend:

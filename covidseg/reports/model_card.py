@@ -31,6 +31,9 @@ METRIC_NAMES = {
     "severity_percent_infected_bias": "percent of both lungs infected: Bland-Altman bias, predicted - true (points)",
     "severity_zone_score_kappa": "zone score (0-6): quadratic-weighted kappa",
     "severity_zone_score_within_one": "zone score (0-6): share within one of the truth",
+    # the int8 model (OpenVINO) the file's int8 ranges make, at its own presence gate
+    "int8_dice": "int8: Dice, per image (mean over COVID-19 images)",
+    "int8_healthy_val_images_below_1pct_area": "int8: healthy Val images predicted below 1 % infected area",
 }
 INTENDED_USE = """\
 - Research on segmenting COVID-19 infection in chest X-rays: comparing methods, measuring the
@@ -82,6 +85,17 @@ def _refusals(spec: ModelSpec) -> str:
     )
 
 
+def _int8(spec: ModelSpec) -> str:
+    int8 = spec.int8
+    if int8 is None:
+        return ""
+    gate = "" if int8.presence_threshold is None else f", presence threshold {int8.presence_threshold}"
+    return (
+        f"- int8 (OpenVINO{gate}): `backend=auto` runs it on CPUs with int8 dot products (VNNI or AMX); the ranges "
+        f"of its {int8.quantizers} quantizers were calibrated on {int8.calibration}\n"
+    )
+
+
 def _metrics(metrics: dict[str, Any]) -> str:
     rows = [(METRIC_NAMES[key], metrics[key]) for key in METRIC_NAMES if key in metrics]
     if not rows:
@@ -120,7 +134,7 @@ and the model spec is plain data (nothing in the files chooses code to run).
 - Input: one grayscale image resized to {spec.image_size}×{spec.image_size}, divided by 255
 - Output: a probability per pixel for {outputs}
 - Inference settings: {settings}
-
+{_int8(spec)}
 ## Training
 
 - Data: {DATASET}
