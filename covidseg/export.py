@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import logging
 import os
 from pathlib import Path
 
@@ -37,9 +38,11 @@ from covidseg.inference.loader import (
     int8_operating_point,
     load_predictor,
 )
-from covidseg.inference.model_spec import Int8Spec, parse_spec
+from covidseg.inference.model_spec import Int8Spec
 from covidseg.inference.quantize import calibration_setting, shippable_ranges
 from covidseg.reports.model_card import render_model_card
+
+log = logging.getLogger(__name__)
 
 
 def written_files(file_format: str) -> list[str]:
@@ -71,19 +74,14 @@ def export(cfg: DictConfig) -> Path:
     # the folder the path names once its links and ".." are followed: "<new>/../<yours>" is yours
     output = Path(os.path.realpath(Path(str(cfg.output)).expanduser()))
     check_output(output, cfg.format)
-    calibration = cfg.get("int8_calibration")
+    calibration, gate = int8_settings(cfg)
+    overrides = inference_overrides(cfg)
+    loaded = load_predictor(cfg.ckpt_path, cfg.paths.log_dir, allow_missing_folds=allow_missing_folds(cfg), **overrides)
     if calibration is not None:
-        calibration_setting(calibration)
-        if cfg.format != "safetensors":
-            raise ConfigError(
-                f"int8_calibration: int8 ranges travel in a safetensors model file, not format={cfg.format}"
-            )
-    loaded = load_predictor(
-        cfg.ckpt_path, cfg.paths.log_dir, allow_missing_folds=allow_missing_folds(cfg), **inference_overrides(cfg)
-    )
-    if calibration is not None:
-        gate = cfg.get("int8_presence_threshold")
         loaded = with_int8_ranges(loaded, calibration, Path(cfg.paths.cache_dir), gate)
+    elif loaded.spec.int8 is not None and (changed := int8_operating_point(loaded, overrides)[1]):
+        log.info("the model's int8 ranges are left out of the export: they do not fit %s", changed)
+        loaded = dataclasses.replace(loaded, spec=loaded.spec.model_copy(update={"int8": None}), int8_ranges=None)
     exporter, suffix = EXPORTERS[cfg.format]
     with exclusive_lock(make_output_folder(output)) as locked:
         if not locked:
@@ -110,26 +108,52 @@ def export(cfg: DictConfig) -> Path:
     return path
 
 
+def int8_settings(cfg: DictConfig) -> tuple[str | None, float | None]:
+    """``int8_calibration`` and ``int8_presence_threshold``, checked before a model is read."""
+    calibration, gate = cfg.get("int8_calibration"), cfg.get("int8_presence_threshold")
+    if calibration is not None:
+        calibration_setting(calibration)
+        if cfg.format != "safetensors":
+            raise ConfigError(
+                f"int8_calibration: int8 ranges travel in a safetensors model file, not format={cfg.format}"
+            )
+    if gate is not None:
+        if calibration is None:
+            raise ConfigError(f"int8_presence_threshold={gate!r}: the gate of an int8 model; give int8_calibration too")
+        if isinstance(gate, bool) or not isinstance(gate, int | float) or not 0 < gate < 1:
+            raise ConfigError(f"int8_presence_threshold={gate!r}: expected a number between 0 and 1")
+    return calibration, gate
+
+
 def with_int8_ranges(
     loaded: LoadedModel, calibration: str, cache_dir: Path, presence_threshold: float | None = None
 ) -> LoadedModel:
     """``loaded`` with the int8 ranges of its ONNX graph calibrated on ``calibration``'s X-rays, the
     int8 model gated at ``presence_threshold`` where it is given (int8 moves the presence
-    probability; choose it on Val). The weights are rounded to fp16 first, as the safetensors file
-    keeps them, so the ranges are those of the graph the written file makes."""
+    probability; choose it on Val), else at the model's own gate. The weights are rounded to fp16
+    first, as the safetensors file keeps them, so the ranges are those of the graph the written file
+    makes."""
     with torch.no_grad():
         for tensor in loaded.predictor.state_dict().values():
             if tensor.is_floating_point():
                 tensor.copy_(tensor.half().float())
-    versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("nncf", "openvino", "torch"))
-    int8 = Int8Spec(quantizers=1, digest="0" * 64, presence_threshold=presence_threshold)
-    spec = parse_spec(loaded.spec.model_copy(update={"int8": int8}).to_plain(), "int8_presence_threshold")
-    gated = int8_operating_point(dataclasses.replace(loaded, spec=spec), {})
+    settings = loaded.spec.inference
+    gate = settings.presence_threshold if presence_threshold is None else presence_threshold
+    if gate is not None and not loaded.spec.has_presence:
+        raise ConfigError(f"int8_presence_threshold={gate}: this model has no presence head to gate by")
+    versions = {name: importlib.metadata.version(name) for name in ("nncf", "openvino", "torch")}
+    placeholder = Int8Spec(quantizers=1, digest="0" * 64, presence_threshold=gate, flip_tta=settings.flip_tta,
+                           restrict_to_lungs=settings.restrict_to_lungs, versions=versions)  # fmt: skip
+    gated, _ = int8_operating_point(
+        dataclasses.replace(loaded, spec=loaded.spec.model_copy(update={"int8": placeholder})), {}
+    )
     ranges, digest, count = shippable_ranges(cached_onnx(gated, cache_dir), calibration, loaded.spec.image_size)
-    described = f"{count} X-rays of {printable(calibration)}; {versions}"[-500:]
-    int8 = int8.model_copy(update={"quantizers": len(ranges), "digest": digest, "calibration": described})
+    described = f"{count} X-rays of {printable(calibration)}"[:500]
+    int8 = Int8Spec(
+        **placeholder.model_dump() | {"quantizers": len(ranges), "digest": digest, "calibration": described}
+    )
     return dataclasses.replace(
-        loaded, spec=spec.model_copy(update={"int8": int8}), int8_ranges=torch.from_numpy(ranges)
+        loaded, spec=loaded.spec.model_copy(update={"int8": int8}), int8_ranges=torch.from_numpy(ranges)
     )
 
 

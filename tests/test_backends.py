@@ -18,15 +18,15 @@ NO_OVERRIDES = dict.fromkeys(INFERENCE_KEYS)
 
 def test_auto_tries_int8_where_the_model_and_the_cpu_allow_then_openvino_then_torch(monkeypatch) -> None:
     monkeypatch.setattr(segment, "cpu_has_int8_dot_products", lambda: True)
-    assert segment.backends_to_try("auto", int8_ranges=True) == ["openvino_int8", "openvino", "torch"]
-    assert segment.backends_to_try("auto", int8_ranges=False) == ["openvino", "torch"]
-    assert segment.backends_to_try("onnx", int8_ranges=True) == ["onnx"]  # a named backend is taken as named
+    assert segment.backends_to_try("auto", has_int8_ranges=True) == ["openvino_int8", "openvino", "torch"]
+    assert segment.backends_to_try("auto", has_int8_ranges=False) == ["openvino", "torch"]
+    assert segment.backends_to_try("onnx", has_int8_ranges=True) == ["onnx"]  # a named backend is taken as named
     monkeypatch.setattr(segment, "cpu_has_int8_dot_products", lambda: False)  # no VNNI or AMX: int8 does not pay
-    assert segment.backends_to_try("auto", int8_ranges=True) == ["openvino", "torch"]
+    assert segment.backends_to_try("auto", has_int8_ranges=True) == ["openvino", "torch"]
     monkeypatch.setattr(segment.importlib.util, "find_spec", lambda name: None)
-    assert segment.backends_to_try("auto", int8_ranges=True) == ["torch"]
+    assert segment.backends_to_try("auto", has_int8_ranges=True) == ["torch"]
     with pytest.raises(ConfigError, match="backend='tensorrt': expected one of auto, torch, onnx, openvino"):
-        segment.backends_to_try("tensorrt", int8_ranges=False)
+        segment.backends_to_try("tensorrt", has_int8_ranges=False)
 
 
 def test_auto_falls_back_to_torch_when_openvino_cannot_run_the_model(

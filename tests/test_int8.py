@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import logging
 import os
 import warnings
@@ -213,6 +214,9 @@ def test_int8_ranges_travel_in_the_model_file_and_rebuild_the_calibrated_model(
     for refused, said in (
         (["format=onnx", calibration], "int8 ranges travel in a safetensors model file, not format=onnx"),
         (["format=safetensors", f"{calibration}/none-here"], "names no image files"),
+        (["format=safetensors", calibration, "int8_presence_threshold=1"], "expected a number between 0 and 1"),
+        (["format=safetensors", calibration, "int8_presence_threshold=abc"], "expected a number between 0 and 1"),
+        (["format=safetensors", "int8_presence_threshold=0.3"], "give int8_calibration too"),
     ):
         code = run_command(export_main, f"ckpt_path={checkpoint}", f"output={tmp_path / 'no'}", *refused, cache)
         assert code == 2 and said in capsys.readouterr().err
@@ -230,6 +234,28 @@ def test_int8_ranges_travel_in_the_model_file_and_rebuild_the_calibrated_model(
         for name in ("auto", "openvino", "torch")
     }
     assert gates == {"auto": 0.3, "openvino": loaded.spec.inference.presence_threshold, "torch": gates["openvino"]}
+    assert loaded.predictor.settings.presence_threshold == gates["torch"]  # the int8 gate went to a copy
+
+    def never(*args):
+        raise AssertionError("quantized again")
+
+    with monkeypatch.context() as patched:  # the rebuilt int8 model is kept: a second load quantizes nothing
+        patched.setattr(quantize, "quantize_int8", never)
+        segment.load_backend(str(model), tmp_path, "openvino_int8", NO_OVERRIDES, False, tmp_path / "cache")
+    # a setting the int8 graph holds, changed: auto runs OpenVINO without int8, openvino_int8 refuses
+    flip_changed = NO_OVERRIDES | {"flip_tta": not loaded.spec.inference.flip_tta}
+    caplog.set_level(logging.INFO, logger="covidseg.inference.segment")
+    assert (
+        segment.load_backend(str(model), tmp_path, "auto", flip_changed, False, tmp_path / "cache").int8_graph is None
+    )
+    assert (
+        "openvino_int8 failed, trying openvino: " in caplog.text and "do not fit this command: flip_tta=" in caplog.text
+    )
+    with pytest.raises(ConfigError, match="its int8 ranges do not fit this command: flip_tta="):
+        segment.load_backend(str(model), tmp_path, "openvino_int8", flip_changed, False, tmp_path / "cache")
+    assert load_predictor([str(model), str(model)], tmp_path).int8_ranges is None  # an ensemble of files: none
+    assert run_command(export_main, f"ckpt_path={model}", f"output={tmp_path / 'graph'}", cache) == 0
+    assert json.loads((tmp_path / "graph" / "model.json").read_text())["model"]["int8"] is None  # not in the graph
 
     def masks(output: str, *extra: str) -> dict[str, bytes]:
         overrides = [f"ckpt_path={model}", f"input={phantoms / 'Val' / 'COVID-19' / 'images'}", cache,
@@ -237,7 +263,7 @@ def test_int8_ranges_travel_in_the_model_file_and_rebuild_the_calibrated_model(
         predict(compose_cfg("predict", overrides))
         return {path.name: path.read_bytes() for path in sorted((tmp_path / output).glob("*.mask.png"))}
 
-    caplog.set_level(logging.INFO, logger="covidseg.inference.segment")
+    caplog.clear()
     shipped = masks("auto", "backend=auto")
     assert "backend=auto: openvino int8" in caplog.text
     assert shipped and shipped == masks("calibrated", "backend=openvino_int8", calibration, "presence_threshold=0.3")
@@ -247,11 +273,11 @@ def test_int8_ranges_travel_in_the_model_file_and_rebuild_the_calibrated_model(
     safetensors.torch.save_file(state, model)
     caplog.clear()
     assert masks("fallback", "backend=auto")  # answered, by OpenVINO without int8
-    assert "openvino_int8 failed, trying openvino: the model's int8 ranges do not rebuild" in caplog.text
+    assert "openvino_int8 failed, trying openvino: " in caplog.text and "key 'int8.digest' is" in caplog.text
     code = run_command(predict_main, f"ckpt_path={model}", f"input={phantoms / 'Val'}", f"output={tmp_path / 'x'}",
                        "backend=openvino_int8", cache)  # fmt: skip
     error = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(error) == 1 and "do not rebuild the int8 model" in error[0]
+    assert code == 2 and len(error) == 1 and f"{str(model)!r}: key 'int8.digest' is" in error[0]
 
 
 @pytest.mark.parametrize(
@@ -259,7 +285,9 @@ def test_int8_ranges_travel_in_the_model_file_and_rebuild_the_calibrated_model(
     [
         (lambda state, spec: state.pop("int8.ranges"), "tensor 'int8.ranges' is missing"),
         (lambda state, spec: state.update({"int8.ranges": torch.zeros(3, 4)}), r"of shape \(3, 4\); .* needs \(5, 4\)"),
-        (lambda state, spec: state["int8.ranges"].fill_(float("nan")), "NaN or infinite"),
+        (lambda state, spec: state["int8.ranges"].fill_(float("nan")), r"row 0 is \[nan, nan, nan, nan\]"),
+        (lambda state, spec: state["int8.ranges"][2].copy_(torch.tensor([1.0, -1, 0, 1])), r"row 2 is \[1.0, -1.0"),
+        (lambda state, spec: state["int8.ranges"][4].fill_(1e30), "each low below its high, within"),
         (lambda state, spec: spec.pop("int8"), "tensor 'int8.ranges' belongs to no network"),
         (lambda state, spec: spec["int8"].update(digest="x"), "digest"),
     ],
@@ -270,7 +298,9 @@ def test_int8_ranges_a_model_file_cannot_back_are_refused(change, message, train
     loaded = load_predictor(str(trained_checkpoints[0]), tmp_path)
     int8 = Int8Spec(quantizers=5, digest="0" * 64, calibration="test")
     loaded = dataclasses.replace(
-        loaded, spec=loaded.spec.model_copy(update={"int8": int8}), int8_ranges=torch.ones(5, 4)
+        loaded,
+        spec=loaded.spec.model_copy(update={"int8": int8}),
+        int8_ranges=torch.tensor([[-1.0, 1, -1, 1]]).repeat(5, 1),
     )
     path = export_safetensors(loaded, tmp_path / "model.safetensors")
     state, spec = safetensors.torch.load_file(path), yaml.safe_load(path.with_suffix(".yaml").read_text())

@@ -1,7 +1,8 @@
 """Every file covidseg writes, written whole or not at all, and never over a file it did not write.
 
 A file is written to a temporary file beside it (the same file system, so the rename below is one
-step, never a copy), flushed to the disk, given the permissions a new file of the user's gets (the
+step, never a copy), flushed to the disk (or, for many small files such as predict's PNGs, with
+one sync for the lot: :func:`flush_to_disk`), given the permissions a new file of the user's gets (the
 umask's, where ``mkstemp`` alone would leave 0600) and renamed over its name. On a full or
 read-only disk, an interrupt or any error, the temporary file is removed and the previous file
 stays as it was. Run folders are claimed with an exclusive marker, so two runs started at once
@@ -56,9 +57,10 @@ def _sync_folder(folder: Path) -> None:
 
 
 @contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
+def atomic_output(path: Path, durable: bool = True) -> Iterator[Path]:
     """A temporary path beside ``path`` for a writer that wants a path (``torch.save``, ONNX,
-    ``np.save``); when the block ends without error it replaces ``path`` in one step."""
+    ``np.save``); when the block ends without error it replaces ``path`` in one step. ``durable=False``
+    leaves the flush to the disk to the caller (:func:`flush_to_disk`)."""
     path = Path(path)
     try:
         handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
@@ -68,11 +70,12 @@ def atomic_output(path: Path) -> Iterator[Path]:
     temporary = Path(name)
     try:
         yield temporary
-        handle = os.open(temporary, os.O_RDONLY)
-        try:
-            os.fsync(handle)
-        finally:
-            os.close(handle)
+        if durable:
+            handle = os.open(temporary, os.O_RDONLY)
+            try:
+                os.fsync(handle)
+            finally:
+                os.close(handle)
         os.chmod(temporary, NEW_FILE_MODE)
         os.replace(temporary, path)
     except OSError as error:  # named as the file the user knows, not the temporary one
@@ -83,16 +86,26 @@ def atomic_output(path: Path) -> Iterator[Path]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    _sync_folder(path.parent)
+    if durable:
+        _sync_folder(path.parent)
 
 
-def write_atomic(path: Path, content: bytes | str) -> Path:
+def write_atomic(path: Path, content: bytes | str, durable: bool = True) -> Path:
     """``content`` as the whole of ``path`` (text as UTF-8), or ``path`` left as it was. Writers that
     serialise (``torch.save``, ONNX, safetensors) write to memory first and hand the bytes here: a
-    full disk is then an ``OSError`` naming the file, never an error deep inside a C++ writer."""
-    with atomic_output(path) as temporary:
+    full disk is then an ``OSError`` naming the file, never an error deep inside a C++ writer.
+    ``durable=False``: whole to every reader at once, on the disk after :func:`flush_to_disk`."""
+    with atomic_output(path, durable) as temporary:
         temporary.write_bytes(content.encode() if isinstance(content, str) else content)
     return Path(path)
+
+
+def flush_to_disk() -> None:
+    """Everything written so far reaches the disk: one ``sync`` for a batch of files written with
+    ``durable=False``. A sync per file and per folder cost predict 7.6 ms of an int8 image's 32
+    (three PNGs each); one per batch, before the batch is recorded as finished, keeps the promise
+    that a finished image's files survive a crash."""
+    os.sync()
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> Path:

@@ -22,11 +22,17 @@ from covidseg.inference.loader import (
     allow_missing_folds,
     inference_bf16,
     inference_overrides,
-    int8_operating_point,
     load_predictor,
 )
 from covidseg.inference.predictor import PredictorModule
-from covidseg.inference.segment import as_forward, backends_to_try, graph_backend, int8_graph
+from covidseg.inference.segment import (
+    as_forward,
+    backends_to_try,
+    graph_backend,
+    int8_graph,
+    say_auto_choice,
+    shipped_int8_model,
+)
 
 
 def load_for_data(cfg: DictConfig) -> tuple[LoadedModel, CovidQuExDataModule]:
@@ -62,9 +68,11 @@ def run_test_loop(cfg: DictConfig, loaded: LoadedModel, datamodule: CovidQuExDat
     if OmegaConf.select(cfg, "trainer.limit_test_batches", default=None) == 0:
         raise ConfigError("trainer.limit_test_batches=0 scores no image: give a count >= 1 or a share in (0, 1]")
     backend = backends_to_try(cfg.get("backend", "torch"), loaded.int8_ranges is not None)[0]
+    if cfg.get("backend") == "auto":  # eval measures one backend: the first auto would try, without falling back
+        say_auto_choice(backend, inference_bf16(cfg))
     forward = None
     if backend == "openvino_int8" and cfg.get("int8_calibration") is None:
-        loaded = int8_operating_point(loaded, inference_overrides(cfg))
+        loaded = shipped_int8_model(loaded, inference_overrides(cfg))
     if backend != "torch":
         cache_dir = Path(cfg.paths.cache_dir)
         graph = cached_onnx(loaded, cache_dir)

@@ -84,16 +84,18 @@ def check_nothing_replaced(output: Path, files: list[Path], base: Path) -> None:
 
 
 def write_png(path: Path, array: np.ndarray) -> None:
-    """Encode in memory, then write whole or not at all (:func:`covidseg.core.writing.write_atomic`)."""
+    """Encode in memory, then write whole or not at all (:func:`covidseg.core.writing.write_atomic`),
+    to reach the disk with the batch's flush."""
     encoded, data = cv2.imencode(".png", array)
     if not encoded:
         raise OSError(f"could not encode {printable(path)!r} as PNG")
-    write_atomic(path, data.tobytes())
+    write_atomic(path, data.tobytes(), durable=False)
 
 
 def write_outputs(result: ImageResult, stem: Path, save_probability: bool, inputs: set[Path]) -> None:
     """Write ``<stem>.mask.png``, ``.overlay.png`` (and ``.lung.png``, ``.probability.png``), each
-    through a temporary file, so a failed write leaves no half or stale-looking output."""
+    through a temporary file, so a failed write leaves no half or stale-looking output. They reach
+    the disk with the batch's :func:`covidseg.core.writing.flush_to_disk`."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     files = {"mask": result.mask.astype(np.uint8) * 255}
     if result.lung is not None:

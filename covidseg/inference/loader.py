@@ -13,7 +13,6 @@ safetensors, YAML's safe loader without aliases); the model spec inside is valid
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -341,21 +340,38 @@ def load_predictor(
     return LoadedModel(predictor.eval(), spec, paths, ranges)
 
 
-def int8_operating_point(loaded: LoadedModel, inference: Mapping[str, Any]) -> LoadedModel:
-    """``loaded`` as its int8 ranges were measured: gated at the spec's ``int8.presence_threshold``
-    unless the command sets ``presence_threshold`` itself (``inference``). A copy; the networks are
-    shared."""
+INT8_GRAPH_SETTINGS = ("presence_threshold", "flip_tta", "restrict_to_lungs")  # held by the graph int8 quantizes
+
+
+def int8_operating_point(loaded: LoadedModel, inference: Mapping[str, Any]) -> tuple[LoadedModel, str | None]:
+    """``loaded`` as its int8 ranges were measured (gated at ``int8.presence_threshold`` unless the
+    command sets ``presence_threshold`` itself, in ``inference``), and why its ranges cannot serve
+    it (``None``: they can) when a setting the graph holds differs from what they were measured
+    with. A new Predictor around the same networks; ``loaded`` is left as it was."""
     int8 = loaded.spec.int8
-    if int8 is None or int8.presence_threshold is None or inference.get("presence_threshold") is not None:
-        return loaded
-    spec = loaded.spec.with_inference(presence_threshold=int8.presence_threshold)
-    predictor = copy.copy(loaded.predictor)  # the networks shared, the settings its own
-    predictor.settings = spec.inference
-    return dataclasses.replace(loaded, predictor=predictor, spec=spec)
+    assert int8 is not None, "only a model file with int8 ranges has an int8 operating point"
+    spec = loaded.spec
+    gate = int8.presence_threshold
+    if inference.get("presence_threshold") is None and gate is not None and gate != spec.inference.presence_threshold:
+        spec = spec.with_inference(presence_threshold=gate)
+    changed = [
+        f"{key}={getattr(spec.inference, key)} (its int8 ranges were measured with {getattr(int8, key)})"
+        for key in INT8_GRAPH_SETTINGS
+        if getattr(spec.inference, key) != getattr(int8, key)
+    ]
+    if spec is loaded.spec:
+        return loaded, "; ".join(changed) or None
+    old = loaded.predictor
+    predictor = Predictor(list(old.networks), spec.targets, spec.inference, bf16=old.bf16, xray_check=old.xray_check)
+    return dataclasses.replace(loaded, predictor=predictor.eval(), spec=spec), "; ".join(changed) or None
+
+
+MAX_INT8_RANGE = 1e4  # activations of networks fed images in [0, 1] lie far inside this
 
 
 def check_int8_tensor(spec: ModelSpec, state: dict[str, torch.Tensor], path: Path) -> None:
-    """The int8 ranges a spec declares are in the file, one row of four per quantizer."""
+    """The int8 ranges a spec declares are in the file, one row of four per quantizer, each a range
+    (low below high, within ``MAX_INT8_RANGE``): anything else would answer with NaNs."""
     if spec.int8 is None:
         return
     tensor = state.get(INT8_RANGES)
@@ -363,6 +379,14 @@ def check_int8_tensor(spec: ModelSpec, state: dict[str, torch.Tensor], path: Pat
     if tensor is None or tuple(tensor.shape) != shape:
         found = "missing" if tensor is None else f"of shape {tuple(tensor.shape)}"
         raise ModelFileError(f"{str(path)!r}: tensor {INT8_RANGES!r} is {found}; its spec's int8 entry needs {shape}")
+    finite = torch.isfinite(tensor).all(dim=1) & (tensor.abs() <= MAX_INT8_RANGE).all(dim=1)
+    ordered = (tensor[:, 0] < tensor[:, 1]) & (tensor[:, 2] < tensor[:, 3])
+    bad = (~(finite & ordered)).nonzero().flatten().tolist()
+    if bad:
+        raise ModelFileError(
+            f"{str(path)!r}: tensor {INT8_RANGES!r} row {bad[0]} is {tensor[bad[0]].tolist()}: expected "
+            f"[input low, input high, output low, output high], each low below its high, within ±{MAX_INT8_RANGE:g}"
+        )
 
 
 def check_xray_tensors(spec: ModelSpec, state: dict[str, torch.Tensor], path: Path) -> None:

@@ -105,13 +105,17 @@ class Int8Spec(_Plain):
     """The model's int8 calibration for OpenVINO (:mod:`covidseg.inference.quantize`): its tensor
     ``int8.ranges`` (``quantizers`` x 4, each quantizer's input and output low and high, in graph
     order) is in the model file, and ``digest`` names the int8 model they make, which a rebuilt one
-    must match to be used."""
+    must match to be used (a check that it is the model measured, not a proof of who made it). The
+    graph it was measured on held the settings below; a command that changes one runs without int8."""
 
     quantizers: int = Field(ge=1, le=100_000)
     digest: str = Field(pattern=r"^[0-9a-f]{64}$")
-    calibration: str = Field("", max_length=500)  # for people: which images, with which versions
-    # int8 moves the presence probability: the gate the int8 model was measured at (None: the spec's own)
-    presence_threshold: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False)
+    calibration: str = Field("", max_length=500)  # for people: which images
+    versions: dict[str, str] = Field(default_factory=dict, max_length=10)  # nncf, openvino, torch that made it
+    # int8 moves the presence probability, so the int8 model may have a gate of its own
+    presence_threshold: float | None = Field(None, ge=0, le=1)
+    flip_tta: bool = False
+    restrict_to_lungs: bool = False
 
 
 class ModelSpec(_Plain):

@@ -35,6 +35,7 @@ from covidseg.core.errors import ConfigError, DataError
 from covidseg.core.files import printable
 from covidseg.core.framework_noise import quiet_framework_noise
 from covidseg.core.images import read_unchanged, xray_gray
+from covidseg.core.writing import flush_to_disk
 from covidseg.inference.image_files import output_stem, write_outputs
 from covidseg.inference.manifest import Manifest
 from covidseg.inference.predictor import Answer
@@ -198,7 +199,10 @@ class OutputWriter(BasePredictionWriter):
     ) -> None:
         assert self.part is not None, "setup opens the rank's part"
         with self.clock.stage("draw, encode and write"):
-            self.part.record([self._written(answered) for answered in prediction])
+            entries = [self._written(answered) for answered in prediction]
+            if any(entry["status"] == "predicted" for entry in entries):
+                flush_to_disk()  # the batch's files, before its lines say they are finished
+            self.part.record(entries)
 
     def _written(self, answered: Answered) -> dict[str, Any]:
         """The image's files written, and its line in the record."""

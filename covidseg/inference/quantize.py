@@ -32,7 +32,7 @@ from covidseg.inference.loader import MAX_MODEL_BYTES
 MAX_CALIBRATION_IMAGES = 300  # NNCF's default subset
 FEW_CALIBRATION_IMAGES = 100  # below this a warning says so
 log = logging.getLogger(__name__)
-SCHEME = "nncf-openvino-mixed-v2"  # changes when the recipe below does, so older cached graphs are not reused
+SCHEME = "nncf-openvino-mixed-v3"  # changes when the recipe below does, so older cached graphs are not reused
 
 
 def calibration_setting(value: object) -> str:
@@ -98,13 +98,22 @@ def quantize_int8(graph: Path, images: np.ndarray) -> object:
     """The OpenVINO model of ``graph`` with int8 weights and activations, calibrated on ``images``."""
     import nncf
     import openvino
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
 
     nncf.set_log_level(logging.ERROR)  # its per-operation notes would bury the command's own output
     model = openvino.Core().read_model(str(graph))
     keep_float = nncf.IgnoredScope(names=first_convolutions(model) + after_last_convolution(model), validate=False)
     dataset = nncf.Dataset([images[index : index + 1] for index in range(len(images))])
+    # bias correction would change biases by the calibration images, which a model file's ranges do
+    # not carry; on the shipped pair it changed none (the same int8 model to the byte without it)
+    no_bias_correction = AdvancedQuantizationParameters(disable_bias_correction=True)
     return nncf.quantize(
-        model, dataset, subset_size=len(images), preset=nncf.QuantizationPreset.MIXED, ignored_scope=keep_float
+        model,
+        dataset,
+        subset_size=len(images),
+        preset=nncf.QuantizationPreset.MIXED,
+        ignored_scope=keep_float,
+        advanced_parameters=no_bias_correction,
     )
 
 
@@ -134,7 +143,7 @@ def with_ranges(model: object, ranges: np.ndarray) -> object:
 
     found = _quantizers(model)
     if len(found) != len(ranges):
-        raise ModelFileError(f"the graph has {len(found)} quantizers here, the int8 ranges are for {len(ranges)}")
+        raise ModelFileError(f"key 'int8.quantizers' is {len(ranges)}, but the graph has {len(found)} quantizers here")
     for op, row in zip(found, ranges, strict=True):
         for port, value in enumerate(row, start=1):
             old = op.input_value(port).get_node()
@@ -145,11 +154,18 @@ def with_ranges(model: object, ranges: np.ndarray) -> object:
 
 
 def int8_digest(model: object) -> str:
-    """SHA-256 of an OpenVINO model's operations and constants in graph order: equal digests, the
+    """SHA-256 of an OpenVINO model as it computes: each operation's type, attributes, inputs (which
+    operation's which output) and output types and shapes, and every constant's values, in graph
+    order; names are left out (OpenVINO numbers unnamed operations per process). Equal digests, the
     same int8 model."""
     digest = hashlib.sha256()
-    for op in model.get_ordered_ops():
-        digest.update(op.get_type_name().encode())
+    ops = model.get_ordered_ops()
+    index = {op.get_name(): position for position, op in enumerate(ops)}
+    for op in ops:
+        sources = [(index[value.get_node().get_name()], value.get_index()) for value in op.input_values()]
+        outputs = [(str(output.get_element_type()), str(output.get_partial_shape())) for output in op.outputs()]
+        attributes = sorted((key, repr(value)) for key, value in op.get_attributes().items())
+        digest.update(repr((op.get_type_name(), attributes, sources, outputs)).encode())
         if op.get_type_name() == "Constant":
             data = np.ascontiguousarray(op.get_data())
             digest.update(f"{data.dtype}{data.shape}".encode())
@@ -164,14 +180,14 @@ def placement_image(image_size: int) -> np.ndarray:
 
 def rebuild_int8(graph: Path, ranges: np.ndarray, digest: str, image_size: int) -> object:
     """The int8 model that ``ranges`` were taken from, made again from ``graph``; refused unless it
-    is that model to the byte (``digest``)."""
+    is that model (``digest``)."""
     model = with_ranges(quantize_int8(graph, placement_image(image_size)), ranges)
-    if int8_digest(model) != digest:
+    rebuilt = int8_digest(model)
+    if rebuilt != digest:
         versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("nncf", "openvino", "torch"))
         raise ModelFileError(
-            "the model's int8 ranges do not rebuild the int8 model they were measured as: its graph differs here "
-            f"(settings the graph holds, such as presence_threshold or flip_tta, changed; or {versions} here "
-            "quantize otherwise); calibrate here with int8_calibration=<X-rays>"
+            f"key 'int8.digest' is {digest[:12]}..., but its ranges make {rebuilt[:12]}... here ({versions}): "
+            "another exporter or quantizer placed them otherwise; calibrate here with int8_calibration=<X-rays>"
         )
     return model
 

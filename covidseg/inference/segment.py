@@ -156,8 +156,11 @@ def int8_graph(graph: Path, int8_calibration: str | None, cache_dir: Path, loade
     refuse_external_data(graph)
     if int8_calibration is None and loaded is not None and loaded.int8_ranges is not None:
         assert loaded.spec.int8 is not None
-        ranges = loaded.int8_ranges.numpy()
-        return cached_shipped_int8(graph, ranges, loaded.spec.int8.digest, loaded.spec.image_size, cache_dir)
+        ranges, digest = loaded.int8_ranges.numpy(), loaded.spec.int8.digest
+        try:
+            return cached_shipped_int8(graph, ranges, digest, loaded.spec.image_size, cache_dir)
+        except ModelFileError as error:
+            raise ModelFileError(f"{printable(loaded.paths[0])!r}: {error}") from None
     _, spec = read_onnx_metadata(graph)
     return cached_int8(graph, int8_calibration, spec.image_size, cache_dir)
 
@@ -179,7 +182,7 @@ def as_forward(backend: Backend) -> Forward:
     return forward
 
 
-def backends_to_try(backend: str, int8_ranges: bool) -> list[str]:
+def backends_to_try(backend: str, has_int8_ranges: bool) -> list[str]:
     """``backend`` checked, as the backends to try in turn: itself, or for ``auto`` the fastest that
     held accuracy on the CPUs measured (docs/performance.md) first: OpenVINO int8 where the model
     file carries int8 ranges and the CPU multiplies int8 natively, OpenVINO (bf16 where the CPU has
@@ -190,17 +193,19 @@ def backends_to_try(backend: str, int8_ranges: bool) -> list[str]:
         return [backend]
     if importlib.util.find_spec("openvino") is None:
         return ["torch"]
-    return ["openvino_int8"] * (int8_ranges and cpu_has_int8_dot_products()) + ["openvino", "torch"]
+    return ["openvino_int8"] * (has_int8_ranges and cpu_has_int8_dot_products()) + ["openvino", "torch"]
 
 
-def say_auto_choice(chosen: str, bf16: bool, tried: Sequence[str]) -> None:
+def say_auto_choice(chosen: str, bf16: bool) -> None:
     """``backend=auto``'s choice and its reason, said once."""
     if chosen == "openvino_int8":
         log.info("backend=auto: openvino int8 (the model file carries int8 ranges; this CPU multiplies int8 natively)")
-    elif chosen == "openvino":
-        log.info("backend=auto: openvino in %s", "bf16" if bf16 else "fp32")
+    elif chosen in ("openvino", "onnx"):
+        log.info("backend=auto: %s in %s", chosen, "bf16" if bf16 and chosen == "openvino" else "fp32")
+    elif importlib.util.find_spec("openvino") is None:
+        log.info("backend=auto: torch (OpenVINO is not installed)")
     else:
-        log.info("backend=auto: torch%s", "" if "openvino" in tried else " (OpenVINO is not installed)")
+        log.info("backend=auto: torch")
 
 
 @dataclass
@@ -248,13 +253,16 @@ def load_backend(
     if any(path.suffix == ".onnx" for path in paths):
         return graph_file_backend(paths, backend, inference, bf16, cache_dir, int8_calibration)
     loaded = load_predictor([str(path) for path in paths], log_dir, bf16 and backend == "torch", **inference)
+    if backend == "openvino_int8" and int8_calibration is None and loaded.int8_ranges is None:
+        calibration_setting(None)  # refused before a graph is traced
     order = backends_to_try(backend, loaded.int8_ranges is not None)
     for index, chosen in enumerate(order):
         if chosen == "torch":
             break
-        shipped_int8 = chosen == "openvino_int8" and int8_calibration is None
-        model = int8_operating_point(loaded, inference) if shipped_int8 else loaded
+        model = loaded
         try:
+            if chosen == "openvino_int8" and int8_calibration is None:
+                model = shipped_int8_model(loaded, inference)
             graph = cached_onnx(model, cache_dir)  # an ONNX export is traced in fp32
             if chosen == "openvino_int8":
                 graph = int8_graph(graph, int8_calibration, cache_dir, model)
@@ -266,12 +274,21 @@ def load_backend(
             log.warning("backend=auto: %s failed, trying %s: %s", chosen, order[index + 1], reason)
             continue
         if backend == "auto":
-            say_auto_choice(chosen, bf16, order)
+            say_auto_choice(chosen, bf16)
         return LoadedBackend(run, model.spec, paths, int8_graph=graph if chosen == "openvino_int8" else None)
     if backend == "auto":
-        say_auto_choice("torch", bf16, order)
+        say_auto_choice("torch", bf16)
     loaded.predictor.bf16 = bf16
     return LoadedBackend(torch_backend(loaded.predictor), loaded.spec, paths)
+
+
+def shipped_int8_model(loaded: LoadedModel, inference: Mapping[str, Any]) -> LoadedModel:
+    """``loaded`` at the operating point its file's int8 ranges were measured at, or a one-line
+    refusal naming the setting of this command that the ranges do not fit."""
+    model, changed = int8_operating_point(loaded, inference)
+    if changed:
+        raise ConfigError(f"{printable(loaded.paths[0])!r}: its int8 ranges do not fit this command: {changed}")
+    return model
 
 
 def graph_file_backend(
@@ -285,7 +302,7 @@ def graph_file_backend(
     """An exported ``.onnx`` graph as a backend: in OpenVINO with ``backend=openvino`` (``auto``,
     falling back to ONNX Runtime) or ``openvino_int8`` (calibrated on ``int8_calibration``), else in
     ONNX Runtime."""
-    chosen = backends_to_try(backend, int8_ranges=False)[0]
+    chosen = backends_to_try(backend, has_int8_ranges=False)[0]
     if chosen == "openvino_int8":
         calibration_setting(int8_calibration)
     if len(paths) > 1:
@@ -309,9 +326,9 @@ def graph_file_backend(
         if backend != "auto":
             raise
         log.warning("backend=auto: ONNX Runtime, as OpenVINO failed: %s", error)
-        run = onnx_backend(paths[0], spec.graph_outputs)
-    if backend == "auto" and chosen == "openvino":
-        say_auto_choice(chosen, bf16, [chosen])
+        chosen, run = "onnx", onnx_backend(paths[0], spec.graph_outputs)
+    if backend == "auto":
+        say_auto_choice(chosen, bf16)
     quantized = graph if chosen == "openvino_int8" else None
     return LoadedBackend(run, spec.with_inference(**settings), paths, int8_graph=quantized)
 
