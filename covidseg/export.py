@@ -81,7 +81,7 @@ def export(cfg: DictConfig) -> Path:
         loaded = with_int8_ranges(loaded, calibration, Path(cfg.paths.cache_dir), gate)
     elif loaded.spec.int8 is not None and (changed := int8_operating_point(loaded, overrides)[1]):
         log.info("the model's int8 ranges are left out of the export: they do not fit %s", changed)
-        loaded = dataclasses.replace(loaded, spec=loaded.spec.model_copy(update={"int8": None}), int8_ranges=None)
+        loaded = dataclasses.replace(loaded, spec=loaded.spec.without_int8(), int8_ranges=None)
     exporter, suffix = EXPORTERS[cfg.format]
     with exclusive_lock(make_output_folder(output)) as locked:
         if not locked:
@@ -92,7 +92,8 @@ def export(cfg: DictConfig) -> Path:
         try:
             path = exporter(loaded, output / f"model{suffix}")
             files = sorted(file.name for file in output.glob(f"{path.stem}.*"))
-            card = write_atomic(output / "MODEL_CARD.md", render_model_card(loaded.spec, loaded.paths[0].stem, files))
+            spec = loaded.spec if cfg.format == "safetensors" else loaded.spec.without_int8()  # a graph holds none
+            card = write_atomic(output / "MODEL_CARD.md", render_model_card(spec, loaded.paths[0].stem, files))
         except BaseException:
             for name in written_files(cfg.format):  # none was there before (checked under the lock)
                 (output / name).unlink(missing_ok=True)
@@ -144,17 +145,13 @@ def with_int8_ranges(
     versions = {name: importlib.metadata.version(name) for name in ("nncf", "openvino", "torch")}
     placeholder = Int8Spec(quantizers=1, digest="0" * 64, presence_threshold=gate, flip_tta=settings.flip_tta,
                            restrict_to_lungs=settings.restrict_to_lungs, versions=versions)  # fmt: skip
-    gated, _ = int8_operating_point(
-        dataclasses.replace(loaded, spec=loaded.spec.model_copy(update={"int8": placeholder})), {}
-    )
+    measured = dataclasses.replace(loaded, spec=loaded.spec.model_copy(update={"int8": placeholder}))
+    gated, _ = int8_operating_point(measured, {})
     ranges, digest, count = shippable_ranges(cached_onnx(gated, cache_dir), calibration, loaded.spec.image_size)
     described = f"{count} X-rays of {printable(calibration)}"[:500]
-    int8 = Int8Spec(
-        **placeholder.model_dump() | {"quantizers": len(ranges), "digest": digest, "calibration": described}
-    )
-    return dataclasses.replace(
-        loaded, spec=loaded.spec.model_copy(update={"int8": int8}), int8_ranges=torch.from_numpy(ranges)
-    )
+    found = {"quantizers": len(ranges), "digest": digest, "calibration": described}
+    spec = loaded.spec.without_int8().model_copy(update={"int8": Int8Spec(**placeholder.model_dump() | found)})
+    return dataclasses.replace(loaded, spec=spec, int8_ranges=torch.from_numpy(ranges))  # earlier int8 metrics gone
 
 
 @hydra_errors_in_one_line

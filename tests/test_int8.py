@@ -54,7 +54,7 @@ def test_the_first_convolutions_are_those_that_read_the_image(tmp_path: Path) ->
 
 @pytest.mark.parametrize("value", ["", "   ", 3])
 def test_int8_with_a_blank_calibration_is_refused_before_the_model_is_read(value, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"int8_calibration=.*backend=openvino_int8 needs X-rays to calibrate on"):
+    with pytest.raises(ConfigError, match=r"int8_calibration=.*int8 needs X-rays to calibrate on"):
         segment.load_backend("missing.ckpt", tmp_path, "openvino_int8", NO_OVERRIDES, False, tmp_path, False, value)
 
 
@@ -256,6 +256,7 @@ def test_int8_ranges_travel_in_the_model_file_and_rebuild_the_calibrated_model(
     assert load_predictor([str(model), str(model)], tmp_path).int8_ranges is None  # an ensemble of files: none
     assert run_command(export_main, f"ckpt_path={model}", f"output={tmp_path / 'graph'}", cache) == 0
     assert json.loads((tmp_path / "graph" / "model.json").read_text())["model"]["int8"] is None  # not in the graph
+    assert "int8" not in (tmp_path / "graph" / "MODEL_CARD.md").read_text()
 
     def masks(output: str, *extra: str) -> dict[str, bytes]:
         overrides = [f"ckpt_path={model}", f"input={phantoms / 'Val' / 'COVID-19' / 'images'}", cache,
@@ -285,11 +286,17 @@ def test_int8_ranges_travel_in_the_model_file_and_rebuild_the_calibrated_model(
     [
         (lambda state, spec: state.pop("int8.ranges"), "tensor 'int8.ranges' is missing"),
         (lambda state, spec: state.update({"int8.ranges": torch.zeros(3, 4)}), r"of shape \(3, 4\); .* needs \(5, 4\)"),
-        (lambda state, spec: state["int8.ranges"].fill_(float("nan")), r"row 0 is \[nan, nan, nan, nan\]"),
+        (lambda state, spec: state["int8.ranges"].fill_(float("nan")), "'int8.ranges' holds NaN or infinite values"),
         (lambda state, spec: state["int8.ranges"][2].copy_(torch.tensor([1.0, -1, 0, 1])), r"row 2 is \[1.0, -1.0"),
         (lambda state, spec: state["int8.ranges"][4].fill_(1e30), "each low below its high, within"),
         (lambda state, spec: spec.pop("int8"), "tensor 'int8.ranges' belongs to no network"),
         (lambda state, spec: spec["int8"].update(digest="x"), "digest"),
+        (
+            lambda state, spec: state.update({"int8.ranges.extra": torch.zeros(2, 2)}),
+            "'int8.ranges.extra' belongs to no",
+        ),
+        (lambda state, spec: state.update({"int8.ranges": state["int8.ranges"].int()}), "holds torch.int32 values"),
+        (lambda state, spec: spec["int8"].update(calibration="\x1b[31mred\rX"), "calibration"),
     ],
 )
 def test_int8_ranges_a_model_file_cannot_back_are_refused(change, message, trained_checkpoints, tmp_path) -> None:
@@ -309,3 +316,12 @@ def test_int8_ranges_a_model_file_cannot_back_are_refused(change, message, train
     path.with_suffix(".yaml").write_text(yaml.safe_dump(spec))
     with pytest.raises(ModelFileError, match=message):
         load_predictor(str(path), tmp_path)
+
+
+def test_a_cache_entry_that_is_a_fifo_is_made_again_not_waited_on(tmp_path: Path) -> None:
+    path = tmp_path / "graphs" / "entry.int8.xml"
+    path.parent.mkdir()
+    for suffix in (".xml", ".bin"):
+        path.with_suffix(suffix).write_bytes(b"x")
+    os.mkfifo(path.with_suffix(".json"))  # no writer: reading it as a plain file would block for good
+    assert not quantize._kept(path)

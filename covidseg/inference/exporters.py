@@ -54,7 +54,7 @@ class TracedPredictor(nn.Module):
 def write_metadata(path: Path, file_format: str, loaded: LoadedModel) -> Path:
     """``<path>.json``: input, outputs and the model spec (without int8 ranges beside a graph,
     which does not hold them)."""
-    spec = loaded.spec if file_format == "safetensors" else loaded.spec.model_copy(update={"int8": None})
+    spec = loaded.spec if file_format == "safetensors" else loaded.spec.without_int8()
     metadata = ExportMetadata(format=file_format, input=INPUT, outputs=spec.graph_outputs, model=spec.to_plain())
     return write_atomic(path.with_suffix(".json"), json.dumps(metadata.model_dump(mode="json"), indent=2) + "\n")
 

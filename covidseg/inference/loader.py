@@ -241,10 +241,11 @@ def read_model_file(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
         spec = parse_spec(_read_yaml(path.with_suffix(".yaml")), repr(str(path.with_suffix(".yaml"))))
         data = read_file_bytes(path, MAX_MODEL_BYTES, "a model file", ModelFileError)
         try:
-            state = {name: tensor.float() for name, tensor in load_safetensors(data).items()}
+            stored = load_safetensors(data)
         except Exception as error:  # a corrupt untrusted file
             raise ModelFileError(f"{str(path)!r} is not a readable safetensors file: {error}") from None
-        return spec, state
+        check_weight_values(stored, path)  # before the cast below would hide an integer or complex tensor
+        return spec, {name: tensor.float() for name, tensor in stored.items()}
     if path.suffix == ".onnx":
         raise ModelFileError(f"{str(path)!r}: an ONNX graph runs in predict only (backend onnx); give its .ckpt here")
     checkpoint, spec = check_checkpoint(path)
@@ -321,8 +322,8 @@ def load_predictor(
     for member, (path, (member_spec, state)) in enumerate(zip(paths, read, strict=True)):
         prefixes = tuple(f"networks.{index}." for index in range(len(member_spec.networks)))
         prefixes += (TENSOR_PREFIX,) if member_spec.xray_check is not None else ()
-        prefixes += (INT8_RANGES,) if member_spec.int8 is not None else ()
-        stray = next((name for name in state if not name.startswith(prefixes)), None)
+        ranges = {INT8_RANGES} if member_spec.int8 is not None else set()
+        stray = next((name for name in state if not name.startswith(prefixes) and name not in ranges), None)
         if stray is not None:
             raise ModelFileError(f"{str(path)!r}: tensor {stray!r} belongs to no network of its model spec")
         check_weight_values(state, path)

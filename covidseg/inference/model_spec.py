@@ -11,7 +11,7 @@ line naming the file and the key. pydantic does the type and range checks.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -99,6 +99,8 @@ class XrayCheckSpec(_Plain):
 
 
 INT8_RANGES = "int8.ranges"  # the model file's tensor of int8 ranges
+INT8_METRICS = "int8_"  # metrics measured with the int8 ranges: they go when the ranges do
+PRINTABLE = r"^[^\x00-\x1f\x7f]*$"  # text shown on a terminal or a card: no control characters
 
 
 class Int8Spec(_Plain):
@@ -110,8 +112,10 @@ class Int8Spec(_Plain):
 
     quantizers: int = Field(ge=1, le=100_000)
     digest: str = Field(pattern=r"^[0-9a-f]{64}$")
-    calibration: str = Field("", max_length=500)  # for people: which images
-    versions: dict[str, str] = Field(default_factory=dict, max_length=10)  # nncf, openvino, torch that made it
+    calibration: str = Field("", max_length=500, pattern=PRINTABLE)  # for people: which images
+    versions: dict[str, Annotated[str, Field(max_length=100, pattern=PRINTABLE)]] = Field(
+        default_factory=dict, max_length=10
+    )  # nncf, openvino, torch that made it
     # int8 moves the presence probability, so the int8 model may have a gate of its own
     presence_threshold: float | None = Field(None, ge=0, le=1)
     flip_tta: bool = False
@@ -175,6 +179,12 @@ class ModelSpec(_Plain):
         data = self.model_dump()
         data["inference"] |= changed
         return parse_spec(data, "the command line")
+
+    def without_int8(self) -> ModelSpec:
+        """A copy without int8 ranges and the metrics measured with them: for a file that does not
+        carry them."""
+        metrics = {key: value for key, value in self.metrics.items() if not key.startswith(INT8_METRICS)}
+        return self.model_copy(update={"int8": None, "metrics": metrics})
 
     def to_plain(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

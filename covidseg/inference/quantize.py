@@ -39,7 +39,7 @@ def calibration_setting(value: object) -> str:
     """``int8_calibration``, which ``backend=openvino_int8`` needs."""
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(
-            f"int8_calibration={value!r}: backend=openvino_int8 needs X-rays to calibrate on: a folder or glob of a "
+            f"int8_calibration={value!r}: int8 needs X-rays to calibrate on: a folder or glob of a "
             "few hundred X-rays like those it will see, e.g. '<data>/Train/*/images/*.png' (or a model file with "
             "int8 ranges: covidseg.export format=safetensors int8_calibration=...)"
         )
@@ -220,13 +220,14 @@ def _digest(graph: Path, files: Sequence[Path]) -> str:
 def _kept(path: Path) -> bool:
     """Whether the cache entry ``path`` (``.xml``, ``.bin`` and the ``.json`` record of both files'
     digests, written last) is whole: a crash, a full disk or a damaged file makes it be made again."""
+
+    def read(suffix: str) -> bytes:  # as untrusted: a FIFO or a link to /dev/zero in the cache is not waited on
+        return read_file_bytes(path.with_suffix(suffix), MAX_MODEL_BYTES, "a cached int8 model file", DataError)
+
     try:
-        record = json.loads(path.with_suffix(".json").read_text())
-        return all(
-            hashlib.sha256(path.with_suffix(suffix).read_bytes()).hexdigest() == record.get(suffix)
-            for suffix in (".xml", ".bin")
-        )
-    except (OSError, ValueError, AttributeError):
+        record = json.loads(read(".json"))
+        return all(hashlib.sha256(read(suffix)).hexdigest() == record.get(suffix) for suffix in (".xml", ".bin"))
+    except (OSError, DataError, ValueError, AttributeError):  # missing, not a file, unreadable, damaged
         return False
 
 
