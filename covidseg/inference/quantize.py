@@ -13,8 +13,10 @@ threshold) stay in float, found by their place in the graph, so no search runs p
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
+import io
 import json
 import logging
 import tempfile
@@ -181,7 +183,8 @@ def placement_image(image_size: int) -> np.ndarray:
 def rebuild_int8(graph: Path, ranges: np.ndarray, digest: str, image_size: int) -> object:
     """The int8 model that ``ranges`` were taken from, made again from ``graph``; refused unless it
     is that model (``digest``)."""
-    model = with_ranges(quantize_int8(graph, placement_image(image_size)), ranges)
+    with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bar over one image says nothing
+        model = with_ranges(quantize_int8(graph, placement_image(image_size)), ranges)
     rebuilt = int8_digest(model)
     if rebuilt != digest:
         versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("nncf", "openvino", "torch"))
@@ -277,4 +280,5 @@ def cached_shipped_int8(graph: Path, ranges: np.ndarray, digest: str, image_size
     path = Path(cache_dir) / "graphs" / f"{key.hexdigest()[:32]}.int8.xml"
     if _kept(path):
         return path
+    log.info("openvino_int8: making the int8 model from the file's ranges (once; kept in %s)", printable(path.parent))
     return _keep(path, rebuild_int8(graph, ranges, digest, image_size), cache_dir)
