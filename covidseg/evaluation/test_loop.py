@@ -7,6 +7,7 @@ size it was trained for.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -33,6 +34,8 @@ from covidseg.inference.segment import (
     say_auto_choice,
     shipped_int8_model,
 )
+
+log = logging.getLogger(__name__)
 
 
 def load_for_data(cfg: DictConfig) -> tuple[LoadedModel, CovidQuExDataModule]:
@@ -73,6 +76,10 @@ def run_test_loop(cfg: DictConfig, loaded: LoadedModel, datamodule: CovidQuExDat
     forward = None
     if backend == "openvino_int8" and cfg.get("int8_calibration") is None:
         loaded = shipped_int8_model(loaded, inference_overrides(cfg))
+        log.info(
+            "openvino_int8 with the model file's ranges, at presence threshold %s",
+            loaded.spec.inference.presence_threshold,
+        )
     if backend != "torch":
         cache_dir = Path(cfg.paths.cache_dir)
         graph = cached_onnx(loaded, cache_dir)
