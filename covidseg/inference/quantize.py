@@ -274,11 +274,26 @@ def cached_int8(graph: Path, calibration: str | None, image_size: int, cache_dir
 
 def cached_shipped_int8(graph: Path, ranges: np.ndarray, digest: str, image_size: int, cache_dir: Path) -> Path:
     """The int8 OpenVINO model that a model file's ranges and digest describe, rebuilt once from the
-    ONNX ``graph`` (:func:`rebuild_int8`) into ``<cache_dir>/graphs``."""
+    ONNX ``graph`` (:func:`rebuild_int8`) into ``<cache_dir>/graphs``. A rebuild that does not match
+    is noted there too, so later runs with the same graph, ranges and versions refuse at once."""
     key = hashlib.sha256(digest.encode() + np.ascontiguousarray(ranges, np.float32).tobytes())
     key.update(_digest(graph, []).encode())
     path = Path(cache_dir) / "graphs" / f"{key.hexdigest()[:32]}.int8.xml"
     if _kept(path):
         return path
+    failed = path.with_suffix(".failed")
+    try:
+        said = read_file_bytes(failed, 4096, "a note of an int8 model that did not match", DataError).decode().strip()
+    except (OSError, DataError, UnicodeDecodeError):  # none, or not one covidseg wrote: try again
+        said = ""
+    if said:
+        raise ModelFileError(said)
     log.info("openvino_int8: making the int8 model from the file's ranges (once; kept in %s)", printable(path.parent))
-    return _keep(path, rebuild_int8(graph, ranges, digest, image_size), cache_dir)
+    try:
+        model = rebuild_int8(graph, ranges, digest, image_size)
+    except ModelFileError as error:
+        with contextlib.suppress(OSError):  # a read-only cache: tried again next time
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(failed, f"{error}\n")
+        raise
+    return _keep(path, model, cache_dir)
