@@ -21,6 +21,7 @@ from covidseg.core.writing import write_atomic
 from covidseg.evaluation.collectors import PerImageResults, SeverityOnTest
 from covidseg.evaluation.intervals import check_resamples, eval_intervals
 from covidseg.evaluation.test_loop import check_loop_precision, load_for_data, run_test_loop
+from covidseg.inference.segment import backends_to_try
 from covidseg.reports.eval_report import write_eval_report
 
 
@@ -51,7 +52,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         {"method": f"BCa bootstrap over images, {resamples} resamples, seed {cfg.seed}", "target": spec.primary_target,
          "image_size": spec.image_size, "intervals": intervals},
         indent=2) + "\n")  # fmt: skip
-    title = f"eval on {datamodule.split}: {loaded.description}"
+    backend = backends_to_try(cfg.get("backend", "torch"), loaded.int8_ranges is not None)[0]  # what the loop ran
+    title = f"eval on {datamodule.split}: {loaded.description}" + ("" if backend == "torch" else f" ({backend})")
     report_path = write_eval_report(
         output_dir,
         title,
