@@ -15,7 +15,6 @@ the settings applied to the graph's probabilities: the threshold and ``min_regio
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import logging
 import os
 from pathlib import Path
@@ -30,7 +29,7 @@ from covidseg.core.errors import ConfigError, DataError, ModelFileError, hydra_e
 from covidseg.core.files import printable
 from covidseg.core.run_files import make_output_folder
 from covidseg.core.writing import exclusive_lock, write_atomic
-from covidseg.inference.exporters import EXPORTERS, cached_onnx
+from covidseg.inference.exporters import EXPORTERS, cached_onnx, round_to_stored_precision
 from covidseg.inference.loader import (
     LoadedModel,
     allow_missing_folds,
@@ -39,7 +38,7 @@ from covidseg.inference.loader import (
     load_predictor,
 )
 from covidseg.inference.model_spec import Int8Spec
-from covidseg.inference.quantize import calibration_setting, shippable_ranges
+from covidseg.inference.quantize import calibration_setting, int8_versions, shippable_ranges
 from covidseg.reports.model_card import render_model_card
 
 log = logging.getLogger(__name__)
@@ -134,15 +133,12 @@ def with_int8_ranges(
     probability; choose it on Val), else at the model's own gate. The weights are rounded to fp16
     first, as the safetensors file keeps them, so the ranges are those of the graph the written file
     makes."""
-    with torch.no_grad():
-        for tensor in loaded.predictor.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.copy_(tensor.half().float())
+    round_to_stored_precision(loaded.predictor)
     settings = loaded.spec.inference
     gate = settings.presence_threshold if presence_threshold is None else presence_threshold
     if gate is not None and not loaded.spec.has_presence:
         raise ConfigError(f"int8_presence_threshold={gate}: this model has no presence head to gate by")
-    versions = {name: importlib.metadata.version(name) for name in ("nncf", "openvino", "torch")}
+    versions = int8_versions()
     placeholder = Int8Spec(quantizers=1, digest="0" * 64, presence_threshold=gate, flip_tta=settings.flip_tta,
                            restrict_to_lungs=settings.restrict_to_lungs, versions=versions)  # fmt: skip
     measured = dataclasses.replace(loaded, spec=loaded.spec.model_copy(update={"int8": placeholder}))

@@ -37,7 +37,7 @@ from covidseg.data.decode import decode_samples
 from covidseg.data.index import index_split
 from covidseg.evaluation.not_xrays import generated_pictures, sample_photographs
 from covidseg.evaluation.test_loop import load_for_data
-from covidseg.inference.exporters import export_safetensors
+from covidseg.inference.exporters import export_safetensors, round_to_stored_precision
 from covidseg.inference.loader import LoadedModel
 from covidseg.inference.model_spec import XrayCheckSpec, parse_spec
 from covidseg.inference.xray_check import XrayCheck, fit_xray_check
@@ -85,10 +85,7 @@ def rates(scores: dict[str, torch.Tensor], threshold: float) -> dict[str, dict[s
 def fit(cfg: DictConfig) -> dict[str, Any]:
     check_command_keys(cfg, FitSettings)
     loaded, datamodule = load_for_data(cfg)
-    with torch.no_grad():  # the networks as the written model file holds them (fp16), so it scores as measured
-        for tensor in loaded.predictor.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.copy_(tensor.half().float())
+    round_to_stored_precision(loaded.predictor)  # the networks as the written file holds them, so it scores as measured
     datamodule.prepare_data()  # phantoms (data=synthetic) are written first
     side = loaded.spec.image_size
     train = {label: summaries(loaded, images) for label, images in split_images(cfg, datamodule, "Train").items()}

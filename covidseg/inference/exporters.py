@@ -25,10 +25,9 @@ from torch import nn
 import covidseg
 from covidseg.core.writing import write_atomic
 from covidseg.inference.loader import LoadedModel
-from covidseg.inference.model_spec import INT8_RANGES, ExportMetadata, ModelSpec
+from covidseg.inference.model_spec import APPLIED_AFTER_GRAPH, INT8_RANGES, ExportMetadata, ModelSpec
 from covidseg.inference.predictor import Predictor
 
-APPLIED_AFTER_GRAPH = ("threshold", "min_region_share")  # to a graph's probabilities, so not part of it
 INPUT = "image, float32 (N, 1, S, S): grayscale / 255, resized to S x S (S = model.image_size) with area interpolation"
 
 
@@ -121,6 +120,15 @@ def export_torchscript(loaded: LoadedModel, path: Path) -> Path:
     write_atomic(path, buffer.getvalue())
     write_metadata(path, "torchscript", loaded)
     return path
+
+
+def round_to_stored_precision(predictor: Predictor) -> None:
+    """The Predictor's weights rounded to fp16 in place, as :func:`export_safetensors` stores them:
+    what is measured on them (an x-ray check, int8 ranges) is then what the written file holds."""
+    with torch.no_grad():
+        for tensor in predictor.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())
 
 
 def export_safetensors(loaded: LoadedModel, path: Path) -> Path:

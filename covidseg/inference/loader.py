@@ -30,6 +30,7 @@ from covidseg.core.files import open_regular_file, read_file_bytes, read_plain_y
 from covidseg.core.hardware import cpu_precision
 from covidseg.core.run_files import kfold_folds
 from covidseg.inference.model_spec import (
+    GRAPH_SETTINGS,
     INT8_RANGES,
     SPEC_KEY,
     ExportMetadata,
@@ -251,6 +252,7 @@ def read_model_file(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
     checkpoint, spec = check_checkpoint(path)
     state = {f"networks.0.{name.removeprefix(MODULE_PREFIX)}": tensor
              for name, tensor in checkpoint["state_dict"].items() if name.startswith(MODULE_PREFIX)}  # fmt: skip
+    check_weight_values(state, path)
     return spec, state
 
 
@@ -326,7 +328,6 @@ def load_predictor(
         stray = next((name for name in state if not name.startswith(prefixes) and name not in ranges), None)
         if stray is not None:
             raise ModelFileError(f"{str(path)!r}: tensor {stray!r} belongs to no network of its model spec")
-        check_weight_values(state, path)
         if member == 0 and predictor.xray_check is not None:  # the ensemble's check is its first network's
             load_xray_check(predictor, state, path)
         for index in range(len(member_spec.networks)):
@@ -339,9 +340,6 @@ def load_predictor(
                 raise ModelFileError(f"{str(path)!r}: the weights do not fit its model spec: {first_lines}") from None
     ranges = read[0][1].get(INT8_RANGES) if spec.int8 is not None else None
     return LoadedModel(predictor.eval(), spec, paths, ranges)
-
-
-INT8_GRAPH_SETTINGS = ("presence_threshold", "flip_tta", "restrict_to_lungs")  # held by the graph int8 quantizes
 
 
 def int8_operating_point(loaded: LoadedModel, inference: Mapping[str, Any]) -> tuple[LoadedModel, str | None]:
@@ -357,7 +355,7 @@ def int8_operating_point(loaded: LoadedModel, inference: Mapping[str, Any]) -> t
         spec = spec.with_inference(presence_threshold=gate)
     changed = [
         f"{key}={getattr(spec.inference, key)} (its int8 ranges were measured with {getattr(int8, key)})"
-        for key in INT8_GRAPH_SETTINGS
+        for key in GRAPH_SETTINGS
         if getattr(spec.inference, key) != getattr(int8, key)
     ]
     if spec is loaded.spec:

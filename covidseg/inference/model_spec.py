@@ -43,6 +43,10 @@ class InferenceSettings(_Plain):
     min_region_share: float = Field(0.0, ge=0, lt=1)
 
 
+APPLIED_AFTER_GRAPH = ("threshold", "min_region_share")  # to a graph's probabilities, so not part of it
+GRAPH_SETTINGS = tuple(key for key in InferenceSettings.model_fields if key not in APPLIED_AFTER_GRAPH)  # baked in
+
+
 class NetworkSpec(_Plain):
     """One network: a registry name, its plain options, and how it is run."""
 

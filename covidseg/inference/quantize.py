@@ -119,6 +119,11 @@ def quantize_int8(graph: Path, images: np.ndarray) -> object:
     )
 
 
+def int8_versions() -> dict[str, str]:
+    """The versions that decide an int8 model's bytes: the quantizer, the runtime, the exporter."""
+    return {name: importlib.metadata.version(name) for name in ("nncf", "openvino", "torch")}
+
+
 RANGE_PORTS = ("input_low", "input_high", "output_low", "output_high")  # FakeQuantize's inputs 1-4
 
 
@@ -187,7 +192,7 @@ def rebuild_int8(graph: Path, ranges: np.ndarray, digest: str, image_size: int) 
         model = with_ranges(quantize_int8(graph, placement_image(image_size)), ranges)
     rebuilt = int8_digest(model)
     if rebuilt != digest:
-        versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("nncf", "openvino", "torch"))
+        versions = ", ".join(f"{name} {version}" for name, version in int8_versions().items())
         raise ModelFileError(
             f"key 'int8.digest' is {digest[:12]}..., but its ranges make {rebuilt[:12]}... here ({versions}): "
             "another exporter or quantizer placed them otherwise; calibrate here with int8_calibration=<X-rays>"
@@ -215,8 +220,7 @@ def _digest(graph: Path, files: Sequence[Path]) -> str:
         digest.update(hashlib.sha256(read_file_bytes(path, MAX_MODEL_BYTES, expected, ModelFileError)).digest())
     for path in files:  # read as untrusted: a FIFO or a link to /dev/zero named like an image is refused
         digest.update(hashlib.sha256(read_file_bytes(path, MAX_FILE_BYTES, "an image file", DataError)).digest())
-    versions = {name: importlib.metadata.version(name) for name in ("nncf", "openvino")}
-    digest.update(json.dumps(versions | {"scheme": SCHEME}, sort_keys=True).encode())
+    digest.update(json.dumps(int8_versions() | {"scheme": SCHEME}, sort_keys=True).encode())
     return digest.hexdigest()[:32]
 
 

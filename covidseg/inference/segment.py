@@ -25,7 +25,7 @@ from covidseg.core.files import open_regular_file, printable
 from covidseg.core.hardware import cpu_has_int8_dot_products
 from covidseg.core.images import resize_image
 from covidseg.core.visualize import LUNG_COLOR, PREDICTION_COLOR, outline, overlay
-from covidseg.inference.exporters import APPLIED_AFTER_GRAPH, cached_onnx
+from covidseg.inference.exporters import cached_onnx
 from covidseg.inference.loader import (
     MAX_MODEL_BYTES,
     LoadedModel,
@@ -38,7 +38,7 @@ from covidseg.inference.loader import (
     resolve_model_paths,
     xray_check_setting,
 )
-from covidseg.inference.model_spec import InferenceSettings, ModelSpec
+from covidseg.inference.model_spec import APPLIED_AFTER_GRAPH, InferenceSettings, ModelSpec
 from covidseg.inference.predictor import Answer, Forward, Predictor
 from covidseg.inference.quantize import cached_int8, cached_shipped_int8, calibration_setting
 from covidseg.inference.regions import drop_small_regions
