@@ -16,12 +16,12 @@ from covidseg.core.config import CONF_DIR, check_output_folder, instantiate_each
 from covidseg.core.errors import hydra_errors_in_one_line, user_errors
 from covidseg.core.framework_noise import quiet_framework_noise
 from covidseg.core.metrics import CLEAN_AREA_SHARE
-from covidseg.core.run_files import print_summary, write_metrics, write_per_image, write_run_info
+from covidseg.core.run_files import add_to_run_info, print_summary, write_metrics, write_per_image, write_run_info
 from covidseg.core.writing import write_atomic
 from covidseg.evaluation.collectors import PerImageResults, SeverityOnTest
 from covidseg.evaluation.intervals import check_resamples, eval_intervals
 from covidseg.evaluation.test_loop import check_loop_precision, load_for_data, run_test_loop
-from covidseg.inference.segment import backends_to_try
+from covidseg.inference.loader import inference_bf16
 from covidseg.reports.eval_report import write_eval_report
 
 
@@ -37,7 +37,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     xray_threshold = spec.xray_check.threshold if spec.xray_check is not None else None
     results = PerImageResults(spec.targets, spec.image_size, xray_threshold)
     callbacks = instantiate_each(cfg.get("callbacks"))
-    metrics = run_test_loop(cfg, loaded, datamodule, [results, *callbacks]) | results.metrics()
+    logged, ran = run_test_loop(cfg, loaded, datamodule, [results, *callbacks])
+    backend = ran.name
+    add_to_run_info(output_dir, {"backend": backend, "bf16": inference_bf16(cfg) and backend in ("torch", "openvino"),
+                                 "presence_threshold": ran.model.spec.inference.presence_threshold})  # fmt: skip
+    metrics = logged | results.metrics()
     metrics_path = write_metrics(output_dir, metrics)
     columns = results.columns()
     severity_pairs = None
@@ -52,7 +56,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         {"method": f"BCa bootstrap over images, {resamples} resamples, seed {cfg.seed}", "target": spec.primary_target,
          "image_size": spec.image_size, "intervals": intervals},
         indent=2) + "\n")  # fmt: skip
-    backend = backends_to_try(cfg.get("backend", "torch"), loaded.int8_ranges is not None)[0]  # what the loop ran
     title = f"eval on {datamodule.split}: {loaded.description}" + ("" if backend == "torch" else f" ({backend})")
     report_path = write_eval_report(
         output_dir,

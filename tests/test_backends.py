@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import FAST
 
 from covidseg.core.errors import ConfigError
 from covidseg.inference import segment
@@ -48,6 +50,29 @@ def test_auto_falls_back_to_torch_when_openvino_cannot_run_the_model(
     assert np.allclose(probability, expected.probability.numpy(), atol=1e-6)
     with pytest.raises(RuntimeError, match="NewOp-42"):  # named, it is not replaced behind the user's back
         segment.load_backend(checkpoint, tmp_path, "openvino", NO_OVERRIDES, False, tmp_path / "cache")
+
+
+def test_eval_falls_back_like_predict_and_records_the_backend_that_ran(
+    compose_cfg, trained_checkpoints: list[Path], monkeypatch, caplog
+) -> None:
+    from covidseg.eval import evaluate
+
+    def cannot_compile(*args):
+        raise RuntimeError("Unsupported operation: NewOp-42")
+
+    caplog.set_level(logging.INFO, logger="covidseg.inference.segment")
+    data = [o for o in FAST if o.startswith("data")]
+    overrides = [f"ckpt_path={trained_checkpoints[0]}", *data, "trainer.limit_test_batches=1"]
+    monkeypatch.setattr(segment, "graph_backend", cannot_compile)
+    fallen_back = evaluate(compose_cfg("eval", [*overrides, "backend=auto", "bf16=true"]))
+    assert "backend=auto: openvino failed, trying torch: Unsupported operation: NewOp-42" in caplog.text
+    output_dir = Path(compose_cfg("eval", []).paths.output_dir)
+    ran = json.loads((output_dir / "run_info.json").read_text())
+    assert ran["backend"] == "torch" and ran["bf16"] is True and ran["command"]
+    assert "(openvino)" not in (output_dir / "report.html").read_text()
+    monkeypatch.undo()
+    torch_bf16 = evaluate(compose_cfg("eval", [*overrides, "backend=torch", "bf16=true"]))
+    assert fallen_back["test/dice"] == torch_bf16["test/dice"]  # the same backend, the same answer
 
 
 def test_a_graph_exported_from_a_bf16_predictor_is_fp32_and_cached_once(

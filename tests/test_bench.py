@@ -37,6 +37,25 @@ def test_bench_reports_every_figure_on_a_tiny_model(compose_cfg, tmp_path: Path)
     assert "not met" in bench.markdown({"first_batch_s": 6.0}) and "(met)" in bench.markdown({"first_batch_s": 4.0})
 
 
+def test_the_step_breakdown_parts_add_up_to_the_profiled_step(compose_cfg) -> None:
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg("train", FAST)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    batches = [batch for _, batch in zip(range(3), datamodule.train_dataloader(), strict=False)]
+    parts = bench.step_breakdown(cfg, batches, warmup=1)
+    assert set(parts) == {"fp32+NHWC", "bf16+NHWC"}
+    for shares in parts.values():
+        assert list(shares) == [*bench.STEP_PARTS.values(), bench.OTHER_PART]
+        assert shares["convolutions, forward"] > 0 and shares["convolutions, backward"] > 0
+        assert all(value >= 0 for value in shares.values())
+    table = bench.breakdown_markdown(parts)
+    total = sum(parts["fp32+NHWC"].values()), sum(parts["bf16+NHWC"].values())
+    assert f"| all | {total[0]:.1f} | {total[1]:.1f} | {total[0] / total[1]:.2f} |" in table
+
+
 def test_channels_last_gives_the_same_outputs() -> None:
     import torch
 

@@ -144,6 +144,8 @@ def test_int8_answers_like_fp32_and_is_calibrated_once(compose_cfg, trained_chec
     assert scores["openvino_int8"]["test/dice"] == pytest.approx(scores["torch"]["test/dice"], abs=0.03)
     report = Path(compose_cfg("eval", []).paths.output_dir) / "report.html"  # the last eval's: says what it ran
     assert "(openvino_int8)" in report.read_text()
+    ran = json.loads((report.parent / "run_info.json").read_text())
+    assert ran["backend"] == "openvino_int8" and ran["bf16"] is False
     assert sorted(graphs.glob("*.int8.*")) == made
     monkeypatch.undo()
     other = f"int8_calibration={phantoms}/Train/COVID-19/images/*.png"  # another int8 graph: not resumed

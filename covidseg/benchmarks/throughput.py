@@ -262,6 +262,64 @@ def compare_variants(cfg: DictConfig, datamodule, rounds: int, steps: int, compi
     return figures
 
 
+# Where a training step's time goes: torch.profiler's self CPU time of each operator, grouped by
+# the first of these name fragments it contains (the rest: element-wise work, copies, the loss's
+# arithmetic and the optimizer).
+STEP_PARTS = {
+    "convolution_backward": "convolutions, backward",
+    "convolution": "convolutions, forward",
+    "batch_norm": "batch norm, forward + backward",
+    "aten::sort": "sorting (the Lovász hinge)",
+    "upsample": "upsampling, forward + backward",
+    "pool": "pooling, forward + backward",
+}
+OTHER_PART = "the rest"
+
+
+def _step_parts(cfg: DictConfig, batches: list[dict], warmup: int, bf16: bool) -> dict[str, float]:
+    """Milliseconds per training step in each part of :data:`STEP_PARTS` (NHWC; bf16 under
+    autocast where ``bf16``): the module's own ``training_step``, backward and optimizer step, as
+    the bare loop runs them, after ``warmup`` untimed steps."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    torch.manual_seed(cfg.seed)
+    module = instantiate(cfg.model, channels_last=True)
+    optimizer = module.optimizer_factory(params=module.parameters())
+    module.train()
+    timed = batches[warmup:]
+    with warnings.catch_warnings():  # self.log without a Trainer says so, and does nothing
+        warnings.simplefilter("ignore")
+        steps = schedule(wait=0, warmup=warmup, active=len(timed), repeat=1)  # the warm-up steps are not counted
+        with profile(activities=[ProfilerActivity.CPU], schedule=steps) as profiler:
+            for index, batch in enumerate(batches):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = module.training_step(batch, index)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                profiler.step()
+    shares = dict.fromkeys([*STEP_PARTS.values(), OTHER_PART], 0.0)
+    for event in profiler.key_averages():
+        part = next((part for fragment, part in STEP_PARTS.items() if fragment in event.key), OTHER_PART)
+        shares[part] += event.self_cpu_time_total / 1000 / len(timed)
+    return shares
+
+
+def step_breakdown(cfg: DictConfig, batches: list[dict], warmup: int) -> dict[str, dict[str, float]]:
+    """:func:`_step_parts` for fp32 + NHWC and bf16 + NHWC."""
+    return {name: _step_parts(cfg, batches, warmup, bf16) for name, bf16 in (("fp32+NHWC", False), ("bf16+NHWC", True))}
+
+
+def breakdown_markdown(parts: dict[str, dict[str, float]]) -> str:
+    """The step's parts side by side: ms per step in fp32 + NHWC and bf16 + NHWC, and bf16's speed-up."""
+    fp32, bf16 = parts["fp32+NHWC"], parts["bf16+NHWC"]
+    lines = ["| part of a training step | fp32+NHWC (ms) | bf16+NHWC (ms) | × |", "|---|---:|---:|---:|"]
+    for part in [*fp32, "all"]:
+        a, b = (sum(p.values()) for p in (fp32, bf16)) if part == "all" else (fp32[part], bf16[part])
+        lines.append(f"| {part} | {a:.1f} | {b:.1f} | {a / b:.2f} |" if b else f"| {part} | {a:.1f} | {b:.1f} | |")
+    return "\n".join(lines) + "\n"
+
+
 def variants_markdown(figures: dict) -> str:
     lines = ["| path | img/s (median) | min–max | × fp32 | first step |", "|---|---:|---:|---:|---:|"]
     lines += [
@@ -376,11 +434,25 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"), help="figures go to DIR/<date_time>")
     parser.add_argument("--compile", action="store_true", help="add bf16+NHWC under torch.compile (slow first step)")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="only where a training step's time goes, fp32+NHWC against bf16+NHWC"
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the train config")
     args = parser.parse_args()
     with user_errors():
         cfg = compose_bench_config(args.overrides)
         out = new_figures_folder(args.out)
+    if args.breakdown:
+        datamodule = instantiate(cfg.data)
+        datamodule.setup("fit")
+        batches = [
+            batch for _, batch in zip(range(args.warmup + args.steps), datamodule.train_dataloader(), strict=False)
+        ]
+        parts = step_breakdown(cfg, batches, args.warmup)
+        write_atomic(out / "breakdown.json", json.dumps(parts, indent=2) + "\n")
+        print(breakdown_markdown(parts))
+        print(f"written: {out / 'breakdown.json'}")
+        return
     results = run(cfg, args.steps, args.warmup, args.rounds, args.compile)
     write_atomic(out / "bench.json", json.dumps(results, indent=2) + "\n")
     table = markdown(results) + "\n" + variants_markdown(results["variants"])

@@ -139,6 +139,13 @@ def write_run_info(output_dir: str | Path) -> None:
     write_atomic(Path(output_dir, "run_info.json"), json.dumps(info, indent=2) + "\n")
 
 
+def add_to_run_info(output_dir: str | Path, values: Mapping[str, Any]) -> None:
+    """Add what the run learnt as it went (such as the backend that ran) to its ``run_info.json``."""
+    path = Path(output_dir, "run_info.json")
+    info = json.loads(path.read_text()) | dict(values)
+    write_atomic(path, json.dumps(info, indent=2) + "\n")
+
+
 def write_metrics(output_dir: str | Path, metrics: Mapping[str, float]) -> Path:
     path = Path(output_dir, "metrics.json")
     write_atomic(path, json.dumps(dict(metrics), indent=2, sort_keys=True) + "\n")

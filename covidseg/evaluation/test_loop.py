@@ -17,7 +17,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from covidseg.core.errors import ConfigError
 from covidseg.data import CovidQuExDataModule
 from covidseg.data.settings import check_data_settings
-from covidseg.inference.exporters import cached_onnx
 from covidseg.inference.loader import (
     LoadedModel,
     allow_missing_folds,
@@ -26,14 +25,7 @@ from covidseg.inference.loader import (
     load_predictor,
 )
 from covidseg.inference.predictor import PredictorModule
-from covidseg.inference.segment import (
-    as_forward,
-    backends_to_try,
-    graph_backend,
-    int8_graph,
-    say_auto_choice,
-    shipped_int8_model,
-)
+from covidseg.inference.segment import ChosenBackend, as_forward, first_working_backend
 
 log = logging.getLogger(__name__)
 
@@ -62,35 +54,30 @@ def check_loop_precision(cfg: DictConfig) -> None:
         )
 
 
-def run_test_loop(cfg: DictConfig, loaded: LoadedModel, datamodule: CovidQuExDataModule, callbacks: list) -> dict:
-    """Run the Predictor over ``data.split`` in Lightning's test loop; returns what callbacks logged.
-    With ``backend=onnx|openvino|openvino_int8`` the networks run as the model's ONNX graph (exported
-    once, cached; int8: quantized once on ``int8_calibration``, or with the model file's int8 ranges), so
-    each runtime's accuracy is measured
-    by the same command."""
+def run_test_loop(
+    cfg: DictConfig, loaded: LoadedModel, datamodule: CovidQuExDataModule, callbacks: list
+) -> tuple[dict[str, float], ChosenBackend]:
+    """Run the model over ``data.split`` in Lightning's test loop: what callbacks logged, and the
+    backend that ran (with the model as it ran). With ``backend=onnx|openvino|openvino_int8`` the
+    networks run as the model's ONNX graph (exported once, cached; int8: quantized once on
+    ``int8_calibration``, or with the model file's int8 ranges), so each runtime's accuracy is
+    measured by the same command; ``auto`` falls back as predict and serve do
+    (:func:`first_working_backend`)."""
     if OmegaConf.select(cfg, "trainer.limit_test_batches", default=None) == 0:
         raise ConfigError("trainer.limit_test_batches=0 scores no image: give a count >= 1 or a share in (0, 1]")
-    backend = backends_to_try(cfg.get("backend", "torch"), loaded.int8_ranges is not None)[0]
-    if cfg.get("backend") == "auto":  # eval measures one backend: the first auto would try, without falling back
-        say_auto_choice(backend, inference_bf16(cfg))
-    forward = None
-    if backend == "openvino_int8" and cfg.get("int8_calibration") is None:
-        loaded = shipped_int8_model(loaded, inference_overrides(cfg))
-        log.info(
-            "openvino_int8 with the model file's ranges, at presence threshold %s",
-            loaded.spec.inference.presence_threshold,
-        )
-    if backend != "torch":
-        cache_dir = Path(cfg.paths.cache_dir)
-        graph = cached_onnx(loaded, cache_dir)
-        if backend == "openvino_int8":
-            graph = int8_graph(graph, cfg.get("int8_calibration"), cache_dir, loaded)
-        forward = as_forward(graph_backend(backend, graph, inference_bf16(cfg), loaded.spec.graph_outputs))
+    chosen = first_working_backend(
+        loaded, cfg.get("backend", "torch"), inference_overrides(cfg), inference_bf16(cfg), Path(cfg.paths.cache_dir),
+        cfg.get("int8_calibration"),
+    )  # fmt: skip
+    if chosen.name == "openvino_int8" and cfg.get("int8_calibration") is None:
+        log.info("openvino_int8 with the model file's ranges, at presence threshold %s",
+                 chosen.model.spec.inference.presence_threshold)  # fmt: skip
+    forward = None if chosen.name == "torch" else as_forward(chosen.run)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
     try:
-        trainer.test(PredictorModule(loaded.predictor, forward), datamodule=datamodule, verbose=False)
+        trainer.test(PredictorModule(chosen.model.predictor, forward), datamodule=datamodule, verbose=False)
     except SystemExit:  # Lightning answers Ctrl-C with exit code 1 after its own message
         if trainer.interrupted:
             raise KeyboardInterrupt from None
         raise
-    return {name: float(value) for name, value in trainer.callback_metrics.items()}
+    return {name: float(value) for name, value in trainer.callback_metrics.items()}, chosen

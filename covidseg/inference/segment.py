@@ -253,33 +253,59 @@ def load_backend(
     if any(path.suffix == ".onnx" for path in paths):
         return graph_file_backend(paths, backend, inference, bf16, cache_dir, int8_calibration)
     loaded = load_predictor([str(path) for path in paths], log_dir, bf16 and backend == "torch", **inference)
+    chosen = first_working_backend(loaded, backend, inference, bf16, cache_dir, int8_calibration)
+    return LoadedBackend(chosen.run, chosen.model.spec, paths, int8_graph=chosen.int8_graph)
+
+
+@dataclass
+class ChosenBackend:
+    """The backend that runs a loaded model: its name, the model as it runs (the int8 model carries
+    its own presence gate) and, for ``openvino_int8``, the int8 model file."""
+
+    name: str
+    run: Backend
+    model: LoadedModel
+    int8_graph: Path | None = None
+
+
+def first_working_backend(
+    loaded: LoadedModel,
+    backend: str,
+    inference: Mapping[str, Any],
+    bf16: bool,
+    cache_dir: Path,
+    int8_calibration: str | None = None,
+) -> ChosenBackend:
+    """``backend`` for ``loaded``: for ``auto`` the first of :func:`backends_to_try` that builds
+    (each failure said in one line, the choice said once), else that backend or its one-line
+    refusal. What predict, serve and eval share, so that all three run the same backend."""
     if backend == "openvino_int8" and int8_calibration is None and loaded.int8_ranges is None:
         calibration_setting(None)  # refused before a graph is traced
     order = backends_to_try(backend, loaded.int8_ranges is not None)
-    for index, chosen in enumerate(order):
-        if chosen == "torch":
+    for index, name in enumerate(order):
+        if name == "torch":
             break
         model = loaded
         try:
-            if chosen == "openvino_int8" and int8_calibration is None:
+            if name == "openvino_int8" and int8_calibration is None:
                 model = shipped_int8_model(loaded, inference)
             graph = cached_onnx(model, cache_dir)  # an ONNX export is traced in fp32
-            if chosen == "openvino_int8":
+            if name == "openvino_int8":
                 graph = int8_graph(graph, int8_calibration, cache_dir, model)
-            run = graph_backend(chosen, graph, bf16, model.spec.graph_outputs)
+            run = graph_backend(name, graph, bf16, model.spec.graph_outputs)
         except Exception as error:  # a network the ONNX exporter or OpenVINO cannot take, ranges that do not fit
             if backend != "auto":
                 raise
             reason = (str(error).splitlines() or ["?"])[0][:300]
-            log.warning("backend=auto: %s failed, trying %s: %s", chosen, order[index + 1], reason)
+            log.warning("backend=auto: %s failed, trying %s: %s", name, order[index + 1], reason)
             continue
         if backend == "auto":
-            say_auto_choice(chosen, bf16)
-        return LoadedBackend(run, model.spec, paths, int8_graph=graph if chosen == "openvino_int8" else None)
+            say_auto_choice(name, bf16)
+        return ChosenBackend(name, run, model, graph if name == "openvino_int8" else None)
     if backend == "auto":
         say_auto_choice("torch", bf16)
     loaded.predictor.bf16 = bf16
-    return LoadedBackend(torch_backend(loaded.predictor), loaded.spec, paths)
+    return ChosenBackend("torch", torch_backend(loaded.predictor), loaded)
 
 
 def shipped_int8_model(loaded: LoadedModel, inference: Mapping[str, Any]) -> LoadedModel:
