@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -245,7 +246,20 @@ def test_int8_ranges_travel_in_the_model_file_and_rebuild_the_calibrated_model(
 
     with monkeypatch.context() as patched:  # the rebuilt int8 model is kept: a second load quantizes nothing
         patched.setattr(quantize, "quantize_int8", never)
-        segment.load_backend(str(model), tmp_path, "openvino_int8", NO_OVERRIDES, False, tmp_path / "cache")
+        kept = segment.load_backend(str(model), tmp_path, "openvino_int8", NO_OVERRIDES, False, tmp_path / "cache")
+    # a kept model edited so that it still reads, its record rewritten to match: not the model the file
+    # describes, so it is made again rather than run
+    xml = kept.int8_graph.read_text()
+    edited = xml.replace('levels="256"', 'levels="255"', 1)
+    assert edited != xml
+    kept.int8_graph.write_text(edited)
+    record = json.loads(kept.int8_graph.with_suffix(".json").read_text())
+    record[".xml"] = hashlib.sha256(edited.encode()).hexdigest()
+    kept.int8_graph.with_suffix(".json").write_text(json.dumps(record))
+    caplog.set_level(logging.WARNING, logger="covidseg.inference.quantize")
+    again = segment.load_backend(str(model), tmp_path, "openvino_int8", NO_OVERRIDES, False, tmp_path / "cache")
+    assert "is not the one the model file describes: made again" in caplog.text
+    assert again.int8_graph == kept.int8_graph and quantize._model_digest(again.int8_graph) == loaded.spec.int8.digest
     # a setting the int8 graph holds, changed: auto runs OpenVINO without int8, openvino_int8 refuses
     flip_changed = NO_OVERRIDES | {"flip_tta": not loaded.spec.inference.flip_tta}
     caplog.set_level(logging.INFO, logger="covidseg.inference.segment")
