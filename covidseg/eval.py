@@ -39,7 +39,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     callbacks = instantiate_each(cfg.get("callbacks"))
     logged, ran = run_test_loop(cfg, loaded, datamodule, [results, *callbacks])
     backend = ran.name
-    add_to_run_info(output_dir, {"backend": backend, "bf16": inference_bf16(cfg) and backend in ("torch", "openvino"),
+    add_to_run_info(output_dir, {"backend": backend, "bf16": inference_bf16(cfg) and backend != "onnx",  # ORT: fp32
                                  "presence_threshold": ran.model.spec.inference.presence_threshold})  # fmt: skip
     metrics = logged | results.metrics()
     metrics_path = write_metrics(output_dir, metrics)

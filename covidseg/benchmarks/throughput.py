@@ -444,6 +444,7 @@ def main() -> None:
         out = new_figures_folder(args.out)
     if args.breakdown:
         datamodule = instantiate(cfg.data)
+        datamodule.prepare_data()  # phantoms are written first where there is no real data
         datamodule.setup("fit")
         batches = [
             batch for _, batch in zip(range(args.warmup + args.steps), datamodule.train_dataloader(), strict=False)
