@@ -63,6 +63,11 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
             f"data.eval_classes={sorted(classes)}: calibration needs X-rays with and without infection, "
             "COVID-19 and Non-COVID or Normal"
         )
+    if cfg.get("backend", "torch") != "torch":  # an exported graph holds flip_tta and the gate the sweep varies
+        raise ConfigError(
+            f"backend={cfg.get('backend')!r}: calibrate sweeps the torch Predictor's own settings; leave backend out "
+            "(measure a backend's accuracy with eval backend=...)"
+        )
     check_loop_precision(cfg)
     resamples = check_resamples(OmegaConf.select(cfg, "stats.resamples", default=2000))
     L.seed_everything(cfg.seed, workers=True)

@@ -33,14 +33,15 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     loaded, datamodule = load_for_data(cfg)
     spec = loaded.spec
     output_dir = Path(cfg.paths.output_dir)
-    write_run_info(output_dir)
+    started = write_run_info(output_dir)
     xray_threshold = spec.xray_check.threshold if spec.xray_check is not None else None
     results = PerImageResults(spec.targets, spec.image_size, xray_threshold)
     callbacks = instantiate_each(cfg.get("callbacks"))
     logged, ran = run_test_loop(cfg, loaded, datamodule, [results, *callbacks])
     backend = ran.name
-    add_to_run_info(output_dir, {"backend": backend, "bf16": inference_bf16(cfg) and backend != "onnx",  # ORT: fp32
-                                 "presence_threshold": ran.model.spec.inference.presence_threshold})  # fmt: skip
+    ran_with = {"backend": backend, "bf16": inference_bf16(cfg) and backend != "onnx",  # ONNX Runtime: fp32
+                "presence_threshold": ran.model.spec.inference.presence_threshold}  # fmt: skip
+    add_to_run_info(output_dir, started, ran_with)
     metrics = logged | results.metrics()
     metrics_path = write_metrics(output_dir, metrics)
     columns = results.columns()
@@ -63,10 +64,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         metrics,
         results.names,
         columns[f"dice_{spec.primary_target}"],
-        loaded.predictor,
+        ran.model.predictor,  # the int8 model carries its own gate
         datamodule.dataset(datamodule.split),
         severity_pairs=severity_pairs,
         intervals=intervals,
+        forward=ran.forward,
     )
     locations = {
         "metrics": metrics_path,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from conftest import FAST
 
 from covidseg.core.errors import ConfigError
+from covidseg.core.run_files import add_to_run_info
 from covidseg.inference import segment
 from covidseg.inference.loader import INFERENCE_KEYS, load_predictor
 
@@ -64,12 +66,20 @@ def test_eval_falls_back_like_predict_and_records_the_backend_that_ran(
     data = [o for o in FAST if o.startswith("data")]
     overrides = [f"ckpt_path={trained_checkpoints[0]}", *data, "trainer.limit_test_batches=1"]
     monkeypatch.setattr(segment, "graph_backend", cannot_compile)
-    fallen_back = evaluate(compose_cfg("eval", [*overrides, "backend=auto", "bf16=true"]))
+    unused = "int8_calibration=/nowhere/*.png"  # read by openvino_int8 only: said once, never tried
+    fallen_back = evaluate(compose_cfg("eval", [*overrides, "backend=auto", "bf16=true", unused]))
     assert "backend=auto: openvino failed, trying torch: Unsupported operation: NewOp-42" in caplog.text
+    assert "int8_calibration is read by backend=openvino_int8 only; backend=auto runs without it" in caplog.text
+    assert "names no image files" not in caplog.text
     output_dir = Path(compose_cfg("eval", []).paths.output_dir)
     ran = json.loads((output_dir / "run_info.json").read_text())
     assert ran["backend"] == "torch" and ran["bf16"] is True and ran["command"]
     assert "(openvino)" not in (output_dir / "report.html").read_text()
+    # run_info.json replaced while eval ran (a FIFO here): written again from memory, never read back
+    os.remove(output_dir / "run_info.json")
+    os.mkfifo(output_dir / "run_info.json")
+    add_to_run_info(output_dir, ran, {"backend": "torch"})
+    assert json.loads((output_dir / "run_info.json").read_text()) == ran
     monkeypatch.undo()
     torch_bf16 = evaluate(compose_cfg("eval", [*overrides, "backend=torch", "bf16=true"]))
     assert fallen_back["test/dice"] == torch_bf16["test/dice"]  # the same backend, the same answer

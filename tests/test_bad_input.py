@@ -542,6 +542,11 @@ def test_hydra_s_own_refusals_are_one_line_and_exit_2(
         ("calibrate", ["min_region_shares=[0.01,inf]"], "min_region_shares.1=inf: Input should be less than 1"),
         ("calibrate", ["min_region_shares=0.01"], "min_region_shares=0.01: Input should be a valid list"),
         ("calibrate", ["min_healthy_rate=95"], "min_healthy_rate=95: Input should be less than or equal to 1"),
+        (
+            "calibrate",
+            ["+backend=openvino_int8"],
+            "backend='openvino_int8': calibrate sweeps the torch Predictor's own",
+        ),
         ("predict", ["batch_size=0"], "batch_size=0: Input should be greater than or equal to 1"),
         ("predict", ["save_probability=maybe"], "save_probability='maybe': Input should be a valid boolean"),
         ("predict", ["output="], "output='': expected a path; an empty value would mean the current folder"),

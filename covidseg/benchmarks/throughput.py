@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode
 
 from covidseg.core.config import compose_config
-from covidseg.core.errors import DataError, user_errors, whole_number
+from covidseg.core.errors import ConfigError, DataError, user_errors, whole_number
 from covidseg.core.writing import new_figures_folder, write_atomic
 from covidseg.data.index import find_split_root
 from covidseg.inference.model_spec import InferenceSettings
@@ -305,6 +305,20 @@ def _step_parts(cfg: DictConfig, batches: list[dict], warmup: int, bf16: bool) -
     return shares
 
 
+def breakdown_batches(cfg: DictConfig, count: int) -> list[dict]:
+    """The first ``count`` training batches of ``cfg``'s data, or one line when there are fewer."""
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()  # phantoms are written first where there is no real data
+    datamodule.setup("fit")
+    batches = [batch for _, batch in zip(range(count), datamodule.train_dataloader(), strict=False)]
+    if len(batches) < count:
+        raise ConfigError(
+            f"--warmup and --steps ask for {count} batches, but the training set gives {len(batches)} a pass: ask "
+            "for fewer or a smaller data.batch_size"
+        )
+    return batches
+
+
 def step_breakdown(cfg: DictConfig, batches: list[dict], warmup: int) -> dict[str, dict[str, float]]:
     """:func:`_step_parts` for fp32 + NHWC and bf16 + NHWC."""
     return {name: _step_parts(cfg, batches, warmup, bf16) for name, bf16 in (("fp32+NHWC", False), ("bf16+NHWC", True))}
@@ -435,20 +449,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"), help="figures go to DIR/<date_time>")
     parser.add_argument("--compile", action="store_true", help="add bf16+NHWC under torch.compile (slow first step)")
     parser.add_argument(
-        "--breakdown", action="store_true", help="only where a training step's time goes, fp32+NHWC against bf16+NHWC"
+        "--breakdown",
+        action="store_true",
+        help="only where a training step's time goes, fp32+NHWC against bf16+NHWC (--rounds, --compile unused)",
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the train config")
     args = parser.parse_args()
     with user_errors():
         cfg = compose_bench_config(args.overrides)
+        if args.breakdown:
+            batches = breakdown_batches(cfg, args.warmup + args.steps)
         out = new_figures_folder(args.out)
     if args.breakdown:
-        datamodule = instantiate(cfg.data)
-        datamodule.prepare_data()  # phantoms are written first where there is no real data
-        datamodule.setup("fit")
-        batches = [
-            batch for _, batch in zip(range(args.warmup + args.steps), datamodule.train_dataloader(), strict=False)
-        ]
         parts = step_breakdown(cfg, batches, args.warmup)
         write_atomic(out / "breakdown.json", json.dumps(parts, indent=2) + "\n")
         print(breakdown_markdown(parts))

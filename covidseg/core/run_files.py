@@ -122,8 +122,9 @@ def make_output_folder(output: Path) -> Path:
     return output
 
 
-def write_run_info(output_dir: str | Path) -> None:
-    """Record the exact command, versions and commit next to Hydra's composed config."""
+def write_run_info(output_dir: str | Path) -> dict[str, Any]:
+    """Record the exact command, versions and commit next to Hydra's composed config; returns what
+    was written, so that :func:`add_to_run_info` adds to it without reading the file back."""
     info = {
         "started": time.time(),  # wall-clock origin of the run's learning curves (covidseg.learning_curves)
         "command": [Path(sys.executable).name, *sys.argv],
@@ -137,13 +138,14 @@ def write_run_info(output_dir: str | Path) -> None:
     }
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     write_atomic(Path(output_dir, "run_info.json"), json.dumps(info, indent=2) + "\n")
+    return info
 
 
-def add_to_run_info(output_dir: str | Path, values: Mapping[str, Any]) -> None:
-    """Add what the run learnt as it went (such as the backend that ran) to its ``run_info.json``."""
-    path = Path(output_dir, "run_info.json")
-    info = json.loads(path.read_text()) | dict(values)
-    write_atomic(path, json.dumps(info, indent=2) + "\n")
+def add_to_run_info(output_dir: str | Path, info: Mapping[str, Any], values: Mapping[str, Any]) -> None:
+    """``run_info.json`` written again as ``info`` (what :func:`write_run_info` returned) with what
+    the run learnt as it went (such as the backend that ran): the file is not read back, so whatever
+    was put in its place meanwhile is replaced, not trusted."""
+    write_atomic(Path(output_dir, "run_info.json"), json.dumps(dict(info) | dict(values), indent=2) + "\n")
 
 
 def write_metrics(output_dir: str | Path, metrics: Mapping[str, float]) -> Path:

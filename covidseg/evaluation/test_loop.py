@@ -25,7 +25,7 @@ from covidseg.inference.loader import (
     load_predictor,
 )
 from covidseg.inference.predictor import PredictorModule
-from covidseg.inference.segment import ChosenBackend, as_forward, first_working_backend
+from covidseg.inference.segment import ChosenBackend, first_working_backend, int8_calibration_for
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +65,17 @@ def run_test_loop(
     (:func:`first_working_backend`)."""
     if OmegaConf.select(cfg, "trainer.limit_test_batches", default=None) == 0:
         raise ConfigError("trainer.limit_test_batches=0 scores no image: give a count >= 1 or a share in (0, 1]")
+    backend = cfg.get("backend", "torch")
+    calibration = int8_calibration_for(backend, cfg.get("int8_calibration"))
     chosen = first_working_backend(
-        loaded, cfg.get("backend", "torch"), inference_overrides(cfg), inference_bf16(cfg), Path(cfg.paths.cache_dir),
-        cfg.get("int8_calibration"),
-    )  # fmt: skip
-    if chosen.name == "openvino_int8" and cfg.get("int8_calibration") is None:
+        loaded, backend, inference_overrides(cfg), inference_bf16(cfg), Path(cfg.paths.cache_dir), calibration
+    )
+    if chosen.name == "openvino_int8" and calibration is None:
         log.info("openvino_int8 with the model file's ranges, at presence threshold %s",
                  chosen.model.spec.inference.presence_threshold)  # fmt: skip
-    forward = None if chosen.name == "torch" else as_forward(chosen.run)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
     try:
-        trainer.test(PredictorModule(chosen.model.predictor, forward), datamodule=datamodule, verbose=False)
+        trainer.test(PredictorModule(chosen.model.predictor, chosen.forward), datamodule=datamodule, verbose=False)
     except SystemExit:  # Lightning answers Ctrl-C with exit code 1 after its own message
         if trainer.interrupted:
             raise KeyboardInterrupt from None

@@ -229,6 +229,17 @@ class LoadedBackend:
         return self
 
 
+def int8_calibration_for(backend: str, int8_calibration: str | None) -> str | None:
+    """``int8_calibration`` as ``backend`` reads it: checked (one line) for ``openvino_int8``; for any
+    other backend said in one warning and dropped (``auto`` runs int8 from a model file's ranges only)."""
+    if int8_calibration is None:
+        return None
+    if backend == "openvino_int8":
+        return calibration_setting(int8_calibration)
+    log.warning("int8_calibration is read by backend=openvino_int8 only; backend=%s runs without it", backend)
+    return None
+
+
 def load_backend(
     ckpt_path: Any,
     log_dir: str | Path,
@@ -244,11 +255,7 @@ def load_backend(
     the graph is kept under ``<cache_dir>/graphs``) when ``backend`` is ``onnx`` or ``openvino``
     (``openvino_int8``: quantized on ``int8_calibration``'s X-rays, or with the model file's int8
     ranges). ``auto`` tries :func:`backends_to_try` in turn and says what it chose."""
-    if int8_calibration is not None:
-        if backend == "openvino_int8":
-            calibration_setting(int8_calibration)  # refused before a model is read
-        else:
-            log.warning("int8_calibration is read by backend=openvino_int8 only; backend=%s runs without it", backend)
+    int8_calibration = int8_calibration_for(backend, int8_calibration)  # refused before a model is read
     paths = resolve_model_paths(ckpt_path, log_dir, allow_missing_folds=allow_missing_folds)
     if any(path.suffix == ".onnx" for path in paths):
         return graph_file_backend(paths, backend, inference, bf16, cache_dir, int8_calibration)
@@ -266,6 +273,11 @@ class ChosenBackend:
     run: Backend
     model: LoadedModel
     int8_graph: Path | None = None
+
+    @property
+    def forward(self) -> Forward | None:
+        """The backend as the Predictor's forward on tensors; ``None`` for torch (the Predictor itself)."""
+        return None if self.name == "torch" else as_forward(self.run)
 
 
 def first_working_backend(

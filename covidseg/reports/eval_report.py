@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 from covidseg.core.visualize import comparison_row, figure_png  # noqa: E402
 from covidseg.core.writing import write_atomic
-from covidseg.inference.predictor import Predictor  # noqa: E402
+from covidseg.inference.predictor import Forward, Predictor  # noqa: E402
 
 GALLERY_SIZE = 4
 
@@ -48,8 +48,10 @@ def write_eval_report(
     dataset: torch.utils.data.Dataset,
     severity_pairs: tuple[Sequence[float], Sequence[float]] | None = None,
     intervals: Mapping[str, Mapping[str, float]] | None = None,
+    forward: Forward | None = None,
 ) -> Path:
-    """``report.html`` (self-contained) plus ``gallery/{best,median,worst}.png``; with
+    """``report.html`` (self-contained) plus ``gallery/{best,median,worst}.png``, the gallery's masks
+    by ``predictor`` (through ``forward``, the backend eval measured, where it is not torch); with
     ``severity_pairs`` (predicted, true percent of lung infected) a scatter of the two."""
     figure, axes = plt.subplots(figsize=(6, 3))
     axes.hist(dice, bins=20, range=(0, 1), color="#c0392b")
@@ -74,7 +76,7 @@ def write_eval_report(
     channel = predictor.targets.index(predictor.primary_target)
     for label, indices in gallery_indices(dice).items():
         samples = [dataset[index] for index in indices]
-        masks = predictor.predict(torch.stack([s["image"] for s in samples])).mask[:, channel].numpy()
+        masks = predictor.predict(torch.stack([s["image"] for s in samples]), forward).mask[:, channel].numpy()
         rows = [
             comparison_row((s["image"][0].numpy() * 255).astype(np.uint8), s["mask"][channel].numpy(), mask)
             for s, mask in zip(samples, masks, strict=True)
