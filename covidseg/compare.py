@@ -105,7 +105,7 @@ def main() -> None:
     print(markdown(rows, labels))  # plain text: a Markdown table must not be wrapped to the terminal
     for index, (given, run) in enumerate(zip(args.runs, runs, strict=True)):
         into = f" (evaluated into {printable(run.folder)})" if index in evaluated else ""
-        print(f"{label_of(index)}: {printable(given)}{into}")
+        print(f"{label_of(index)}: {printable(given)}{into}; ran on {run.backend}")
     print(f"written: {', '.join(printable(path) for path in written)}")
 
 

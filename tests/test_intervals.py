@@ -199,6 +199,22 @@ def test_compare_refuses_runs_on_other_images_and_writes_its_table_and_plot(
     assert "intervals.json" in capsys.readouterr().err
 
 
+def test_compare_says_which_backend_each_eval_ran_on(tmp_path: Path) -> None:
+    from covidseg.core.errors import DataError
+    from covidseg.evaluation.comparison import recorded_backend
+
+    path = tmp_path / "run_info.json"
+    assert recorded_backend(path) == "not recorded"  # an eval before covidseg recorded it
+    path.write_text(json.dumps({"command": ["eval"]}))
+    assert recorded_backend(path) == "not recorded"
+    path.write_text(json.dumps({"backend": "openvino_int8", "bf16": True}))
+    assert recorded_backend(path) == "openvino_int8, bf16"
+    for bad in ({"backend": "tensorrt\x1b[31m", "bf16": True}, {"backend": "torch", "bf16": "yes"}, [1]):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(DataError, match="run_info.json"):
+            recorded_backend(path)
+
+
 def test_compare_evaluates_models_itself_as_eval_would(
     trained_checkpoints: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -223,7 +239,7 @@ def test_compare_evaluates_models_itself_as_eval_would(
             in (written / "comparison.md").read_text()
         )
     assert "| dice | B | " in (written / "comparison.md").read_text()
-    assert f"A: {models[0]} (evaluated into {written / 'evals' / 'A'})" in capsys.readouterr().out
+    assert f"A: {models[0]} (evaluated into {written / 'evals' / 'A'}); ran on torch, fp32" in capsys.readouterr().out
     # a model eval cannot read: its error in one line, exit 2
     missing = tmp_path / "missing.ckpt"
     assert run_command(main, str(missing), models[0], *settings[:-2], "--out", str(tmp_path / "failed")) == 2

@@ -52,6 +52,7 @@ class EvalRun:
     predicted: np.ndarray
     settings: dict[str, Any]
     image_size: int
+    backend: str = "not recorded"  # what ran, from run_info.json (evals before covidseg recorded it: not said)
 
 
 def read_eval_run(folder: Path) -> EvalRun:
@@ -95,7 +96,25 @@ def read_eval_run(folder: Path) -> EvalRun:
         predicted=values[needed[4]],
         settings={f"data.{key}": data.get(key) for key in SAME_SETTINGS} | {"image_size": image_size, "target": target},
         image_size=image_size,
+        backend=recorded_backend(folder / "run_info.json"),
     )
+
+
+def recorded_backend(path: Path) -> str:
+    """The backend an eval says it ran (``run_info.json``: ``backend``, ``bf16``), as text for people;
+    "not recorded" where an earlier eval did not say; anything else in those keys is one line."""
+    if not os.path.lexists(path):
+        return "not recorded"
+    info = read_run_file(path)
+    backend, bf16 = info.get("backend"), info.get("bf16")
+    if backend is None:
+        return "not recorded"
+    if backend not in ("torch", "onnx", "openvino", "openvino_int8") or not isinstance(bf16, bool):
+        raise DataError(
+            f"{printable(path)!r}: backend={str(backend)[:40]!r}, bf16={str(bf16)[:10]!r}: expected a backend eval "
+            "runs (torch, onnx, openvino, openvino_int8) and true or false"
+        )
+    return f"{backend}, {'bf16' if bf16 else 'fp32'}"
 
 
 def check_comparable(runs: Sequence[EvalRun]) -> None:
