@@ -33,6 +33,7 @@ from covidseg.core.files import printable, read_file_bytes, read_plain_yaml
 from covidseg.core.metrics import CLEAN_AREA_SHARE
 from covidseg.core.run_files import read_run_file
 from covidseg.evaluation.intervals import bootstrap_interval, mean_of, pooled_dice
+from covidseg.inference.segment import BACKENDS
 
 MAX_TABLE_BYTES = 256 << 20  # per_image.csv: about 100 bytes an image
 MAX_CONFIG_BYTES = 1 << 20
@@ -109,10 +110,11 @@ def recorded_backend(path: Path) -> str:
     backend, bf16 = info.get("backend"), info.get("bf16")
     if backend is None:
         return "not recorded"
-    if backend not in ("torch", "onnx", "openvino", "openvino_int8") or not isinstance(bf16, bool):
+    ran = [name for name in BACKENDS if name != "auto"]  # auto is a choice, not what ran
+    if backend not in ran or not isinstance(bf16, bool):
         raise DataError(
             f"{printable(path)!r}: backend={str(backend)[:40]!r}, bf16={str(bf16)[:10]!r}: expected a backend eval "
-            "runs (torch, onnx, openvino, openvino_int8) and true or false"
+            f"runs ({', '.join(ran)}) and true or false"
         )
     return f"{backend}, {'bf16' if bf16 else 'fp32'}"
 
