@@ -206,3 +206,40 @@ def test_a_batchs_files_reach_the_disk_before_its_images_are_recorded_as_finishe
     kinds = len(list(output.glob("00.png.*.png")))  # mask, overlay (and lungs)
     # 13 files in batches of 4; the last holds only the unreadable one: nothing to flush
     assert len(done.rows) == 12 and seen == [(kinds * 4 * (batch + 1), 4 * batch) for batch in range(3)]
+
+
+def test_the_writer_overlaps_the_next_batch_and_its_error_stops_predict_after_what_it_recorded(
+    compose_cfg, trained_checkpoints, phantoms, tmp_path, monkeypatch
+) -> None:
+    """A batch is written in the writer's thread while the next is predicted; an error there (the
+    disk full as its lines are recorded) stops predict with that error, the batches before it
+    recorded, and a rerun does the rest."""
+    import threading
+
+    from covidseg.inference.manifest import Manifest
+
+    output = tmp_path / "out"
+    threads: set[str] = set()
+    real_write = loop_module.write_outputs
+    monkeypatch.setattr(
+        loop_module, "write_outputs", lambda *args: (threads.add(threading.current_thread().name), real_write(*args))
+    )
+    real_record, calls = Manifest.record, []
+
+    def full_disk_on_the_second_batch(self, entries):
+        calls.append(len(entries))
+        if len(calls) == 2:
+            raise DataError(f"output {str(output)!r}: No space left on device")
+        return real_record(self, entries)
+
+    monkeypatch.setattr(Manifest, "record", full_disk_on_the_second_batch)
+    cfg = compose_cfg("predict", [f"ckpt_path={trained_checkpoints[0]}", f"input={phantoms}", f"output={output}",
+                                  "batch_size=4"])  # fmt: skip
+    with pytest.raises(DataError, match="No space left on device"):
+        predict(cfg)
+    assert threads and all(name.startswith("covidseg-writer") for name in threads)
+    assert len(_finished(output)) == 4  # the first batch, and not the one whose lines could not be written
+    monkeypatch.undo()
+    rerun = compose_cfg("predict", [f"ckpt_path={trained_checkpoints[0]}", f"input={phantoms}", f"output={output}",
+                                    "batch_size=4"])  # fmt: skip
+    assert len(predict(rerun).rows) == 12 and len(_finished(output)) == 12

@@ -33,6 +33,7 @@ from covidseg.core.files import printable
 from covidseg.core.images import find_inputs
 from covidseg.core.writing import new_figures_folder, write_atomic
 from covidseg.data.synthetic import make_phantom
+from covidseg.inference.prediction_loop import WRITER_STAGE
 from covidseg.inference.segment import load_configured_backend
 from covidseg.predict import predict
 
@@ -106,7 +107,8 @@ def run(
             stages[name].append(
                 {
                     **done.stage_seconds,
-                    "other (files, model loading)": seconds[name][-1] - sum(done.stage_seconds.values()),
+                    "other (files, model loading)": seconds[name][-1]
+                    - sum(value for stage, value in done.stage_seconds.items() if stage != WRITER_STAGE),
                 }
             )
             if not images:

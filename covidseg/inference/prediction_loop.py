@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,8 @@ from covidseg.inference.predictor import Answer
 from covidseg.inference.segment import Backend, ImageResult, LoadedBackend, load_configured_backend, segment
 
 log = logging.getLogger(__name__)
-LOOP_STAGES = ("read and decode", "networks", "resize and post-process", "draw, encode and write")
+WRITER_STAGE = "draw, encode and write (its own thread)"  # overlaps the others: not part of their sum
+LOOP_STAGES = ("read and decode", "networks", "resize and post-process", "waiting for the writer", WRITER_STAGE)
 PROGRESS_EVERY_S = 30.0
 
 
@@ -170,21 +172,46 @@ class SegmentImages(L.LightningModule):
 
 
 class OutputWriter(BasePredictionWriter):
-    """Writes each answered image's files and its line in the rank's part of the record, batch by batch."""
+    """Writes each answered image's files and its line in the rank's part of the record, batch by
+    batch, in a thread of its own while the loop predicts the next batch (drawing, PNG encoding and
+    writing release the GIL, as the runtimes do): one batch at a time, in order, so a batch's lines
+    still follow its files, and its error is raised in the loop's thread at the next batch or the end."""
 
     def __init__(self, output: Path, base: Path, inputs: set[Path], save_probability: bool, clock: StageClock) -> None:
         super().__init__(write_interval="batch")
         self.output, self.base, self.inputs, self.save_probability = output, base, inputs, save_probability
         self.clock = clock
         self.part: Manifest | None = None
+        self.thread: ThreadPoolExecutor | None = None  # made in each process (spawned ranks get a copy)
+        self.writing: Future | None = None  # the batch being written
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.part = Manifest.part(self.output, trainer.global_rank)
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidseg-writer")
+
+    def finish_writing(self) -> None:
+        """Wait for the batch being written; its error is raised here."""
+        writing, self.writing = self.writing, None
+        if writing is not None:
+            with self.clock.stage("waiting for the writer"):
+                writing.result()
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.finish_writing()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """A stop (SIGTERM, Ctrl-C, an error) still records the batches predicted before it."""
+        with suppress(Exception):  # the stop's own error is the one to report
+            self.finish_writing()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Every process waits for the others, so the first machine's command folds the parts only
         once all are written: Lightning's predict loop ends without a barrier, and skips its end
         hooks in a process left without images, but always tears down."""
+        self.finish_writing()
+        if self.thread is not None:
+            self.thread.shutdown()
+            self.thread = None
         trainer.strategy.barrier("predict_written")
 
     def write_on_batch_end(
@@ -197,8 +224,13 @@ class OutputWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        assert self.thread is not None, "setup starts the writing thread"
+        self.finish_writing()  # the batch before, first: in order, and one batch's images in memory at a time
+        self.writing = self.thread.submit(self._write_batch, prediction)
+
+    def _write_batch(self, prediction: list[Answered]) -> None:
         assert self.part is not None, "setup opens the rank's part"
-        with self.clock.stage("draw, encode and write"):
+        with self.clock.stage(WRITER_STAGE):
             entries = [self._written(answered) for answered in prediction]
             if any(entry["status"] == "predicted" for entry in entries):
                 flush_to_disk()  # the batch's files, before its lines say they are finished
