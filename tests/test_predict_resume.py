@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -214,8 +215,6 @@ def test_the_writer_overlaps_the_next_batch_and_its_error_stops_predict_after_wh
     """A batch is written in the writer's thread while the next is predicted; an error there (the
     disk full as its lines are recorded) stops predict with that error, the batches before it
     recorded, and a rerun does the rest."""
-    import threading
-
     from covidseg.inference.manifest import Manifest
 
     output = tmp_path / "out"
@@ -243,3 +242,26 @@ def test_the_writer_overlaps_the_next_batch_and_its_error_stops_predict_after_wh
     rerun = compose_cfg("predict", [f"ckpt_path={trained_checkpoints[0]}", f"input={phantoms}", f"output={output}",
                                     "batch_size=4"])  # fmt: skip
     assert len(predict(rerun).rows) == 12 and len(_finished(output)) == 12
+
+
+def test_a_ctrl_c_while_the_loop_waits_for_the_writer_still_records_that_batch(
+    compose_cfg, trained_checkpoints, phantoms, tmp_path, monkeypatch
+) -> None:
+    output = tmp_path / "out"
+    real_wait, calls = loop_module.wait, []
+
+    def interrupted_once(futures):
+        calls.append(1)
+        if len(calls) == 1:  # the first wait, for the first batch still being written
+            raise KeyboardInterrupt
+        return real_wait(futures)
+
+    monkeypatch.setattr(loop_module, "wait", interrupted_once)
+    cfg = compose_cfg("predict", [f"ckpt_path={trained_checkpoints[0]}", f"input={phantoms}", f"output={output}",
+                                  "batch_size=4"])  # fmt: skip
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        predict(cfg)
+    assert len(calls) == 2  # on the way out, the batch being written was waited for
+    finished = _finished(output)
+    assert len(finished) == 4 and all((output / f"{name}.mask.png").is_file() for name in finished)
+    assert not [thread for thread in threading.enumerate() if thread.name.startswith("covidseg-writer")]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,11 +190,14 @@ class OutputWriter(BasePredictionWriter):
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidseg-writer")
 
     def finish_writing(self) -> None:
-        """Wait for the batch being written; its error is raised here."""
-        writing, self.writing = self.writing, None
+        """Wait for the batch being written; its error is raised here. A Ctrl-C during the wait
+        leaves the batch in ``self.writing``, for :meth:`on_exception` to wait for."""
+        writing = self.writing
         if writing is not None:
             with self.clock.stage("waiting for the writer"):
-                writing.result()
+                wait([writing])
+            self.writing = None
+            writing.result()
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.finish_writing()
@@ -203,15 +206,19 @@ class OutputWriter(BasePredictionWriter):
         """A stop (SIGTERM, Ctrl-C, an error) still records the batches predicted before it."""
         with suppress(Exception):  # the stop's own error is the one to report
             self.finish_writing()
+        self.stop_thread()  # Lightning calls no teardown after an exception
+
+    def stop_thread(self) -> None:
+        if self.thread is not None:
+            self.thread.shutdown()
+            self.thread = None
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Every process waits for the others, so the first machine's command folds the parts only
         once all are written: Lightning's predict loop ends without a barrier, and skips its end
         hooks in a process left without images, but always tears down."""
         self.finish_writing()
-        if self.thread is not None:
-            self.thread.shutdown()
-            self.thread = None
+        self.stop_thread()
         trainer.strategy.barrier("predict_written")
 
     def write_on_batch_end(
