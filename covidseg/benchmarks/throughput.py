@@ -15,6 +15,7 @@ import resource
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -135,27 +136,33 @@ def _loop_steps(cfg: DictConfig, batches: list[dict], warmup: int) -> float:
     return images_per_second(cfg.data.batch_size, timer.step_seconds)
 
 
-def _bare_steps(cfg: DictConfig, batches: list[dict], warmup: int) -> float:
-    """The same work in a hand-written loop: the module's own ``training_step`` (loss, presence
-    loss, metric updates) under the autocast Lightning's precision uses, backward, optimizer step."""
-    module = instantiate(cfg.model)
-    optimizer = module.optimizer_factory(params=module.parameters())  # no scheduler: it needs a Trainer
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=str(cfg.trainer.precision).startswith("bf16"))
+def _bare_loop(module: torch.nn.Module, batches: list[dict], bf16: bool) -> Iterator[int]:
+    """The hand-written loop over ``batches``: the module's own ``training_step`` (loss, presence
+    loss, metric updates) under bf16 autocast where ``bf16``, backward, optimizer step (no scheduler:
+    it needs a Trainer); yields each step's index once the step is done."""
+    optimizer = module.optimizer_factory(params=module.parameters())
     module.train()
-    step_seconds = []
-    started = time.perf_counter()
     with warnings.catch_warnings():  # self.log without a Trainer says so, and does nothing
         warnings.simplefilter("ignore")
         for index, batch in enumerate(batches):
-            with autocast:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = module.training_step(batch, index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            now = time.perf_counter()
-            if index >= warmup:
-                step_seconds.append(now - started)
-            started = now
+            yield index
+
+
+def _bare_steps(cfg: DictConfig, batches: list[dict], warmup: int) -> float:
+    """The same work as Lightning's loop in :func:`_bare_loop`, with the autocast Lightning's precision uses."""
+    bf16 = str(cfg.trainer.precision).startswith("bf16")
+    step_seconds = []
+    started = time.perf_counter()
+    for index in _bare_loop(instantiate(cfg.model), batches, bf16):
+        now = time.perf_counter()
+        if index >= warmup:
+            step_seconds.append(now - started)
+        started = now
     return images_per_second(cfg.data.batch_size, step_seconds)
 
 
@@ -277,27 +284,17 @@ OTHER_PART = "the rest"
 
 
 def _step_parts(cfg: DictConfig, batches: list[dict], warmup: int, bf16: bool) -> dict[str, float]:
-    """Milliseconds per training step in each part of :data:`STEP_PARTS` (NHWC; bf16 under
-    autocast where ``bf16``): the module's own ``training_step``, backward and optimizer step, as
-    the bare loop runs them, after ``warmup`` untimed steps."""
+    """Milliseconds per training step of :func:`_bare_loop` (NHWC) in each part of
+    :data:`STEP_PARTS`, after ``warmup`` unprofiled steps."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
     torch.manual_seed(cfg.seed)
     module = instantiate(cfg.model, channels_last=True)
-    optimizer = module.optimizer_factory(params=module.parameters())
-    module.train()
     timed = batches[warmup:]
-    with warnings.catch_warnings():  # self.log without a Trainer says so, and does nothing
-        warnings.simplefilter("ignore")
-        steps = schedule(wait=0, warmup=warmup, active=len(timed), repeat=1)  # the warm-up steps are not counted
-        with profile(activities=[ProfilerActivity.CPU], schedule=steps) as profiler:
-            for index, batch in enumerate(batches):
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    loss = module.training_step(batch, index)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                profiler.step()
+    steps = schedule(wait=0, warmup=warmup, active=len(timed), repeat=1)  # the warm-up steps are not counted
+    with profile(activities=[ProfilerActivity.CPU], schedule=steps) as profiler:
+        for _ in _bare_loop(module, batches, bf16):
+            profiler.step()
     shares = dict.fromkeys([*STEP_PARTS.values(), OTHER_PART], 0.0)
     for event in profiler.key_averages():
         part = next((part for fragment, part in STEP_PARTS.items() if fragment in event.key), OTHER_PART)
