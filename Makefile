@@ -8,11 +8,17 @@ install:  ## Install covidseg with its test extras (CPU build of torch when torc
 	$(PYTHON) -m pip show torch >/dev/null 2>&1 || $(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -e ".[test]"
 
-test:  ## Run the whole test suite (about 5 minutes on 2 cores)
-	$(PYTHON) -m pytest
+# Two pytest workers with one thread each (and each process they start): much of the suite waits on
+# processes starting, so two workers overlap the waits, and one thread each keeps them from fighting
+# over two cores (416 s serial, 363 s with two threads a worker, 266 s with one, on 2 cores).
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL = OMP_NUM_THREADS=1 $(PYTHON) -m pytest -n $(TEST_WORKERS)
+
+test:  ## Run the whole test suite (about 4.5 minutes on 2 cores)
+	$(PYTEST_PARALLEL)
 
 test-fast:  ## Run the quick tier: no training runs, no subprocesses
-	$(PYTHON) -m pytest -m "not slow"
+	$(PYTEST_PARALLEL) -m "not slow"
 
 lint:  ## ruff check and ruff format --check
 	$(PYTHON) -m ruff check covidseg tests
