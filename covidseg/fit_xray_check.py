@@ -35,7 +35,7 @@ from covidseg.core.validation import CheckedSettings, check_command_keys
 from covidseg.core.writing import write_atomic
 from covidseg.data.decode import decode_samples
 from covidseg.data.index import index_split
-from covidseg.evaluation.not_xrays import generated_pictures, sample_photographs
+from covidseg.evaluation.not_xrays import generated_pictures, packaged_pictures
 from covidseg.evaluation.test_loop import load_for_data
 from covidseg.inference.exporters import export_safetensors, round_to_stored_precision
 from covidseg.inference.loader import LoadedModel
@@ -105,7 +105,7 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
     held_out_scores = {label: check(values) for label, values in held_out.items()}
     threshold = max(float(torch.quantile(values, 1 - cfg.refuse_share)) for values in held_out_scores.values())
     val = {label: check(summaries(loaded, images)) for label, images in split_images(cfg, datamodule, "Val").items()}
-    pictures = generated_pictures(int(cfg.seed)) | sample_photographs()
+    pictures = generated_pictures(int(cfg.seed)) | packaged_pictures()
     resized = np.stack([resize_image(picture, side) for picture in pictures.values()])
     picture_scores = check(summaries(loaded, resized))
     result = {

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -287,6 +288,16 @@ def test_int8_ranges_travel_in_the_model_file_and_rebuild_the_calibrated_model(
     assert "backend=auto: openvino int8" in caplog.text
     assert shipped and shipped == masks("calibrated", "backend=openvino_int8", calibration, "presence_threshold=0.3")
 
+    # the ranges as another CPU rebuilds them: the model that rebuild makes is named among rebuilt_digests
+    spec_file = model.with_suffix(".yaml")
+    measured = spec_file.read_text()
+    spec = yaml.safe_load(measured)
+    spec["int8"] |= {"digest": "f" * 64, "rebuilt_digests": ["e" * 64, spec["int8"]["digest"]]}
+    spec_file.write_text(yaml.safe_dump(spec))
+    caplog.clear()
+    assert masks("rebuilt_elsewhere", "backend=auto") == shipped and "backend=auto: openvino int8" in caplog.text
+    spec_file.write_text(measured)
+
     state = safetensors.torch.load_file(model)  # one range moved: no longer the model that was measured
     state["int8.ranges"][0, 1] *= 1.5
     safetensors.torch.save_file(state, model)
@@ -301,6 +312,7 @@ def test_int8_ranges_travel_in_the_model_file_and_rebuild_the_calibrated_model(
                        "backend=openvino_int8", cache)  # fmt: skip
     error = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(error) == 1 and f"{str(model)!r}: key 'int8.digest' is" in error[0]
+    assert re.search(r"its ranges make [0-9a-f]{64} here", error[0])  # the digest to name if it is right here
 
 
 @pytest.mark.parametrize(
@@ -313,6 +325,8 @@ def test_int8_ranges_travel_in_the_model_file_and_rebuild_the_calibrated_model(
         (lambda state, spec: state["int8.ranges"][4].fill_(1e30), "each low below its high, within"),
         (lambda state, spec: spec.pop("int8"), "tensor 'int8.ranges' belongs to no network"),
         (lambda state, spec: spec["int8"].update(digest="x"), "digest"),
+        (lambda state, spec: spec["int8"].update(rebuilt_digests=["0" * 63]), "rebuilt_digests"),
+        (lambda state, spec: spec["int8"].update(rebuilt_digests=["0" * 64] * 9), "rebuilt_digests"),
         (
             lambda state, spec: state.update({"int8.ranges.extra": torch.zeros(2, 2)}),
             "'int8.ranges.extra' belongs to no",

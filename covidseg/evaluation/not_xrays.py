@@ -1,15 +1,20 @@
-"""Pictures that are not chest X-rays, drawn on the spot: what the x-ray check is measured and tested on.
+"""Pictures that are not chest X-rays: what the x-ray check is measured and tested on.
 
-Documents, forms, drawings, noise, gradients, textures, scenes and cross-sectional slices (a CT/MRI-like
-head phantom), 8-bit grayscale at sizes a user might upload. Nothing is downloaded: the pictures are
-made by NumPy and OpenCV from a seed, so the measurement is the same on every machine. scikit-image's
-sample photographs join them where scikit-image is installed (:func:`sample_photographs`).
+Drawn on the spot (:func:`generated_pictures`): documents, forms, drawings, noise, gradients, textures,
+scenes and a CT/MRI-like head phantom, 8-bit grayscale at sizes a user might upload, made by NumPy and
+OpenCV from a seed. Shipped by installed packages (:func:`packaged_pictures`): Matplotlib's sample
+pictures (a portrait photograph, a head MRI slice, a logo, a rendered object; Matplotlib is a
+dependency, so every install has them), and where installed scikit-learn's two sample photographs and
+scikit-image's sample pictures. Nothing is downloaded, so the measurement is the same on every
+machine with the same packages.
 """
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 from collections.abc import Callable
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -109,21 +114,44 @@ def generated_pictures(seed: int = 0) -> dict[str, np.ndarray]:
     return {name: draw(np.random.default_rng([seed, index])) for index, (name, draw) in enumerate(PICTURES.items())}
 
 
-def sample_photographs() -> dict[str, np.ndarray]:
-    """scikit-image's bundled sample pictures in gray (photographs, microscopy, astronomy, text), or
-    nothing where scikit-image is not installed; those it would download are left out."""
-    if importlib.util.find_spec("skimage") is None:
-        return {}
-    import skimage.data
+def _gray_uint8(picture: np.ndarray) -> np.ndarray:
+    """Any sample picture as 8-bit gray: colour averaged as OpenCV does, other ranges stretched."""
+    picture = np.asarray(picture)
+    if picture.ndim == 3:
+        picture = cv2.cvtColor(picture[..., :3], cv2.COLOR_RGB2GRAY)
+    if picture.dtype != np.uint8:
+        picture = cv2.normalize(picture.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    return picture
 
-    pictures = {}
-    for name in ("astronaut", "brick", "camera", "cat", "cell", "chelsea", "clock", "coffee", "coins", "colorwheel",
-                 "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo", "microaneurysms",
-                 "moon", "page", "retina", "rocket", "shepp_logan_phantom", "text"):  # fmt: skip
-        picture = np.asarray(getattr(skimage.data, name)())
-        if picture.dtype != np.uint8:
-            picture = cv2.normalize(picture.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
-        if picture.ndim == 3:
-            picture = cv2.cvtColor(picture[..., :3], cv2.COLOR_RGB2GRAY)
-        pictures[f"skimage_{name}"] = picture
+
+def _matplotlib_pictures() -> dict[str, np.ndarray]:
+    import matplotlib
+
+    folder = Path(matplotlib.get_data_path()) / "sample_data"
+    pictures = {
+        f"matplotlib_{name}": cv2.imread(str(folder / file), cv2.IMREAD_GRAYSCALE)
+        for name, file in (("grace_hopper", "grace_hopper.jpg"), ("logo", "logo2.png"),
+                           ("present", "Minduka_Present_Blue_Pack.png"))
+    }  # fmt: skip
+    with gzip.open(folder / "s1045.ima.gz") as raw:  # a sagittal head MRI slice, 256 x 256 16-bit
+        pictures["matplotlib_head_mri"] = _gray_uint8(np.frombuffer(raw.read(), np.uint16).reshape(256, 256))
+    return {name: picture for name, picture in pictures.items() if picture is not None}
+
+
+def packaged_pictures() -> dict[str, np.ndarray]:
+    """Sample pictures that installed packages ship, in 8-bit gray (see the module's docstring). Each
+    photograph once: scikit-image's ``cat`` is its ``chelsea``, so only ``chelsea`` is here."""
+    pictures = _matplotlib_pictures()
+    if importlib.util.find_spec("sklearn") is not None:
+        from sklearn.datasets import load_sample_images
+
+        for name, picture in zip(("china", "flower"), load_sample_images().images, strict=True):
+            pictures[f"sklearn_{name}"] = _gray_uint8(picture)
+    if importlib.util.find_spec("skimage") is not None:
+        import skimage.data
+
+        for name in ("astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "colorwheel",
+                     "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo", "microaneurysms",
+                     "moon", "page", "retina", "rocket", "shepp_logan_phantom", "text"):  # fmt: skip
+            pictures[f"skimage_{name}"] = _gray_uint8(getattr(skimage.data, name)())
     return pictures

@@ -111,11 +111,16 @@ class Int8Spec(_Plain):
     """The model's int8 calibration for OpenVINO (:mod:`covidseg.inference.quantize`): its tensor
     ``int8.ranges`` (``quantizers`` x 4, each quantizer's input and output low and high, in graph
     order) is in the model file, and ``digest`` names the int8 model they make, which a rebuilt one
-    must match to be used (a check that it is the model measured, not a proof of who made it). The
-    graph it was measured on held the settings below; a command that changes one runs without int8."""
+    must match to be used (a check that it is the model measured, not a proof of who made it).
+    ``rebuilt_digests`` name the models the same ranges make on other CPUs: NNCF and OpenVINO place
+    the same quantizers there but make some constants otherwise (seen between an AMD EPYC and an
+    Intel Xeon with AMX, the same versions), and each was added after a calibration on that CPU gave
+    the same ranges. The graph it was measured on held the settings below; a command that changes one
+    runs without int8."""
 
     quantizers: int = Field(ge=1, le=100_000)
     digest: str = Field(pattern=r"^[0-9a-f]{64}$")
+    rebuilt_digests: list[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = Field(default_factory=list, max_length=8)
     calibration: str = Field("", max_length=500, pattern=PRINTABLE)  # for people: which images
     versions: dict[str, Annotated[str, Field(max_length=100, pattern=PRINTABLE)]] = Field(
         default_factory=dict, max_length=10
@@ -124,6 +129,11 @@ class Int8Spec(_Plain):
     presence_threshold: float | None = Field(None, ge=0, le=1)
     flip_tta: bool = False
     restrict_to_lungs: bool = False
+
+    @property
+    def accepted_digests(self) -> tuple[str, ...]:
+        """The int8 models these ranges may rebuild into: the measured one first."""
+        return (self.digest, *self.rebuilt_digests)
 
 
 class ModelSpec(_Plain):

@@ -185,17 +185,18 @@ def placement_image(image_size: int) -> np.ndarray:
     return np.linspace(0.2, 0.8, image_size * image_size, dtype=np.float32).reshape(1, 1, image_size, image_size)
 
 
-def rebuild_int8(graph: Path, ranges: np.ndarray, digest: str, image_size: int) -> object:
+def rebuild_int8(graph: Path, ranges: np.ndarray, digests: Sequence[str], image_size: int) -> object:
     """The int8 model that ``ranges`` were taken from, made again from ``graph``; refused unless it
-    is that model (``digest``)."""
+    is that model (one of ``digests``: the measured one, then those the ranges make on other CPUs)."""
     with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bar over one image says nothing
         model = with_ranges(quantize_int8(graph, placement_image(image_size)), ranges)
     rebuilt = int8_digest(model)
-    if rebuilt != digest:
+    if rebuilt not in digests:
         versions = ", ".join(f"{name} {version}" for name, version in int8_versions().items())
+        others = f" (or one of {len(digests) - 1} rebuilt elsewhere)" if len(digests) > 1 else ""
         raise ModelFileError(
-            f"key 'int8.digest' is {digest[:12]}..., but its ranges make {rebuilt[:12]}... here ({versions}): "
-            "another exporter or quantizer placed them otherwise; calibrate here with int8_calibration=<X-rays>"
+            f"key 'int8.digest' is {digests[0][:12]}...{others}, but its ranges make {rebuilt} here ({versions}): "
+            "another exporter, quantizer or CPU placed them otherwise; calibrate here with int8_calibration=<X-rays>"
         )
     return model
 
@@ -207,7 +208,7 @@ def shippable_ranges(graph: Path, calibration: str, image_size: int) -> tuple[np
     files = calibration_files(calibration)
     quantized = quantize_int8(graph, calibration_batch(files, image_size))
     ranges, digest = quantizer_ranges(quantized), int8_digest(quantized)
-    rebuild_int8(graph, ranges, digest, image_size)
+    rebuild_int8(graph, ranges, [digest], image_size)
     return ranges, digest, len(files)
 
 
@@ -288,15 +289,17 @@ def _model_digest(path: Path) -> str | None:
         return None
 
 
-def cached_shipped_int8(graph: Path, ranges: np.ndarray, digest: str, image_size: int, cache_dir: Path) -> Path:
-    """The int8 OpenVINO model that a model file's ranges and digest describe, rebuilt once from the
+def cached_shipped_int8(
+    graph: Path, ranges: np.ndarray, digests: Sequence[str], image_size: int, cache_dir: Path
+) -> Path:
+    """The int8 OpenVINO model that a model file's ranges and digests describe, rebuilt once from the
     ONNX ``graph`` (:func:`rebuild_int8`) into ``<cache_dir>/graphs``. A rebuild that does not match
     is noted there too, so later runs with the same graph, ranges and versions refuse at once."""
-    key = hashlib.sha256(digest.encode() + np.ascontiguousarray(ranges, np.float32).tobytes())
+    key = hashlib.sha256("".join(digests).encode() + np.ascontiguousarray(ranges, np.float32).tobytes())
     key.update(_digest(graph, []).encode())
     path = Path(cache_dir) / "graphs" / f"{key.hexdigest()[:32]}.int8.xml"
     if _kept(path):
-        if _model_digest(path) == digest:
+        if _model_digest(path) in digests:
             return path
         log.warning("openvino_int8: the kept int8 model %s is not the one the model file describes: made again",
                     printable(path))  # fmt: skip
@@ -309,7 +312,7 @@ def cached_shipped_int8(graph: Path, ranges: np.ndarray, digest: str, image_size
         raise ModelFileError(said)
     log.info("openvino_int8: making the int8 model from the file's ranges (once; kept in %s)", printable(path.parent))
     try:
-        model = rebuild_int8(graph, ranges, digest, image_size)
+        model = rebuild_int8(graph, ranges, digests, image_size)
     except ModelFileError as error:
         with contextlib.suppress(OSError):  # a read-only cache: tried again next time
             path.parent.mkdir(parents=True, exist_ok=True)

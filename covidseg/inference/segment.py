@@ -156,9 +156,9 @@ def int8_graph(graph: Path, int8_calibration: str | None, cache_dir: Path, loade
     refuse_external_data(graph)
     if int8_calibration is None and loaded is not None and loaded.int8_ranges is not None:
         assert loaded.spec.int8 is not None
-        ranges, digest = loaded.int8_ranges.numpy(), loaded.spec.int8.digest
+        ranges, digests = loaded.int8_ranges.numpy(), loaded.spec.int8.accepted_digests
         try:
-            return cached_shipped_int8(graph, ranges, digest, loaded.spec.image_size, cache_dir)
+            return cached_shipped_int8(graph, ranges, digests, loaded.spec.image_size, cache_dir)
         except ModelFileError as error:
             raise ModelFileError(f"{printable(loaded.paths[0])!r}: {error}") from None
     _, spec = read_onnx_metadata(graph)

@@ -74,7 +74,8 @@ def _refusals(spec: ModelSpec) -> str:
     if "xray_check_val_refused" in spec.metrics:
         measured = (
             f" Measured when it was fitted: Val X-rays refused: {spec.metrics['xray_check_val_refused']}; pictures "
-            f"that are not X-rays (drawn by covidseg, and scikit-image's samples) refused: "
+            f"that are not X-rays (drawn by covidseg, and the sample pictures that Matplotlib, scikit-learn and "
+            f"scikit-image ship, each once: `covidseg.evaluation.not_xrays`) refused: "
             f"{spec.metrics.get('xray_check_not_xrays_refused', 'not recorded')}."
         )
     return (
