@@ -88,6 +88,7 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
     round_to_stored_precision(loaded.predictor)  # the networks as the written file holds them, so it scores as measured
     datamodule.prepare_data()  # phantoms (data=synthetic) are written first
     side = loaded.spec.image_size
+    pictures = generated_pictures(int(cfg.seed)) | packaged_pictures()  # first: a damaged one is said at once
     train = {label: summaries(loaded, images) for label, images in split_images(cfg, datamodule, "Train").items()}
     generator = torch.Generator().manual_seed(int(cfg.seed))
     fitted, held_out = [], {}
@@ -105,7 +106,6 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
     held_out_scores = {label: check(values) for label, values in held_out.items()}
     threshold = max(float(torch.quantile(values, 1 - cfg.refuse_share)) for values in held_out_scores.values())
     val = {label: check(summaries(loaded, images)) for label, images in split_images(cfg, datamodule, "Val").items()}
-    pictures = generated_pictures(int(cfg.seed)) | packaged_pictures()
     resized = np.stack([resize_image(picture, side) for picture in pictures.values()])
     picture_scores = check(summaries(loaded, resized))
     result = {

@@ -308,11 +308,16 @@ def test_int8_ranges_travel_in_the_model_file_and_rebuild_the_calibrated_model(
         patched.setattr(quantize, "quantize_int8", never)
         caplog.clear()
         assert masks("fallback_again", "backend=auto") and "key 'int8.digest' is" in caplog.text
+    with monkeypatch.context() as patched:  # another kind of CPU sharing the cache tries for itself
+        tried, quantize_here = [], quantize.quantize_int8
+        patched.setattr(quantize, "cpu_identity", lambda: "another CPU")
+        patched.setattr(quantize, "quantize_int8", lambda *args: tried.append(args) or quantize_here(*args))
+        assert masks("fallback_elsewhere", "backend=auto") and len(tried) == 1
     code = run_command(predict_main, f"ckpt_path={model}", f"input={phantoms / 'Val'}", f"output={tmp_path / 'x'}",
                        "backend=openvino_int8", cache)  # fmt: skip
     error = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(error) == 1 and f"{str(model)!r}: key 'int8.digest' is" in error[0]
-    assert re.search(r"its ranges make [0-9a-f]{64} here", error[0])  # the digest to name if it is right here
+    assert re.search(r"its ranges make [0-9a-f]{64} on this CPU", error[0])  # the digest, whole
 
 
 @pytest.mark.parametrize(
@@ -326,7 +331,9 @@ def test_int8_ranges_travel_in_the_model_file_and_rebuild_the_calibrated_model(
         (lambda state, spec: spec.pop("int8"), "tensor 'int8.ranges' belongs to no network"),
         (lambda state, spec: spec["int8"].update(digest="x"), "digest"),
         (lambda state, spec: spec["int8"].update(rebuilt_digests=["0" * 63]), "rebuilt_digests"),
-        (lambda state, spec: spec["int8"].update(rebuilt_digests=["0" * 64] * 9), "rebuilt_digests"),
+        (lambda state, spec: spec["int8"].update(rebuilt_digests=["1" * 64] * 9), "rebuilt_digests"),
+        (lambda state, spec: spec["int8"].update(rebuilt_digests=["1" * 64] * 2), "each digest once"),
+        (lambda state, spec: spec["int8"].update(rebuilt_digests=[spec["int8"]["digest"]]), "each digest once"),
         (
             lambda state, spec: state.update({"int8.ranges.extra": torch.zeros(2, 2)}),
             "'int8.ranges.extra' belongs to no",

@@ -4,7 +4,9 @@ predict, serve and every backend refusing a picture unlike the model's X-rays.""
 from __future__ import annotations
 
 import csv
+import gzip
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -314,3 +316,25 @@ def test_an_infinite_score_is_refused_in_json_the_client_can_read(checked_model,
         "/api/predict", files={"file": ("chest.png", chest.tobytes(), "image/png")}
     )
     assert response.status_code == 422 and response.json()["refused"] is True and response.json()["xray_score"] is None
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda folder: (folder / "s1045.ima.gz").unlink(),
+        lambda folder: (folder / "s1045.ima.gz").write_bytes(b"\x1f\x8b garbage"),
+        lambda folder: (folder / "s1045.ima.gz").write_bytes(gzip.compress(b"\x00" * 1000)),  # too short
+        lambda folder: (folder / "grace_hopper.jpg").write_bytes(b"not a picture"),
+    ],
+)
+def test_a_missing_or_damaged_sample_picture_is_left_out_with_a_warning(damage, tmp_path, monkeypatch, caplog):
+    import matplotlib
+
+    data = tmp_path / "mpl-data"
+    shutil.copytree(Path(matplotlib.get_data_path()) / "sample_data", data / "sample_data")
+    damage(data / "sample_data")
+    monkeypatch.setattr(matplotlib, "get_data_path", lambda: str(data))
+    with caplog.at_level("WARNING", logger="covidseg.evaluation.not_xrays"):
+        pictures = packaged_pictures()
+    assert len([name for name in pictures if name.startswith("matplotlib_")]) == 3
+    assert "left out Matplotlib's sample picture" in caplog.text

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import logging
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +22,8 @@ import cv2
 import numpy as np
 
 Rng = np.random.Generator
+log = logging.getLogger(__name__)
+MRI_BYTES = 256 * 256 * 2  # Matplotlib's s1045.ima: one 256 x 256 slice, 16-bit little-endian
 
 
 def _document(rng: Rng) -> np.ndarray:
@@ -115,27 +119,45 @@ def generated_pictures(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def _gray_uint8(picture: np.ndarray) -> np.ndarray:
-    """Any sample picture as 8-bit gray: colour averaged as OpenCV does, other ranges stretched."""
+    """Any sample picture as 8-bit gray: other ranges stretched, then colour averaged as OpenCV does."""
     picture = np.asarray(picture)
-    if picture.ndim == 3:
-        picture = cv2.cvtColor(picture[..., :3], cv2.COLOR_RGB2GRAY)
     if picture.dtype != np.uint8:
         picture = cv2.normalize(picture.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    if picture.ndim == 3:
+        picture = cv2.cvtColor(picture[..., :3], cv2.COLOR_RGB2GRAY)
+    return picture
+
+
+def _mri_slice(path: Path) -> np.ndarray:
+    with gzip.open(path) as raw:
+        data = raw.read(MRI_BYTES + 1)
+    if len(data) != MRI_BYTES:
+        raise ValueError(f"holds {len(data)} bytes, expected {MRI_BYTES}")
+    return _gray_uint8(np.frombuffer(data, "<u2").reshape(256, 256))
+
+
+def _image(path: Path) -> np.ndarray:
+    picture = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if picture is None:
+        raise ValueError("OpenCV cannot read it")
     return picture
 
 
 def _matplotlib_pictures() -> dict[str, np.ndarray]:
+    """Matplotlib's sample pictures; one that is missing or damaged is left out with a warning (the
+    measurement lists the pictures it scored)."""
     import matplotlib
 
     folder = Path(matplotlib.get_data_path()) / "sample_data"
-    pictures = {
-        f"matplotlib_{name}": cv2.imread(str(folder / file), cv2.IMREAD_GRAYSCALE)
-        for name, file in (("grace_hopper", "grace_hopper.jpg"), ("logo", "logo2.png"),
-                           ("present", "Minduka_Present_Blue_Pack.png"))
-    }  # fmt: skip
-    with gzip.open(folder / "s1045.ima.gz") as raw:  # a sagittal head MRI slice, 256 x 256 16-bit
-        pictures["matplotlib_head_mri"] = _gray_uint8(np.frombuffer(raw.read(), np.uint16).reshape(256, 256))
-    return {name: picture for name, picture in pictures.items() if picture is not None}
+    pictures = {}
+    for name, file, read in (("grace_hopper", "grace_hopper.jpg", _image), ("logo", "logo2.png", _image),
+                             ("present", "Minduka_Present_Blue_Pack.png", _image),
+                             ("head_mri", "s1045.ima.gz", _mri_slice)):  # fmt: skip
+        try:
+            pictures[f"matplotlib_{name}"] = read(folder / file)
+        except (OSError, EOFError, ValueError, zlib.error) as error:  # gzip's BadGzipFile is an OSError
+            log.warning("left out Matplotlib's sample picture %s: %s", folder / file, error)
+    return pictures
 
 
 def packaged_pictures() -> dict[str, np.ndarray]:

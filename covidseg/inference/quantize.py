@@ -185,7 +185,16 @@ def placement_image(image_size: int) -> np.ndarray:
     return np.linspace(0.2, 0.8, image_size * image_size, dtype=np.float32).reshape(1, 1, image_size, image_size)
 
 
-def rebuild_int8(graph: Path, ranges: np.ndarray, digests: Sequence[str], image_size: int) -> object:
+def cpu_identity() -> str:
+    """The CPU as OpenVINO sees it (name and capabilities): the same ranges can make another int8
+    model on another kind of CPU."""
+    import openvino
+
+    core = openvino.Core()
+    return f"{core.get_property('CPU', 'FULL_DEVICE_NAME')} {core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES')}"
+
+
+def rebuild_int8(graph: Path, ranges: np.ndarray, digests: tuple[str, ...], image_size: int) -> object:
     """The int8 model that ``ranges`` were taken from, made again from ``graph``; refused unless it
     is that model (one of ``digests``: the measured one, then those the ranges make on other CPUs)."""
     with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bar over one image says nothing
@@ -193,10 +202,11 @@ def rebuild_int8(graph: Path, ranges: np.ndarray, digests: Sequence[str], image_
     rebuilt = int8_digest(model)
     if rebuilt not in digests:
         versions = ", ".join(f"{name} {version}" for name, version in int8_versions().items())
-        others = f" (or one of {len(digests) - 1} rebuilt elsewhere)" if len(digests) > 1 else ""
+        others = " nor any of its 'int8.rebuilt_digests'" if len(digests) > 1 else ""
         raise ModelFileError(
-            f"key 'int8.digest' is {digests[0][:12]}...{others}, but its ranges make {rebuilt} here ({versions}): "
-            "another exporter, quantizer or CPU placed them otherwise; calibrate here with int8_calibration=<X-rays>"
+            f"key 'int8.digest' is {digests[0][:12]}...{others}, but its ranges make {rebuilt} on this CPU "
+            f"({versions}): another exporter, quantizer or CPU placed them otherwise; calibrate here with "
+            "int8_calibration=<X-rays> (add this digest to int8.rebuilt_digests only if that gives the same ranges)"
         )
     return model
 
@@ -208,7 +218,7 @@ def shippable_ranges(graph: Path, calibration: str, image_size: int) -> tuple[np
     files = calibration_files(calibration)
     quantized = quantize_int8(graph, calibration_batch(files, image_size))
     ranges, digest = quantizer_ranges(quantized), int8_digest(quantized)
-    rebuild_int8(graph, ranges, [digest], image_size)
+    rebuild_int8(graph, ranges, (digest,), image_size)
     return ranges, digest, len(files)
 
 
@@ -290,12 +300,13 @@ def _model_digest(path: Path) -> str | None:
 
 
 def cached_shipped_int8(
-    graph: Path, ranges: np.ndarray, digests: Sequence[str], image_size: int, cache_dir: Path
+    graph: Path, ranges: np.ndarray, digests: tuple[str, ...], image_size: int, cache_dir: Path
 ) -> Path:
     """The int8 OpenVINO model that a model file's ranges and digests describe, rebuilt once from the
     ONNX ``graph`` (:func:`rebuild_int8`) into ``<cache_dir>/graphs``. A rebuild that does not match
-    is noted there too, so later runs with the same graph, ranges and versions refuse at once."""
-    key = hashlib.sha256("".join(digests).encode() + np.ascontiguousarray(ranges, np.float32).tobytes())
+    is noted there too, per kind of CPU (a cache may be shared by machines), so later runs with the
+    same graph, ranges, versions and CPU refuse at once."""
+    key = hashlib.sha256(np.ascontiguousarray(ranges, np.float32).tobytes())
     key.update(_digest(graph, []).encode())
     path = Path(cache_dir) / "graphs" / f"{key.hexdigest()[:32]}.int8.xml"
     if _kept(path):
@@ -303,7 +314,8 @@ def cached_shipped_int8(
             return path
         log.warning("openvino_int8: the kept int8 model %s is not the one the model file describes: made again",
                     printable(path))  # fmt: skip
-    failed = path.with_suffix(".failed")
+    note = hashlib.sha256(f"{sorted(set(digests))} {cpu_identity()}".encode()).hexdigest()[:16]
+    failed = path.with_suffix(f".{note}.failed")
     try:
         said = read_file_bytes(failed, 4096, "a note of an int8 model that did not match", DataError).decode().strip()
     except (OSError, DataError, UnicodeDecodeError):  # none, or not one covidseg wrote: try again
