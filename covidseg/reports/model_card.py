@@ -73,7 +73,7 @@ def _refusals(spec: ModelSpec) -> str:
     measured = ""
     if "xray_check_val_refused" in spec.metrics:
         measured = (
-            f" Measured when it was fitted: Val X-rays refused: {spec.metrics['xray_check_val_refused']}; pictures "
+            f" Measured: Val X-rays refused: {spec.metrics['xray_check_val_refused']}; pictures "
             f"that are not X-rays (drawn by covidseg, and the sample pictures that Matplotlib, scikit-learn and "
             f"scikit-image ship, each once: `covidseg.evaluation.not_xrays`) refused: "
             f"{spec.metrics.get('xray_check_not_xrays_refused', 'not recorded')}."
