@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import io
 import logging
 import zlib
 from collections.abc import Callable
@@ -20,6 +21,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from covidseg.core.errors import DataError
+from covidseg.core.files import read_file_bytes
+from covidseg.core.images import read_gray, to_gray
 
 Rng = np.random.Generator
 log = logging.getLogger(__name__)
@@ -118,29 +123,19 @@ def generated_pictures(seed: int = 0) -> dict[str, np.ndarray]:
     return {name: draw(np.random.default_rng([seed, index])) for index, (name, draw) in enumerate(PICTURES.items())}
 
 
-def _gray_uint8(picture: np.ndarray) -> np.ndarray:
-    """Any sample picture as 8-bit gray: other ranges stretched, then colour averaged as OpenCV does."""
+def _rgb_gray(picture: np.ndarray) -> np.ndarray:
+    """An RGB(A) or single-channel array as 8-bit gray (:func:`to_gray` reads OpenCV's BGR order)."""
     picture = np.asarray(picture)
-    if picture.dtype != np.uint8:
-        picture = cv2.normalize(picture.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
-    if picture.ndim == 3:
-        picture = cv2.cvtColor(picture[..., :3], cv2.COLOR_RGB2GRAY)
-    return picture
+    return to_gray(np.ascontiguousarray(picture[..., 2::-1]) if picture.ndim == 3 else picture)
 
 
 def _mri_slice(path: Path) -> np.ndarray:
-    with gzip.open(path) as raw:
+    packed = read_file_bytes(path, 2 * MRI_BYTES, "a gzip'd MRI slice", DataError)
+    with gzip.GzipFile(fileobj=io.BytesIO(packed)) as raw:
         data = raw.read(MRI_BYTES + 1)
     if len(data) != MRI_BYTES:
         raise ValueError(f"holds {len(data)} bytes, expected {MRI_BYTES}")
-    return _gray_uint8(np.frombuffer(data, "<u2").reshape(256, 256))
-
-
-def _image(path: Path) -> np.ndarray:
-    picture = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if picture is None:
-        raise ValueError("OpenCV cannot read it")
-    return picture
+    return to_gray(np.frombuffer(data, "<u2").reshape(256, 256))
 
 
 def _matplotlib_pictures() -> dict[str, np.ndarray]:
@@ -150,12 +145,12 @@ def _matplotlib_pictures() -> dict[str, np.ndarray]:
 
     folder = Path(matplotlib.get_data_path()) / "sample_data"
     pictures = {}
-    for name, file, read in (("grace_hopper", "grace_hopper.jpg", _image), ("logo", "logo2.png", _image),
-                             ("present", "Minduka_Present_Blue_Pack.png", _image),
+    for name, file, read in (("grace_hopper", "grace_hopper.jpg", read_gray), ("logo", "logo2.png", read_gray),
+                             ("present", "Minduka_Present_Blue_Pack.png", read_gray),
                              ("head_mri", "s1045.ima.gz", _mri_slice)):  # fmt: skip
         try:
             pictures[f"matplotlib_{name}"] = read(folder / file)
-        except (OSError, EOFError, ValueError, zlib.error) as error:  # gzip's BadGzipFile is an OSError
+        except (DataError, OSError, EOFError, ValueError, zlib.error) as error:  # BadGzipFile is an OSError
             log.warning("left out Matplotlib's sample picture %s: %s", folder / file, error)
     return pictures
 
@@ -168,12 +163,12 @@ def packaged_pictures() -> dict[str, np.ndarray]:
         from sklearn.datasets import load_sample_images
 
         for name, picture in zip(("china", "flower"), load_sample_images().images, strict=True):
-            pictures[f"sklearn_{name}"] = _gray_uint8(picture)
+            pictures[f"sklearn_{name}"] = _rgb_gray(picture)
     if importlib.util.find_spec("skimage") is not None:
         import skimage.data
 
         for name in ("astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "colorwheel",
                      "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo", "microaneurysms",
                      "moon", "page", "retina", "rocket", "shepp_logan_phantom", "text"):  # fmt: skip
-            pictures[f"skimage_{name}"] = _gray_uint8(getattr(skimage.data, name)())
+            pictures[f"skimage_{name}"] = _rgb_gray(getattr(skimage.data, name)())
     return pictures

@@ -314,7 +314,7 @@ def cached_shipped_int8(
             return path
         log.warning("openvino_int8: the kept int8 model %s is not the one the model file describes: made again",
                     printable(path))  # fmt: skip
-    note = hashlib.sha256(f"{sorted(set(digests))} {cpu_identity()}".encode()).hexdigest()[:16]
+    note = hashlib.sha256(f"{sorted(digests)} {cpu_identity()}".encode()).hexdigest()[:16]
     failed = path.with_suffix(f".{note}.failed")
     try:
         said = read_file_bytes(failed, 4096, "a note of an int8 model that did not match", DataError).decode().strip()
